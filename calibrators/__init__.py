@@ -1,0 +1,1 @@
+"""Calibration data, activation collection, range methods, Q/DQ placement, caches and encodings."""

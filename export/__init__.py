@@ -1,0 +1,1 @@
+"""PyTorch to ONNX export, graph preparation, and the Jetson and Qualcomm handoffs."""
