@@ -1,7 +1,172 @@
-"""CLI commands for this concern (filled by its owner)."""
+"""`trtbuild calibrate`: measure activation ranges on calibration data; write ranges JSON + TensorRT cache."""
 
 from __future__ import annotations
 
-import click
+from pathlib import Path
 
-COMMANDS: list[click.Command] = []
+import click
+from rich.table import Table
+
+from calibrators import cache
+from calibrators.calibrate import compute_ranges
+from calibrators.collect import DEFAULT_BATCH_SIZE, collect
+from calibrators.methods import DEFAULT_PERCENTILE, METHODS
+from calibrators.preprocess import IMAGENET_MEAN, IMAGENET_STD, LAYOUTS, Preprocess, parse_floats
+from calibrators.ranges import RangeSet
+from trtbuild import console
+
+
+def _table(ranges: RangeSet, rows: int) -> Table:
+    ordered = sorted(ranges.values(), key=lambda r: r.amax, reverse=True)
+    shown = ordered if len(ordered) <= 2 * rows else [*ordered[:rows], None, *ordered[-rows:]]
+    table = Table(title=f"{ranges.method} ranges: widest and narrowest of {len(ranges)} tensors")
+    for column in ("tensor", "amax", "min", "max", "amax / max|x|"):
+        table.add_column(column, justify="left" if column == "tensor" else "right", overflow="fold")
+    for r in shown:
+        if r is None:
+            table.add_row("…", "", "", "", "")
+            continue
+        absmax = max(abs(r.min), abs(r.max))
+        ratio = f"{r.amax / absmax:.3f}" if absmax else "-"
+        table.add_row(r.name, f"{r.amax:.5g}", f"{r.min:.5g}", f"{r.max:.5g}", ratio)
+    return table
+
+
+@click.command("calibrate")
+@click.argument("model", type=click.Path(path_type=Path))
+@click.option(
+    "--data",
+    "data_path",
+    required=True,
+    type=click.Path(path_type=Path),
+    help="Image folder, .npy/.npz file, or folder of .npy/.npz (npz keys = input names).",
+)
+@click.option("--method", type=click.Choice(list(METHODS)), default="entropy", show_default=True)
+@click.option("--samples", type=int, default=None, help="Use N samples (seeded random subset; default all).")
+@click.option("--seed", type=int, default=0, show_default=True, help="Seed for --samples.")
+@click.option("--batch-size", type=int, default=DEFAULT_BATCH_SIZE, show_default=True)
+@click.option("--threads", type=int, default=None, help="ONNX Runtime intra-op threads (default: all cores).")
+@click.option(
+    "--percentile",
+    type=float,
+    default=DEFAULT_PERCENTILE,
+    show_default=True,
+    help="Percentile of |x| for --method percentile.",
+)
+@click.option(
+    "--trt-version",
+    default="10.13",
+    show_default=True,
+    help="TensorRT version the cache header is written for (8.5 .. 10.x).",
+)
+@click.option("--no-cache", is_flag=True, help="Write only the ranges JSON (e.g. for TensorRT 11).")
+@click.option(
+    "--out-dir",
+    type=click.Path(path_type=Path),
+    default=None,
+    help="Where to write <model>.ranges.json and <model>.calib.cache (default: the model's folder).",
+)
+@click.option("--exclude", multiple=True, help="Regex of node names to keep in float (not calibrated).")
+@click.option("--exclude-op", multiple=True, help="Op type to keep in float (not calibrated).")
+@click.option(
+    "--resize", type=int, default=None, help="Images: short side before cropping (default crop*256/224)."
+)
+@click.option(
+    "--crop", type=int, default=None, help="Images: center-crop size (default: the model's input size)."
+)
+@click.option(
+    "--mean", default=",".join(map(str, IMAGENET_MEAN)), show_default=True, help="Images: per-channel mean."
+)
+@click.option(
+    "--std", default=",".join(map(str, IMAGENET_STD)), show_default=True, help="Images: per-channel std."
+)
+@click.option(
+    "--scale",
+    type=float,
+    default=1 / 255,
+    show_default=True,
+    help="Images: pixel multiplier before mean/std.",
+)
+@click.option(
+    "--layout", type=click.Choice(LAYOUTS), default="NCHW", show_default=True, help="Images: layout."
+)
+@click.option("--json", "as_json", is_flag=True, help="Print a JSON summary on stdout.")
+def calibrate_command(
+    model: Path,
+    data_path: Path,
+    method: str,
+    samples: int | None,
+    seed: int,
+    batch_size: int,
+    threads: int | None,
+    percentile: float,
+    trt_version: str,
+    no_cache: bool,
+    out_dir: Path | None,
+    exclude: tuple[str, ...],
+    exclude_op: tuple[str, ...],
+    resize: int | None,
+    crop: int | None,
+    mean: str,
+    std: str,
+    scale: float,
+    layout: str,
+    as_json: bool,
+) -> None:
+    """Calibrate MODEL.onnx on --data: per-tensor INT8 ranges (JSON) and a TensorRT calibration cache."""
+    import onnx
+
+    from calibrators.collect import load_model, tensors_to_collect
+
+    if not no_cache:
+        cache.header(trt_version)  # a bad version fails now, not after the data pass
+    preprocess = Preprocess(
+        resize=resize,
+        crop=crop,
+        mean=parse_floats(mean, "mean"),
+        std=parse_floats(std, "std"),
+        scale=scale,
+        layout=layout,
+    )
+    proto: onnx.ModelProto = load_model(model)
+    tensors = tensors_to_collect(proto, exclude, exclude_op) if (exclude or exclude_op) else None
+    collection = collect(
+        proto,
+        data_path,
+        tensors=tensors,
+        batch_size=batch_size,
+        threads=threads,
+        samples=samples,
+        seed=seed,
+        preprocess=preprocess,
+    )
+    ranges = compute_ranges(collection, method, percentile=percentile)
+    ranges.meta["model"] = str(model)
+    folder = out_dir or model.parent
+    stem = model.name.removesuffix(".onnx")
+    ranges_path = ranges.save(folder / f"{stem}.ranges.json")
+    cache_path = None if no_cache else cache.write_cache(ranges, folder / f"{stem}.calib.cache", trt_version)
+    if as_json:
+        ordered = sorted(ranges.values(), key=lambda r: r.amax, reverse=True)
+        console.emit_json(
+            {
+                "ranges": str(ranges_path),
+                "cache": None if cache_path is None else str(cache_path),
+                "cache_header": None if no_cache else cache.header(trt_version),
+                "method": method,
+                "samples": collection.samples,
+                "seconds": round(collection.seconds, 3),
+                "tensors": len(ranges),
+                "widest": [{"name": r.name, "amax": r.amax} for r in ordered[:5]],
+                "narrowest": [{"name": r.name, "amax": r.amax} for r in ordered[-5:]],
+            }
+        )
+        return
+    console.out.print(_table(ranges, 5))
+    console.out.print(f"{collection.samples} samples, {len(ranges)} tensors, {collection.seconds:.1f} s")
+    console.out.print(f"ranges: {ranges_path}")
+    if cache_path is not None:
+        console.out.print(f"cache:  {cache_path} ({cache.header(trt_version)})")
+
+
+COMMANDS: list[click.Command] = [calibrate_command]

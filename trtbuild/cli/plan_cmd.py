@@ -1,7 +1,319 @@
-"""CLI commands for this concern (filled by its owner)."""
+"""`trtbuild targets`, `plan`, `build`, `inspect`: thin commands over targets / plan / trt_backend."""
 
 from __future__ import annotations
 
-import click
+from pathlib import Path
+from typing import Any
 
-COMMANDS: list[click.Command] = []
+import click
+from rich.table import Table
+
+from export.inputs import InputSpec, fmt_shape, parse_shape
+from trtbuild.console import emit_json, out, progress
+from trtbuild.errors import TrtbuildError
+from trtbuild.plan import HARDWARE_COMPAT, BuildPlan, make_plan, model_dir
+from trtbuild.targets import PRECISIONS, TARGETS
+from trtbuild.trt_versions import strongly_typed_only
+from trtbuild.trtexec import save_plan_files
+
+
+@click.command("targets")
+@click.option("--json", "as_json", is_flag=True, help="Print the registry as JSON.")
+def targets_cmd(as_json: bool) -> None:
+    """List deployment targets: architecture, TensorRT versions, precisions, DLA, defaults."""
+    rows = [t.to_json() for t in TARGETS.values()]
+    if as_json:
+        emit_json(rows)
+        return
+    table = Table(title="trtbuild targets")
+    for col in ("target", "device", "arch", "JetPack", "TensorRT", "precisions", "DLA", "workspace", "note"):
+        table.add_column(col)
+    for r in rows:
+        table.add_row(
+            r["id"],
+            r["name"],
+            r["sm"],
+            r["jetpack"] or "-",
+            ", ".join(r["trt_versions"]),
+            " ".join(r["precisions"]),
+            str(r["dla_cores"]) if r["dla_cores"] else "no",
+            f"{r['workspace_mib']} MiB",
+            r["note"],
+        )
+    out.print(table)
+
+
+def _parse_shape_option(text: str) -> InputSpec:
+    """`name:MIN,OPT,MAX` or `name:SHAPE` (static)."""
+    name, sep, dims = text.rpartition(":")
+    if not sep or not name:
+        raise TrtbuildError(
+            f"cannot parse --shape '{text}'",
+            "write it as name:1x3x224x224,8x3x224x224,32x3x224x224 (min,opt,max) or name:1x3x224x224",
+        )
+    parts = [parse_shape(p, "--shape") for p in dims.split(",")]
+    if len(parts) == 1:
+        return InputSpec(name, parts[0], "float32", parts[0], parts[0])
+    if len(parts) != 3:
+        raise TrtbuildError(f"--shape '{text}' needs 1 or 3 shapes, got {len(parts)}", "give min,opt,max")
+    return InputSpec(name, parts[1], "float32", parts[0], parts[2])
+
+
+def _plan_options(fn: Any) -> Any:
+    options = [
+        click.option("--target", "-t", required=True, help="Target id (see `trtbuild targets`)."),
+        click.option("--precision", "-p", required=True, help=f"One of {', '.join(PRECISIONS)}."),
+        click.option("--trt-version", help="TensorRT version (data-center targets; default 10.13)."),
+        click.option(
+            "--shape",
+            "shapes",
+            multiple=True,
+            help="name:MIN,OPT,MAX (e.g. images:1x3x224x224,8x3x224x224,32x3x224x224); "
+            "default: the export sidecar, else the graph.",
+        ),
+        click.option("--workspace", "workspace_mib", type=int, help="Workspace memory pool in MiB."),
+        click.option("--opt-level", type=int, help="Builder optimization level 0-5 (TensorRT 8.6+)."),
+        click.option("--timing-cache", type=click.Path(dir_okay=False), help="Persistent timing cache file."),
+        click.option(
+            "--hardware-compat",
+            type=click.Choice(["none", *HARDWARE_COMPAT]),
+            default="none",
+            help="Engine portability across GPU architectures.",
+        ),
+        click.option("--version-compat", is_flag=True, help="Version-compatible engine (TensorRT 8.6+)."),
+        click.option("--sparsity", is_flag=True, help="Use 2:4 structured-sparse weights where present."),
+        click.option("--dla-core", type=int, help="Run on this DLA core (Jetson Xavier/Orin)."),
+        click.option(
+            "--no-gpu-fallback", is_flag=True, help="With --dla-core: fail instead of falling back."
+        ),
+        click.option(
+            "--calib-cache", type=click.Path(dir_okay=False), help="INT8 calibration cache (TRT <= 10.x)."
+        ),
+        click.option("--qdq-onnx", type=click.Path(dir_okay=False), help="Q/DQ (explicitly quantized) ONNX."),
+        click.option("--fp16-onnx", type=click.Path(dir_okay=False), help="FP16 graph (default: converted)."),
+        click.option(
+            "--out",
+            "out_root",
+            default="engines",
+            show_default=True,
+            type=click.Path(file_okay=False),
+            help="Output root; files go to <out>/<model>/.",
+        ),
+        click.option("--json", "as_json", is_flag=True, help="Print the plan as JSON."),
+    ]
+    for option in reversed(options):
+        fn = option(fn)
+    return fn
+
+
+def plan_from_options(model: str, **kw: Any) -> BuildPlan:
+    """Make the plan; on TensorRT 11 FP16, convert the FP16 graph first when none was given."""
+    from trtbuild.targets import get_target
+
+    shapes = [_parse_shape_option(s) for s in kw.pop("shapes")] or None
+    fp16_onnx = kw.pop("fp16_onnx")
+    if fp16_onnx is not None and not Path(fp16_onnx).is_file():
+        raise TrtbuildError(f"FP16 graph '{fp16_onnx}' does not exist", "check the path, or omit --fp16-onnx")
+    tgt = get_target(kw["target"])
+    needs_graph = (
+        kw["precision"].lower() == "fp16"
+        and fp16_onnx is None
+        and strongly_typed_only(tgt.resolve_trt(kw["trt_version"]))
+    )
+    if needs_graph:
+        from export.fp16 import fp16_path
+
+        fp16_onnx = str(fp16_path(Path(model_dir(model, kw["out_root"])) / Path(model).name))
+    plan = make_plan(
+        model,
+        tgt,
+        kw["precision"],
+        trt_version=kw["trt_version"],
+        shapes=shapes,
+        workspace_mib=kw["workspace_mib"],
+        opt_level=kw["opt_level"],
+        timing_cache=kw["timing_cache"],
+        hardware_compat=kw["hardware_compat"],
+        version_compat=kw["version_compat"],
+        sparsity=kw["sparsity"],
+        dla_core=kw["dla_core"],
+        gpu_fallback=not kw["no_gpu_fallback"],
+        calib_cache=kw["calib_cache"],
+        qdq_onnx=kw["qdq_onnx"],
+        fp16_onnx=fp16_onnx,
+        out_root=kw["out_root"],
+    )
+    if needs_graph and not Path(plan.onnx).is_file():
+        from export.fp16 import convert_fp16
+
+        convert_fp16(model, plan.onnx)
+    return plan
+
+
+def print_plan(plan: BuildPlan, plan_path: Path | None, script_path: Path | None) -> None:
+    from trtbuild.trtexec import command_line
+
+    table = Table(
+        title=f"build plan: {plan.model} -> {plan.target} {plan.precision.upper()} "
+        f"(TensorRT {plan.trt_version})",
+        show_header=False,
+    )
+    table.add_column("field", style="bold")
+    table.add_column("value")
+    rows = [
+        ("GPU", f"{plan.gpu} (compute capability {plan.compute_capability})"),
+        ("ONNX", f"{plan.onnx} [{plan.onnx_kind}]"),
+        ("network", "strongly typed" if plan.strongly_typed else "weakly typed (builder flags)"),
+        ("builder flags", ", ".join(plan.builder_flags) or "-"),
+        ("calibration cache", plan.calib_cache or "-"),
+        *[
+            (
+                f"input {s.name}",
+                f"min {fmt_shape(s.min)}  opt {fmt_shape(s.opt_shape)}  max {fmt_shape(s.max)}",
+            )
+            for s in plan.inputs
+        ],
+        ("workspace", f"{plan.workspace_mib} MiB"),
+        ("opt level", "-" if plan.opt_level is None else str(plan.opt_level)),
+        ("hardware compat", plan.hardware_compat or "-"),
+        ("version compat", "yes" if plan.version_compatible else "no"),
+        ("sparsity", "yes" if plan.sparsity else "no"),
+        (
+            "DLA",
+            "-"
+            if plan.dla_core is None
+            else f"core {plan.dla_core}" + (" + GPU fallback" if plan.gpu_fallback else ""),
+        ),
+        ("timing cache", plan.timing_cache),
+        ("engine", plan.engine),
+        *[("note", n) for n in plan.notes],
+    ]
+    for k, v in rows:
+        table.add_row(k, v)
+    out.print(table)
+    out.print("[bold]trtexec:[/bold] " + command_line(plan), highlight=False, soft_wrap=True)
+    if plan_path and script_path:
+        out.print(f"saved {plan_path} and {script_path}", highlight=False)
+
+
+@click.command("plan")
+@click.argument("model", type=click.Path(dir_okay=False))
+@_plan_options
+def plan_cmd(model: str, as_json: bool, **kw: Any) -> None:
+    """Decide and save a TensorRT build plan for MODEL.onnx, with the trtexec command for the device."""
+    plan = plan_from_options(model, **kw)
+    plan_path, script_path = save_plan_files(plan)
+    if as_json:
+        emit_json({"plan": plan.to_json(), "plan_path": str(plan_path), "trtexec_script": str(script_path)})
+    else:
+        print_plan(plan, plan_path, script_path)
+
+
+@click.command("build")
+@click.argument("model_or_plan", type=click.Path(dir_okay=False))
+@click.option("--target", "-t", help="Target id (when MODEL is an ONNX file).")
+@click.option("--precision", "-p", help="Precision (when MODEL is an ONNX file).")
+@click.option(
+    "--out",
+    "out_root",
+    default="engines",
+    show_default=True,
+    type=click.Path(file_okay=False),
+    help="Output root (when MODEL is an ONNX file).",
+)
+@click.option("--verbose", is_flag=True, help="TensorRT's verbose log.")
+@click.option("--json", "as_json", is_flag=True, help="Print the engine sidecar as JSON.")
+def build_cmd(
+    model_or_plan: str, target: str | None, precision: str | None, out_root: str, verbose: bool, as_json: bool
+) -> None:
+    """Build an engine from a saved plan (.plan.json), or plan + build MODEL.onnx with --target/--precision.
+
+    Needs a real TensorRT; without it, exits 2 naming the saved plan and trtexec script to run on the device.
+    """
+    from trtbuild import trt_backend
+
+    if model_or_plan.endswith(".json"):
+        plan = BuildPlan.load(model_or_plan)
+        plan_path = Path(model_or_plan)
+        script = plan_path.with_name(plan_path.name.removesuffix(".plan.json") + ".trtexec.sh")
+        script_path = script if script.is_file() else None
+    else:
+        if not target or not precision:
+            raise TrtbuildError(
+                "building from an ONNX file needs --target and --precision",
+                "pass them, or give a saved .plan.json from `trtbuild plan`",
+            )
+        # Every other plan option at its default; use `trtbuild plan` + build PLAN.json for the rest.
+        plan = plan_from_options(
+            model_or_plan,
+            target=target,
+            precision=precision,
+            trt_version=None,
+            shapes=(),
+            workspace_mib=None,
+            opt_level=None,
+            timing_cache=None,
+            hardware_compat="none",
+            version_compat=False,
+            sparsity=False,
+            dla_core=None,
+            no_gpu_fallback=False,
+            calib_cache=None,
+            qdq_onnx=None,
+            fp16_onnx=None,
+            out_root=out_root,
+        )
+        plan_path, script_path = save_plan_files(plan)
+    with progress(transient=True) as bar:  # TensorRT gives no fraction-done; a spinner with elapsed time
+        bar.add_task(f"building {Path(plan.engine).name}", total=None)
+        meta = trt_backend.build_engine(plan, plan_path=plan_path, script_path=script_path, verbose=verbose)
+    if as_json:
+        emit_json(meta.to_json())
+    else:
+        out.print(
+            f"built {plan.engine} ({meta.engine_bytes / 2**20:.1f} MiB, {meta.build_seconds:.1f} s) on "
+            f"{meta.gpu_name}, TensorRT {meta.trt_version}",
+            highlight=False,
+        )
+
+
+@click.command("inspect")
+@click.argument("engine", type=click.Path(dir_okay=False))
+@click.option("--json", "as_json", is_flag=True, help="Print sidecar + layers as JSON.")
+def inspect_cmd(engine: str, as_json: bool) -> None:
+    """Show an engine's sidecar (and its layers when TensorRT is installed)."""
+    from trtbuild.trt_backend import inspect_engine
+
+    info = inspect_engine(engine)
+    if as_json:
+        emit_json(info)
+        return
+    side = info["sidecar"]
+    table = Table(title=f"engine {engine}", show_header=False)
+    table.add_column("field", style="bold")
+    table.add_column("value")
+    for key in (
+        "trt_version",
+        "gpu_name",
+        "compute_capability",
+        "precision",
+        "onnx",
+        "onnx_sha256",
+        "build_seconds",
+        "engine_bytes",
+        "device_memory_bytes",
+        "num_layers",
+        "created",
+    ):
+        table.add_row(key, str(side[key]))
+    for t in side["tensors"]:
+        table.add_row(f"{t['mode']} {t['name']}", f"{'x'.join(str(d) for d in t['shape'])} {t['dtype']}")
+    out.print(table)
+    layers = info.get("layers")
+    if layers is None:
+        out.print(info.get("layers_unavailable", ""), highlight=False)
+    else:
+        out.print(f"{len(layers)} layers (use --json for details)")
+
+
+COMMANDS: list[click.Command] = [targets_cmd, plan_cmd, build_cmd, inspect_cmd]

@@ -1,0 +1,79 @@
+"""Top-level calibration API: one collection pass, any number of range methods, saved ranges and cache.
+
+collection = collect("model.onnx", "photos/")            # one pass over the data
+entropy = compute_ranges(collection, "entropy")          # methods read the same statistics
+ranges = calibrate("model.onnx", "photos/", "percentile")  # or both steps at once
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import onnx
+
+from calibrators.collect import DEFAULT_BATCH_SIZE, Collection, collect
+from calibrators.methods import DEFAULT_PERCENTILE, METHODS, amax_for
+from calibrators.preprocess import Preprocess
+from calibrators.ranges import RangeSet, TensorRange
+from trtbuild import console
+from trtbuild.errors import TrtbuildError
+
+__all__ = ["METHODS", "Collection", "calibrate", "collect", "compute_ranges"]
+
+
+def compute_ranges(
+    collection: Collection, method: str = "entropy", *, percentile: float = DEFAULT_PERCENTILE
+) -> RangeSet:
+    """Ranges for every collected tensor with one method (no data pass)."""
+    if method not in METHODS:
+        raise TrtbuildError(f"unknown calibration method '{method}'", f"use one of {', '.join(METHODS)}")
+    meta: dict[str, Any] = dict(collection.meta)
+    meta.update({"collect_seconds": round(collection.seconds, 3)})
+    if method == "percentile":
+        meta["percentile"] = percentile
+    ranges = RangeSet(method=method, meta=meta)
+    constant = []
+    for name, stats in collection.stats.items():
+        amax = amax_for(stats, method, percentile)
+        if amax == 0.0:
+            constant.append(name)
+        ranges.add(TensorRange(name=name, amax=amax, min=stats.min, max=stats.max))
+    if constant:
+        console.warn(
+            f"{len(constant)} tensor(s) were all zeros on the calibration data (amax 0): "
+            f"{', '.join(constant[:3])}"
+        )
+    return ranges
+
+
+def calibrate(
+    model_path: str | Path | onnx.ModelProto,
+    data: Any,
+    method: str = "entropy",
+    *,
+    tensors: Sequence[str] | None = None,
+    batch_size: int = DEFAULT_BATCH_SIZE,
+    threads: int | None = None,
+    percentile: float = DEFAULT_PERCENTILE,
+    samples: int | None = None,
+    seed: int = 0,
+    preprocess: Preprocess | None = None,
+    show_progress: bool = True,
+) -> RangeSet:
+    """Collect statistics over ``data`` and compute ranges with ``method``. Save with ``RangeSet.save()``."""
+    if method not in METHODS:  # fail before the data pass
+        raise TrtbuildError(f"unknown calibration method '{method}'", f"use one of {', '.join(METHODS)}")
+    collection = collect(
+        model_path,
+        data,
+        tensors=tensors,
+        batch_size=batch_size,
+        threads=threads,
+        samples=samples,
+        seed=seed,
+        preprocess=preprocess,
+        show_progress=show_progress,
+    )
+    return compute_ranges(collection, method, percentile=percentile)

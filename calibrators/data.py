@@ -1,0 +1,506 @@
+"""Calibration data: image folders, .npy/.npz files or folders, Python sequences, iterables and callables.
+
+Everything is a stream of *samples* (one array per model input, batch dim 1) in a deterministic order
+(sorted paths), loaded one at a time so nothing holds the whole data set in memory. ``sample`` picks a
+seeded subset, ``split`` carves disjoint calibration and held-out parts.
+"""
+
+from __future__ import annotations
+
+import zipfile
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import onnx
+
+from calibrators.preprocess import IMAGE_SUFFIXES, Preprocess
+from trtbuild.console import warn
+from trtbuild.errors import TrtbuildError
+
+Sample = dict[str, np.ndarray]
+ARRAY_SUFFIXES = (".npy", ".npz")
+_ONNX_DTYPES = {
+    onnx.TensorProto.FLOAT: np.float32,
+    onnx.TensorProto.FLOAT16: np.float16,
+    onnx.TensorProto.DOUBLE: np.float64,
+    onnx.TensorProto.INT64: np.int64,
+    onnx.TensorProto.INT32: np.int32,
+    onnx.TensorProto.INT8: np.int8,
+    onnx.TensorProto.UINT8: np.uint8,
+    onnx.TensorProto.BOOL: np.bool_,
+}
+
+
+@dataclass(frozen=True)
+class ModelInput:
+    """A model input as calibration sees it: dims are ints, or None where dynamic."""
+
+    name: str
+    shape: tuple[int | None, ...]
+    dtype: np.dtype[Any]
+
+    @property
+    def static_batch(self) -> int | None:
+        return self.shape[0] if self.shape else None
+
+    def describe(self) -> str:
+        return f"{self.name} [{'x'.join('?' if d is None else str(d) for d in self.shape)}] {self.dtype}"
+
+
+def model_inputs(model: str | Path | onnx.ModelProto) -> list[ModelInput]:
+    """The real inputs of an ONNX model (initializers listed as inputs are skipped)."""
+    proto = model if isinstance(model, onnx.ModelProto) else _load_model(Path(model))
+    initializers = {t.name for t in proto.graph.initializer}
+    inputs = []
+    for value in proto.graph.input:
+        if value.name in initializers:
+            continue
+        tensor = value.type.tensor_type
+        dims = tuple(
+            d.dim_value if d.HasField("dim_value") and d.dim_value > 0 else None for d in tensor.shape.dim
+        )
+        inputs.append(ModelInput(value.name, dims, np.dtype(_ONNX_DTYPES.get(tensor.elem_type, np.float32))))
+    return inputs
+
+
+def _load_model(path: Path) -> onnx.ModelProto:
+    if not path.is_file():
+        raise TrtbuildError(f"model file {path} does not exist", "pass the path of an .onnx file")
+    try:
+        return onnx.load(str(path), load_external_data=False)
+    except Exception as exc:
+        raise TrtbuildError(f"cannot read ONNX model {path}: {exc}", "pass a valid .onnx file") from exc
+
+
+# ------------------------------------------------------------------------------------------ sources
+
+
+class Source:
+    """Where samples come from. Indexed sources know their length; streams do not."""
+
+    def describe(self) -> str:
+        raise NotImplementedError
+
+
+class IndexedSource(Source):
+    def __len__(self) -> int:
+        raise NotImplementedError
+
+    def load(self, index: int) -> tuple[str, Sample]:
+        """(where it came from, the sample) for one index; called with increasing indices."""
+        raise NotImplementedError
+
+
+class ImageFolder(IndexedSource):
+    def __init__(self, files: list[Path], input_name: str, preprocess: Preprocess, root: Path) -> None:
+        self.files, self.input_name, self.preprocess, self.root = files, input_name, preprocess, root
+
+    def __len__(self) -> int:
+        return len(self.files)
+
+    def load(self, index: int) -> tuple[str, Sample]:
+        path = self.files[index]
+        return str(path), {self.input_name: self.preprocess.apply(path)}
+
+    def describe(self) -> str:
+        return f"{len(self.files)} images in {self.root}"
+
+
+def _rows(shape: tuple[int, ...], model_input: ModelInput, where: str) -> int:
+    """How many samples an array holds: its leading dim when it has the model's rank, 1 without batch dim."""
+    rank = len(model_input.shape)
+    if len(shape) == rank:
+        return shape[0]
+    if len(shape) == rank - 1:
+        return 1
+    raise TrtbuildError(
+        f"{where} has shape {shape}, which does not match model input {model_input.describe()}",
+        "save arrays with the model input's shape (with or without the batch dim)",
+    )
+
+
+def _npz_shapes(path: Path) -> dict[str, tuple[int, ...]]:
+    """Array shapes in an .npz without loading the arrays."""
+    shapes = {}
+    with zipfile.ZipFile(path) as archive:
+        for member in archive.namelist():
+            if not member.endswith(".npy"):
+                continue
+            with archive.open(member) as handle:
+                version = np.lib.format.read_magic(handle)
+                reader = (
+                    np.lib.format.read_array_header_1_0
+                    if version == (1, 0)
+                    else np.lib.format.read_array_header_2_0
+                )
+                shape, _, _ = reader(handle)
+            shapes[member[: -len(".npy")]] = tuple(shape)
+    return shapes
+
+
+class ArrayFiles(IndexedSource):
+    """``.npy`` files (single-input models) or ``.npz`` files (keys = input names); each may hold a batch."""
+
+    def __init__(self, files: list[Path], inputs: Sequence[ModelInput], root: Path) -> None:
+        self.inputs, self.root = list(inputs), root
+        self.rows: list[tuple[Path, int]] = []
+        self._cached: tuple[Path, Mapping[str, np.ndarray]] | None = None
+        names = [i.name for i in self.inputs]
+        for path in files:
+            try:
+                if path.suffix == ".npy":
+                    if len(self.inputs) != 1:
+                        raise TrtbuildError(
+                            f"{path} is a .npy file but the model has {len(names)} inputs "
+                            f"({', '.join(names)})",
+                            "save one .npz per sample with one array per input name",
+                        )
+                    shapes = {names[0]: tuple(np.load(path, mmap_mode="r").shape)}
+                else:
+                    shapes = _npz_shapes(path)
+            except (OSError, ValueError, zipfile.BadZipFile, EOFError) as exc:
+                raise TrtbuildError(
+                    f"cannot read array file {path}: {exc}", "remove or replace the file"
+                ) from exc
+            missing, extra = set(names) - set(shapes), set(shapes) - set(names)
+            if missing or extra:
+                raise TrtbuildError(
+                    f"{path} has arrays {sorted(shapes)} but the model inputs are {names}",
+                    "name the .npz arrays after the model inputs",
+                )
+            counts = {_rows(shapes[i.name], i, f"array '{i.name}' in {path}") for i in self.inputs}
+            if len(counts) != 1:
+                raise TrtbuildError(
+                    f"arrays in {path} hold different numbers of samples",
+                    "give every input the same batch size",
+                )
+            self.rows.extend((path, row) for row in range(counts.pop()))
+
+    def __len__(self) -> int:
+        return len(self.rows)
+
+    def _arrays(self, path: Path) -> Mapping[str, np.ndarray]:
+        if self._cached is None or self._cached[0] != path:  # one file at a time: indices come in order
+            if path.suffix == ".npy":
+                self._cached = (path, {self.inputs[0].name: np.load(path, mmap_mode="r")})
+            else:
+                with np.load(path) as archive:
+                    self._cached = (path, {k: archive[k] for k in archive.files})
+        return self._cached[1]
+
+    def load(self, index: int) -> tuple[str, Sample]:
+        path, row = self.rows[index]
+        arrays = self._arrays(path)
+        sample = {}
+        for model_input in self.inputs:
+            array = arrays[model_input.name]
+            if array.ndim == len(model_input.shape):
+                sample[model_input.name] = np.array(array[row : row + 1])
+            else:
+                sample[model_input.name] = np.array(array)[None]
+        return f"{path}[{row}]", sample
+
+    def describe(self) -> str:
+        return f"{len(self.rows)} samples in {len({p for p, _ in self.rows})} array files under {self.root}"
+
+
+def _item_samples(item: Any, inputs: Sequence[ModelInput], where: str) -> Iterator[Sample]:
+    """Split one user item (array or {name: array}, one sample or a batch) into samples."""
+    if isinstance(item, np.ndarray) or not isinstance(item, Mapping):
+        if len(inputs) != 1:
+            raise TrtbuildError(
+                f"{where} is a single array but the model has {len(inputs)} inputs",
+                "yield dicts {input name: array}",
+            )
+        item = {inputs[0].name: item}
+    arrays = {k: np.asarray(v) for k, v in item.items()}
+    names = [i.name for i in inputs]
+    if set(arrays) != set(names):
+        raise TrtbuildError(
+            f"{where} has arrays {sorted(arrays)} but the model inputs are {names}",
+            "key the arrays by model input name",
+        )
+    counts = {_rows(arrays[i.name].shape, i, f"'{i.name}' in {where}") for i in inputs}
+    if len(counts) != 1:
+        raise TrtbuildError(
+            f"arrays in {where} hold different numbers of samples", "give every input the same batch size"
+        )
+    for row in range(counts.pop()):
+        yield {
+            i.name: (
+                arrays[i.name][row : row + 1] if arrays[i.name].ndim == len(i.shape) else arrays[i.name][None]
+            )
+            for i in inputs
+        }
+
+
+class SequenceSource(IndexedSource):
+    """A Python list/tuple of arrays or dicts (each one sample or a batch)."""
+
+    def __init__(self, items: Sequence[Any], inputs: Sequence[ModelInput]) -> None:
+        self.samples = [s for n, item in enumerate(items) for s in _item_samples(item, inputs, f"item {n}")]
+
+    def __len__(self) -> int:
+        return len(self.samples)
+
+    def load(self, index: int) -> tuple[str, Sample]:
+        return f"sample {index}", self.samples[index]
+
+    def describe(self) -> str:
+        return f"{len(self.samples)} samples from a Python sequence"
+
+
+class StreamSource(Source):
+    """An iterable, or a callable returning a fresh iterable on each call (needed for split)."""
+
+    def __init__(
+        self, factory: Callable[[], Iterable[Any]], inputs: Sequence[ModelInput], reusable: bool
+    ) -> None:
+        self.factory, self.inputs, self.reusable = factory, list(inputs), reusable
+        self._used = False
+
+    def stream(self) -> Iterator[tuple[str, Sample]]:
+        if self._used and not self.reusable:
+            raise TrtbuildError(
+                "a one-shot iterator cannot be read twice (needed for sampling/split)",
+                "pass a list or a callable that returns a fresh iterable",
+            )
+        self._used = True
+        for n, item in enumerate(self.factory()):
+            for sample in _item_samples(item, self.inputs, f"item {n}"):
+                yield f"item {n}", sample
+
+    def describe(self) -> str:
+        return "a Python iterable"
+
+
+# ----------------------------------------------------------------------------------------- selection
+
+
+class CalibrationData:
+    """A deterministic selection of samples from a source, validated against the model's inputs."""
+
+    def __init__(
+        self,
+        source: Source,
+        inputs: Sequence[ModelInput],
+        indices: Sequence[int] | None = None,
+        skip: int = 0,
+        limit: int | None = None,
+    ) -> None:
+        self.source, self.inputs = source, list(inputs)
+        if isinstance(source, IndexedSource):
+            self.indices: list[int] | None = list(range(len(source))) if indices is None else sorted(indices)
+        else:
+            self.indices = None
+        self.skip, self.limit = skip, limit
+
+    def __len__(self) -> int:
+        if self.indices is None:
+            raise TypeError("a streamed data source has no known length")
+        return len(self.indices)
+
+    def known_length(self) -> int | None:
+        return None if self.indices is None else len(self.indices)
+
+    def describe(self) -> str:
+        n = self.known_length()
+        return self.source.describe() + ("" if n is None else f" (using {n})")
+
+    def sample(self, count: int | None, seed: int = 0) -> CalibrationData:
+        """``count`` samples picked with ``seed``, in source order; all (with a warning) if fewer."""
+        if count is None:
+            return self
+        if count <= 0:
+            raise TrtbuildError(f"--samples must be positive, not {count}", "pass a number of samples >= 1")
+        if self.indices is None:
+            return CalibrationData(self.source, self.inputs, skip=self.skip, limit=count)
+        if count >= len(self.indices):
+            if count > len(self.indices):
+                warn(
+                    f"asked for {count} calibration samples but the data has only "
+                    f"{len(self.indices)}; using all"
+                )
+            return self
+        chosen = np.random.default_rng(seed).choice(len(self.indices), size=count, replace=False)
+        return CalibrationData(self.source, self.inputs, [self.indices[i] for i in chosen])
+
+    def split(self, holdout: int, seed: int = 0) -> tuple[CalibrationData, CalibrationData]:
+        """(calibration, held-out): disjoint. Held-out samples are seeded-random (streams: the first ones)."""
+        if holdout <= 0:
+            raise TrtbuildError(
+                f"held-out size must be positive, not {holdout}", "pass a number of samples >= 1"
+            )
+        if self.indices is None:
+            if isinstance(self.source, StreamSource) and not self.source.reusable:
+                raise TrtbuildError(
+                    "cannot split a one-shot iterator into calibration and held-out data",
+                    "pass a list or a callable that returns a fresh iterable",
+                )
+            held = CalibrationData(self.source, self.inputs, skip=self.skip, limit=holdout)
+            rest = None if self.limit is None else max(self.limit - holdout, 0)
+            return CalibrationData(self.source, self.inputs, skip=self.skip + holdout, limit=rest), held
+        if holdout >= len(self.indices):
+            raise TrtbuildError(
+                f"cannot hold out {holdout} of {len(self.indices)} samples and still calibrate",
+                "add data or hold out fewer samples",
+            )
+        order = np.random.default_rng(seed).permutation(len(self.indices))
+        held_out = [self.indices[i] for i in order[:holdout]]
+        calibration = [self.indices[i] for i in order[holdout:]]
+        return (
+            CalibrationData(self.source, self.inputs, calibration),
+            CalibrationData(self.source, self.inputs, held_out),
+        )
+
+    def samples(self) -> Iterator[tuple[str, Sample]]:
+        """(where, sample) one at a time, validated."""
+        if self.indices is not None:
+            assert isinstance(self.source, IndexedSource)
+            stream: Iterator[tuple[str, Sample]] = (self.source.load(i) for i in self.indices)
+        else:
+            assert isinstance(self.source, StreamSource)
+            stream = self.source.stream()
+        taken = 0
+        for position, (where, sample) in enumerate(stream):
+            if position < self.skip:
+                continue
+            if self.limit is not None and taken >= self.limit:
+                break
+            validate_sample(sample, self.inputs, where)
+            taken += 1
+            yield where, sample
+        if taken == 0:
+            raise TrtbuildError(
+                f"no calibration samples in {self.source.describe()}", "pass data with at least one sample"
+            )
+        if self.limit is not None and taken < self.limit and self.indices is None:
+            warn(f"asked for {self.limit} samples but the data stream gave only {taken}")
+
+    def batches(self, batch_size: int) -> Iterator[Sample]:
+        """Samples concatenated into batches of ``batch_size`` (the model's static batch if it has one)."""
+        if batch_size <= 0:
+            raise TrtbuildError(f"--batch-size must be positive, not {batch_size}", "pass a batch size >= 1")
+        static = {i.static_batch for i in self.inputs if i.static_batch is not None}
+        size = static.pop() if static else batch_size
+        pending: list[Sample] = []
+        for _, sample in self.samples():
+            pending.append(sample)
+            if len(pending) == size:
+                yield _stack(pending)
+                pending = []
+        if pending:
+            if static:
+                warn(f"the model has a static batch of {size}: the last {len(pending)} samples were left out")
+            else:
+                yield _stack(pending)
+
+
+def _stack(samples: list[Sample]) -> Sample:
+    return {name: np.concatenate([s[name] for s in samples], axis=0) for name in samples[0]}
+
+
+def validate_sample(sample: Sample, inputs: Sequence[ModelInput], where: str) -> None:
+    """Shape, dtype and finiteness against the model inputs (sample arrays carry a batch dim of 1)."""
+    for model_input in inputs:
+        array = sample[model_input.name]
+        expected = model_input.shape[1:]
+        if array.ndim != len(model_input.shape) or any(
+            e is not None and e != a for e, a in zip(expected, array.shape[1:], strict=True)
+        ):
+            raise TrtbuildError(
+                f"{where}: input '{model_input.name}' has shape {tuple(array.shape[1:])} per sample, "
+                f"the model expects {model_input.describe()}",
+                "resize/reshape the data (for images: --crop, --layout) to the model's input shape",
+            )
+        if array.dtype != model_input.dtype:
+            raise TrtbuildError(
+                f"{where}: input '{model_input.name}' is {array.dtype}, "
+                f"the model expects {model_input.dtype}",
+                f"convert the data with .astype('{model_input.dtype}') (for images: --dtype)",
+            )
+        if array.dtype.kind == "f" and not np.isfinite(array).all():
+            raise TrtbuildError(
+                f"{where}: input '{model_input.name}' contains NaN or Inf", "clean or remove that sample"
+            )
+
+
+def _files(folder: Path) -> list[Path]:
+    return sorted(p for p in folder.rglob("*") if p.is_file() and not p.name.startswith("."))
+
+
+def open_data(
+    data: Any, inputs: Sequence[ModelInput], preprocess: Preprocess | None = None
+) -> CalibrationData:
+    """Any supported data description -> :class:`CalibrationData` for a model with these inputs."""
+    if isinstance(data, CalibrationData):
+        return data
+    if isinstance(data, (str, Path)):
+        return CalibrationData(_path_source(Path(data), inputs, preprocess), inputs)
+    if isinstance(data, (np.ndarray, Mapping)):
+        return CalibrationData(SequenceSource([data], inputs), inputs)
+    if isinstance(data, Sequence):
+        return CalibrationData(SequenceSource(data, inputs), inputs)
+    if callable(data):
+        return CalibrationData(StreamSource(data, inputs, reusable=True), inputs)
+    if isinstance(data, Iterable):
+        return CalibrationData(StreamSource(lambda: data, inputs, reusable=False), inputs)
+    raise TrtbuildError(
+        f"unsupported calibration data of type {type(data).__name__}",
+        "pass a folder, .npy/.npz file, list, iterable or callable",
+    )
+
+
+def _path_source(path: Path, inputs: Sequence[ModelInput], preprocess: Preprocess | None) -> IndexedSource:
+    if not path.exists():
+        raise TrtbuildError(
+            f"calibration data {path} does not exist", "pass an image folder or .npy/.npz files"
+        )
+    if path.is_file():
+        if path.suffix.lower() not in ARRAY_SUFFIXES:
+            raise TrtbuildError(
+                f"{path} is not a .npy/.npz file", "pass a folder of images or .npy/.npz arrays"
+            )
+        return ArrayFiles([path], inputs, path.parent)
+    try:
+        files = _files(path)
+    except OSError as exc:
+        raise TrtbuildError(f"cannot read folder {path}: {exc}", "check its permissions") from exc
+    arrays = [p for p in files if p.suffix.lower() in ARRAY_SUFFIXES]
+    images = [p for p in files if p.suffix.lower() in IMAGE_SUFFIXES]
+    if arrays and images:
+        raise TrtbuildError(
+            f"{path} mixes images and .npy/.npz files", "keep one kind of calibration data per folder"
+        )
+    if arrays:
+        return ArrayFiles(arrays, inputs, path)
+    if not images:
+        raise TrtbuildError(
+            f"no images or .npy/.npz files in {path}",
+            f"put calibration data there ({', '.join(IMAGE_SUFFIXES + ARRAY_SUFFIXES)})",
+        )
+    if len(inputs) != 1:
+        raise TrtbuildError(
+            f"an image folder feeds one input but the model has {len(inputs)}",
+            "pass .npz files with one array per input name",
+        )
+    spec = (preprocess or Preprocess()).for_input_shape(inputs[0].shape)
+    if np.dtype(spec.dtype) != inputs[0].dtype:
+        spec = (
+            Preprocess(
+                spec.resize,
+                spec.crop,
+                spec.mean,
+                spec.std,
+                spec.scale,
+                spec.layout,
+                str(inputs[0].dtype),
+                spec.channels,
+            )
+            if preprocess is None
+            else spec
+        )
+    return ImageFolder(images, inputs[0].name, spec, path)

@@ -1,0 +1,250 @@
+"""Auto-fallback: find the fewest layers to keep in float so the INT8 model meets the fidelity gate.
+
+1. Sensitivity, two strategies. "local" (default, one FP32 and one INT8 run): the relative noise each layer
+   adds between its input and its output. "drop_one" (one run per layer): keep only that layer in float and
+   measure how much the fidelity error (KL for classifiers, 1 - cosine otherwise) drops.
+2. Greedy by sensitivity with verification: keep the top-k most sensitive layers in float, for the smallest
+   k that passes on the full held-out split (doubling k, then bisecting), each candidate verified by a real run.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field, replace
+from typing import Any
+
+import numpy as np
+import onnx
+from rich.table import Table
+
+from calibrators import fidelity
+from calibrators.fidelity import Feeds, FidelityReport, FidelityThreshold
+from calibrators.qdq import Exclusion, GraphCache, QdqOptions, QdqPlan, apply_qdq, plan_qdq
+from calibrators.ranges import TensorRange
+from trtbuild.errors import TrtbuildError
+
+FALLBACK_REASON = "kept in float by auto-fallback (sensitivity analysis)"
+
+
+@dataclass(frozen=True)
+class LayerSensitivity:
+    """How much keeping one layer in float reduces the INT8 error on the sensitivity samples."""
+
+    node: str
+    op_type: str
+    error_if_float: float | None  # fidelity error with only this layer in float ("drop_one" strategy)
+    gain: float  # error removed by keeping it float ("drop_one") or relative noise it adds ("local")
+
+
+@dataclass
+class FallbackResult:
+    kept_float: list[str]
+    sensitivities: list[LayerSensitivity]
+    baseline: FidelityReport
+    final: FidelityReport
+    plan: QdqPlan
+    model: onnx.ModelProto
+    trials: list[dict[str, Any]] = field(default_factory=list)  # k, passed, error for each verification
+
+    @property
+    def passed(self) -> bool:
+        return self.final.passed
+
+    def why(self) -> dict[str, LayerSensitivity]:
+        by_node = {s.node: s for s in self.sensitivities}
+        return {n: by_node[n] for n in self.kept_float if n in by_node}
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "passed": self.passed,
+            "kept_float": [
+                {"node": s.node, "op_type": s.op_type, "gain": s.gain, "error_if_float": s.error_if_float}
+                for s in self.why().values()
+            ],
+            "baseline": self.baseline.to_json(),
+            "final": self.final.to_json(),
+            "trials": self.trials,
+            "sensitivities": [s.__dict__ for s in self.sensitivities],
+        }
+
+    def table(self, top: int = 10) -> Table:
+        kept = set(self.kept_float)
+        table = Table(
+            title=f"Auto-fallback: {len(kept)} layer(s) kept in float "
+            f"(error {self.baseline.score():.4g} -> {self.final.score():.4g}); most sensitive layers"
+        )
+        for col in ("layer", "op", "error if float", "gain", "kept float"):
+            table.add_column(col, justify="left" if col in ("layer", "op") else "right")
+        shown = [s for s in self.sensitivities if s.node in kept]
+        shown += [s for s in self.sensitivities if s.node not in kept][: max(0, top - len(shown))]
+        for s in shown:
+            err = "-" if s.error_if_float is None else f"{s.error_if_float:.4g}"
+            table.add_row(s.node, s.op_type, err, f"{s.gain:+.4g}", "yes" if s.node in kept else "")
+        return table
+
+
+class _Planner:
+    """Re-plans with extra layers kept float, so Q/DQ that only fed those layers (Pad/Concat chains,
+    residual skips) disappears with them."""
+
+    def __init__(self, model: onnx.ModelProto, ranges: Mapping[str, TensorRange], options: QdqOptions) -> None:
+        self.cache = GraphCache(model)
+        self.ranges, self.options = ranges, options
+
+    def plan(self, float_layers: Sequence[str] = ()) -> QdqPlan:
+        options = replace(self.options, exclude_nodes=(*self.options.exclude_nodes, *(re.escape(n) for n in float_layers)))
+        plan = plan_qdq(self.cache, self.ranges, options)
+        chosen = set(float_layers)
+        plan.excluded = [
+            Exclusion(e.node, e.op_type, FALLBACK_REASON) if e.node in chosen else e for e in plan.excluded
+        ]
+        return plan
+
+
+def _error(
+    planner: _Planner,
+    plan: QdqPlan,
+    batches: Sequence[Feeds],
+    reference: dict[str, np.ndarray],
+    threshold: FidelityThreshold,
+    exact_kernels: bool = True,
+) -> FidelityReport:
+    qmodel = apply_qdq(planner.cache, plan, check=False)
+    sess = fidelity.session(qmodel, optimize=exact_kernels)
+    return fidelity.compare(reference, fidelity.run_batches(sess, batches), threshold)
+
+
+def _slice_reference(reference: dict[str, np.ndarray], n: int) -> dict[str, np.ndarray]:
+    return {k: v[:n] for k, v in reference.items()}
+
+
+def layer_sensitivity(
+    model: onnx.ModelProto,
+    ranges: Mapping[str, TensorRange],
+    options: QdqOptions,
+    batches: Sequence[Feeds],
+    reference: dict[str, np.ndarray],
+    threshold: FidelityThreshold,
+    on_layer: Callable[[str], None] | None = None,
+) -> tuple[float, list[LayerSensitivity]]:
+    """Baseline error and, per quantized layer, the error with only that layer in float (most sensitive first)."""
+    planner = _Planner(model, ranges, options)
+    plan = planner.plan()
+    baseline = _error(planner, plan, batches, reference, threshold, exact_kernels=False).score()
+    result = []
+    for node in plan.quantized_nodes:
+        err = _error(planner, planner.plan([node]), batches, reference, threshold, exact_kernels=False).score()
+        result.append(LayerSensitivity(node, plan.node_types.get(node, ""), err, baseline - err))
+        if on_layer:
+            on_layer(node)
+    result.sort(key=lambda s: s.gain, reverse=True)
+    return baseline, result
+
+
+def _with_outputs(model: onnx.ModelProto, names: Sequence[str]) -> onnx.ModelProto:
+    extended = onnx.ModelProto()
+    extended.CopyFrom(model)
+    present = {o.name for o in extended.graph.output}
+    for name in names:
+        if name not in present:
+            extended.graph.output.append(onnx.helper.make_tensor_value_info(name, onnx.TensorProto.FLOAT, None))
+            present.add(name)
+    return extended
+
+
+def local_sensitivity(
+    planner: _Planner, plan: QdqPlan, batches: Sequence[Feeds]
+) -> list[LayerSensitivity]:
+    """One pass: the relative noise each layer adds, |int8 - fp32|^2 / |fp32|^2 at its output minus at its
+    (float) input, with FP32 and INT8 run side by side. Cheap (two runs) and ranks the layers whose own
+    quantization hurts most; the greedy search verifies every choice with real runs."""
+    cache = planner.cache
+    by_name = {n.name: n for n in cache.model.graph.node}
+    inputs = {
+        n: [t for t in by_name[n].input if t in plan.activations or any(c[0] == n for c in plan.activations.get(t, ()))]
+        for n in plan.quantized_nodes
+    }
+    watched = sorted({t for n in plan.quantized_nodes for t in (*inputs[n], by_name[n].output[0])})
+    ref = fidelity.run_batches(fidelity.session(_with_outputs(cache.model, watched), optimize=False), batches)
+    qmodel = apply_qdq(cache, plan, check=False)
+    test = fidelity.run_batches(fidelity.session(_with_outputs(qmodel, watched), optimize=False), batches)
+
+    def noise(t: str) -> float:
+        r, q = ref[t].astype(np.float64), test[t].astype(np.float64)
+        power = float((r**2).sum())
+        return float(((r - q) ** 2).sum()) / power if power > 0 else 0.0
+
+    result = []
+    for n in plan.quantized_nodes:
+        out_noise = noise(by_name[n].output[0])
+        in_noise = max((noise(t) for t in inputs[n]), default=0.0)
+        result.append(LayerSensitivity(n, plan.node_types.get(n, ""), None, out_noise - in_noise))
+    result.sort(key=lambda s: s.gain, reverse=True)
+    return result
+
+
+def auto_fallback(
+    model: onnx.ModelProto,
+    ranges: Mapping[str, TensorRange],
+    options: QdqOptions,
+    holdout: Sequence[Feeds],
+    threshold: FidelityThreshold,
+    *,
+    reference: dict[str, np.ndarray] | None = None,
+    sensitivity_samples: int = 8,
+    strategy: str = "local",
+    on_layer: Callable[[str], None] | None = None,
+) -> FallbackResult:
+    """Keep the fewest most-sensitive layers in float so the model passes ``threshold`` on ``holdout``."""
+    if reference is None:
+        reference = fidelity.run_batches(fidelity.session(model), holdout)
+    planner = _Planner(model, ranges, options)
+    plan = planner.plan()
+    baseline = _error(planner, plan, holdout, reference, threshold)
+    if baseline.passed:
+        return FallbackResult([], [], baseline, baseline, plan, apply_qdq(model, plan))
+
+    sens_batches, n = _first_samples(holdout, sensitivity_samples)
+    if strategy == "local":
+        sens = local_sensitivity(planner, plan, sens_batches)
+    elif strategy == "drop_one":
+        _, sens = layer_sensitivity(
+            model, ranges, options, sens_batches, _slice_reference(reference, n), threshold, on_layer
+        )
+    else:
+        raise TrtbuildError(f"unknown sensitivity strategy '{strategy}'", "use 'local' or 'drop_one'")
+    order = [s.node for s in sens]
+    trials: list[dict[str, Any]] = []
+    cache: dict[int, FidelityReport] = {}
+
+    def verify(k: int) -> FidelityReport:
+        if k not in cache:
+            report = _error(planner, planner.plan(order[:k]), holdout, reference, threshold)
+            cache[k] = report
+            trials.append({"float_layers": k, "passed": report.passed, "error": report.score()})
+        return cache[k]
+
+    # Doubling, then bisection between the last failing and the first passing k.
+    lo, hi = 0, 1
+    while hi < len(order) and not verify(hi).passed:
+        lo, hi = hi, min(hi * 2, len(order))
+    if not verify(hi).passed:
+        k = hi  # even all layers in float does not pass: report the best we have
+    else:
+        while hi - lo > 1:
+            mid = (lo + hi) // 2
+            if verify(mid).passed:
+                hi = mid
+            else:
+                lo = mid
+        k = hi
+    final_plan = planner.plan(order[:k])
+    return FallbackResult(order[:k], sens, baseline, verify(k), final_plan, apply_qdq(model, final_plan), trials)
+
+
+def _first_samples(batches: Sequence[Feeds], n: int) -> tuple[list[dict[str, np.ndarray]], int]:
+    """The first ``n`` samples of ``batches`` as one batch (fewer if there are fewer)."""
+    names = list(batches[0])
+    merged = {k: np.concatenate([np.asarray(b[k]) for b in batches], axis=0)[:n] for k in names}
+    return [merged], int(next(iter(merged.values())).shape[0])

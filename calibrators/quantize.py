@@ -1,0 +1,169 @@
+"""Top-level INT8 quantization: calibrate once, place Q/DQ, check fidelity on held-out data, fall back if asked.
+
+Every artifact comes from ONE RangeSet: the Q/DQ ONNX, the legacy TensorRT calibration cache, the ranges
+JSON and the fidelity report (with the Q/DQ plan and any fallback decisions). Nothing is written unless the
+fidelity gate passes, so a failed run leaves no half-finished output folder behind.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import onnx
+
+from calibrators import fidelity
+from calibrators.cache import write_cache
+from calibrators.calibrate import compute_ranges
+from calibrators.collect import DEFAULT_BATCH_SIZE, collect, load_model
+from calibrators.data import model_inputs, open_data
+from calibrators import fallback as fallback_search
+from calibrators.fallback import FallbackResult
+from calibrators.fidelity import FidelityReport, FidelityThreshold
+from calibrators.preprocess import Preprocess
+from calibrators.qdq import QdqOptions, QdqPlan, apply_qdq, plan_qdq, quantizable_activations
+from calibrators.ranges import RangeSet
+from trtbuild import atomic
+from trtbuild.errors import TrtbuildError
+
+DEFAULT_HOLDOUT = 32
+DEFAULT_TRT_VERSION = "10.13"
+
+
+class FidelityGateError(TrtbuildError):
+    """The INT8 model is below the fidelity threshold (and auto-fallback was off or could not reach it)."""
+
+    def __init__(self, report: FidelityReport, fallback: FallbackResult | None = None) -> None:
+        self.report = report
+        self.fallback = fallback
+        fix = (
+            "even auto-fallback could not reach it: lower --min-fidelity or check the data"
+            if fallback is not None
+            else "re-run with --auto-fallback, another --method, or a lower --min-fidelity"
+        )
+        super().__init__(
+            f"INT8 fidelity below the gate ({report.threshold.describe()}): {report.summary()}; nothing was written",
+            fix,
+        )
+
+
+@dataclass
+class QuantizeResult:
+    onnx_path: Path
+    cache_path: Path
+    ranges_path: Path
+    report_path: Path
+    ranges: RangeSet
+    plan: QdqPlan
+    fidelity: FidelityReport
+    fallback: FallbackResult | None
+    calibration_samples: int
+    holdout_samples: int
+
+    @property
+    def passed(self) -> bool:
+        return self.fidelity.passed
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "onnx": str(self.onnx_path),
+            "cache": str(self.cache_path),
+            "ranges": str(self.ranges_path),
+            "report": str(self.report_path),
+            "method": self.ranges.method,
+            "activation_type": self.plan.activation_type,
+            "calibration_samples": self.calibration_samples,
+            "holdout_samples": self.holdout_samples,
+            "quantized_layers": len(self.plan.quantized_nodes),
+            "qdq_tensors": len(self.plan.activations),
+            "float_layers": [{"node": e.node, "op_type": e.op_type, "reason": e.reason} for e in self.plan.excluded],
+            "fidelity": self.fidelity.to_json(),
+            "fallback": None if self.fallback is None else self.fallback.to_json(),
+        }
+
+
+def quantize(
+    model_path: str | Path,
+    data: Any,
+    out_dir: str | Path,
+    *,
+    method: str = "entropy",
+    samples: int | None = None,
+    holdout: int = DEFAULT_HOLDOUT,
+    min_fidelity: str | float | FidelityThreshold | None = None,
+    auto_fallback: bool = False,
+    exclude: Sequence[str] = (),
+    exclude_op_types: Sequence[str] = (),
+    trt_version: str = DEFAULT_TRT_VERSION,
+    activation_type: str = "int8",
+    preprocess: Preprocess | None = None,
+    batch_size: int = DEFAULT_BATCH_SIZE,
+    threads: int | None = None,
+    seed: int = 0,
+    show_progress: bool = True,
+) -> QuantizeResult:
+    """Calibrate ``model_path`` on ``data`` (minus ``holdout`` held-out samples), write the INT8 artifacts
+    into ``out_dir`` if the held-out fidelity meets ``min_fidelity``; raise :class:`FidelityGateError` if not.
+
+    ``data``: anything :func:`calibrators.data.open_data` takes (image folder, .npy/.npz, list, callable).
+    ``exclude``: regexes of node names to keep float; ``exclude_op_types``: op types to keep float.
+    """
+    threshold = min_fidelity if isinstance(min_fidelity, FidelityThreshold) else fidelity.parse_min_fidelity(min_fidelity)
+    options = QdqOptions(
+        activation_type=activation_type, exclude_nodes=tuple(exclude), exclude_op_types=tuple(exclude_op_types)
+    )
+    model = load_model(model_path)
+    tensors = quantizable_activations(model, exclude, exclude_op_types)
+    if not tensors:
+        raise TrtbuildError(
+            f"{model_path} has no quantizable ops (Conv/ConvTranspose/Gemm/MatMul with float inputs) left to quantize",
+            "check the model and the --exclude/--exclude-op-type options",
+        )
+    all_data = open_data(data, model_inputs(model), preprocess)
+    calib, held = all_data.split(holdout, seed)
+    calib = calib.sample(samples, seed)
+    collection = collect(
+        model, calib, tensors=tensors, batch_size=batch_size, threads=threads, seed=seed, show_progress=show_progress
+    )
+    ranges = compute_ranges(collection, method)
+    ranges.meta.update({"holdout": holdout, "activation_type": activation_type})
+
+    held_batches = list(held.batches(batch_size))
+    held_count = sum(int(next(iter(b.values())).shape[0]) for b in held_batches)
+    reference = fidelity.run_batches(fidelity.session(model, threads), held_batches)
+    plan = plan_qdq(model, ranges, options)
+    qmodel = apply_qdq(model, plan)
+    report = fidelity.compare(reference, fidelity.run_batches(fidelity.session(qmodel, threads), held_batches), threshold)
+    fallback: FallbackResult | None = None
+    if not report.passed and auto_fallback:
+        fallback = fallback_search.auto_fallback(model, ranges, options, held_batches, threshold, reference=reference)
+        plan, qmodel, report = fallback.plan, fallback.model, fallback.final
+    if not report.passed:
+        raise FidelityGateError(report, fallback)
+
+    result = QuantizeResult(
+        onnx_path=Path(out_dir) / f"{Path(model_path).stem}.int8.onnx",
+        cache_path=Path(out_dir) / f"{Path(model_path).stem}.calib.cache",
+        ranges_path=Path(out_dir) / f"{Path(model_path).stem}.ranges.json",
+        report_path=Path(out_dir) / f"{Path(model_path).stem}.fidelity.json",
+        ranges=ranges,
+        plan=plan,
+        fidelity=report,
+        fallback=fallback,
+        calibration_samples=collection.samples,
+        holdout_samples=held_count,
+    )
+    _write(result, qmodel, trt_version)
+    return result
+
+
+def _write(result: QuantizeResult, qmodel: onnx.ModelProto, trt_version: str) -> None:
+    """All artifacts, each atomically; the report last, so its presence means the set is complete."""
+    atomic.write_bytes(result.onnx_path, qmodel.SerializeToString())
+    write_cache(result.ranges, result.cache_path, trt_version)
+    result.ranges.save(result.ranges_path)
+    report = {**result.to_json(), "plan": result.plan.to_json()}
+    atomic.write_text(result.report_path, json.dumps(report, indent=2, default=str) + "\n")

@@ -1,0 +1,106 @@
+"""FP16 graph conversion, checked in ONNX Runtime against FP32 on the real EfficientNet-Lite0 and photos."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import onnx
+import onnxruntime as ort
+import pytest
+from onnx import TensorProto, helper, numpy_helper
+from onnxconverter_common import float16
+
+from export.fp16 import FP16_BLOCK_LIST, convert_fp16, fp16_path, verify_fp16
+from trtbuild.errors import TrtbuildError
+
+
+@pytest.fixture(scope="module")
+def effnet_fp16(effnet_onnx: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return convert_fp16(effnet_onnx, tmp_path_factory.mktemp("fp16") / "efficientnet_lite0.fp16.onnx")
+
+
+def test_effnet_fp16_graph_structure(effnet_onnx: Path, effnet_fp16: Path) -> None:
+    model = onnx.load(str(effnet_fp16))
+    onnx.checker.check_model(model)
+    # I/O stay FP32 so callers feed the same tensors; weights are FP16 (the graph is about half the size).
+    assert model.graph.input[0].type.tensor_type.elem_type == TensorProto.FLOAT
+    assert model.graph.output[0].type.tensor_type.elem_type == TensorProto.FLOAT
+    float_inits = [
+        i for i in model.graph.initializer if i.data_type in (TensorProto.FLOAT, TensorProto.FLOAT16)
+    ]
+    assert sum(i.data_type == TensorProto.FLOAT16 for i in float_inits) / len(float_inits) > 0.95
+    assert effnet_fp16.stat().st_size < 0.6 * effnet_onnx.stat().st_size
+
+
+def test_effnet_fp16_matches_fp32_on_real_photos(
+    effnet_onnx: Path, effnet_fp16: Path, photo_batch: np.ndarray
+) -> None:
+    check = verify_fp16(effnet_onnx, effnet_fp16, {"images": photo_batch[:16]})
+    assert check.samples == 16 and check.passed
+    assert check.cosine_min > 0.999
+    assert check.top1_agreement == 1.0
+    assert 0 < check.max_abs_error < 0.5  # FP16 really ran (not bit-identical), and stayed close
+    assert check.rel_error < 0.02
+
+
+def _sum_graph(path: Path) -> Path:
+    """x * 2 summed over 65536 elements: FP16's max is 65504, so an FP16 ReduceSum overflows to inf."""
+    x = helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 65536])
+    y = helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 1])
+    two = numpy_helper.from_array(np.array(2.0, dtype=np.float32), "two")
+    axes = numpy_helper.from_array(np.array([1], dtype=np.int64), "axes")
+    nodes = [
+        helper.make_node("Mul", ["x", "two"], ["m"]),
+        helper.make_node("ReduceSum", ["m", "axes"], ["y"]),
+    ]
+    onnx.save(
+        helper.make_model(
+            helper.make_graph(nodes, "g", [x], [y], [two, axes]), opset_imports=[helper.make_opsetid("", 17)]
+        ),
+        str(path),
+    )
+    return path
+
+
+def _input_types(path: Path, op: str) -> list[int]:
+    model = onnx.shape_inference.infer_shapes(onnx.load(str(path)))
+    types = {v.name: v.type.tensor_type.elem_type for v in [*model.graph.value_info, *model.graph.input]}
+    types.update({i.name: i.data_type for i in model.graph.initializer})
+    return [types[i] for n in model.graph.node if n.op_type == op for i in n.input[:1]]
+
+
+def test_block_list_keeps_large_reductions_in_fp32(tmp_path: Path) -> None:
+    src = _sum_graph(tmp_path / "sum.onnx")
+    ours = convert_fp16(src, tmp_path / "ours.onnx")
+    naive = convert_fp16(src, tmp_path / "naive.onnx", op_block_list=tuple(float16.DEFAULT_OP_BLOCK_LIST))
+    assert _input_types(ours, "ReduceSum") == [TensorProto.FLOAT]  # summed in FP32 on any backend
+    assert _input_types(naive, "ReduceSum") == [TensorProto.FLOAT16]  # what the block-list entry prevents
+    assert _input_types(ours, "Mul") == [TensorProto.FLOAT16]  # the rest is still converted
+    assert "ReduceSum" in FP16_BLOCK_LIST and "Resize" in FP16_BLOCK_LIST
+
+
+def test_blocked_op_feeding_an_output_stays_fp32(tmp_path: Path) -> None:
+    """onnxconverter-common casts a blocked node's graph output to FP16 despite keep_io_types (65504 max):
+    convert_fp16 repairs that, so the sum of 65536 x 3.0 comes out exact instead of inf."""
+    src = _sum_graph(tmp_path / "sum.onnx")
+    ours = convert_fp16(src, tmp_path / "ours.onnx")
+    assert onnx.load(str(ours)).graph.output[0].type.tensor_type.elem_type == TensorProto.FLOAT
+    session = ort.InferenceSession(str(ours), providers=["CPUExecutionProvider"])
+    y = session.run(None, {"x": np.full((1, 65536), 1.5, dtype=np.float32)})[0]
+    assert y.dtype == np.float32 and y[0, 0] == pytest.approx(196608.0, rel=1e-3)
+    raw = float16.convert_float_to_float16(
+        onnx.load(str(src)), keep_io_types=True, op_block_list=list(FP16_BLOCK_LIST)
+    )
+    assert raw.graph.output[0].type.tensor_type.elem_type == TensorProto.FLOAT16  # the upstream bug
+
+
+def test_default_path_and_errors(tmp_path: Path) -> None:
+    assert fp16_path("engines/m/m.onnx") == Path("engines/m/m.fp16.onnx")
+    with pytest.raises(TrtbuildError, match="does not exist"):
+        convert_fp16(tmp_path / "missing.onnx")
+    bad = tmp_path / "bad.onnx"
+    bad.write_bytes(b"not a protobuf at all")
+    with pytest.raises(TrtbuildError, match="cannot read"):
+        convert_fp16(bad, tmp_path / "bad.fp16.onnx")
+    assert not (tmp_path / "bad.fp16.onnx").exists()

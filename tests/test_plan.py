@@ -1,0 +1,212 @@
+"""BuildPlan decisions for every target x precision x TensorRT version rule, options, refusals, JSON."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import onnx
+import pytest
+from onnx import TensorProto, helper
+
+from export.inputs import InputSpec
+from trtbuild.errors import TrtbuildError
+from trtbuild.plan import BuildPlan, make_plan
+from trtbuild.targets import PRECISIONS, TARGETS
+from trtbuild.trt_versions import TrtVersion
+from trtbuild.trtexec import render
+
+DATACENTER_VERSIONS = ("8.6", "10.3", "10.13", "11.4")
+SOURCES = ("plain", "qdq", "calib", "fp16_graph")
+
+
+def _versions(target_id: str) -> tuple[str, ...]:
+    t = TARGETS[target_id]
+    return t.trt_versions or DATACENTER_VERSIONS
+
+
+CASES = [
+    (t, p, v, s)
+    for t in sorted(TARGETS)
+    for v in _versions(t)
+    for p in PRECISIONS
+    for s in SOURCES
+    if (s == "qdq" and p in ("int8", "fp8"))
+    or (s == "calib" and p == "int8")
+    or (s == "fp16_graph" and p == "fp16")
+    or s == "plain"
+]
+
+
+@pytest.fixture(scope="module")
+def files(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    """A small conv net with a dynamic batch (plans only read its inputs), plus stand-in side files; the
+    plan checks that they exist but does not parse them (no engine is built in this module)."""
+    root = tmp_path_factory.mktemp("plan")
+    x = helper.make_tensor_value_info("images", TensorProto.FLOAT, ["batch", 3, 16, 16])
+    y = helper.make_tensor_value_info("logits", TensorProto.FLOAT, ["batch", 4, 14, 14])
+    w = helper.make_tensor("w", TensorProto.FLOAT, [4, 3, 3, 3], [0.1] * 108)
+    graph = helper.make_graph([helper.make_node("Conv", ["images", "w"], ["logits"])], "g", [x], [y], [w])
+    model = root / "tiny.onnx"
+    onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]), str(model))
+    out = {
+        "model": model,
+        "qdq": root / "tiny.int8.qdq.onnx",
+        "calib": root / "tiny.calib.cache",
+        "fp16_graph": root / "tiny.fp16.onnx",
+    }
+    for key in ("qdq", "fp16_graph"):
+        out[key].write_bytes(model.read_bytes())
+    out["calib"].write_text("TRT-8502-EntropyCalibration2\nimages: 3c008912\n")
+    return out
+
+
+def expected(target_id: str, prec: str, ver: str, source: str) -> tuple[str, ...] | str:
+    """The oracle, from DESIGN.md's version facts: (onnx kind, strongly typed, flags...) or an error."""
+    t, v = TARGETS[target_id], TrtVersion.parse(ver)
+    if prec not in t.precisions:
+        return "cannot run"
+    if prec == "bf16" and v < TrtVersion(9, 0):
+        return "BF16 needs TensorRT 9.0+"
+    if prec == "fp8" and v < TrtVersion(10, 0):
+        return "FP8 needs TensorRT 10.0+"
+    typed_only = v.major >= 11
+    if prec == "fp32":
+        return ("fp32", str(typed_only))
+    if (
+        prec == "fp16" and source == "fp16_graph"
+    ):  # graphs that carry their precision: strongly typed from 10.0
+        return ("fp16", "True") if v.major >= 10 else ("fp16", "False", "FP16")
+    if prec == "fp16":
+        return "strongly typed only" if typed_only else ("fp32", "False", "FP16")
+    if prec == "bf16":
+        return "BF16-typed graph" if typed_only else ("fp32", "False", "BF16")
+    flag = prec.upper()
+    if source == "qdq":
+        return ("qdq", "True") if v.major >= 10 else ("qdq", "False", flag, "FP16")
+    if prec == "fp8":
+        return "FP8 Q/DQ graph"
+    if source == "calib":
+        return "removed calibrators" if typed_only else ("fp32", "False", "INT8", "FP16")
+    return "needs a Q/DQ graph or a calibration cache"
+
+
+@pytest.mark.parametrize(("target_id", "prec", "ver", "source"), CASES)
+def test_plan_matrix(files: dict[str, Path], target_id: str, prec: str, ver: str, source: str) -> None:
+    kwargs: dict[str, Any] = {
+        "qdq": {"qdq_onnx": files["qdq"]},
+        "calib": {"calib_cache": files["calib"]},
+        "fp16_graph": {"fp16_onnx": files["fp16_graph"]},
+        "plain": {},
+    }[source]
+    want = expected(target_id, prec, ver, source)
+    trt_version = None if TARGETS[target_id].trt_versions else ver
+    if isinstance(want, str):
+        with pytest.raises(TrtbuildError, match=want.replace("+", r"\+")) as info:
+            make_plan(files["model"], target_id, prec, trt_version=trt_version, **kwargs)
+        assert "\n" not in info.value.one_line()
+        return
+    plan = make_plan(
+        files["model"], target_id, prec, trt_version=trt_version, out_root=files["model"].parent, **kwargs
+    )
+    v = plan.version
+    assert (plan.onnx_kind, str(plan.strongly_typed), *plan.builder_flags) == want
+    assert plan.onnx == str(files[source] if source in ("qdq", "fp16_graph") else files["model"])
+    assert (plan.calib_cache is not None) == (source == "calib")
+    assert plan.opt_level == (None if v < TrtVersion(8, 6) else 3)
+    assert plan.workspace_mib == TARGETS[target_id].workspace_mib
+    assert plan.inputs == (InputSpec("images", (1, 3, 16, 16), "float32", (1, 3, 16, 16), (32, 3, 16, 16)),)
+    if v.major >= 11:  # the 11.x path never uses what 11.0 removed
+        assert plan.strongly_typed and plan.calib_cache is None
+        assert not {"FP16", "INT8", "BF16", "FP8"} & set(plan.builder_flags)
+    assert BuildPlan.from_json(json.loads(json.dumps(plan.to_json()))) == plan
+    argv = render(plan)  # raises if a flag does not exist in this trtexec version
+    assert f"--onnx={plan.onnx}" in argv
+
+
+def test_matrix_covers_every_rule() -> None:
+    outcomes = {expected(*case) if isinstance(expected(*case), str) else "ok" for case in CASES}
+    assert {
+        "ok",
+        "cannot run",
+        "BF16 needs TensorRT 9.0+",
+        "FP8 needs TensorRT 10.0+",
+        "strongly typed only",
+        "BF16-typed graph",
+        "FP8 Q/DQ graph",
+        "removed calibrators",
+        "needs a Q/DQ graph or a calibration cache",
+    } <= outcomes
+    assert len(CASES) > 150
+
+
+def test_options(files: dict[str, Path]) -> None:
+    m = files["model"]
+    p = make_plan(
+        m,
+        "h100",
+        "fp16",
+        trt_version="10.13",
+        hardware_compat="same_compute_capability",
+        version_compat=True,
+        sparsity=True,
+        opt_level=5,
+        workspace_mib=512,
+        out_root=m.parent,
+    )
+    assert p.hardware_compat == "SAME_COMPUTE_CAPABILITY" and p.opt_level == 5 and p.workspace_mib == 512
+    assert set(p.builder_flags) == {"FP16", "VERSION_COMPATIBLE", "SPARSE_WEIGHTS"}
+    assert (
+        make_plan(m, "a100", "fp32", trt_version="8.6", hardware_compat="ampere_plus").hardware_compat
+        == "AMPERE_PLUS"
+    )
+    dla = make_plan(m, "orin-jp6.2", "int8", calib_cache=files["calib"], dla_core=1)
+    assert dla.dla_core == 1 and dla.gpu_fallback and "GPU_FALLBACK" in dla.builder_flags
+    strict = make_plan(m, "xavier-jp5", "fp16", dla_core=0, gpu_fallback=False)
+    assert not strict.gpu_fallback and "GPU_FALLBACK" not in strict.builder_flags
+    shaped = make_plan(
+        m,
+        "h100",
+        "fp32",
+        shapes=[InputSpec("images", (4, 3, 16, 16), "float32", (2, 3, 16, 16), (8, 3, 16, 16))],
+    )
+    assert shaped.inputs[0].min == (2, 3, 16, 16) and shaped.inputs[0].max == (8, 3, 16, 16)
+    assert "timing" in shaped.timing_cache and shaped.engine.endswith("h100-fp32-trt10.13.engine")
+
+
+@pytest.mark.parametrize(
+    ("target_id", "kwargs", "reason"),
+    [
+        ("thor", {"dla_core": 0, "precision": "fp16"}, "has no DLA"),
+        ("a100", {"dla_core": 0, "precision": "fp16"}, "has no DLA"),
+        ("xavier-jp5", {"dla_core": 2, "precision": "fp16"}, "DLA cores 0..1"),
+        ("orin-jp6.2", {"dla_core": 0, "precision": "fp32"}, "DLA runs only FP16 or INT8"),
+        ("xavier-jp5", {"opt_level": 3, "precision": "fp16"}, "optimization level needs TensorRT 8.6"),
+        ("h100", {"opt_level": 7, "precision": "fp16"}, "must be 0..5"),
+        ("orin-jp6.2", {"hardware_compat": "ampere_plus", "precision": "fp16"}, "Jetson"),
+        (
+            "h100",
+            {"hardware_compat": "same_compute_capability", "trt_version": "10.3", "precision": "fp16"},
+            "10.9",
+        ),
+        ("xavier-jp5", {"sparsity": True, "precision": "fp16"}, "structured-sparsity"),
+        ("xavier-jp5", {"version_compat": True, "precision": "fp16"}, "8.6"),
+        ("h100", {"workspace_mib": 0, "precision": "fp16"}, "workspace must be positive"),
+        ("h100", {"precision": "int4"}, "unknown precision"),
+        ("h100", {"precision": "fp16", "trt_version": "9.2"}, "not supported"),
+        ("h100", {"precision": "fp16", "shapes": [InputSpec("x", (1, 3, 16, 16))]}, "model's inputs"),
+    ],
+)
+def test_refusals(files: dict[str, Path], target_id: str, kwargs: dict[str, object], reason: str) -> None:
+    kw = dict(kwargs)
+    prec = str(kw.pop("precision"))
+    with pytest.raises(TrtbuildError, match=reason):
+        make_plan(files["model"], target_id, prec, **kw)  # type: ignore[arg-type]
+
+
+def test_plan_load_rejects_other_json(tmp_path: Path) -> None:
+    bad = tmp_path / "x.plan.json"
+    bad.write_text(json.dumps({"format": 99}))
+    with pytest.raises(TrtbuildError, match="not a trtbuild build plan"):
+        BuildPlan.load(bad)

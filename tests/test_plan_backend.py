@@ -1,0 +1,102 @@
+"""The CPU-testable parts of the TensorRT backend: the calibration cache it serves, the engine sidecar, and
+the TensorRTUnavailable error where TensorRT is missing (no fake TensorRT anywhere)."""
+
+from __future__ import annotations
+
+import json
+import struct
+from pathlib import Path
+
+import onnx
+import pytest
+from onnx import TensorProto, helper
+
+from calibrators import cache as calib_cache
+from trtbuild.engine_meta import EngineMeta, TensorInfo, load_meta, sidecar_path, write_meta
+from trtbuild.errors import TensorRTUnavailable, TrtbuildError
+from trtbuild.hardware import tensorrt_available
+from trtbuild.plan import make_plan
+from trtbuild.trt_backend import build_engine, inspect_engine, render_calibration_cache
+from trtbuild.trt_versions import calibration_cache_version_tag
+
+
+@pytest.fixture(scope="module")
+def model(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    x = helper.make_tensor_value_info("images", TensorProto.FLOAT, ["batch", 3, 8, 8])
+    y = helper.make_tensor_value_info("y", TensorProto.FLOAT, ["batch", 3, 8, 8])
+    path = tmp_path_factory.mktemp("backend") / "m.onnx"
+    onnx.save(
+        helper.make_model(
+            helper.make_graph([helper.make_node("Relu", ["images"], ["y"])], "g", [x], [y]),
+            opset_imports=[helper.make_opsetid("", 17)],
+        ),
+        str(path),
+    )
+    return path
+
+
+@pytest.mark.parametrize(
+    ("version", "tag"),
+    [("8.5.2", "8502"), ("8.6.2", "8602"), ("10.3", "100300"), ("10.13", "101300"), ("10.16", "101600")],
+)
+def test_cache_served_to_tensorrt_matches_the_calibrators_format(
+    tmp_path: Path, version: str, tag: str
+) -> None:
+    scales = {"images": 0.9963 / 127, "/features/conv/Conv_output_0": 3.25 / 127}
+    data = render_calibration_cache(scales, version)
+    assert data.splitlines()[0].decode() == f"TRT-{tag}-EntropyCalibration2" == calib_cache.header(version)
+    assert calibration_cache_version_tag(version) == tag
+    path = tmp_path / "served.cache"
+    path.write_bytes(data)
+    back = calib_cache.read_cache(path)  # the calibrators' own reader accepts what the adapter serves
+    assert back.keys() == scales.keys()
+    for name, scale in scales.items():
+        assert back[name] == struct.unpack(">f", struct.pack(">f", scale))[0]
+
+
+def test_design_example_hex() -> None:
+    assert render_calibration_cache(
+        {"t": struct.unpack(">f", bytes.fromhex("3c008912"))[0]}, "8.5.2"
+    ).endswith(b"t: 3c008912\n")
+
+
+def test_engine_sidecar_round_trip(tmp_path: Path, model: Path) -> None:
+    plan = make_plan(model, "h100", "fp16", out_root=tmp_path)
+    meta = EngineMeta(
+        trt_version="10.13.0",
+        gpu_name="NVIDIA H100 80GB HBM3",
+        compute_capability="9.0",
+        precision="fp16",
+        tensors=(
+            TensorInfo("images", "input", (-1, 3, 8, 8), "float"),
+            TensorInfo("y", "output", (-1, 3, 8, 8), "float"),
+        ),
+        onnx=str(model),
+        onnx_sha256="0" * 64,
+        plan=plan.to_json(),
+        build_seconds=1.5,
+        engine_bytes=1234,
+        device_memory_bytes=4096,
+        num_layers=1,
+    )
+    engine = tmp_path / "x.engine"
+    path = write_meta(meta, engine)
+    assert path == sidecar_path(engine) and path.name == "x.engine.json"
+    assert load_meta(engine) == meta
+    assert json.loads(path.read_text())["plan"]["target"] == "h100"
+    if not tensorrt_available():
+        info = inspect_engine(engine)
+        assert info["layers"] is None and info["sidecar"]["gpu_name"] == "NVIDIA H100 80GB HBM3"
+    path.write_text("{broken")
+    with pytest.raises(TrtbuildError, match="unreadable"):
+        load_meta(engine)
+
+
+@pytest.mark.skipif(tensorrt_available(), reason="checks the message shown where TensorRT is missing")
+def test_build_without_tensorrt_raises_with_where_to_go(tmp_path: Path, model: Path) -> None:
+    plan = make_plan(model, "orin-jp6.0", "fp16", out_root=tmp_path)
+    with pytest.raises(TensorRTUnavailable) as info:
+        build_engine(plan, plan_path="p.plan.json", script_path="p.trtexec.sh")
+    text = info.value.one_line()
+    assert "not importable" in text and "p.plan.json" in text and "p.trtexec.sh" in text and "8.6.2" in text
+    assert info.value.exit_code == 2 and not Path(plan.engine).exists()

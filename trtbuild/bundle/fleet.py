@@ -1,0 +1,130 @@
+"""Fleet bundles: export a model for each target x precision and pack each into one signed archive."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import tempfile
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+import onnx
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
+
+from calibrators.ranges import RangeSet
+from trtbuild.bundle.archive import create_bundle
+from trtbuild.errors import TrtbuildError
+
+QUALCOMM_TARGETS = ("snpe", "qairt")  # the converter the handoff is written for
+
+
+def bundle_file_name(model: str, version: str, target: str, precision: str) -> str:
+    return f"{model}-{version}-{target}-{precision}.tar.gz"
+
+
+def _onnx_io(path: Path) -> dict[str, Any]:
+    model = onnx.load(str(path), load_external_data=False)
+    inits = {t.name for t in model.graph.initializer}
+
+    def info(v: onnx.ValueInfoProto) -> dict[str, Any]:
+        dims = [
+            d.dim_value if d.HasField("dim_value") else (d.dim_param or "?")
+            for d in v.type.tensor_type.shape.dim
+        ]
+        return {
+            "name": v.name,
+            "shape": dims,
+            "dtype": onnx.helper.tensor_dtype_to_np_dtype(v.type.tensor_type.elem_type).name,
+        }
+
+    return {
+        "inputs": [info(i) for i in model.graph.input if i.name not in inits],
+        "outputs": [info(o) for o in model.graph.output],
+    }
+
+
+def create_bundles(
+    model_path: str | os.PathLike[str],
+    targets: Sequence[str],
+    precisions: Sequence[str],
+    key: Ed25519PrivateKey,
+    out_dir: str | os.PathLike[str],
+    *,
+    model_name: str | None = None,
+    model_version: str = "1",
+    ranges: RangeSet | None = None,
+    qdq_onnx: str | os.PathLike[str] | None = None,
+    fp16_onnx: str | os.PathLike[str] | None = None,
+    calibration: Any = None,
+    htp_socs: str = "sm8650",
+    fidelity: Mapping[str, Any] | None = None,
+    profile: Mapping[str, Any] | None = None,
+) -> list[Path]:
+    """One signed ``.tar.gz`` per target x precision in ``out_dir``; returns their paths.
+
+    Jetson targets (see `trtbuild targets`) get :func:`export.jetson.export_jetson`; ``snpe``/``qairt`` get
+    the Qualcomm handoff (INT8 only; needs ``ranges`` and ``calibration``).
+    """
+    from export.jetson import export_jetson
+    from export.qualcomm import export_qualcomm
+
+    src = Path(model_path)
+    if not src.is_file():
+        raise TrtbuildError(f"model '{src}' does not exist", "pass the FP32 ONNX from `trtbuild export`")
+    name = model_name or src.name.split(".")[0]
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    written: list[Path] = []
+    for target in targets:
+        for precision in precisions:
+            with tempfile.TemporaryDirectory(prefix=".bundle-", dir=out) as work:
+                folder = Path(work) / "payload"
+                if target in QUALCOMM_TARGETS:
+                    if precision != "int8":
+                        raise TrtbuildError(
+                            f"the Qualcomm handoff is INT8 (AIMET encodings), not {precision}",
+                            "use --precision int8 for snpe/qairt targets",
+                        )
+                    if ranges is None or calibration is None:
+                        raise TrtbuildError(
+                            "a Qualcomm bundle needs calibrated ranges and calibration data",
+                            "pass --ranges and --calib-data",
+                        )
+                    handoff = export_qualcomm(
+                        src, ranges, calibration, folder, converter=target, htp_socs=htp_socs
+                    )
+                    requires: dict[str, Any] = {
+                        "kind": "qualcomm",
+                        "converter": target,
+                        "htp_socs": htp_socs,
+                        "opset": 17,
+                    }
+                    io_spec = _onnx_io(handoff.onnx)
+                else:
+                    jb = export_jetson(
+                        src,
+                        target,
+                        precision,
+                        folder,
+                        ranges=ranges if precision == "int8" and qdq_onnx is None else None,
+                        qdq_onnx=qdq_onnx if precision == "int8" else None,
+                        fp16_onnx=fp16_onnx if precision == "fp16" else None,
+                    )
+                    requires, io_spec = jb.requires(), {**_onnx_io(src), "profile": jb.io_spec()["inputs"]}
+                path, _ = create_bundle(
+                    folder,
+                    out / bundle_file_name(name, model_version, target, precision),
+                    key,
+                    model=name,
+                    model_version=model_version,
+                    target=target,
+                    precision=precision,
+                    requires=requires,
+                    io_spec=io_spec,
+                    fidelity=fidelity,
+                    profile=profile,
+                )
+                shutil.rmtree(folder, ignore_errors=True)
+            written.append(path)
+    return written

@@ -1,0 +1,153 @@
+"""`trtbuild quantize`: calibrate, place Q/DQ, gate on held-out fidelity, optionally fall back layers to float."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import click
+from rich.table import Table
+
+from calibrators import cache
+from calibrators.collect import DEFAULT_BATCH_SIZE
+from calibrators.fidelity import parse_min_fidelity
+from calibrators.methods import METHODS
+from calibrators.preprocess import IMAGENET_MEAN, IMAGENET_STD, LAYOUTS, Preprocess, parse_floats
+from calibrators.qdq import ACTIVATION_TYPES
+from calibrators.quantize import DEFAULT_HOLDOUT, DEFAULT_TRT_VERSION, FidelityGateError, QuantizeResult, quantize
+from trtbuild import console
+
+
+def _float_table(result: QuantizeResult) -> Table:
+    table = Table(title=f"Layers kept in float ({len(result.plan.excluded)})")
+    table.add_column("node", overflow="fold")
+    table.add_column("op")
+    table.add_column("why", overflow="fold")
+    for e in result.plan.excluded:
+        table.add_row(e.node, e.op_type, e.reason)
+    return table
+
+
+@click.command("quantize")
+@click.argument("model", type=click.Path(path_type=Path))
+@click.option(
+    "--data",
+    "data_path",
+    required=True,
+    type=click.Path(path_type=Path),
+    help="Image folder, .npy/.npz file, or folder of .npy/.npz (npz keys = input names).",
+)
+@click.option("--method", type=click.Choice(list(METHODS)), default="entropy", show_default=True)
+@click.option("--samples", type=int, default=None, help="Calibrate on N samples (default: all but the held-out).")
+@click.option(
+    "--holdout", type=int, default=DEFAULT_HOLDOUT, show_default=True, help="Held-out samples for the fidelity gate."
+)
+@click.option(
+    "--min-fidelity",
+    default=None,
+    help="Gate: '99%', '0.99' or 'top1=0.99,cosine=0.99' (default: 99% top-1 agreement / 0.99 cosine).",
+)
+@click.option("--auto-fallback", is_flag=True, help="Keep the fewest most sensitive layers in float to meet the gate.")
+@click.option("--exclude", multiple=True, help="Regex of node names to keep in float (repeatable).")
+@click.option("--exclude-op-type", multiple=True, help="Op type to keep in float (repeatable).")
+@click.option(
+    "--activation-type",
+    type=click.Choice(ACTIVATION_TYPES),
+    default="int8",
+    show_default=True,
+    help="int8: symmetric, for TensorRT. uint8: asymmetric, for ONNX Runtime CPU deployment.",
+)
+@click.option("--trt-version", default=DEFAULT_TRT_VERSION, show_default=True, help="Calibration cache header version.")
+@click.option("--out-dir", type=click.Path(path_type=Path), default=None, help="Output folder (default: the model's).")
+@click.option("--seed", type=int, default=0, show_default=True)
+@click.option("--batch-size", type=int, default=DEFAULT_BATCH_SIZE, show_default=True)
+@click.option("--threads", type=int, default=None, help="ONNX Runtime intra-op threads (default: all cores).")
+@click.option("--resize", type=int, default=None, help="Images: short side before cropping.")
+@click.option("--crop", type=int, default=None, help="Images: center-crop size (default: the model's input size).")
+@click.option("--mean", default=",".join(map(str, IMAGENET_MEAN)), show_default=True, help="Images: per-channel mean.")
+@click.option("--std", default=",".join(map(str, IMAGENET_STD)), show_default=True, help="Images: per-channel std.")
+@click.option("--scale", type=float, default=1 / 255, show_default=True, help="Images: pixel multiplier.")
+@click.option("--layout", type=click.Choice(LAYOUTS), default="NCHW", show_default=True, help="Images: layout.")
+@click.option("--json", "as_json", is_flag=True, help="Print a JSON summary on stdout.")
+def quantize_command(
+    model: Path,
+    data_path: Path,
+    method: str,
+    samples: int | None,
+    holdout: int,
+    min_fidelity: str | None,
+    auto_fallback: bool,
+    exclude: tuple[str, ...],
+    exclude_op_type: tuple[str, ...],
+    activation_type: str,
+    trt_version: str,
+    out_dir: Path | None,
+    seed: int,
+    batch_size: int,
+    threads: int | None,
+    resize: int | None,
+    crop: int | None,
+    mean: str,
+    std: str,
+    scale: float,
+    layout: str,
+    as_json: bool,
+) -> None:
+    """Quantize MODEL.onnx to INT8 Q/DQ with a held-out fidelity gate; writes the Q/DQ ONNX, the TensorRT
+    calibration cache, the ranges JSON and the fidelity report (nothing if the gate fails)."""
+    cache.header(trt_version)  # bad inputs fail before the data pass
+    threshold = parse_min_fidelity(min_fidelity)
+    preprocess = Preprocess(
+        resize=resize,
+        crop=crop,
+        mean=parse_floats(mean, "mean"),
+        std=parse_floats(std, "std"),
+        scale=scale,
+        layout=layout,
+    )
+    try:
+        result = quantize(
+            model,
+            data_path,
+            out_dir or model.parent,
+            method=method,
+            samples=samples,
+            holdout=holdout,
+            min_fidelity=threshold,
+            auto_fallback=auto_fallback,
+            exclude=exclude,
+            exclude_op_types=exclude_op_type,
+            trt_version=trt_version,
+            activation_type=activation_type,
+            preprocess=preprocess,
+            batch_size=batch_size,
+            threads=threads,
+            seed=seed,
+            show_progress=not as_json,
+        )
+    except FidelityGateError as exc:
+        console.err.print(exc.report.table())
+        if exc.fallback is not None:
+            console.err.print(exc.fallback.table())
+        raise
+    if as_json:
+        console.emit_json(result.to_json())
+        return
+    console.out.print(result.fidelity.table())
+    if result.fallback is not None:
+        console.out.print(result.fallback.table())
+    if result.plan.excluded:
+        console.out.print(_float_table(result))
+    console.out.print(
+        f"{len(result.plan.quantized_nodes)} layers INT8 ({activation_type}), {len(result.plan.excluded)} float; "
+        f"{result.calibration_samples} calibration / {result.holdout_samples} held-out samples, method {method}"
+    )
+    for label, path in (
+        ("onnx", result.onnx_path),
+        ("cache", result.cache_path),
+        ("ranges", result.ranges_path),
+        ("report", result.report_path),
+    ):
+        console.out.print(f"{label:7s}{path}")
+
+
+COMMANDS: list[click.Command] = [quantize_command]

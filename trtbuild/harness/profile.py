@@ -1,0 +1,347 @@
+"""`profile_models`: the Python API behind `trtbuild profile`. Validates every input before any work,
+then profiles each (model, batch) in turn and compares every ONNX candidate's accuracy to the baseline."""
+
+from __future__ import annotations
+
+import os
+import platform
+from collections.abc import Callable, Sequence
+from contextlib import nullcontext
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from trtbuild import console
+from trtbuild.errors import TrtbuildError
+from trtbuild.harness.accuracy import AccuracyResult, compare_onnx
+from trtbuild.harness.cuda_backend import BACKENDS
+from trtbuild.harness.inputs import accuracy_feeds, make_feed
+from trtbuild.harness.measure import measure
+from trtbuild.harness.memory_probe import probe_peak_rss
+from trtbuild.harness.report import CandidateResult, ProfileReport
+from trtbuild.harness.runner import Runner, TensorInfo
+from trtbuild.harness.torch_runner import TORCH_SUFFIXES
+from trtbuild.harness.trt_runner import ENGINE_SUFFIXES, require_tensorrt
+
+RUNTIMES = ("auto", "ort", "torch", "trt")
+DEVICES = ("cpu", "cuda")
+
+
+@dataclass(frozen=True)
+class Candidate:
+    path: Path
+    runtime: str  # ort | torch | trt
+
+    @property
+    def name(self) -> str:
+        return self.path.name
+
+
+def runtime_for(path: Path, runtime: str) -> str:
+    """The runtime for one file: ``auto`` picks by suffix; an explicit one must fit the file."""
+    suffix = path.suffix.lower()
+    by_suffix = (
+        "ort"
+        if suffix == ".onnx"
+        else "trt"
+        if suffix in ENGINE_SUFFIXES
+        else "torch"
+        if suffix in TORCH_SUFFIXES
+        else None
+    )
+    if by_suffix is None:
+        raise TrtbuildError(
+            f"cannot tell what {path.name} is from its suffix '{suffix}'",
+            f"profile .onnx, {'/'.join(ENGINE_SUFFIXES)} engines or {'/'.join(TORCH_SUFFIXES)} PyTorch files",
+        )
+    if runtime not in ("auto", by_suffix):
+        raise TrtbuildError(
+            f"--runtime {runtime} cannot run {path.name} (a {by_suffix} model)",
+            f"use --runtime {by_suffix} or --runtime auto",
+        )
+    return by_suffix
+
+
+def plan_candidates(paths: Sequence[str | Path], runtime: str = "auto") -> list[Candidate]:
+    if runtime not in RUNTIMES:
+        raise TrtbuildError(f"unknown runtime '{runtime}'", f"choose one of: {', '.join(RUNTIMES)}")
+    if not paths:
+        raise TrtbuildError("no model to profile", "pass one or more .onnx / .engine / .pt files")
+    out = []
+    for p in paths:
+        path = Path(p)
+        if not path.is_file():
+            raise TrtbuildError(f"model file {path} does not exist", "check the path")
+        out.append(Candidate(path, runtime_for(path, runtime)))
+    if len({c.name for c in out}) != len(out):
+        raise TrtbuildError(
+            "two models have the same file name", "rename one so the report rows are distinct"
+        )
+    return out
+
+
+def _make_runner(
+    cand: Candidate,
+    device: str,
+    threads: int | None,
+    cuda_backend: str,
+    cuda_graph: bool,
+    torch_inputs: list[TensorInfo] | None,
+) -> Runner:
+    if cand.runtime == "ort":
+        from trtbuild.harness.ort_runner import OrtRunner
+
+        return OrtRunner(cand.path, provider=device, threads=threads)
+    if cand.runtime == "torch":
+        from trtbuild.harness.torch_runner import TorchRunner
+
+        return TorchRunner(
+            cand.path,
+            torch_inputs or [],
+            device=device,
+            cuda_graph=cuda_graph,
+            threads=threads,
+            cuda_backend=cuda_backend,
+        )
+    from trtbuild.harness.trt_runner import TrtRunner
+
+    return TrtRunner(cand.path, cuda_backend=cuda_backend, cuda_graph=cuda_graph)
+
+
+def _environment(device: str) -> dict[str, Any]:
+    import numpy
+    import onnxruntime
+
+    env: dict[str, Any] = {
+        "host": platform.node(),
+        "cpu": platform.processor() or platform.machine(),
+        "cpu_count": os.cpu_count(),
+        "python": platform.python_version(),
+        "numpy": numpy.__version__,
+        "onnxruntime": onnxruntime.__version__,
+    }
+    try:
+        import torch
+
+        env["torch"] = torch.__version__
+        if device == "cuda" and torch.cuda.is_available():
+            env["gpu"] = torch.cuda.get_device_name(0)
+    except ImportError:
+        pass
+    return env
+
+
+def profile_models(
+    paths: Sequence[str | Path],
+    runtime: str = "auto",
+    batch: int | Sequence[int] = 1,
+    *,
+    iterations: int = 100,
+    warmup_s: float = 0.5,
+    duration_s: float = 0.0,
+    max_s: float | None = 120.0,
+    threads: int | None = None,
+    device: str = "cpu",
+    cuda_backend: str = "cuda-python",
+    cuda_graph: bool = False,
+    data: str | Path | None = None,
+    baseline: str | Path | None = None,
+    accuracy: bool = True,
+    accuracy_samples: int = 16,
+    torch_inputs: list[TensorInfo] | None = None,
+    seed: int = 0,
+    show_progress: bool = True,
+) -> ProfileReport:
+    """Profile every model at every batch size and compare each to ``baseline`` (default: the first).
+
+    ``runtime`` is ``auto`` (by suffix: .onnx -> ort, .engine/.plan -> trt, .pt/.pt2 -> torch) or forces one.
+    ``device`` is cpu or cuda for ort/torch (TensorRT always runs on CUDA). Accuracy (Polygraphy Comparator,
+    ONNX Runtime CPU on both sides) is computed for ONNX candidates against an ONNX baseline.
+    """
+    candidates = plan_candidates(paths, runtime)
+    batches = [batch] if isinstance(batch, int) else list(batch)
+    if not batches or any(b < 1 for b in batches):
+        raise TrtbuildError(f"batch sizes must be positive, got {batches}", "pass --batch 1 (or larger)")
+    if iterations < 1 or warmup_s < 0 or duration_s < 0:
+        raise TrtbuildError(
+            "iterations must be >= 1 and times >= 0", "fix --iterations / --warmup-s / --duration-s"
+        )
+    if device not in DEVICES:
+        raise TrtbuildError(f"unknown device '{device}'", "use cpu or cuda")
+    if cuda_backend not in BACKENDS:
+        raise TrtbuildError(f"unknown CUDA backend '{cuda_backend}'", f"choose one of: {', '.join(BACKENDS)}")
+    if any(c.runtime == "torch" for c in candidates) and not torch_inputs:
+        raise TrtbuildError(
+            "a PyTorch model needs its input shapes",
+            "give --input name:1x3x224x224 (the batch is replaced by --batch)",
+        )
+    if any(c.runtime == "trt" for c in candidates):
+        require_tensorrt(next(c.name for c in candidates if c.runtime == "trt"))
+    base_name = Path(baseline).name if baseline is not None else candidates[0].name
+    if base_name not in {c.name for c in candidates}:
+        raise TrtbuildError(
+            f"baseline {base_name} is not one of the profiled models",
+            "pass --baseline with one of the model paths",
+        )
+    if data is not None:
+        from trtbuild.harness.inputs import load_data
+
+        load_data(data)  # fail on a bad file now, not after profiling the first model
+
+    report = ProfileReport(
+        candidates=[],
+        baseline=base_name,
+        environment=_environment(device),
+        settings={
+            "runtime": runtime,
+            "batches": batches,
+            "iterations": iterations,
+            "warmup_s": warmup_s,
+            "duration_s": duration_s,
+            "threads": threads,
+            "device": device,
+            "cuda_backend": cuda_backend,
+            "cuda_graph": cuda_graph,
+            "data": str(data) if data else "photos for image inputs, else seeded random",
+            "seed": seed,
+            "accuracy_samples": accuracy_samples if accuracy else 0,
+        },
+    )
+    bar = console.progress() if show_progress else None
+    with bar if bar is not None else nullcontext():
+        for cand in candidates:
+            for b in batches:
+                report.candidates.append(
+                    _profile_one(
+                        cand,
+                        b,
+                        bar,
+                        device=device,
+                        threads=threads,
+                        cuda_backend=cuda_backend,
+                        cuda_graph=cuda_graph,
+                        torch_inputs=torch_inputs,
+                        data=data,
+                        seed=seed,
+                        iterations=iterations,
+                        warmup_s=warmup_s,
+                        duration_s=duration_s,
+                        max_s=max_s,
+                    )
+                )
+    if accuracy:
+        _add_accuracy(
+            report,
+            candidates,
+            base_name,
+            data,
+            accuracy_samples,
+            seed,
+            lambda c: _make_runner(
+                c, "cuda" if c.runtime == "trt" else device, threads, cuda_backend, False, torch_inputs
+            ),
+        )
+    return report
+
+
+def _profile_one(
+    cand: Candidate,
+    batch: int,
+    bar: Any,
+    *,
+    device: str,
+    threads: int | None,
+    cuda_backend: str,
+    cuda_graph: bool,
+    torch_inputs: list[TensorInfo] | None,
+    data: str | Path | None,
+    seed: int,
+    iterations: int,
+    warmup_s: float,
+    duration_s: float,
+    max_s: float | None,
+) -> CandidateResult:
+    runner = _make_runner(
+        cand, "cuda" if cand.runtime == "trt" else device, threads, cuda_backend, cuda_graph, torch_inputs
+    )
+    task = bar.add_task(f"{cand.name} b{batch}", total=iterations) if bar is not None else None
+    with runner:
+        feed = make_feed(runner.input_info(), batch, data, seed=seed)
+        m = measure(
+            runner,
+            feed,
+            batch=batch,
+            warmup_s=warmup_s,
+            iterations=iterations,
+            duration_s=duration_s,
+            max_s=None if max_s is None else max(max_s, duration_s + 1.0),
+            on_iteration=(lambda i: bar.update(task, completed=min(i, iterations))) if bar else None,
+        )
+    if runner.device == "cpu" and cand.runtime in ("ort", "torch"):
+        peak = probe_peak_rss(cand.runtime, cand.path, feed, threads)
+        if isinstance(peak, str):
+            m.warnings.append(f"{cand.name}: peak memory not measured ({peak})")
+        else:
+            m.peak_host_bytes = peak
+    for w in m.warnings:
+        console.warn(w)
+    return CandidateResult(
+        name=cand.name,
+        model=str(cand.path),
+        runtime=cand.runtime,
+        device=runner.device,
+        batch=batch,
+        size_bytes=_model_size(cand.path),
+        stats=m.stats(),
+        latencies_ms=m.latencies_ms().tolist(),
+        split=m.split_stats(),
+        peak_host_bytes=m.peak_host_bytes,
+        device_bytes=m.device_bytes,
+        warmup_iterations=m.warmup_iterations,
+        wall_s=m.wall_s,
+        warnings=m.warnings,
+    )
+
+
+def _model_size(path: Path) -> int:
+    """File size plus ONNX external-data files beside it (large models keep weights outside the .onnx)."""
+    size = path.stat().st_size
+    if path.suffix == ".onnx":
+        import onnx
+
+        try:
+            model = onnx.load(str(path), load_external_data=False)
+        except Exception:
+            return size
+        locations = {e.value for t in model.graph.initializer for e in t.external_data if e.key == "location"}
+        size += sum((path.parent / loc).stat().st_size for loc in locations if (path.parent / loc).is_file())
+    return size
+
+
+def _add_accuracy(
+    report: ProfileReport,
+    candidates: list[Candidate],
+    base_name: str,
+    data: str | Path | None,
+    samples: int,
+    seed: int,
+    make_runner: Callable[[Candidate], Runner],
+) -> None:
+    """Every candidate against the ONNX baseline on the same real samples. ONNX candidates run on ORT CPU
+    (Polygraphy's own runner); engines and PyTorch models run on their own runtime, wrapped for Polygraphy."""
+    base = next(c for c in candidates if c.name == base_name)
+    if base.runtime != "ort":
+        report.warnings.append(
+            "accuracy is compared against an ONNX baseline; the baseline is not ONNX, skipped"
+        )
+        return
+    from trtbuild.harness.ort_runner import OrtRunner
+
+    with OrtRunner(base.path) as ref:
+        feeds = accuracy_feeds(ref.input_info(), samples, data, seed=seed + 1)
+    results: dict[str, AccuracyResult] = {}
+    for cand in candidates:
+        target: Path | Runner = cand.path if cand.runtime == "ort" else make_runner(cand)
+        results[cand.name] = compare_onnx(base.path, target, feeds)
+    for row in report.candidates:
+        row.accuracy = results.get(row.name)

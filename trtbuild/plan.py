@@ -1,0 +1,449 @@
+"""BuildPlan: everything a TensorRT build will do, decided up front by a pure function and saved as JSON.
+
+``make_plan`` reads only the ONNX input specs (export sidecar, or the graph) and never touches
+TensorRT; the Python-API builder (``trt_backend``) and the trtexec renderer (``trtexec``) both render
+the same plan, so what the user reviews is what runs.
+
+Precision strategy per TensorRT version:
+- FP16/BF16 on 8.5-10.x: builder flags on the FP32 graph (weakly typed: TensorRT keeps layers that would
+  lose accuracy in FP32 itself). An FP16 graph, when given, is built strongly typed on 10.x.
+- INT8/FP8 from a Q/DQ graph (explicit): strongly typed on 10.x/11.x, as TensorRT's docs advise; with the
+  INT8 (+FP16) flags on 8.x and for DLA. INT8 from our calibration cache (implicit, 8.5-10.x only) goes
+  through the calibrator adapter in trt_backend.
+- 11.x: precision flags and calibrators are gone; every network is strongly typed, so the precision must
+  be in the graph: the FP16 graph (export/fp16.py) or a Q/DQ graph. A calibration cache cannot be used.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass, fields
+from pathlib import Path
+from typing import Any
+
+from export.inputs import InputSpec
+from trtbuild.atomic import write_text
+from trtbuild.errors import TrtbuildError
+from trtbuild.targets import Target, check_precision, get_target
+from trtbuild.trt_versions import TrtVersion, has, strongly_typed_only
+
+PLAN_FORMAT = 1
+HARDWARE_COMPAT = {"ampere_plus": "AMPERE_PLUS", "same_compute_capability": "SAME_COMPUTE_CAPABILITY"}
+_PRECISION_FLAG = {"fp16": "FP16", "bf16": "BF16", "int8": "INT8", "fp8": "FP8"}
+
+
+@dataclass(frozen=True)
+class BuildPlan:
+    model: str
+    source_onnx: str  # the FP32 model the user planned for
+    onnx: str  # the graph TensorRT parses: FP32, the FP16 graph, or a Q/DQ graph
+    onnx_kind: str  # "fp32" | "fp16" | "qdq"
+    target: str
+    gpu: str
+    compute_capability: str
+    trt_version: str
+    precision: str
+    strongly_typed: bool
+    builder_flags: tuple[str, ...]  # trt.BuilderFlag member names
+    calib_cache: str | None  # implicit INT8 (TensorRT <= 10.x) only
+    inputs: tuple[InputSpec, ...]  # one optimization profile: min/opt/max per input
+    workspace_mib: int
+    opt_level: int | None
+    hardware_compat: str | None  # trt.HardwareCompatibilityLevel member name
+    version_compatible: bool
+    sparsity: bool
+    dla_core: int | None
+    gpu_fallback: bool
+    timing_cache: str
+    engine: str
+    notes: tuple[str, ...] = ()
+    format: int = PLAN_FORMAT
+
+    @property
+    def version(self) -> TrtVersion:
+        return TrtVersion.parse(self.trt_version)
+
+    @property
+    def dynamic(self) -> bool:
+        return any(spec.min != spec.max for spec in self.inputs)
+
+    def to_json(self) -> dict[str, Any]:
+        data = asdict(self)
+        data["inputs"] = [spec.to_json() for spec in self.inputs]
+        data["builder_flags"] = list(self.builder_flags)
+        data["notes"] = list(self.notes)
+        return data
+
+    @classmethod
+    def from_json(cls, data: dict[str, Any]) -> BuildPlan:
+        known = {f.name for f in fields(cls)}
+        unknown = set(data) - known
+        if unknown or data.get("format") != PLAN_FORMAT:
+            raise TrtbuildError(
+                f"not a trtbuild build plan (format {data.get('format')!r}, unknown keys {sorted(unknown)})",
+                "re-create it with `trtbuild plan`",
+            )
+        values = dict(data)
+        values["inputs"] = tuple(InputSpec.from_json(s) for s in data["inputs"])
+        values["builder_flags"] = tuple(data["builder_flags"])
+        values["notes"] = tuple(data.get("notes", ()))
+        return cls(**values)
+
+    def save(self, path: str | os.PathLike[str]) -> Path:
+        return write_text(path, json.dumps(self.to_json(), indent=2) + "\n")
+
+    @classmethod
+    def load(cls, path: str | os.PathLike[str]) -> BuildPlan:
+        try:
+            data = json.loads(Path(path).read_text(encoding="utf-8"))
+        except (OSError, ValueError) as exc:
+            raise TrtbuildError(
+                f"cannot read build plan '{path}' ({exc})", "re-create it with `trtbuild plan`"
+            ) from exc
+        if not isinstance(data, dict):
+            raise TrtbuildError(f"'{path}' is not a build plan", "re-create it with `trtbuild plan`")
+        try:
+            return cls.from_json(data)
+        except (KeyError, TypeError, ValueError) as exc:
+            raise TrtbuildError(
+                f"build plan '{path}' is malformed ({exc})", "re-create it with `trtbuild plan`"
+            ) from exc
+
+
+def plan_stem(plan_or_target: BuildPlan | str, precision: str = "", trt_version: str = "") -> str:
+    """`h100-int8-trt10.13`: names the plan, its trtexec script and its engine."""
+    if isinstance(plan_or_target, BuildPlan):
+        p = plan_or_target
+        return f"{p.target}-{p.precision}-trt{p.version.short}"
+    return f"{plan_or_target}-{precision}-trt{TrtVersion.parse(trt_version).short}"
+
+
+def model_dir(onnx_path: str | os.PathLike[str], out_root: str | os.PathLike[str] = "engines") -> Path:
+    """`engines/<model>/`; an ONNX already inside such a folder keeps it."""
+    onnx_path = Path(onnx_path)
+    stem = model_name(onnx_path)
+    if onnx_path.parent.name == stem:
+        return onnx_path.parent
+    return Path(out_root) / stem
+
+
+def model_name(onnx_path: str | os.PathLike[str]) -> str:
+    return Path(onnx_path).name.split(".")[0]
+
+
+def make_plan(
+    onnx_path: str | os.PathLike[str],
+    target: str | Target,
+    precision: str,
+    *,
+    trt_version: str | None = None,
+    shapes: Sequence[InputSpec] | None = None,
+    workspace_mib: int | None = None,
+    opt_level: int | None = None,
+    timing_cache: str | os.PathLike[str] | None = None,
+    hardware_compat: str | None = None,
+    version_compat: bool = False,
+    sparsity: bool = False,
+    dla_core: int | None = None,
+    gpu_fallback: bool = True,
+    calib_cache: str | os.PathLike[str] | None = None,
+    qdq_onnx: str | os.PathLike[str] | None = None,
+    fp16_onnx: str | os.PathLike[str] | None = None,
+    engine_path: str | os.PathLike[str] | None = None,
+    out_root: str | os.PathLike[str] = "engines",
+) -> BuildPlan:
+    """Decide the whole build. Raises TrtbuildError with a one-line reason for any invalid combination."""
+    tgt = target if isinstance(target, Target) else get_target(target)
+    prec = check_precision(precision)
+    version = tgt.resolve_trt(trt_version)
+    notes: list[str] = []
+
+    _check_precision_supported(tgt, prec, version)
+    onnx, kind, strongly_typed, flags, cache = _choose_graph_and_flags(
+        tgt, prec, version, onnx_path, calib_cache, qdq_onnx, fp16_onnx, dla_core is not None, notes
+    )
+    flags += _dla_flags(tgt, prec, version, dla_core, gpu_fallback, notes)
+    hw = _hardware_compat(tgt, version, hardware_compat, dla_core)
+    if version_compat:
+        if not has("version_compatible", version):
+            raise TrtbuildError(
+                f"version-compatible engines need TensorRT 8.6+, not {version}", "drop --version-compat"
+            )
+        flags.append("VERSION_COMPATIBLE")
+    if sparsity:
+        if not tgt.supports_sparsity:
+            raise TrtbuildError(
+                f"{tgt.name} ({tgt.sm_text}) has no structured-sparsity support (needs sm80+)",
+                "drop --sparsity",
+            )
+        flags.append("SPARSE_WEIGHTS")
+    level = _opt_level(tgt, version, opt_level)
+    workspace = tgt.workspace_mib if workspace_mib is None else workspace_mib
+    if workspace <= 0:
+        raise TrtbuildError(
+            f"workspace must be positive, got {workspace} MiB", "pass --workspace in MiB, e.g. 4096"
+        )
+
+    inputs = _input_specs(onnx_path, shapes)
+    base = model_dir(onnx_path, out_root)
+    stem = plan_stem(tgt.id, prec, str(version))
+    return BuildPlan(
+        model=model_name(onnx_path),
+        source_onnx=str(onnx_path),
+        onnx=str(onnx),
+        onnx_kind=kind,
+        target=tgt.id,
+        gpu=tgt.name,
+        compute_capability=tgt.compute_capability,
+        trt_version=str(version),
+        precision=prec,
+        strongly_typed=strongly_typed,
+        builder_flags=tuple(flags),
+        calib_cache=cache,
+        inputs=tuple(inputs),
+        workspace_mib=workspace,
+        opt_level=level,
+        hardware_compat=hw,
+        version_compatible=version_compat,
+        sparsity=sparsity,
+        dla_core=dla_core,
+        gpu_fallback=dla_core is not None and gpu_fallback,
+        timing_cache=str(timing_cache or base / "timing" / f"{tgt.id}-trt{version.short}.cache"),
+        engine=str(engine_path or base / f"{stem}.engine"),
+        notes=tuple(notes),
+    )
+
+
+def _check_precision_supported(tgt: Target, prec: str, version: TrtVersion) -> None:
+    if prec not in tgt.precisions:
+        why = (
+            "BF16 needs sm80+ (Ampere or newer)"
+            if prec == "bf16"
+            else "FP8 needs sm89+ (Ada, Hopper or newer)"
+        )
+        raise TrtbuildError(
+            f"{tgt.name} ({tgt.sm_text}) cannot run {prec.upper()}: {why}",
+            f"pick one of {', '.join(tgt.precisions)}",
+        )
+    if prec == "bf16" and not has("bf16", version):
+        raise TrtbuildError(
+            f"BF16 needs TensorRT 9.0+, the plan is for {version}", "use fp16 or a newer TensorRT"
+        )
+    if prec == "fp8" and not has("fp8", version):
+        raise TrtbuildError(
+            f"FP8 needs TensorRT 10.0+, the plan is for {version}", "use int8 or a newer TensorRT"
+        )
+
+
+def _choose_graph_and_flags(
+    tgt: Target,
+    prec: str,
+    version: TrtVersion,
+    onnx_path: str | os.PathLike[str],
+    calib_cache: str | os.PathLike[str] | None,
+    qdq_onnx: str | os.PathLike[str] | None,
+    fp16_onnx: str | os.PathLike[str] | None,
+    dla: bool,
+    notes: list[str],
+) -> tuple[str, str, bool, list[str], str | None]:
+    """(graph to parse, its kind, strongly typed?, precision builder flags, calibration cache)."""
+    typed_only = strongly_typed_only(version)
+    # A graph that carries its precision (FP16 graph, Q/DQ) is built strongly typed from 10.0 on, as
+    # TensorRT's docs advise ("precision-control build flags are not required and should not be
+    # specified"); 8.x needs the flags, and DLA layers are placed by the FP16/INT8 flags, so DLA plans on
+    # 10.x stay weakly typed.
+    typed_graph = typed_only or (version.major >= 10 and has("strongly_typed", version) and not dla)
+    for label, given in (("calibration cache", calib_cache), ("Q/DQ ONNX", qdq_onnx)):
+        if given is not None and not Path(given).is_file():
+            raise TrtbuildError(f"{label} '{given}' does not exist", "check the path")
+    if calib_cache is not None and prec != "int8":
+        raise TrtbuildError(f"a calibration cache only applies to int8, not {prec}", "drop --calib-cache")
+    if qdq_onnx is not None and prec not in ("int8", "fp8"):
+        raise TrtbuildError(f"a Q/DQ graph only applies to int8/fp8, not {prec}", "drop --qdq-onnx")
+    if fp16_onnx is not None and prec != "fp16":
+        raise TrtbuildError(f"an FP16 graph only applies to fp16, not {prec}", "drop --fp16-onnx")
+
+    if prec == "fp32":
+        notes.append(
+            "FP32 graph; TF32 stays allowed for matmul/conv (TensorRT default on sm80+)"
+            if tgt.sm >= (8, 0)
+            else "FP32 graph"
+        )
+        return str(onnx_path), "fp32", typed_only, [], None
+
+    if prec == "fp16":
+        if fp16_onnx is not None:
+            typed = typed_graph
+            notes.append(
+                "FP16 graph (sensitive ops and I/O kept FP32), "
+                + ("strongly typed" if typed else "FP16 flag so TensorRT keeps the graph's FP16 tensors")
+            )
+            return str(fp16_onnx), "fp16", typed, [] if typed else ["FP16"], None
+        if typed_only:
+            raise TrtbuildError(
+                f"TensorRT {version} is strongly typed only, so FP16 needs an FP16 graph",
+                "pass --fp16-onnx, or let `trtbuild plan` convert it (export.fp16.convert_fp16)",
+            )
+        notes.append(
+            "FP32 graph + FP16 builder flag: TensorRT picks FP16 per layer, keeps FP32 where faster/needed"
+        )
+        return str(onnx_path), "fp32", False, ["FP16"], None
+
+    if prec == "bf16":
+        if typed_only:
+            # No maintained BF16 graph converter exists, and ORT CPU cannot run BF16 for most ops, so a BF16
+            # graph could not be verified here; on 11.x we refuse rather than ship an unchecked graph.
+            raise TrtbuildError(
+                f"BF16 on TensorRT {version} needs a BF16-typed graph, which trtbuild does not"
+                " write (unverifiable on ORT CPU)",
+                "use fp16 on TensorRT 11, or bf16 with TensorRT 10.x (builder flag)",
+            )
+        notes.append("FP32 graph + BF16 builder flag")
+        return str(onnx_path), "fp32", False, ["BF16"], None
+
+    # int8 / fp8
+    if qdq_onnx is not None and calib_cache is not None:
+        raise TrtbuildError(
+            "both a Q/DQ graph and a calibration cache were given",
+            "give --qdq-onnx (explicit, preferred) or --calib-cache (implicit), not both",
+        )
+    if qdq_onnx is not None:
+        if typed_graph:
+            notes.append(
+                "Q/DQ graph, strongly typed: quantized layers from the Q/DQ nodes, the rest in the graph's"
+                " float type"
+            )
+            return str(qdq_onnx), "qdq", True, [], None
+        # TensorRT 8.x (or DLA): the INT8 flag enables Q/DQ processing; FP16 lets unquantized layers use FP16.
+        flag = _PRECISION_FLAG[prec]
+        notes.append(
+            f"Q/DQ graph (explicit {prec.upper()}) + {flag}/FP16 flags: unquantized layers may use FP16"
+        )
+        return str(qdq_onnx), "qdq", False, [flag, "FP16"], None
+    if prec == "fp8":
+        raise TrtbuildError("FP8 needs an FP8 Q/DQ graph", "pass --qdq-onnx with an FP8-quantized ONNX")
+    if calib_cache is not None:
+        if typed_only:
+            raise TrtbuildError(
+                f"TensorRT {version} removed calibrators, so an INT8 calibration cache cannot be used",
+                "pass --qdq-onnx with the Q/DQ graph from `trtbuild quantize`",
+            )
+        if version.major == 10:
+            notes.append("implicit INT8 from the calibration cache (calibrators are deprecated since 10.1)")
+        else:
+            notes.append("implicit INT8 from the calibration cache")
+        return str(onnx_path), "fp32", False, ["INT8", "FP16"], str(calib_cache)
+    raise TrtbuildError(
+        "INT8 needs a Q/DQ graph or a calibration cache",
+        "pass --qdq-onnx (from `trtbuild quantize`)" + ("" if typed_only else " or --calib-cache"),
+    )
+
+
+def _dla_flags(
+    tgt: Target, prec: str, version: TrtVersion, dla_core: int | None, gpu_fallback: bool, notes: list[str]
+) -> list[str]:
+    if dla_core is None:
+        return []
+    if tgt.dla_cores == 0:
+        raise TrtbuildError(
+            f"{tgt.name} has no DLA", "drop --dla-core (DLA exists on Jetson Xavier and Orin)"
+        )
+    if not 0 <= dla_core < tgt.dla_cores:
+        raise TrtbuildError(
+            f"{tgt.name} has DLA cores 0..{tgt.dla_cores - 1}, not {dla_core}",
+            f"use --dla-core 0..{tgt.dla_cores - 1}",
+        )
+    if prec not in ("fp16", "int8"):
+        raise TrtbuildError(f"DLA runs only FP16 or INT8, not {prec.upper()}", "use --precision fp16 or int8")
+    notes.append(
+        f"layers on DLA core {dla_core}"
+        + (
+            ", unsupported ones fall back to the GPU"
+            if gpu_fallback
+            else ", no GPU fallback (build fails on unsupported layers)"
+        )
+    )
+    return ["GPU_FALLBACK"] if gpu_fallback else []
+
+
+def _hardware_compat(tgt: Target, version: TrtVersion, mode: str | None, dla_core: int | None) -> str | None:
+    if mode is None or mode == "none":
+        return None
+    if mode not in HARDWARE_COMPAT:
+        raise TrtbuildError(
+            f"unknown hardware compatibility '{mode}'", f"use one of none, {', '.join(HARDWARE_COMPAT)}"
+        )
+    if tgt.kind != "datacenter":
+        raise TrtbuildError(
+            f"hardware-compatible engines are not supported on {tgt.name} (Jetson)", "drop --hardware-compat"
+        )
+    if dla_core is not None:
+        raise TrtbuildError(
+            "hardware-compatible engines cannot use DLA", "drop --hardware-compat or --dla-core"
+        )
+    if mode == "ampere_plus":
+        if not has("hardware_compat_ampere_plus", version):
+            raise TrtbuildError(
+                f"hardware compatibility needs TensorRT 8.6+, not {version}", "drop --hardware-compat"
+            )
+        if tgt.sm < (8, 0):
+            raise TrtbuildError(
+                f"ampere_plus engines need an sm80+ GPU, {tgt.name} is {tgt.sm_text}",
+                "drop --hardware-compat",
+            )
+    if mode == "same_compute_capability" and not has("hardware_compat_same_compute_capability", version):
+        raise TrtbuildError(
+            f"same_compute_capability needs TensorRT 10.9+, not {version}",
+            "use ampere_plus or a newer TensorRT",
+        )
+    return HARDWARE_COMPAT[mode]
+
+
+def _opt_level(tgt: Target, version: TrtVersion, opt_level: int | None) -> int | None:
+    if not has("builder_optimization_level", version):
+        if opt_level is not None:
+            raise TrtbuildError(
+                f"builder optimization level needs TensorRT 8.6+, the plan is for {version}",
+                "drop --opt-level",
+            )
+        return None
+    level = tgt.opt_level if opt_level is None else opt_level
+    if not 0 <= level <= 5:
+        raise TrtbuildError(f"builder optimization level must be 0..5, got {level}", "use --opt-level 0..5")
+    return level
+
+
+def _input_specs(onnx_path: str | os.PathLike[str], shapes: Sequence[InputSpec] | None) -> list[InputSpec]:
+    """Explicit shapes win; else the export sidecar; else the graph (static third-party ONNX)."""
+    from export.meta import graph_inputs, model_input_specs
+
+    if not Path(onnx_path).is_file():
+        raise TrtbuildError(f"ONNX file '{onnx_path}' does not exist", "check the path")
+    specs = list(shapes) if shapes is not None else model_input_specs(onnx_path)
+    import onnx
+
+    graph = {v.name: v for v in graph_inputs(onnx.load(str(onnx_path), load_external_data=False))}
+    names = [s.name for s in specs]
+    if sorted(names) != sorted(graph):
+        raise TrtbuildError(
+            f"shapes name inputs {names} but the model's inputs are {list(graph)}",
+            "give one --shape per model input",
+        )
+    for spec in specs:
+        dims = [
+            d.dim_value if d.HasField("dim_value") else None
+            for d in graph[spec.name].type.tensor_type.shape.dim
+        ]
+        fixed_ok = all(
+            d is None or lo == hi == d for d, lo, hi in zip(dims, spec.min, spec.max, strict=False)
+        )
+        if len(dims) != len(spec.opt_shape) or not fixed_ok:
+            shown = "x".join("?" if d is None else str(d) for d in dims)
+            raise TrtbuildError(
+                f"shape of input '{spec.name}' does not fit the model's {shown} (rank or fixed dims)",
+                "give shapes that match the model's input",
+            )
+    # Normalise so the plan carries explicit min/opt/max (and JSON round-trips to an equal object).
+    return [InputSpec(s.name, s.opt_shape, s.dtype, s.min, s.max) for s in specs]
