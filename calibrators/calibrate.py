@@ -13,14 +13,34 @@ from typing import Any
 
 import onnx
 
-from calibrators.collect import DEFAULT_BATCH_SIZE, Collection, collect
+from calibrators.collect import DEFAULT_BATCH_SIZE, Collection, collect, load_model
+from calibrators.data import CalibrationData, model_inputs, open_data
 from calibrators.methods import DEFAULT_PERCENTILE, METHODS, amax_for
 from calibrators.preprocess import Preprocess
 from calibrators.ranges import RangeSet, TensorRange
 from trtbuild import console
 from trtbuild.errors import TrtbuildError
 
-__all__ = ["METHODS", "Collection", "calibrate", "collect", "compute_ranges"]
+__all__ = [
+    "METHODS",
+    "CalibrationData",
+    "Collection",
+    "calibrate",
+    "calibration_data",
+    "collect",
+    "compute_ranges",
+]
+
+
+def calibration_data(
+    model: str | Path | onnx.ModelProto, data: Any, preprocess: Preprocess | None = None
+) -> CalibrationData:
+    """Open ``data`` for ``model`` without reading it; then ``.sample(n, seed)`` or ``.split(holdout=n)``.
+
+    ``calib, held_out = calibration_data(m, "photos/").split(holdout=64)`` gives disjoint parts: calibrate on
+    ``calib`` (pass it as ``data``), judge fidelity on ``held_out.batches(8)`` / ``held_out.samples()``.
+    """
+    return open_data(data, model_inputs(load_model(model)), preprocess)
 
 
 def compute_ranges(

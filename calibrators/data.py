@@ -7,6 +7,7 @@ seeded subset, ``split`` carves disjoint calibration and held-out parts.
 
 from __future__ import annotations
 
+import dataclasses
 import zipfile
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
@@ -151,7 +152,7 @@ class ArrayFiles(IndexedSource):
         names = [i.name for i in self.inputs]
         for path in files:
             try:
-                if path.suffix == ".npy":
+                if path.suffix.lower() == ".npy":
                     if len(self.inputs) != 1:
                         raise TrtbuildError(
                             f"{path} is a .npy file but the model has {len(names)} inputs "
@@ -184,7 +185,7 @@ class ArrayFiles(IndexedSource):
 
     def _arrays(self, path: Path) -> Mapping[str, np.ndarray]:
         if self._cached is None or self._cached[0] != path:  # one file at a time: indices come in order
-            if path.suffix == ".npy":
+            if path.suffix.lower() == ".npy":
                 self._cached = (path, {self.inputs[0].name: np.load(path, mmap_mode="r")})
             else:
                 with np.load(path) as archive:
@@ -488,19 +489,6 @@ def _path_source(path: Path, inputs: Sequence[ModelInput], preprocess: Preproces
             "pass .npz files with one array per input name",
         )
     spec = (preprocess or Preprocess()).for_input_shape(inputs[0].shape)
-    if np.dtype(spec.dtype) != inputs[0].dtype:
-        spec = (
-            Preprocess(
-                spec.resize,
-                spec.crop,
-                spec.mean,
-                spec.std,
-                spec.scale,
-                spec.layout,
-                str(inputs[0].dtype),
-                spec.channels,
-            )
-            if preprocess is None
-            else spec
-        )
+    if preprocess is None and np.dtype(spec.dtype) != inputs[0].dtype:  # defaults follow the model's dtype
+        spec = dataclasses.replace(spec, dtype=str(inputs[0].dtype))
     return ImageFolder(images, inputs[0].name, spec, path)

@@ -163,6 +163,20 @@ def activation_tensor_names(model: onnx.ModelProto) -> set[str]:
     return names
 
 
+def qualcomm_activation_tensors(model: onnx.ModelProto | str | Path) -> list[str]:
+    """The float tensors a Qualcomm handoff encodes, in graph order: pass them to ``calibrate(...,
+    tensors=...)`` (its default measures only TensorRT's Q/DQ inputs; HTP quantizes every activation)."""
+    proto = model if isinstance(model, onnx.ModelProto) else onnx.load(str(model), load_external_data=False)
+    inferred = onnx.shape_inference.infer_shapes(proto)
+    types = {
+        v.name: v.type.tensor_type.elem_type
+        for v in [*inferred.graph.input, *inferred.graph.value_info, *inferred.graph.output]
+    }
+    wanted = activation_tensor_names(proto)
+    ordered = [i.name for i in proto.graph.input] + [o for n in proto.graph.node for o in n.output]
+    return [t for t in ordered if t in wanted and types.get(t) == onnx.TensorProto.FLOAT]
+
+
 def build_encodings(
     model: onnx.ModelProto, ranges: RangeSet, activation_symmetric: bool = False
 ) -> EncodingSet:
@@ -392,9 +406,10 @@ def simulate(model: onnx.ModelProto, encodings: EncodingSet) -> onnx.ModelProto:
     """A Q/DQ ONNX that computes what ``encodings`` mean on ``model`` (fake quantization in ORT).
 
     Each encoded tensor is followed by QuantizeLinear -> DequantizeLinear and its consumers read the
-    dequantized copy: activations per tensor (uint8, zero point = -offset; symmetric int8 as zero point 0),
-    weights per channel (int8, zero point 0, on the encoding's axis). Used to measure fidelity before the
-    Qualcomm tools ever see the model, and as the reference an independent consumer must match.
+    dequantized copy; an encoded graph output is returned dequantized, as the device returns it.
+    Activations are per tensor (uint8, zero point = -offset; symmetric int8 as zero point 0), weights per
+    channel (int8, zero point 0, on the encoding's axis). Used to measure fidelity before the Qualcomm
+    tools ever see the model, and as the reference an independent consumer must match.
     """
     out = onnx.ModelProto()
     out.CopyFrom(model)
@@ -402,6 +417,7 @@ def simulate(model: onnx.ModelProto, encodings: EncodingSet) -> onnx.ModelProto:
     new_nodes: list[onnx.NodeProto] = []
     inits: list[onnx.TensorProto] = []
     renamed: dict[str, str] = {}
+    graph_outputs = {o.name for o in graph.output}
     for name, e in [*encodings.activations.items(), *encodings.params.items()]:
         scale: np.ndarray = np.asarray(e.scale, np.float32)
         # symmetric int8 (offset -128 on unsigned q) is int8 with zero point 0
@@ -413,12 +429,18 @@ def simulate(model: onnx.ModelProto, encodings: EncodingSet) -> onnx.ModelProto:
         s_name, z_name, q_name, dq_name = (f"{name}__{k}" for k in ("scale", "zp", "q", "dq"))
         inits += [numpy_helper.from_array(scale, s_name), numpy_helper.from_array(zp, z_name)]
         axis: dict[str, Any] = {"axis": e.axis} if e.per_channel else {}
-        q = onnx.helper.make_node("QuantizeLinear", [name, s_name, z_name], [q_name], name=q_name, **axis)
+        source = name
+        if name in graph_outputs:  # the device returns the quantized output: DQ takes over the output's name
+            source, dq_name = f"{name}__float", name
+            for node in graph.node:
+                node.output[:] = [source if o == name else o for o in node.output]
+        q = onnx.helper.make_node("QuantizeLinear", [source, s_name, z_name], [q_name], name=q_name, **axis)
         dq = onnx.helper.make_node(
             "DequantizeLinear", [q_name, s_name, z_name], [dq_name], name=dq_name, **axis
         )
         new_nodes += [q, dq]
-        renamed[name] = dq_name
+        if dq_name != name:
+            renamed[name] = dq_name
     for node in graph.node:
         for i, tensor in enumerate(node.input):
             if tensor in renamed:

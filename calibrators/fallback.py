@@ -4,7 +4,8 @@
    adds between its input and its output. "drop_one" (one run per layer): keep only that layer in float and
    measure how much the fidelity error (KL for classifiers, 1 - cosine otherwise) drops.
 2. Greedy by sensitivity with verification: keep the top-k most sensitive layers in float, for the smallest
-   k that passes on the full held-out split (doubling k, then bisecting), each candidate verified by a real run.
+   k that passes on the full held-out split (doubling k, then bisecting), each candidate verified
+   by a real run.
 """
 
 from __future__ import annotations
@@ -88,12 +89,17 @@ class _Planner:
     """Re-plans with extra layers kept float, so Q/DQ that only fed those layers (Pad/Concat chains,
     residual skips) disappears with them."""
 
-    def __init__(self, model: onnx.ModelProto, ranges: Mapping[str, TensorRange], options: QdqOptions) -> None:
+    def __init__(
+        self, model: onnx.ModelProto, ranges: Mapping[str, TensorRange], options: QdqOptions
+    ) -> None:
         self.cache = GraphCache(model)
+        self.classifiers = fidelity.classifier_outputs(model)
         self.ranges, self.options = ranges, options
 
     def plan(self, float_layers: Sequence[str] = ()) -> QdqPlan:
-        options = replace(self.options, exclude_nodes=(*self.options.exclude_nodes, *(re.escape(n) for n in float_layers)))
+        options = replace(
+            self.options, exclude_nodes=(*self.options.exclude_nodes, *(re.escape(n) for n in float_layers))
+        )
         plan = plan_qdq(self.cache, self.ranges, options)
         chosen = set(float_layers)
         plan.excluded = [
@@ -112,7 +118,7 @@ def _error(
 ) -> FidelityReport:
     qmodel = apply_qdq(planner.cache, plan, check=False)
     sess = fidelity.session(qmodel, optimize=exact_kernels)
-    return fidelity.compare(reference, fidelity.run_batches(sess, batches), threshold)
+    return fidelity.compare(reference, fidelity.run_batches(sess, batches), threshold, planner.classifiers)
 
 
 def _slice_reference(reference: dict[str, np.ndarray], n: int) -> dict[str, np.ndarray]:
@@ -128,13 +134,15 @@ def layer_sensitivity(
     threshold: FidelityThreshold,
     on_layer: Callable[[str], None] | None = None,
 ) -> tuple[float, list[LayerSensitivity]]:
-    """Baseline error and, per quantized layer, the error with only that layer in float (most sensitive first)."""
+    """Baseline error and, per quantized layer, the error with only it in float (most sensitive first)."""
     planner = _Planner(model, ranges, options)
     plan = planner.plan()
     baseline = _error(planner, plan, batches, reference, threshold, exact_kernels=False).score()
     result = []
     for node in plan.quantized_nodes:
-        err = _error(planner, planner.plan([node]), batches, reference, threshold, exact_kernels=False).score()
+        err = _error(
+            planner, planner.plan([node]), batches, reference, threshold, exact_kernels=False
+        ).score()
         result.append(LayerSensitivity(node, plan.node_types.get(node, ""), err, baseline - err))
         if on_layer:
             on_layer(node)
@@ -148,21 +156,25 @@ def _with_outputs(model: onnx.ModelProto, names: Sequence[str]) -> onnx.ModelPro
     present = {o.name for o in extended.graph.output}
     for name in names:
         if name not in present:
-            extended.graph.output.append(onnx.helper.make_tensor_value_info(name, onnx.TensorProto.FLOAT, None))
+            extended.graph.output.append(
+                onnx.helper.make_tensor_value_info(name, onnx.TensorProto.FLOAT, None)
+            )
             present.add(name)
     return extended
 
 
-def local_sensitivity(
-    planner: _Planner, plan: QdqPlan, batches: Sequence[Feeds]
-) -> list[LayerSensitivity]:
+def local_sensitivity(planner: _Planner, plan: QdqPlan, batches: Sequence[Feeds]) -> list[LayerSensitivity]:
     """One pass: the relative noise each layer adds, |int8 - fp32|^2 / |fp32|^2 at its output minus at its
     (float) input, with FP32 and INT8 run side by side. Cheap (two runs) and ranks the layers whose own
     quantization hurts most; the greedy search verifies every choice with real runs."""
     cache = planner.cache
     by_name = {n.name: n for n in cache.model.graph.node}
     inputs = {
-        n: [t for t in by_name[n].input if t in plan.activations or any(c[0] == n for c in plan.activations.get(t, ()))]
+        n: [
+            t
+            for t in by_name[n].input
+            if t in plan.activations and any(c[0] == n for c in plan.activations[t].consumers)
+        ]
         for n in plan.quantized_nodes
     }
     watched = sorted({t for n in plan.quantized_nodes for t in (*inputs[n], by_name[n].output[0])})
@@ -240,7 +252,9 @@ def auto_fallback(
                 lo = mid
         k = hi
     final_plan = planner.plan(order[:k])
-    return FallbackResult(order[:k], sens, baseline, verify(k), final_plan, apply_qdq(model, final_plan), trials)
+    return FallbackResult(
+        order[:k], sens, baseline, verify(k), final_plan, apply_qdq(model, final_plan), trials
+    )
 
 
 def _first_samples(batches: Sequence[Feeds], n: int) -> tuple[list[dict[str, np.ndarray]], int]:

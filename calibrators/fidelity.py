@@ -48,7 +48,8 @@ def parse_min_fidelity(text: str | float | None) -> FidelityThreshold:
         unknown = set(parts) - {"top1", "cosine"}
         if unknown:
             raise TrtbuildError(
-                f"--min-fidelity has unknown metric(s) {sorted(unknown)}", "use top1=<x>,cosine=<y> or one number"
+                f"--min-fidelity has unknown metric(s) {sorted(unknown)}",
+                "use top1=<x>,cosine=<y> or one number",
             )
         return FidelityThreshold(
             top1=_fraction(parts.get("top1", str(DEFAULT_THRESHOLD.top1))),
@@ -85,7 +86,7 @@ class OutputFidelity:
         return self.cosine >= threshold.cosine
 
     def score(self) -> float:
-        """Continuous error for ranking configurations (lower is better): KL for classifiers, else 1 - cosine."""
+        """Continuous error for ranking (lower is better): KL for classifiers, else 1 - cosine."""
         return float(self.kl) if self.kl is not None else 1.0 - self.cosine
 
 
@@ -105,7 +106,9 @@ class FidelityReport:
     def summary(self) -> str:
         parts = []
         for o in self.outputs:
-            metric = f"top-1 {o.top1_agreement:.2%}" if o.top1_agreement is not None else f"cosine {o.cosine:.4f}"
+            metric = (
+                f"top-1 {o.top1_agreement:.2%}" if o.top1_agreement is not None else f"cosine {o.cosine:.4f}"
+            )
             parts.append(f"{o.name}: {metric}")
         return "; ".join(parts)
 
@@ -148,7 +151,29 @@ def is_classifier_output(array: np.ndarray) -> bool:
     return array.ndim == 2 and array.shape[1] > 1
 
 
-def compare_output(name: str, ref: np.ndarray, test: np.ndarray) -> OutputFidelity:
+_HEAD_OPS = {"Gemm", "MatMul", "Softmax", "LogSoftmax"}
+_SKIP_OPS = {"Identity", "Reshape", "Flatten", "Squeeze", "Add"}
+
+
+def classifier_outputs(model: onnx.ModelProto) -> set[str]:
+    """Outputs that a classifier head produces (Gemm/MatMul/Softmax, maybe through a bias Add or reshape).
+    A 2-D output from anything else (pooling, normalisation: a sentence embedding) is judged by cosine."""
+    producer = {o: n for n in model.graph.node for o in n.output}
+    found = set()
+    for out in model.graph.output:
+        node = producer.get(out.name)
+        for _ in range(4):
+            if node is None or node.op_type not in _SKIP_OPS:
+                break
+            node = producer.get(node.input[0])
+        if node is not None and node.op_type in _HEAD_OPS:
+            found.add(out.name)
+    return found
+
+
+def compare_output(
+    name: str, ref: np.ndarray, test: np.ndarray, classifier: bool | None = None
+) -> OutputFidelity:
     if ref.shape != test.shape:
         raise TrtbuildError(f"output '{name}' has shape {test.shape} in INT8 but {ref.shape} in FP32")
     r = ref.reshape(ref.shape[0], -1).astype(np.float64) if ref.ndim else ref.reshape(1, 1).astype(np.float64)
@@ -156,12 +181,16 @@ def compare_output(name: str, ref: np.ndarray, test: np.ndarray) -> OutputFideli
     norms = np.linalg.norm(r, axis=1) * np.linalg.norm(t, axis=1)
     dots = (r * t).sum(axis=1)
     # Two all-zero vectors agree perfectly; one all-zero vector does not.
-    cos = np.where(norms > 0, dots / np.where(norms > 0, norms, 1.0), np.where(np.abs(r).sum(1) + np.abs(t).sum(1) == 0, 1.0, 0.0))
+    cos = np.where(
+        norms > 0,
+        dots / np.where(norms > 0, norms, 1.0),
+        np.where(np.abs(r).sum(1) + np.abs(t).sum(1) == 0, 1.0, 0.0),
+    )
     noise = float(((r - t) ** 2).sum())
     signal = float((r**2).sum())
     sqnr = math.inf if noise == 0 else (10 * math.log10(signal / noise) if signal > 0 else -math.inf)
     top1 = kl = None
-    if is_classifier_output(ref):
+    if is_classifier_output(ref) and classifier is not False:
         top1 = float((ref.argmax(1) == test.argmax(1)).mean())
         p, q = _softmax(r), _softmax(t)
         kl = float(np.mean(np.sum(p * (np.log(p + 1e-12) - np.log(q + 1e-12)), axis=1)))
@@ -169,21 +198,31 @@ def compare_output(name: str, ref: np.ndarray, test: np.ndarray) -> OutputFideli
 
 
 def compare(
-    ref: Mapping[str, np.ndarray], test: Mapping[str, np.ndarray], threshold: FidelityThreshold | None = None
+    ref: Mapping[str, np.ndarray],
+    test: Mapping[str, np.ndarray],
+    threshold: FidelityThreshold | None = None,
+    classifiers: set[str] | None = None,
 ) -> FidelityReport:
-    """Fidelity of ``test`` outputs against ``ref`` outputs (same names, same samples)."""
+    """Fidelity of ``test`` outputs against ``ref`` outputs (same names, same samples). ``classifiers``: the
+    outputs to judge by top-1 (see :func:`classifier_outputs`); None: every [N, classes] output."""
     names = [n for n in ref if n in test]
     if not names:
-        raise TrtbuildError("the INT8 and FP32 models share no output names", "quantize without renaming outputs")
+        raise TrtbuildError(
+            "the INT8 and FP32 models share no output names", "quantize without renaming outputs"
+        )
     samples = int(next(iter(ref.values())).shape[0]) if next(iter(ref.values())).ndim else 1
-    outputs = [compare_output(n, ref[n], test[n]) for n in names]
+    outputs = [
+        compare_output(n, ref[n], test[n], None if classifiers is None else n in classifiers) for n in names
+    ]
     return FidelityReport(samples=samples, outputs=outputs, threshold=threshold or DEFAULT_THRESHOLD)
 
 
 # --------------------------------------------------------------------------------------------- running
 
 
-def session(model: onnx.ModelProto | str, threads: int | None = None, optimize: bool = True) -> ort.InferenceSession:
+def session(
+    model: onnx.ModelProto | str, threads: int | None = None, optimize: bool = True
+) -> ort.InferenceSession:
     """A quiet CPU ONNX Runtime session. ``optimize=False`` runs Q/DQ as written (exact fake-quant, no fused
     integer kernels): 3x faster to build and run for a graph with signed Q/DQ, used to rank layers."""
     options = ort.SessionOptions()
@@ -213,6 +252,7 @@ def measure(
     threshold: FidelityThreshold | None = None,
     reference: Mapping[str, np.ndarray] | None = None,
 ) -> FidelityReport:
-    """Run both models on ``batches`` (held-out data) and compare. Pass ``reference`` to reuse FP32 outputs."""
+    """Run both models on ``batches`` (held-out data) and compare; ``reference`` reuses FP32 outputs."""
     ref = reference if reference is not None else run_batches(session(fp32), batches)
-    return compare(ref, run_batches(session(int8), batches), threshold)
+    fp32_model = fp32 if isinstance(fp32, onnx.ModelProto) else onnx.load(fp32, load_external_data=False)
+    return compare(ref, run_batches(session(int8), batches), threshold, classifier_outputs(fp32_model))

@@ -1,4 +1,4 @@
-"""Q/DQ placement for TensorRT explicit INT8, as pure data first (:func:`plan_qdq`), then applied (:func:`apply_qdq`).
+"""Q/DQ placement for TensorRT explicit INT8: pure data first (:func:`plan_qdq`), then :func:`apply_qdq`.
 
 The rules (DESIGN.md "Q/DQ placement"): Q/DQ on the inputs of Conv/ConvTranspose/Gemm/MatMul, none on
 outputs; residual Add quantizes the skip input only; Concat/pooling share one scale across inputs and output;
@@ -49,7 +49,9 @@ class QdqOptions:
             try:
                 re.compile(pattern)
             except re.error as exc:
-                raise TrtbuildError(f"--exclude '{pattern}' is not a valid regex ({exc})", "fix the pattern") from exc
+                raise TrtbuildError(
+                    f"--exclude '{pattern}' is not a valid regex ({exc})", "fix the pattern"
+                ) from exc
 
 
 @dataclass(frozen=True)
@@ -217,7 +219,7 @@ class _Graph:
         return False
 
 
-# --------------------------------------------------------------------------------------------- structural rules
+# ------------------------------------------------------------------------------------ structural rules
 
 
 def _mask_path(g: _Graph, magnitude: float) -> set[str]:
@@ -230,8 +232,10 @@ def _mask_path(g: _Graph, magnitude: float) -> set[str]:
         for name in node.input:
             if name and g.is_constant(name):
                 value = g.constant(name)
-                if value.size and np.issubdtype(value.dtype, np.floating) and (
-                    not np.all(np.isfinite(value)) or float(np.abs(value).max()) >= magnitude
+                if (
+                    value.size
+                    and np.issubdtype(value.dtype, np.floating)
+                    and (not np.all(np.isfinite(value)) or float(np.abs(value).max()) >= magnitude)
                 ):
                     seeds.append(node)
                     break
@@ -269,13 +273,18 @@ def _box_score_heads(g: _Graph, ranges: Mapping[str, TensorRange] | None) -> dic
             continue
         scores = [_is_score_branch(g, t) for t in inputs]
         if any(scores) and not all(scores):
-            heads[node.name] = "detection head: Concat joins box coordinates with class scores (one scale would zero the scores)"
+            heads[node.name] = (
+                "detection head: Concat joins box coordinates with class scores "
+                "(one scale would zero the scores)"
+            )
             continue
         if ranges is not None and all(t in ranges for t in inputs):
             amaxes = [max(ranges[t].amax, 1e-12) for t in inputs]
             ratio = max(amaxes) / min(amaxes)
             if ratio > rules.BOX_SCORE_RANGE_RATIO:
-                heads[node.name] = f"detection head: Concat inputs' ranges differ {ratio:.0f}x (boxes with scores)"
+                heads[node.name] = (
+                    f"detection head: Concat inputs' ranges differ {ratio:.0f}x (boxes with scores)"
+                )
     return heads
 
 
@@ -295,7 +304,8 @@ def _weighted_exclusion(g: _Graph, node: onnx.NodeProto, options: QdqOptions) ->
     if node.op_type == "MatMul" and not g.is_constant(weight_name):
         seq = [d for t in node.input for d in (g.shape.get(t) or [None, None])[-2:]]
         if any(d is None for d in seq) or max(d for d in seq if d is not None) > options.attention_max_seq:
-            return f"attention score MatMul (both inputs activations, sequence unknown or > {options.attention_max_seq})"
+            limit = options.attention_max_seq
+            return f"attention score MatMul (both inputs activations, sequence unknown or > {limit})"
         return None
     if not g.is_constant(weight_name):
         return f"weight '{weight_name}' is computed at run time, not an initializer"
@@ -319,9 +329,9 @@ def _weighted_exclusion(g: _Graph, node: onnx.NodeProto, options: QdqOptions) ->
         if w_shape[axis] == 1 or w_shape[k_axis] == 1:
             return f"GEMV-shaped {node.op_type} (weight {w_shape})"
     in_shape = g.shape.get(node.input[0])
-    if in_shape and len(in_shape) >= 2 and all(d is not None for d in in_shape[:-1]):
-        if int(np.prod([d for d in in_shape[:-1] if d is not None])) == 1:
-            return f"GEMV-shaped {node.op_type} (one row: input {in_shape})"
+    rows = in_shape[:-1] if in_shape and len(in_shape) >= 2 else [None]
+    if all(d is not None for d in rows) and int(np.prod([d or 1 for d in rows])) == 1:
+        return f"GEMV-shaped {node.op_type} (one row: input {in_shape})"
     return None
 
 
@@ -361,7 +371,7 @@ class _UnionFind:
 
 @dataclass
 class QdqSelection:
-    """Placement without scales: which tensors get Q/DQ (for whom), shared-scale groups, weights, exclusions."""
+    """Placement without scales: which tensors get Q/DQ shared-scale groups, weights, exclusions."""
 
     activations: dict[str, list[tuple[str, int]]]
     groups: dict[str, str]
@@ -391,8 +401,8 @@ def select_qdq(
     def exclude(node: onnx.NodeProto, reason: str) -> None:
         excluded.setdefault(node.name, Exclusion(node.name, node.op_type, reason))
 
-    for name, reason in heads.items():
-        exclude(g.by_name[name], reason)
+    for name, head_reason in heads.items():
+        exclude(g.by_name[name], head_reason)
 
     # 1. Conv/ConvTranspose/Gemm/MatMul: their activation inputs and per-channel weights.
     for node in g.nodes:
@@ -408,7 +418,9 @@ def select_qdq(
             continue
         reason = _weighted_exclusion(g, node, options)
         rule = rules.WEIGHTED_OPS[node.op_type]
-        act_inputs = [i for i in range(len(node.input)) if i in rule.activation_inputs or i == rule.weight_input]
+        act_inputs = [
+            i for i in range(len(node.input)) if i in rule.activation_inputs or i == rule.weight_input
+        ]
         act_inputs = [i for i in act_inputs if g.is_float_activation(node.input[i])]
         if reason is None and not act_inputs:
             reason = "no float activation input"
@@ -427,7 +439,11 @@ def select_qdq(
             w_name = node.input[w_index]
             attrs = {a.name: helper.get_attribute_value(a) for a in node.attribute}
             axis = rule.weight_axis(attrs, len(g.constant(w_name).shape), node.op_type)
-            bias = node.input[2] if len(node.input) > 2 and node.input[2] and g.is_constant(node.input[2]) else None
+            bias = (
+                node.input[2]
+                if len(node.input) > 2 and node.input[2] and g.is_constant(node.input[2])
+                else None
+            )
             if node.op_type == "Gemm" and bias is not None and g.constant(bias).ndim > 1:
                 bias = None  # a 2-D Gemm C is not a per-channel bias
             consumers, _, _ = weights.setdefault(w_name, ([], axis, bias))
@@ -561,7 +577,11 @@ def plan_qdq(
     activations = {t: c for t, c in sel.activations.items() if t not in dropped}
     # A weighted node that lost an activation input to a range exclusion stays float entirely.
     activations = {
-        t: [(n, i) for n, i in c if not (n in dropped_nodes and rules.ROLES.get(g.by_name[n].op_type) is rules.Role.WEIGHTED)]
+        t: [
+            (n, i)
+            for n, i in c
+            if not (n in dropped_nodes and rules.ROLES.get(g.by_name[n].op_type) is rules.Role.WEIGHTED)
+        ]
         for t, c in activations.items()
     }
     activations = {t: c for t, c in activations.items() if c}
@@ -572,7 +592,9 @@ def plan_qdq(
     for t, consumers in activations.items():
         group = sel.groups[t]
         scale, zp = _activation_scale(members[group], options.activation_type)
-        plan.activations[t] = ActivationQdq(t, tuple(consumers), group, float(scale), zp, options.activation_type)
+        plan.activations[t] = ActivationQdq(
+            t, tuple(consumers), group, float(scale), zp, options.activation_type
+        )
     quantized_nodes = [n for n in sel.quantized_nodes if n not in dropped_nodes]
     keep = set(quantized_nodes)
     for w_name, (consumers, axis, bias) in sel.weights.items():
@@ -621,7 +643,10 @@ def apply_qdq(model: onnx.ModelProto | GraphCache, plan: QdqPlan, check: bool = 
         new_inits.append(helper.make_tensor(zp, act_elem, [], [act.zero_point]))
         q = helper.make_node("QuantizeLinear", [t, scale, zp], [f"{t}_quantized"], name=f"{t}_QuantizeLinear")
         dq = helper.make_node(
-            "DequantizeLinear", [f"{t}_quantized", scale, zp], [f"{t}_dequantized"], name=f"{t}_DequantizeLinear"
+            "DequantizeLinear",
+            [f"{t}_quantized", scale, zp],
+            [f"{t}_dequantized"],
+            name=f"{t}_DequantizeLinear",
         )
         (after.setdefault(t, []) if t in g.producer else head).extend([q, dq])
         for consumer in act.consumers:
@@ -652,9 +677,9 @@ def apply_qdq(model: onnx.ModelProto | GraphCache, plan: QdqPlan, check: bool = 
         if wplan.bias is not None:
             node_name, _ = wplan.consumers[0]
             act_t = g.by_name[node_name].input[0]
-            act = plan.activations.get(act_t)
-            if act is not None and act.consumers and (node_name, 0) in act.consumers:
-                qb, b_scales = wq.quantize_bias(g.constant(wplan.bias), act.scale, scales)
+            act_in = plan.activations.get(act_t)
+            if act_in is not None and (node_name, 0) in act_in.consumers:
+                qb, b_scales = wq.quantize_bias(g.constant(wplan.bias), act_in.scale, scales)
                 b = wplan.bias
                 new_inits += [
                     numpy_helper.from_array(qb, f"{b}_quantized"),

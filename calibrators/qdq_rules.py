@@ -1,4 +1,4 @@
-"""Op type -> Q/DQ placement rule: one table, so supporting a new op is one line (cf. ORT's quantization registry).
+"""Op type -> Q/DQ placement rule: one table, so supporting a new op is one line (cf. ORT's registry).
 
 Each rule says which inputs of a node of that type TensorRT wants as INT8 and how the weight is quantized.
 Placement logic lives in :mod:`calibrators.qdq`; this module is only the table and the thresholds.
@@ -28,7 +28,7 @@ class WeightedRule:
     weight_input: int | None  # index of the weight input (an initializer) or None if both are activations
 
     def weight_axis(self, attrs: dict[str, int], weight_rank: int, op_type: str) -> int:
-        """The output-channel axis: 0 for Conv, 1 for ConvTranspose, last for MatMul, 0/1 for Gemm by transB."""
+        """Output-channel axis: 0 for Conv, 1 for ConvTranspose, last for MatMul, 0/1 for Gemm by transB."""
         if op_type == "Conv":
             return 0
         if op_type == "ConvTranspose":
@@ -82,7 +82,9 @@ ROLES: dict[str, Role] = {
 SCORE_OPS = frozenset({"Sigmoid", "Softmax", "HardSigmoid"})
 
 # Ops through which an attention mask travels before it is added to the scores.
-MASK_PATH_OPS = frozenset({"Cast", "Sub", "Mul", "Add", "Where", "Unsqueeze", "Expand", "Reshape", "Not", "Neg"})
+MASK_PATH_OPS = frozenset(
+    {"Cast", "Sub", "Mul", "Add", "Where", "Unsqueeze", "Expand", "Reshape", "Not", "Neg"}
+)
 
 # Bias/normalisation ops that still belong to a conv's branch when looking for a residual's epilogue side.
 EPILOGUE_OPS = frozenset({"Add", "BatchNormalization", "Mul"})

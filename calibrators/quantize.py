@@ -1,4 +1,4 @@
-"""Top-level INT8 quantization: calibrate once, place Q/DQ, check fidelity on held-out data, fall back if asked.
+"""Top-level INT8 quantization: calibrate once, place Q/DQ, check held-out fidelity, fall back if asked.
 
 Every artifact comes from ONE RangeSet: the Q/DQ ONNX, the legacy TensorRT calibration cache, the ranges
 JSON and the fidelity report (with the Q/DQ plan and any fallback decisions). Nothing is written unless the
@@ -15,18 +15,19 @@ from typing import Any
 
 import onnx
 
+from calibrators import fallback as fallback_search
 from calibrators import fidelity
 from calibrators.cache import write_cache
 from calibrators.calibrate import compute_ranges
 from calibrators.collect import DEFAULT_BATCH_SIZE, collect, load_model
 from calibrators.data import model_inputs, open_data
-from calibrators import fallback as fallback_search
 from calibrators.fallback import FallbackResult
 from calibrators.fidelity import FidelityReport, FidelityThreshold
 from calibrators.preprocess import Preprocess
 from calibrators.qdq import QdqOptions, QdqPlan, apply_qdq, plan_qdq, quantizable_activations
 from calibrators.ranges import RangeSet
 from trtbuild import atomic
+from trtbuild.console import warn
 from trtbuild.errors import TrtbuildError
 
 DEFAULT_HOLDOUT = 32
@@ -45,7 +46,8 @@ class FidelityGateError(TrtbuildError):
             else "re-run with --auto-fallback, another --method, or a lower --min-fidelity"
         )
         super().__init__(
-            f"INT8 fidelity below the gate ({report.threshold.describe()}): {report.summary()}; nothing was written",
+            f"INT8 fidelity below the gate ({report.threshold.describe()}): {report.summary()}; "
+            "nothing was written",
             fix,
         )
 
@@ -79,7 +81,9 @@ class QuantizeResult:
             "holdout_samples": self.holdout_samples,
             "quantized_layers": len(self.plan.quantized_nodes),
             "qdq_tensors": len(self.plan.activations),
-            "float_layers": [{"node": e.node, "op_type": e.op_type, "reason": e.reason} for e in self.plan.excluded],
+            "float_layers": [
+                {"node": e.node, "op_type": e.op_type, "reason": e.reason} for e in self.plan.excluded
+            ],
             "fidelity": self.fidelity.to_json(),
             "fallback": None if self.fallback is None else self.fallback.to_json(),
         }
@@ -111,22 +115,35 @@ def quantize(
     ``data``: anything :func:`calibrators.data.open_data` takes (image folder, .npy/.npz, list, callable).
     ``exclude``: regexes of node names to keep float; ``exclude_op_types``: op types to keep float.
     """
-    threshold = min_fidelity if isinstance(min_fidelity, FidelityThreshold) else fidelity.parse_min_fidelity(min_fidelity)
-    options = QdqOptions(
-        activation_type=activation_type, exclude_nodes=tuple(exclude), exclude_op_types=tuple(exclude_op_types)
+    threshold = (
+        min_fidelity
+        if isinstance(min_fidelity, FidelityThreshold)
+        else fidelity.parse_min_fidelity(min_fidelity)
     )
-    model = load_model(model_path)
+    options = QdqOptions(
+        activation_type=activation_type,
+        exclude_nodes=tuple(exclude),
+        exclude_op_types=tuple(exclude_op_types),
+    )
+    model = _upgrade_opset(load_model(model_path))
     tensors = quantizable_activations(model, exclude, exclude_op_types)
     if not tensors:
         raise TrtbuildError(
-            f"{model_path} has no quantizable ops (Conv/ConvTranspose/Gemm/MatMul with float inputs) left to quantize",
+            f"{model_path} has no quantizable ops (Conv/ConvTranspose/Gemm/MatMul with float inputs) "
+            "left to quantize",
             "check the model and the --exclude/--exclude-op-type options",
         )
     all_data = open_data(data, model_inputs(model), preprocess)
     calib, held = all_data.split(holdout, seed)
     calib = calib.sample(samples, seed)
     collection = collect(
-        model, calib, tensors=tensors, batch_size=batch_size, threads=threads, seed=seed, show_progress=show_progress
+        model,
+        calib,
+        tensors=tensors,
+        batch_size=batch_size,
+        threads=threads,
+        seed=seed,
+        show_progress=show_progress,
     )
     ranges = compute_ranges(collection, method)
     ranges.meta.update({"holdout": holdout, "activation_type": activation_type})
@@ -136,10 +153,13 @@ def quantize(
     reference = fidelity.run_batches(fidelity.session(model, threads), held_batches)
     plan = plan_qdq(model, ranges, options)
     qmodel = apply_qdq(model, plan)
-    report = fidelity.compare(reference, fidelity.run_batches(fidelity.session(qmodel, threads), held_batches), threshold)
+    test = fidelity.run_batches(fidelity.session(qmodel, threads), held_batches)
+    report = fidelity.compare(reference, test, threshold, fidelity.classifier_outputs(model))
     fallback: FallbackResult | None = None
     if not report.passed and auto_fallback:
-        fallback = fallback_search.auto_fallback(model, ranges, options, held_batches, threshold, reference=reference)
+        fallback = fallback_search.auto_fallback(
+            model, ranges, options, held_batches, threshold, reference=reference
+        )
         plan, qmodel, report = fallback.plan, fallback.model, fallback.final
     if not report.passed:
         raise FidelityGateError(report, fallback)
@@ -158,6 +178,24 @@ def quantize(
     )
     _write(result, qmodel, trt_version)
     return result
+
+
+def _upgrade_opset(model: onnx.ModelProto, target: int = 13) -> onnx.ModelProto:
+    """Per-channel Q/DQ needs opset 13: convert older third-party models (e.g. Paddle exports at 12)."""
+    opset = next((o.version for o in model.opset_import if o.domain in ("", "ai.onnx")), target)
+    if opset >= target:
+        return model
+    from onnx import version_converter
+
+    try:
+        converted = version_converter.convert_version(model, target)
+    except Exception as exc:
+        raise TrtbuildError(
+            f"the model uses opset {opset} and could not be converted to opset {target} ({exc})",
+            "re-export it with opset_version=17",
+        ) from exc
+    warn(f"converted the model from opset {opset} to {target} for per-channel Q/DQ")
+    return converted
 
 
 def _write(result: QuantizeResult, qmodel: onnx.ModelProto, trt_version: str) -> None:

@@ -8,7 +8,7 @@ INT8_MAX = 127
 
 
 def per_channel_scales(weight: np.ndarray, axis: int) -> np.ndarray:
-    """max|w| / 127 for each slice along ``axis`` (float32). An all-zero channel gets scale 1 (quantizes to 0)."""
+    """max|w| / 127 per slice along ``axis`` (float32); an all-zero channel gets scale 1 (quantizes to 0)."""
     w = np.asarray(weight, dtype=np.float32)
     reduce_axes = tuple(i for i in range(w.ndim) if i != axis)
     amax = np.abs(w).max(axis=reduce_axes) if reduce_axes else np.abs(w)
@@ -30,11 +30,15 @@ def quantize_weight(weight: np.ndarray, scales: np.ndarray, axis: int) -> np.nda
 
 
 def dequantize_weight(q: np.ndarray, scales: np.ndarray, axis: int) -> np.ndarray:
-    return (q.astype(np.float32) * _broadcast(np.asarray(scales, np.float32), q.ndim, axis)).astype(np.float32)
+    return (q.astype(np.float32) * _broadcast(np.asarray(scales, np.float32), q.ndim, axis)).astype(
+        np.float32
+    )
 
 
-def quantize_bias(bias: np.ndarray, input_scale: float, weight_scales: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """Bias as int32 with scale = input scale x weight scale per channel (what ORT's QLinearConv fusion expects)."""
+def quantize_bias(
+    bias: np.ndarray, input_scale: float, weight_scales: np.ndarray
+) -> tuple[np.ndarray, np.ndarray]:
+    """Bias as int32, scale = input scale x weight scale per channel (what ORT's QLinearConv fusion wants)."""
     scales = (np.float32(input_scale) * np.asarray(weight_scales, np.float32)).astype(np.float32)
     scales = np.where(scales > 0, scales, 1.0).astype(np.float32)
     b = np.asarray(bias, dtype=np.float64)

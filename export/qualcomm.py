@@ -291,8 +291,10 @@ def _load_samples(
 ) -> dict[str, np.ndarray]:
     if isinstance(calibration, np.ndarray):
         if len(shapes) != 1:
-            raise TrtbuildError(f"model has {len(shapes)} inputs but one calibration array was given",
-                                "pass a dict of arrays by input name")
+            raise TrtbuildError(
+                f"model has {len(shapes)} inputs but one calibration array was given",
+                "pass a dict of arrays by input name",
+            )
         calibration = {next(iter(shapes)): calibration}
     if not isinstance(calibration, Mapping):
         from calibrators.data import model_inputs, open_data
@@ -316,3 +318,39 @@ def check_aimet_folder(folder: Path) -> None:
             ".encodings and one .data",
             "remove the extra files",
         )
+
+
+def simulated_fidelity(handoff: QualcommHandoff, samples: Any, max_samples: int = 16) -> dict[str, Any]:
+    """How far the encodings move the model's first output from FP32, simulated in ONNX Runtime (exact
+    Q/DQ semantics, no fusions): top-1 agreement, mean cosine similarity, max abs difference. Goes into the
+    bundle manifest's ``fidelity``; the device's own numbers come from the Qualcomm tools."""
+    import onnxruntime as ort
+
+    model = onnx.load(str(handoff.onnx))
+    doc = enc.load_encodings(handoff.encodings, model)
+    acts = {
+        e["name"]: enc.Encoding(tuple(e["scale"]), tuple(e["offset"]), e["is_sym"])
+        for e in doc["activation_encodings"]
+    }
+    sim = enc.simulate(model, enc.EncodingSet(acts, enc.weight_encodings(model)))
+    data = _load_samples(samples, model, handoff.inputs, max_samples)
+    opts = ort.SessionOptions()
+    opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
+    runs = [
+        ort.InferenceSession(m.SerializeToString(), opts, providers=["CPUExecutionProvider"])
+        for m in (model, sim)
+    ]
+    n = min(len(v) for v in data.values())
+    ref, got = (
+        [s.run(None, {k: v[i : i + 1] for k, v in data.items()})[0].reshape(-1) for i in range(n)]
+        for s in runs
+    )
+    a, b = np.stack(ref), np.stack(got)
+    cos = np.sum(a * b, 1) / np.maximum(np.linalg.norm(a, axis=1) * np.linalg.norm(b, axis=1), 1e-12)
+    return {
+        "samples": n,
+        "top1_agreement": float((a.argmax(1) == b.argmax(1)).mean()),
+        "mean_cosine": float(cos.mean()),
+        "max_abs_diff": float(np.abs(a - b).max()),
+        "simulated": "onnxruntime Q/DQ of the AIMET encodings",
+    }

@@ -17,6 +17,7 @@ import pytest
 from click.testing import CliRunner
 
 from calibrators.calibrate import calibrate
+from calibrators.encodings import qualcomm_activation_tensors
 from trtbuild.bundle import archive, signing
 from trtbuild.bundle.archive import Limits, create_bundle, read_bundle
 from trtbuild.bundle.device import detect_device, jetpack_from_l4t
@@ -43,24 +44,78 @@ def other_keys(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
 
 
 @pytest.fixture(scope="module")
-def bundles(tmp_path_factory: pytest.TempPathFactory, effnet_onnx: Path, keys: tuple[Path, Path]) -> list[Path]:
+def bundles(
+    tmp_path_factory: pytest.TempPathFactory, effnet_onnx: Path, keys: tuple[Path, Path]
+) -> list[Path]:
     out = tmp_path_factory.mktemp("bundles")
-    result = CliRunner().invoke(cli, ["bundle", "create", "--model", str(effnet_onnx), "--target", "orin-jp6.1",
-                                      "--target", "xavier-jp5", "--precision", "fp16", "--key", str(keys[0]),
-                                      "--name", "effnet", "--version", "2.1", "--out", str(out), "--json"])
+    result = CliRunner().invoke(
+        cli,
+        [
+            "bundle",
+            "create",
+            "--model",
+            str(effnet_onnx),
+            "--target",
+            "orin-jp6.1",
+            "--target",
+            "xavier-jp5",
+            "--precision",
+            "fp16",
+            "--key",
+            str(keys[0]),
+            "--name",
+            "effnet",
+            "--version",
+            "2.1",
+            "--out",
+            str(out),
+            "--json",
+        ],
+    )
     assert result.exit_code == 0, result.output
     paths = [Path(p) for p in json.loads(result.output)["bundles"]]
-    assert [p.name for p in paths] == ["effnet-2.1-orin-jp6.1-fp16.tar.gz", "effnet-2.1-xavier-jp5-fp16.tar.gz"]
+    assert [p.name for p in paths] == [
+        "effnet-2.1-orin-jp6.1-fp16.tar.gz",
+        "effnet-2.1-xavier-jp5-fp16.tar.gz",
+    ]
     assert sorted(p.name for p in out.iterdir()) == sorted(p.name for p in paths)  # no temp leftovers
     return paths
 
 
+@pytest.fixture(scope="module")
+def small(tmp_path_factory: pytest.TempPathFactory, keys: tuple[Path, Path]) -> Path:
+    """A real signed bundle with a small payload, for the fault tests (re-packing 18 MB each time is slow)."""
+    folder = tmp_path_factory.mktemp("small")
+    payload = folder / "payload"
+    (payload / "sub").mkdir(parents=True)
+    (payload / "build.sh").write_text("#!/usr/bin/env bash\necho build\n")
+    (payload / "build.sh").chmod(0o755)
+    (payload / "sub" / "weights.bin").write_bytes(np.random.default_rng(0).bytes(200_000))
+    path, _ = create_bundle(
+        payload,
+        folder / "small.tar.gz",
+        signing.load_private_key(str(keys[0])),
+        model="m",
+        model_version="1",
+        target="xavier-jp5",
+        precision="int8",
+        requires={"kind": "jetson", "jetpack": "5.1"},
+        io_spec={"inputs": []},
+    )
+    return path
+
+
 def _verify_cli(bundle: Path, pub: Path, *extra: str) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(["python3", "-m", "trtbuild.cli", "bundle", "verify", str(bundle), "--pub", str(pub),
-                           *extra], capture_output=True, text=True)
+    return subprocess.run(
+        ["python3", "-m", "trtbuild.cli", "bundle", "verify", str(bundle), "--pub", str(pub), *extra],
+        capture_output=True,
+        text=True,
+    )
 
 
-def _assert_refused(result: subprocess.CompletedProcess[str], message: str, extract: Path | None = None) -> None:
+def _assert_refused(
+    result: subprocess.CompletedProcess[str], message: str, extract: Path | None = None
+) -> None:
     assert result.returncode == 2, (result.stdout, result.stderr)
     assert result.stderr.startswith("error: ") and len(result.stderr.strip().splitlines()) == 1, result.stderr
     assert message in result.stderr, result.stderr
@@ -72,7 +127,9 @@ def _assert_refused(result: subprocess.CompletedProcess[str], message: str, extr
 # ---- the happy path --------------------------------------------------------------------------------------
 
 
-def test_manifest_records_model_target_requirements_and_hashes(bundles: list[Path], effnet_onnx: Path) -> None:
+def test_manifest_records_model_target_requirements_and_hashes(
+    bundles: list[Path], effnet_onnx: Path
+) -> None:
     result = CliRunner().invoke(cli, ["bundle", "inspect", str(bundles[0]), "--json"])
     assert result.exit_code == 0, result.output
     doc = json.loads(result.output)
@@ -87,8 +144,9 @@ def test_manifest_records_model_target_requirements_and_hashes(bundles: list[Pat
     assert {"build.sh", "profile.sh", "plan.json"} <= set(doc["files"])
 
 
-def test_verify_and_extract_on_the_stated_device(tmp_path: Path, bundles: list[Path], keys: tuple[Path, Path],
-                                                 effnet_onnx: Path) -> None:
+def test_verify_and_extract_on_the_stated_device(
+    tmp_path: Path, bundles: list[Path], keys: tuple[Path, Path], effnet_onnx: Path
+) -> None:
     dest = tmp_path / "deploy"
     result = _verify_cli(bundles[0], keys[1], "--device", "orin-jp6.1", "--extract", str(dest), "--json")
     assert result.returncode == 0, result.stderr
@@ -100,8 +158,9 @@ def test_verify_and_extract_on_the_stated_device(tmp_path: Path, bundles: list[P
     assert not (dest / "manifest.json").exists()  # the manifest is checked, not deployed as payload
 
 
-def test_device_check_on_a_machine_that_is_neither_jetson_nor_gpu(bundles: list[Path],
-                                                                   keys: tuple[Path, Path]) -> None:
+def test_device_check_on_a_machine_that_is_neither_jetson_nor_gpu(
+    bundles: list[Path], keys: tuple[Path, Path]
+) -> None:
     if detect_device() is not None:
         pytest.skip("this machine is a Jetson or has an NVIDIA GPU; the CPU-only message does not apply")
     _assert_refused(_verify_cli(bundles[0], keys[1]), "cannot check target 'orin-jp6.1' on this machine")
@@ -111,8 +170,11 @@ def test_device_check_on_a_machine_that_is_neither_jetson_nor_gpu(bundles: list[
 
 def test_target_mismatch(tmp_path: Path, bundles: list[Path], keys: tuple[Path, Path]) -> None:
     dest = tmp_path / "x"
-    _assert_refused(_verify_cli(bundles[0], keys[1], "--device", "xavier-jp5", "--extract", str(dest)),
-                    "bundle targets 'orin-jp6.1' but the device is 'xavier-jp5'", dest)
+    _assert_refused(
+        _verify_cli(bundles[0], keys[1], "--device", "xavier-jp5", "--extract", str(dest)),
+        "bundle targets 'orin-jp6.1' but the device is 'xavier-jp5'",
+        dest,
+    )
 
 
 def test_detected_jetson_and_gpu_are_compared_with_the_manifest() -> None:
@@ -121,9 +183,13 @@ def test_detected_jetson_and_gpu_are_compared_with_the_manifest() -> None:
 
     release = "# R36 (release), REVISION: 4.3, GCID: 38968081, BOARD: generic, EABI: aarch64"
     assert jetpack_from_l4t(release) == "6.2"
-    assert "JetPack 6.2" in check_device(manifest, None, Device("jetson", "Orin", "6.2"))  # same TensorRT 10.3
+    assert "JetPack 6.2" in check_device(
+        manifest, None, Device("jetson", "Orin", "6.2")
+    )  # same TensorRT 10.3
     with pytest.raises(TrtbuildError, match="needs JetPack 6.1 but this Jetson runs JetPack 5.1"):
-        check_device(manifest, None, Device("jetson", "Xavier", jetpack_from_l4t("# R35 (release), REVISION: 4.1")))
+        check_device(
+            manifest, None, Device("jetson", "Xavier", jetpack_from_l4t("# R35 (release), REVISION: 4.1"))
+        )
     with pytest.raises(TrtbuildError, match="but this machine is NVIDIA H100"):
         check_device(manifest, None, Device("datacenter", "NVIDIA H100", sm="sm90"))
 
@@ -144,34 +210,48 @@ def _write_tar(path: Path, members: Sequence[tuple[tarfile.TarInfo, bytes]]) -> 
     return path
 
 
-def _small_bundle(key_path: Path, files: dict[str, bytes], schema: int = 1) -> list[tuple[tarfile.TarInfo, bytes]]:
+def _small_bundle(
+    key_path: Path, files: dict[str, bytes], schema: int = 1
+) -> list[tuple[tarfile.TarInfo, bytes]]:
     """manifest.json + manifest.sig for ``files``, signed correctly, followed by the files."""
     import hashlib
 
-    manifest = Manifest("m", "1", "orin-jp6.1", "fp16", {"kind": "jetson", "jetpack": "6.1"}, {"inputs": []},
-                        {p: FileEntry(hashlib.sha256(d).hexdigest(), len(d)) for p, d in files.items()},
-                        schema=schema)
+    manifest = Manifest(
+        "m",
+        "1",
+        "orin-jp6.1",
+        "fp16",
+        {"kind": "jetson", "jetpack": "6.1"},
+        {"inputs": []},
+        {p: FileEntry(hashlib.sha256(d).hexdigest(), len(d)) for p, d in files.items()},
+        schema=schema,
+    )
     doc = manifest.to_json()
     key = signing.load_private_key(str(key_path))
-    head = [(tarfile.TarInfo("manifest.json"), json.dumps(doc).encode()),
-            (tarfile.TarInfo("manifest.sig"), signing.signature_document(key, canonical_bytes(doc)))]
+    head = [
+        (tarfile.TarInfo("manifest.json"), json.dumps(doc).encode()),
+        (tarfile.TarInfo("manifest.sig"), signing.signature_document(key, canonical_bytes(doc))),
+    ]
     return head + [(tarfile.TarInfo(p), d) for p, d in files.items()]
 
 
-def test_tampered_file(tmp_path: Path, bundles: list[Path], keys: tuple[Path, Path]) -> None:
-    members = _members(bundles[1])
+def test_tampered_file(tmp_path: Path, small: Path, keys: tuple[Path, Path]) -> None:
+    members = _members(small)
     i = next(i for i, (m, _) in enumerate(members) if m.name == "build.sh")
     data = bytearray(members[i][1])
     data[-2] ^= 0x01  # same size, one bit flipped
     members[i] = (members[i][0], bytes(data))
     bad = _write_tar(tmp_path / "tampered.tar.gz", members)
     dest = tmp_path / "out"
-    _assert_refused(_verify_cli(bad, keys[1], "--device", "xavier-jp5", "--extract", str(dest)),
-                    "'build.sh' does not match its sha256 in the signed manifest", dest)
+    _assert_refused(
+        _verify_cli(bad, keys[1], "--device", "xavier-jp5", "--extract", str(dest)),
+        "'build.sh' does not match its sha256 in the signed manifest",
+        dest,
+    )
 
 
-def test_tampered_manifest(tmp_path: Path, bundles: list[Path], keys: tuple[Path, Path]) -> None:
-    members = _members(bundles[1])
+def test_tampered_manifest(tmp_path: Path, small: Path, keys: tuple[Path, Path]) -> None:
+    members = _members(small)
     doc = json.loads(members[0][1])
     doc["requires"]["tensorrt"] = "8.6.2"
     members[0] = (members[0][0], json.dumps(doc).encode())
@@ -179,28 +259,41 @@ def test_tampered_manifest(tmp_path: Path, bundles: list[Path], keys: tuple[Path
     _assert_refused(_verify_cli(bad, keys[1], "--device", "skip"), "signature does not match its manifest")
 
 
-def test_wrong_key(bundles: list[Path], other_keys: tuple[Path, Path]) -> None:
-    _assert_refused(_verify_cli(bundles[1], other_keys[1], "--device", "skip"), "bundle was signed by key")
+def test_wrong_key(small: Path, other_keys: tuple[Path, Path]) -> None:
+    _assert_refused(_verify_cli(small, other_keys[1], "--device", "skip"), "bundle was signed by key")
 
 
-def test_truncated_archive(tmp_path: Path, bundles: list[Path], keys: tuple[Path, Path]) -> None:
-    data = bundles[1].read_bytes()
+def test_truncated_archive(tmp_path: Path, small: Path, keys: tuple[Path, Path]) -> None:
+    data = small.read_bytes()
     for cut in (len(data) // 2, len(data) - 100):
         bad = tmp_path / f"cut{cut}.tar.gz"
         bad.write_bytes(data[:cut])
         dest = tmp_path / f"out{cut}"
-        _assert_refused(_verify_cli(bad, keys[1], "--device", "xavier-jp5", "--extract", str(dest)),
-                        "is truncated or corrupt", dest)
+        _assert_refused(
+            _verify_cli(bad, keys[1], "--device", "xavier-jp5", "--extract", str(dest)),
+            "is truncated or corrupt",
+            dest,
+        )
 
 
 def test_newer_schema(tmp_path: Path, keys: tuple[Path, Path]) -> None:
     bad = _write_tar(tmp_path / "new.tar.gz", _small_bundle(keys[0], {"a.txt": b"hello"}, schema=2))
-    _assert_refused(_verify_cli(bad, keys[1], "--device", "skip"), "schema 2, newer than this trtbuild reads (1)")
+    _assert_refused(
+        _verify_cli(bad, keys[1], "--device", "skip"), "schema 2, newer than this trtbuild reads (1)"
+    )
 
 
 def _hostile(kind: str, target: Path) -> tarfile.TarInfo:
-    info = tarfile.TarInfo({"absolute": str(target), "dotdot": "../" * 12 + str(target).lstrip("/"),
-                            "symlink": "link", "hardlink": "hard", "device": "dev", "fifo": "fifo"}[kind])
+    info = tarfile.TarInfo(
+        {
+            "absolute": str(target),
+            "dotdot": "../" * 12 + str(target).lstrip("/"),
+            "symlink": "link",
+            "hardlink": "hard",
+            "device": "dev",
+            "fifo": "fifo",
+        }[kind]
+    )
     if kind == "symlink":
         info.type, info.linkname = tarfile.SYMTYPE, str(target)
     elif kind == "hardlink":
@@ -212,11 +305,20 @@ def _hostile(kind: str, target: Path) -> tarfile.TarInfo:
     return info
 
 
-@pytest.mark.parametrize(("kind", "message"), [("absolute", "absolute path"), ("dotdot", "escapes the bundle"),
-                                               ("symlink", "is a link"), ("hardlink", "is a link"),
-                                               ("device", "device or FIFO"), ("fifo", "device or FIFO")])
-def test_hostile_members_are_refused_and_nothing_is_written(tmp_path: Path, keys: tuple[Path, Path], kind: str,
-                                                            message: str) -> None:
+@pytest.mark.parametrize(
+    ("kind", "message"),
+    [
+        ("absolute", "absolute path"),
+        ("dotdot", "escapes the bundle"),
+        ("symlink", "is a link"),
+        ("hardlink", "is a link"),
+        ("device", "device or FIFO"),
+        ("fifo", "device or FIFO"),
+    ],
+)
+def test_hostile_members_are_refused_and_nothing_is_written(
+    tmp_path: Path, keys: tuple[Path, Path], kind: str, message: str
+) -> None:
     target = Path("/tmp") / f"trtbuild-evil-{uuid.uuid4().hex}"
     members = _small_bundle(keys[0], {"a.txt": b"hello"})
     members.insert(2, (_hostile(kind, target), b"pwned"))
@@ -241,7 +343,9 @@ def test_oversized_member_is_refused_from_its_header(tmp_path: Path, keys: tuple
     bad = tmp_path / "huge.tar.gz"
     bad.write_bytes(gzip.compress(body))
     dest = tmp_path / "out"
-    _assert_refused(_verify_cli(bad, keys[1], "--device", "skip", "--extract", str(dest)), "is oversized", dest)
+    _assert_refused(
+        _verify_cli(bad, keys[1], "--device", "skip", "--extract", str(dest)), "is oversized", dest
+    )
     # and a configurable limit for real members
     small = _write_tar(tmp_path / "small.tar.gz", _small_bundle(keys[0], {"a.txt": b"x" * 5000}))
     with pytest.raises(TrtbuildError, match="oversized"):
@@ -251,7 +355,9 @@ def test_oversized_member_is_refused_from_its_header(tmp_path: Path, keys: tuple
 def test_unlisted_and_missing_files(tmp_path: Path, keys: tuple[Path, Path]) -> None:
     members = _small_bundle(keys[0], {"a.txt": b"hello"})
     extra = _write_tar(tmp_path / "extra.tar.gz", [*members, (tarfile.TarInfo("b.txt"), b"smuggled")])
-    _assert_refused(_verify_cli(extra, keys[1], "--device", "skip"), "'b.txt', which its signed manifest does not")
+    _assert_refused(
+        _verify_cli(extra, keys[1], "--device", "skip"), "'b.txt', which its signed manifest does not"
+    )
     missing = _write_tar(tmp_path / "missing.tar.gz", members[:2])
     _assert_refused(_verify_cli(missing, keys[1], "--device", "skip"), "missing 1 file(s)")
 
@@ -276,9 +382,17 @@ def test_creation_is_atomic(tmp_path: Path, keys: tuple[Path, Path], monkeypatch
     monkeypatch.setattr(tarfile.TarFile, "addfile", dying_addfile)
     out_dir = tmp_path / "out"
     with pytest.raises(KeyboardInterrupt):
-        create_bundle(payload, out_dir / "b.tar.gz", signing.load_private_key(str(keys[0])), model="m",
-                      model_version="1", target="orin-jp6.1", precision="fp16", requires={"kind": "jetson"},
-                      io_spec={})
+        create_bundle(
+            payload,
+            out_dir / "b.tar.gz",
+            signing.load_private_key(str(keys[0])),
+            model="m",
+            model_version="1",
+            target="orin-jp6.1",
+            precision="fp16",
+            requires={"kind": "jetson"},
+            io_spec={},
+        )
     assert list(out_dir.iterdir()) == []
 
 
@@ -291,33 +405,79 @@ def test_source_folder_with_a_symlink_is_refused(tmp_path: Path, keys: tuple[Pat
         archive.collect_files(payload)
 
 
-def test_keys_from_environment_and_cli_bad_inputs(tmp_path: Path, keys: tuple[Path, Path], effnet_onnx: Path,
-                                                  bundles: list[Path]) -> None:
+def test_keys_from_environment_and_cli_bad_inputs(
+    tmp_path: Path, keys: tuple[Path, Path], effnet_onnx: Path, bundles: list[Path]
+) -> None:
     env = {**os.environ, "TRTBUILD_VERIFY_KEY": keys[1].read_text()}
-    r = subprocess.run(["python3", "-m", "trtbuild.cli", "bundle", "verify", str(bundles[1]), "--device",
-                        "xavier-jp5"], capture_output=True, text=True, env=env)
+    r = subprocess.run(
+        ["python3", "-m", "trtbuild.cli", "bundle", "verify", str(bundles[1]), "--device", "xavier-jp5"],
+        capture_output=True,
+        text=True,
+        env=env,
+    )
     assert r.returncode == 0, r.stderr
     out = tmp_path / "none"
     no_key = {k: v for k, v in os.environ.items() if k != "TRTBUILD_SIGNING_KEY"}
     for args, message, environ in (
         ([], "no signing key given", no_key),
         (["--key", str(keys[1])], "not an unencrypted PEM private key", no_key),
-        (["--key", str(keys[0]), "--target", "h100"], "not a Jetson", no_key),
+        (["--key", str(keys[0]), "--target", "h100"], "not a Jetson or Qualcomm target", no_key),
+        (["--key", str(keys[0]), "--target", "snpe"], "Qualcomm handoff is INT8", no_key),
     ):
-        r = subprocess.run(["python3", "-m", "trtbuild.cli", "bundle", "create", "--model", str(effnet_onnx),
-                            "--target", "orin-jp6.1", "--precision", "fp16", "--out", str(out), *args],
-                           capture_output=True, text=True, env=environ)
+        r = subprocess.run(
+            [
+                "python3",
+                "-m",
+                "trtbuild.cli",
+                "bundle",
+                "create",
+                "--model",
+                str(effnet_onnx),
+                "--target",
+                "orin-jp6.1",
+                "--precision",
+                "fp16",
+                "--out",
+                str(out),
+                *args,
+            ],
+            capture_output=True,
+            text=True,
+            env=environ,
+        )
         _assert_refused(r, message)
         assert not out.exists() or not any(p.suffix == ".gz" for p in out.iterdir())
 
 
-def test_qualcomm_bundle_from_real_calibration(tmp_path: Path, effnet_onnx: Path, photo_batch: np.ndarray,
-                                               keys: tuple[Path, Path]) -> None:
-    ranges = calibrate(effnet_onnx, photo_batch[:4], "minmax", show_progress=False)
-    [path] = create_bundles(effnet_onnx, ["snpe"], ["int8"], signing.load_private_key(str(keys[0])), tmp_path,
-                            ranges=ranges, calibration=photo_batch[:2], fidelity={"top1_agreement": 0.92})
+def test_qualcomm_bundle_from_real_calibration(
+    tmp_path: Path, effnet_onnx: Path, photo_batch: np.ndarray, keys: tuple[Path, Path]
+) -> None:
+    ranges = calibrate(
+        effnet_onnx,
+        photo_batch[:4],
+        "minmax",
+        tensors=qualcomm_activation_tensors(effnet_onnx),
+        show_progress=False,
+    )
+    [path] = create_bundles(
+        effnet_onnx,
+        ["snpe"],
+        ["int8"],
+        signing.load_private_key(str(keys[0])),
+        tmp_path,
+        ranges=ranges,
+        calibration=photo_batch[:2],
+        fidelity={"top1_agreement": 0.92},
+    )
     report = verify_bundle(path, signing.load_public_key(str(keys[1])), extract_to=tmp_path / "x")
     assert report.device_check.startswith("not device-bound")
-    assert report.manifest.requires["kind"] == "qualcomm" and report.manifest.fidelity == {"top1_agreement": 0.92}
+    assert report.manifest.requires["kind"] == "qualcomm" and report.manifest.fidelity == {
+        "top1_agreement": 0.92
+    }
     names = {p.name for p in (tmp_path / "x").iterdir()}
-    assert {"efficientnet_lite0.encodings", "input_list.txt", "convert.sh", "efficientnet_lite0.aimet"} <= names
+    assert {
+        "efficientnet_lite0.encodings",
+        "input_list.txt",
+        "convert.sh",
+        "efficientnet_lite0.aimet",
+    } <= names

@@ -329,3 +329,21 @@ def test_cli_bad_model(kind: str, tmp_path: Path, capsys: pytest.CaptureFixture[
     if kind == "inf-activation":
         assert "'act'" in lines[0]
     assert not out.exists()
+
+
+def test_preprocess_layouts_and_dtypes(photo_dir: Path) -> None:
+    photo = sorted(photo_dir.glob("*.png"))[0]
+    nchw = Preprocess().for_input_shape((1, 3, 160, 160)).apply(photo)
+    nhwc = Preprocess(layout="NHWC").for_input_shape((1, 160, 160, 3)).apply(photo)
+    raw = Preprocess(layout="NHWC", dtype="uint8").for_input_shape((None, 160, 160, 3)).apply(photo)
+    assert nchw.shape == (1, 3, 160, 160) and nchw.dtype == np.float32
+    np.testing.assert_allclose(nhwc, nchw.transpose(0, 2, 3, 1), rtol=1e-6)
+    assert raw.dtype == np.uint8 and raw.shape == (1, 160, 160, 3)
+    expected = (raw.astype(np.float32) / 255 - np.array(examples.IMAGENET_MEAN, np.float32)) / np.array(
+        examples.IMAGENET_STD, np.float32
+    )
+    np.testing.assert_allclose(nhwc, expected, rtol=1e-5, atol=1e-5)
+    with pytest.raises(TrtbuildError, match="NHWC"):
+        Preprocess().for_input_shape((1, 224, 224, 3))
+    with pytest.raises(TrtbuildError, match="not square"):
+        Preprocess().for_input_shape((1, 3, 224, 160))

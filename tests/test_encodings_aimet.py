@@ -21,6 +21,7 @@ import pytest
 
 from calibrators import encodings as enc
 from calibrators.calibrate import calibrate
+from calibrators.encodings import qualcomm_activation_tensors
 from export.qualcomm import QualcommHandoff, export_qualcomm
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -45,19 +46,32 @@ def _aimet_ok() -> bool:
     return probe.returncode == 0
 
 
-pytestmark = pytest.mark.skipif(not _aimet_ok(), reason=f"aimet-onnx not installed at {AIMET_PYTHON}; "
-                                                        f"install: {INSTALL_HINT}")
+pytestmark = pytest.mark.skipif(
+    not _aimet_ok(), reason=f"aimet-onnx not installed at {AIMET_PYTHON}; install: {INSTALL_HINT}"
+)
 
 
 @pytest.fixture(scope="module")
-def handoff(tmp_path_factory: pytest.TempPathFactory, effnet_onnx: Path, photo_batch: np.ndarray) -> QualcommHandoff:
-    ranges = calibrate(effnet_onnx, photo_batch[:12], "percentile", show_progress=False)
+def handoff(
+    tmp_path_factory: pytest.TempPathFactory, effnet_onnx: Path, photo_batch: np.ndarray
+) -> QualcommHandoff:
+    ranges = calibrate(
+        effnet_onnx,
+        photo_batch[:12],
+        "percentile",
+        tensors=qualcomm_activation_tensors(effnet_onnx),
+        show_progress=False,
+    )
     return export_qualcomm(effnet_onnx, ranges, photo_batch[:4], tmp_path_factory.mktemp("qc") / "handoff")
 
 
 def _aimet_qdq(model: Path, encodings: Path, out: Path) -> onnx.ModelProto:
-    result = subprocess.run([str(AIMET_PYTHON), "-c", _DRIVER, str(model), str(encodings), str(out)],
-                            capture_output=True, text=True, timeout=600)
+    result = subprocess.run(
+        [str(AIMET_PYTHON), "-c", _DRIVER, str(model), str(encodings), str(out)],
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
     assert result.returncode == 0, result.stderr[-2000:]
     return onnx.load(str(out))
 
@@ -72,14 +86,17 @@ def _run(model: onnx.ModelProto, x: np.ndarray) -> np.ndarray:
 def _ours(handoff: QualcommHandoff) -> onnx.ModelProto:
     model = onnx.load(str(handoff.onnx))
     doc = enc.load_encodings(handoff.encodings, model)
-    acts = {e["name"]: enc.Encoding(tuple(e["scale"]), tuple(e["offset"]), e["is_sym"])
-            for e in doc["activation_encodings"]}
+    acts = {
+        e["name"]: enc.Encoding(tuple(e["scale"]), tuple(e["offset"]), e["is_sym"])
+        for e in doc["activation_encodings"]
+    }
     return enc.simulate(model, enc.EncodingSet(acts, enc.weight_encodings(model)))
 
 
 @pytest.mark.parametrize("version", ["1.0.0", "0.6.1"])
-def test_aimet_qdq_model_matches_our_simulation(tmp_path: Path, handoff: QualcommHandoff, photo_batch: np.ndarray,
-                                                version: str) -> None:
+def test_aimet_qdq_model_matches_our_simulation(
+    tmp_path: Path, handoff: QualcommHandoff, photo_batch: np.ndarray, version: str
+) -> None:
     encodings = handoff.encodings if version == "1.0.0" else handoff.encodings_061
     aimet_model = _aimet_qdq(handoff.onnx, encodings, tmp_path / "aimet_qdq.onnx")
     ours_model = _ours(handoff)
@@ -88,7 +105,8 @@ def test_aimet_qdq_model_matches_our_simulation(tmp_path: Path, handoff: Qualcom
     doc = enc.load_encodings(handoff.encodings)
     encoded = {e["name"] for e in doc["activation_encodings"]} | {e["name"] for e in doc["param_encodings"]}
     quantized = {n.input[0] for n in aimet_model.graph.node if n.op_type == "QuantizeLinear"}
-    assert encoded <= quantized
+    outputs = {o.name for o in aimet_model.graph.output}
+    assert encoded - outputs <= quantized and encoded & outputs == {"logits"}
     x = photo_batch[16:24]
     fp32 = _run(onnx.load(str(handoff.onnx)), x)
     theirs, ours = _run(aimet_model, x), _run(ours_model, x)
@@ -100,8 +118,9 @@ def test_aimet_qdq_model_matches_our_simulation(tmp_path: Path, handoff: Qualcom
     assert np.abs(theirs - ours).mean() < 0.25 * np.abs(ours - fp32).mean()
 
 
-def test_aimet_rejects_nothing_we_validate_but_we_reject_a_wrong_signed_offset(tmp_path: Path,
-                                                                             handoff: QualcommHandoff) -> None:
+def test_aimet_rejects_nothing_we_validate_but_we_reject_a_wrong_signed_offset(
+    tmp_path: Path, handoff: QualcommHandoff
+) -> None:
     """The reason for our own validator: AIMET's loader takes a positive offset without a word."""
     import json
 
@@ -113,13 +132,20 @@ def test_aimet_rejects_nothing_we_validate_but_we_reject_a_wrong_signed_offset(t
     bad.write_text(json.dumps(doc))
     with pytest.raises(TrtbuildError, match="offset must be <= 0"):
         enc.load_encodings(bad)
-    result = subprocess.run([str(AIMET_PYTHON), "-c", _DRIVER, str(handoff.onnx), str(bad),
-                             str(tmp_path / "q.onnx")], capture_output=True, text=True, timeout=600)
+    result = subprocess.run(
+        [str(AIMET_PYTHON), "-c", _DRIVER, str(handoff.onnx), str(bad), str(tmp_path / "q.onnx")],
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
     assert result.returncode == 0, "aimet-onnx now rejects wrong-signed offsets itself: update DESIGN.md"
 
 
 def test_aimet_stays_out_of_the_main_environment() -> None:
     """aimet-onnx must not be importable here: installing it into the main environment replaces torch."""
-    main = subprocess.run([sys.executable, "-c", "import importlib.util as u; print(u.find_spec('aimet_onnx'))"],
-                          capture_output=True, text=True)
+    main = subprocess.run(
+        [sys.executable, "-c", "import importlib.util as u; print(u.find_spec('aimet_onnx'))"],
+        capture_output=True,
+        text=True,
+    )
     assert main.stdout.strip() == "None"

@@ -30,7 +30,9 @@ def ranges(effnet_onnx: Path, photo_batch: np.ndarray) -> RangeSet:
 
 @pytest.fixture(scope="module")
 def orin_int8(tmp_path_factory: pytest.TempPathFactory, effnet_onnx: Path, ranges: RangeSet) -> JetsonBundle:
-    return export_jetson(effnet_onnx, "orin-jp6.1", "int8", tmp_path_factory.mktemp("jet") / "orin", ranges=ranges)
+    return export_jetson(
+        effnet_onnx, "orin-jp6.1", "int8", tmp_path_factory.mktemp("jet") / "orin", ranges=ranges
+    )
 
 
 def _fake_trtexec(folder: Path) -> Path:
@@ -45,11 +47,17 @@ def _run(script: Path, trtexec: Path, trt_version: str) -> subprocess.CompletedP
     return subprocess.run(["bash", str(script)], capture_output=True, text=True, env=env, cwd="/")
 
 
-@pytest.mark.parametrize(("target", "header"), [("xavier-jp5", "TRT-8502-EntropyCalibration2"),
-                                                ("orin-jp6.1", "TRT-100300-EntropyCalibration2"),
-                                                ("thor", "TRT-101300-EntropyCalibration2")])
-def test_cache_header_matches_the_jetpack_tensorrt(tmp_path: Path, effnet_onnx: Path, ranges: RangeSet,
-                                                   target: str, header: str) -> None:
+@pytest.mark.parametrize(
+    ("target", "header"),
+    [
+        ("xavier-jp5", "TRT-8502-EntropyCalibration2"),
+        ("orin-jp6.1", "TRT-100300-EntropyCalibration2"),
+        ("thor", "TRT-101300-EntropyCalibration2"),
+    ],
+)
+def test_cache_header_matches_the_jetpack_tensorrt(
+    tmp_path: Path, effnet_onnx: Path, ranges: RangeSet, target: str, header: str
+) -> None:
     b = export_jetson(effnet_onnx, target, "int8", tmp_path / target, ranges=ranges)
     assert b.calib_cache is not None
     got_header, scales = read_cache_with_header(b.calib_cache)
@@ -65,12 +73,19 @@ def test_bundle_folder_contents_and_relative_plan(orin_int8: JetsonBundle, effne
     plan = json.loads((orin_int8.folder / "plan.json").read_text())
     assert plan["onnx"] == effnet_onnx.name and plan["calib_cache"] == "calib.cache"
     assert plan["trt_version"].startswith("10.3") and plan["target"] == "orin-jp6.1"
-    assert orin_int8.requires() == {"kind": "jetson", "jetpack": "6.1", "tensorrt": plan["trt_version"],
-                                    "sm": "sm87", "device": orin_int8.target.name}
+    assert orin_int8.requires() == {
+        "kind": "jetson",
+        "jetpack": "6.1",
+        "tensorrt": plan["trt_version"],
+        "sm": "sm87",
+        "device": orin_int8.target.name,
+    }
     assert (orin_int8.folder / effnet_onnx.name).read_bytes() == effnet_onnx.read_bytes()
 
 
-def test_build_script_runs_the_plan_only_on_the_matching_tensorrt(tmp_path: Path, orin_int8: JetsonBundle) -> None:
+def test_build_script_runs_the_plan_only_on_the_matching_tensorrt(
+    tmp_path: Path, orin_int8: JetsonBundle
+) -> None:
     fake = _fake_trtexec(tmp_path)
     ok = _run(orin_int8.build_script, fake, "10.3.0")
     assert ok.returncode == 0, ok.stderr
@@ -84,15 +99,21 @@ def test_build_script_runs_the_plan_only_on_the_matching_tensorrt(tmp_path: Path
     assert not (tmp_path / "trtexec.args").exists()  # trtexec never ran
 
 
-def test_build_script_reads_the_version_from_the_trtexec_banner(tmp_path: Path, orin_int8: JetsonBundle) -> None:
+def test_build_script_reads_the_version_from_the_trtexec_banner(
+    tmp_path: Path, orin_int8: JetsonBundle
+) -> None:
     fake = tmp_path / "trtexec"
-    fake.write_text('#!/usr/bin/env bash\nif [ "$1" = --help ]; then echo "&&&& RUNNING TensorRT.trtexec '
-                    '[TensorRT v100300] # trtexec --help"; exit 0; fi\necho built > "$(dirname "$0")/built"\n')
+    fake.write_text(
+        '#!/usr/bin/env bash\nif [ "$1" = --help ]; then echo "&&&& RUNNING TensorRT.trtexec '
+        '[TensorRT v100300] # trtexec --help"; exit 0; fi\necho built > "$(dirname "$0")/built"\n'
+    )
     fake.chmod(0o755)
     tools = tmp_path / "bin"  # a PATH with the basics but no dpkg-query and no python3: banner only
     tools.mkdir()
     for tool in ("bash", "grep", "dirname"):
-        (tools / tool).symlink_to(subprocess.run(["which", tool], capture_output=True, text=True).stdout.strip())
+        (tools / tool).symlink_to(
+            subprocess.run(["which", tool], capture_output=True, text=True).stdout.strip()
+        )
     env = {"PATH": str(tools), "TRTEXEC": str(fake)}
     run = subprocess.run(["/bin/bash", str(orin_int8.build_script)], capture_output=True, text=True, env=env)
     assert run.returncode == 0, run.stderr
@@ -110,8 +131,15 @@ def test_profile_script_uses_trtexec_timers(tmp_path: Path, orin_int8: JetsonBun
         (orin_int8.folder / "model.engine").unlink()
     assert ran.returncode == 0, ran.stderr
     args = (tmp_path / "trtexec.args").read_text().split()
-    for flag in ("--loadEngine=model.engine", "--useCudaGraph", "--noDataTransfers", "--separateProfileRun",
-                 "--percentile=90,95,99", "--exportTimes=times.json", "--shapes=images:1x3x224x224"):
+    for flag in (
+        "--loadEngine=model.engine",
+        "--useCudaGraph",
+        "--noDataTransfers",
+        "--separateProfileRun",
+        "--percentile=90,95,99",
+        "--exportTimes=times.json",
+        "--shapes=images:1x3x224x224",
+    ):
         assert flag in args
 
 
@@ -133,15 +161,35 @@ def test_refusals(tmp_path: Path, effnet_onnx: Path, ranges: RangeSet) -> None:
 
 def test_cli_export_jetson_and_bad_inputs(tmp_path: Path, effnet_onnx: Path, ranges: RangeSet) -> None:
     ranges_path = ranges.save(tmp_path / "r.json")
-    ok = CliRunner().invoke(cli, ["export-jetson", str(effnet_onnx), "--target", "xavier-jp5", "--precision",
-                                  "int8", "--ranges", str(ranges_path), "--out", str(tmp_path / "ok"), "--json"])
+    ok = CliRunner().invoke(
+        cli,
+        [
+            "export-jetson",
+            str(effnet_onnx),
+            "--target",
+            "xavier-jp5",
+            "--precision",
+            "int8",
+            "--ranges",
+            str(ranges_path),
+            "--out",
+            str(tmp_path / "ok"),
+            "--json",
+        ],
+    )
     assert ok.exit_code == 0, ok.output
     assert json.loads(ok.output)["tensorrt"] == "8.5.2"
-    for args, message in ((["--target", "a100", "--precision", "fp16"], "not a Jetson"),
-                          (["--target", "orin-jp6.1", "--precision", "int8"], "INT8 needs"),
-                          (["--target", "nano", "--precision", "fp16"], "unknown target")):
+    for args, message in (
+        (["--target", "a100", "--precision", "fp16"], "not a Jetson"),
+        (["--target", "orin-jp6.1", "--precision", "int8"], "INT8 needs"),
+        (["--target", "nano", "--precision", "fp16"], "unknown target"),
+    ):
         out = tmp_path / "bad"
-        r = subprocess.run(["python3", "-m", "trtbuild.cli", "export-jetson", str(effnet_onnx), "--out", str(out),
-                            *args], capture_output=True, text=True, env={**os.environ})
+        r = subprocess.run(
+            ["python3", "-m", "trtbuild.cli", "export-jetson", str(effnet_onnx), "--out", str(out), *args],
+            capture_output=True,
+            text=True,
+            env={**os.environ},
+        )
         assert r.returncode == 2 and r.stderr.startswith("error: ") and message in r.stderr, r.stderr
         assert len(r.stderr.strip().splitlines()) == 1 and not out.exists()

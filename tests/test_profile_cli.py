@@ -178,36 +178,45 @@ def test_cli_mixed_runtimes_torch_vs_onnx(tmp_path: Path) -> None:
     assert torch_row["accuracy"]["max_abs"] < 1e-4 and torch_row["accuracy"]["cosine"] > 0.99999
 
 
-def test_torch_model_without_input_shapes_exits_2(tmp_path: Path) -> None:
+def test_torch_model_without_input_shapes_exits_2(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     import torch
 
     pt_path = tmp_path / "net.pt"
     torch.jit.save(torch.jit.trace(torch.nn.ReLU(), torch.randn(1, 3)), str(pt_path))
     report = tmp_path / "r.json"
-    assert "needs its input shapes" in one_line_error(run_cli(pt_path, "--report", report))
+    assert "needs its input shapes" in one_line_error(capsys, pt_path, "--report", report)
     assert not report.exists()
 
 
-def one_line_error(proc: subprocess.CompletedProcess[str]) -> str:
-    assert proc.returncode == 2, (proc.returncode, proc.stderr)
-    lines = proc.stderr.strip().splitlines()
-    assert len(lines) == 1 and lines[0].startswith("error: "), proc.stderr
+def one_line_error(capsys: pytest.CaptureFixture[str], *args: str | Path) -> str:
+    """Run the real entry point (`trtbuild.cli.main`) in-process: exit code 2 and one `error:` line."""
+    from trtbuild.cli import main
+
+    capsys.readouterr()
+    with pytest.raises(SystemExit) as exit_info:
+        main(["profile", *map(str, args)])
+    err = capsys.readouterr().err
+    assert exit_info.value.code == 2, err
+    lines = err.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: "), err
     return lines[0]
 
 
-def test_missing_file_exits_2(tmp_path: Path) -> None:
+def test_missing_file_exits_2(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     report = tmp_path / "r.json"
-    line = one_line_error(run_cli(tmp_path / "nope.onnx", "--report", report))
+    line = one_line_error(capsys, tmp_path / "nope.onnx", "--report", report)
     assert "does not exist" in line
     assert not report.exists()
 
 
 @pytest.mark.skipif(tensorrt_available(), reason="checks the no-TensorRT error")
-def test_engine_without_tensorrt_exits_2(effnet_onnx: Path, tmp_path: Path) -> None:
+def test_engine_without_tensorrt_exits_2(
+    effnet_onnx: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
     engine = tmp_path / "effnet.engine"
     engine.write_bytes(b"\0" * 64)
     report, plot = tmp_path / "r.json", tmp_path / "r.png"
-    line = one_line_error(run_cli(effnet_onnx, engine, "--report", report, "--plot", plot))
+    line = one_line_error(capsys, effnet_onnx, engine, "--report", report, "--plot", plot)
     assert "needs TensorRT" in line and "--runtime ort" in line
     assert not report.exists() and not plot.exists()
 
@@ -221,15 +230,31 @@ def test_engine_without_tensorrt_exits_2(effnet_onnx: Path, tmp_path: Path) -> N
         (["--runtime", "trt"], "cannot run"),
         (["--baseline", "{tmp}/other.onnx"], "baseline other.onnx is not one of"),
         (["--batch", "0"], "batch sizes must be positive"),
+        (["--threads", "0"], "--threads 0 is not positive"),
+        (["--accuracy-samples", "0"], "at least one sample"),
     ],
 )
-def test_bad_options_exit_2(effnet_onnx: Path, tmp_path: Path, args: list[str], expected: str) -> None:
-    line = one_line_error(run_cli(effnet_onnx, *(a.format(tmp=tmp_path) for a in args)))
+def test_bad_options_exit_2(
+    effnet_onnx: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str], args: list[str], expected: str
+) -> None:
+    line = one_line_error(capsys, effnet_onnx, *(a.format(tmp=tmp_path) for a in args))
     assert expected in line
     assert list(tmp_path.iterdir()) == []  # nothing written
 
 
-def test_unknown_suffix_exits_2(tmp_path: Path) -> None:
+@pytest.mark.skipif(
+    "CUDAExecutionProvider" in __import__("onnxruntime").get_available_providers(),
+    reason="checks the error when ONNX Runtime has no CUDA provider",
+)
+def test_device_cuda_without_ort_gpu_exits_2(
+    effnet_onnx: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    report = tmp_path / "r.json"
+    line = one_line_error(capsys, effnet_onnx, "--device", "cuda", "--report", report)
+    assert "CUDAExecutionProvider" in line and not report.exists()
+
+
+def test_unknown_suffix_exits_2(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     weights = tmp_path / "model.bin"
     weights.write_bytes(b"1234")
-    assert "cannot tell what model.bin is" in one_line_error(run_cli(weights))
+    assert "cannot tell what model.bin is" in one_line_error(capsys, weights)

@@ -82,15 +82,15 @@ def photo_crops(count: int, size: int = EFFNET_SIZE, seed: int = 0) -> np.ndarra
         patch = img[top : top + side, left : left + side]
         if rng.random() < 0.5:
             patch = patch[:, ::-1]
-        crops[i] = np.asarray(Image.fromarray(np.ascontiguousarray(patch)).resize((size, size), Image.BILINEAR))
+        crops[i] = np.asarray(Image.fromarray(np.ascontiguousarray(patch)).resize((size, size), Image.Resampling.BILINEAR))
     return crops
 
 
 def normalize_imagenet(images_nhwc_uint8: np.ndarray) -> np.ndarray:
     """uint8 NHWC photos -> float32 NCHW with ImageNet mean/std: EfficientNet-Lite0's input."""
-    x = images_nhwc_uint8.astype(np.float32) / 255.0
-    x = (x - np.array(IMAGENET_MEAN, np.float32)) / np.array(IMAGENET_STD, np.float32)
-    return np.ascontiguousarray(x.transpose(0, 3, 1, 2))
+    scaled = images_nhwc_uint8.astype(np.float32) / np.float32(255.0)
+    normalized = (scaled - np.array(IMAGENET_MEAN, np.float32)) / np.array(IMAGENET_STD, np.float32)
+    return np.ascontiguousarray(normalized.transpose(0, 3, 1, 2), dtype=np.float32)
 
 
 def write_photo_folder(folder: str | Path, count: int, size: int = EFFNET_SIZE, seed: int = 0) -> Path:

@@ -44,6 +44,30 @@ def _onnx_io(path: Path) -> dict[str, Any]:
     }
 
 
+def _check_combination(target: str, precision: str, ranges: RangeSet | None, calibration: Any) -> None:
+    from trtbuild.targets import check_precision, get_target
+
+    if target in QUALCOMM_TARGETS:
+        if precision != "int8":
+            raise TrtbuildError(
+                f"the Qualcomm handoff is INT8 (AIMET encodings), not {precision}",
+                "use --precision int8 for snpe/qairt targets",
+            )
+        if ranges is None or calibration is None:
+            raise TrtbuildError(
+                "a Qualcomm bundle needs calibrated ranges and calibration data",
+                "pass --ranges and --calib-data",
+            )
+        return
+    tgt = get_target(target)
+    if tgt.kind != "jetson":
+        raise TrtbuildError(
+            f"target '{tgt.id}' is not a Jetson or Qualcomm target",
+            "bundle Jetson targets or snpe/qairt (data-center engines are built by `trtbuild build`)",
+        )
+    check_precision(precision)
+
+
 def create_bundles(
     model_path: str | os.PathLike[str],
     targets: Sequence[str],
@@ -73,6 +97,9 @@ def create_bundles(
     if not src.is_file():
         raise TrtbuildError(f"model '{src}' does not exist", "pass the FP32 ONNX from `trtbuild export`")
     name = model_name or src.name.split(".")[0]
+    for target in targets:  # refuse a bad combination before any bundle is written
+        for precision in precisions:
+            _check_combination(target, precision, ranges, calibration)
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     written: list[Path] = []

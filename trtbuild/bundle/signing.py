@@ -7,9 +7,11 @@ Environment: ``TRTBUILD_SIGNING_KEY`` (private key PEM text, or a path to it) fo
 from __future__ import annotations
 
 import base64
+import contextlib
 import hashlib
 import json
 import os
+import tempfile
 from pathlib import Path
 from typing import Any
 
@@ -45,9 +47,7 @@ def generate_keypair(
     pem = key.private_bytes(
         serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()
     )
-    with atomic.atomic_path(priv) as tmp:
-        tmp.write_bytes(pem)
-        tmp.chmod(0o600)
+    _write_secret(priv, pem)
     atomic.write_bytes(
         pub,
         key.public_key().public_bytes(
@@ -55,6 +55,21 @@ def generate_keypair(
         ),
     )
     return priv, pub
+
+
+def _write_secret(path: Path, data: bytes) -> None:
+    """Atomic, and 0600 from creation to rename (trtbuild.atomic widens modes to the umask)."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp_name = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)  # created 0600
+    try:
+        with os.fdopen(fd, "wb") as fh:
+            fh.write(data)
+            fh.flush()
+            os.fsync(fh.fileno())
+        os.replace(tmp_name, path)
+    finally:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(tmp_name)
 
 
 def _key_text(source: str | os.PathLike[str] | None, env: str, what: str) -> bytes:

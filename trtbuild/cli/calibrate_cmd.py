@@ -11,7 +11,7 @@ from calibrators import cache
 from calibrators.calibrate import compute_ranges
 from calibrators.collect import DEFAULT_BATCH_SIZE, collect
 from calibrators.methods import DEFAULT_PERCENTILE, METHODS
-from calibrators.preprocess import IMAGENET_MEAN, IMAGENET_STD, LAYOUTS, Preprocess, parse_floats
+from calibrators.preprocess import DTYPES, IMAGENET_MEAN, IMAGENET_STD, LAYOUTS, Preprocess, parse_floats
 from calibrators.ranges import RangeSet
 from trtbuild import console
 
@@ -90,6 +90,14 @@ def _table(ranges: RangeSet, rows: int) -> Table:
 @click.option(
     "--layout", type=click.Choice(LAYOUTS), default="NCHW", show_default=True, help="Images: layout."
 )
+@click.option(
+    "--dtype",
+    "image_dtype",
+    type=click.Choice(DTYPES),
+    default="float32",
+    show_default=True,
+    help="Images: array dtype fed to the model.",
+)
 @click.option("--json", "as_json", is_flag=True, help="Print a JSON summary on stdout.")
 def calibrate_command(
     model: Path,
@@ -111,6 +119,7 @@ def calibrate_command(
     std: str,
     scale: float,
     layout: str,
+    image_dtype: str,
     as_json: bool,
 ) -> None:
     """Calibrate MODEL.onnx on --data: per-tensor INT8 ranges (JSON) and a TensorRT calibration cache."""
@@ -127,6 +136,7 @@ def calibrate_command(
         std=parse_floats(std, "std"),
         scale=scale,
         layout=layout,
+        dtype=image_dtype,
     )
     proto: onnx.ModelProto = load_model(model)
     tensors = tensors_to_collect(proto, exclude, exclude_op) if (exclude or exclude_op) else None

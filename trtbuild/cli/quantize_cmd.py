@@ -1,4 +1,4 @@
-"""`trtbuild quantize`: calibrate, place Q/DQ, gate on held-out fidelity, optionally fall back layers to float."""
+"""`trtbuild quantize`: calibrate, place Q/DQ, gate on held-out fidelity, optionally keep layers float."""
 
 from __future__ import annotations
 
@@ -13,7 +13,13 @@ from calibrators.fidelity import parse_min_fidelity
 from calibrators.methods import METHODS
 from calibrators.preprocess import IMAGENET_MEAN, IMAGENET_STD, LAYOUTS, Preprocess, parse_floats
 from calibrators.qdq import ACTIVATION_TYPES
-from calibrators.quantize import DEFAULT_HOLDOUT, DEFAULT_TRT_VERSION, FidelityGateError, QuantizeResult, quantize
+from calibrators.quantize import (
+    DEFAULT_HOLDOUT,
+    DEFAULT_TRT_VERSION,
+    FidelityGateError,
+    QuantizeResult,
+    quantize,
+)
 from trtbuild import console
 
 
@@ -37,16 +43,24 @@ def _float_table(result: QuantizeResult) -> Table:
     help="Image folder, .npy/.npz file, or folder of .npy/.npz (npz keys = input names).",
 )
 @click.option("--method", type=click.Choice(list(METHODS)), default="entropy", show_default=True)
-@click.option("--samples", type=int, default=None, help="Calibrate on N samples (default: all but the held-out).")
 @click.option(
-    "--holdout", type=int, default=DEFAULT_HOLDOUT, show_default=True, help="Held-out samples for the fidelity gate."
+    "--samples", type=int, default=None, help="Calibrate on N samples (default: all but the held-out)."
+)
+@click.option(
+    "--holdout",
+    type=int,
+    default=DEFAULT_HOLDOUT,
+    show_default=True,
+    help="Held-out samples for the fidelity gate.",
 )
 @click.option(
     "--min-fidelity",
     default=None,
     help="Gate: '99%', '0.99' or 'top1=0.99,cosine=0.99' (default: 99% top-1 agreement / 0.99 cosine).",
 )
-@click.option("--auto-fallback", is_flag=True, help="Keep the fewest most sensitive layers in float to meet the gate.")
+@click.option(
+    "--auto-fallback", is_flag=True, help="Keep the fewest most sensitive layers in float to meet the gate."
+)
 @click.option("--exclude", multiple=True, help="Regex of node names to keep in float (repeatable).")
 @click.option("--exclude-op-type", multiple=True, help="Op type to keep in float (repeatable).")
 @click.option(
@@ -56,17 +70,29 @@ def _float_table(result: QuantizeResult) -> Table:
     show_default=True,
     help="int8: symmetric, for TensorRT. uint8: asymmetric, for ONNX Runtime CPU deployment.",
 )
-@click.option("--trt-version", default=DEFAULT_TRT_VERSION, show_default=True, help="Calibration cache header version.")
-@click.option("--out-dir", type=click.Path(path_type=Path), default=None, help="Output folder (default: the model's).")
+@click.option(
+    "--trt-version", default=DEFAULT_TRT_VERSION, show_default=True, help="Calibration cache header version."
+)
+@click.option(
+    "--out-dir", type=click.Path(path_type=Path), default=None, help="Output folder (default: the model's)."
+)
 @click.option("--seed", type=int, default=0, show_default=True)
 @click.option("--batch-size", type=int, default=DEFAULT_BATCH_SIZE, show_default=True)
 @click.option("--threads", type=int, default=None, help="ONNX Runtime intra-op threads (default: all cores).")
 @click.option("--resize", type=int, default=None, help="Images: short side before cropping.")
-@click.option("--crop", type=int, default=None, help="Images: center-crop size (default: the model's input size).")
-@click.option("--mean", default=",".join(map(str, IMAGENET_MEAN)), show_default=True, help="Images: per-channel mean.")
-@click.option("--std", default=",".join(map(str, IMAGENET_STD)), show_default=True, help="Images: per-channel std.")
+@click.option(
+    "--crop", type=int, default=None, help="Images: center-crop size (default: the model's input size)."
+)
+@click.option(
+    "--mean", default=",".join(map(str, IMAGENET_MEAN)), show_default=True, help="Images: per-channel mean."
+)
+@click.option(
+    "--std", default=",".join(map(str, IMAGENET_STD)), show_default=True, help="Images: per-channel std."
+)
 @click.option("--scale", type=float, default=1 / 255, show_default=True, help="Images: pixel multiplier.")
-@click.option("--layout", type=click.Choice(LAYOUTS), default="NCHW", show_default=True, help="Images: layout.")
+@click.option(
+    "--layout", type=click.Choice(LAYOUTS), default="NCHW", show_default=True, help="Images: layout."
+)
 @click.option("--json", "as_json", is_flag=True, help="Print a JSON summary on stdout.")
 def quantize_command(
     model: Path,
@@ -138,8 +164,9 @@ def quantize_command(
     if result.plan.excluded:
         console.out.print(_float_table(result))
     console.out.print(
-        f"{len(result.plan.quantized_nodes)} layers INT8 ({activation_type}), {len(result.plan.excluded)} float; "
-        f"{result.calibration_samples} calibration / {result.holdout_samples} held-out samples, method {method}"
+        f"{len(result.plan.quantized_nodes)} layers INT8 ({activation_type}), "
+        f"{len(result.plan.excluded)} float; {result.calibration_samples} calibration / "
+        f"{result.holdout_samples} held-out samples, method {method}"
     )
     for label, path in (
         ("onnx", result.onnx_path),

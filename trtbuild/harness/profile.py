@@ -1,5 +1,5 @@
 """`profile_models`: the Python API behind `trtbuild profile`. Validates every input before any work,
-then profiles each (model, batch) in turn and compares every ONNX candidate's accuracy to the baseline."""
+then profiles each (model, batch) in turn and compares every candidate's outputs with the ONNX baseline."""
 
 from __future__ import annotations
 
@@ -78,6 +78,26 @@ def plan_candidates(paths: Sequence[str | Path], runtime: str = "auto") -> list[
             "two models have the same file name", "rename one so the report rows are distinct"
         )
     return out
+
+
+def _require_cuda_runtimes(runtimes: set[str]) -> None:
+    """--device cuda: fail before any work when ONNX Runtime or PyTorch here cannot use a GPU."""
+    if "ort" in runtimes:
+        import onnxruntime
+
+        if "CUDAExecutionProvider" not in onnxruntime.get_available_providers():
+            raise TrtbuildError(
+                "--device cuda needs onnxruntime-gpu, but this ONNX Runtime has no CUDAExecutionProvider",
+                "install onnxruntime-gpu on a CUDA machine, or use --device cpu",
+            )
+    if "torch" in runtimes:
+        import torch
+
+        if not torch.cuda.is_available():
+            raise TrtbuildError(
+                "--device cuda: PyTorch here has no CUDA device",
+                "use a CUDA build of torch on a GPU machine, or --device cpu",
+            )
 
 
 def _make_runner(
@@ -166,6 +186,10 @@ def profile_models(
         raise TrtbuildError(
             "iterations must be >= 1 and times >= 0", "fix --iterations / --warmup-s / --duration-s"
         )
+    if accuracy and accuracy_samples < 1:
+        raise TrtbuildError(
+            "accuracy needs at least one sample", "pass --accuracy-samples 1 or more, or --no-accuracy"
+        )
     if device not in DEVICES:
         raise TrtbuildError(f"unknown device '{device}'", "use cpu or cuda")
     if cuda_backend not in BACKENDS:
@@ -175,6 +199,8 @@ def profile_models(
             "a PyTorch model needs its input shapes",
             "give --input name:1x3x224x224 (the batch is replaced by --batch)",
         )
+    if device == "cuda":
+        _require_cuda_runtimes({c.runtime for c in candidates})
     if any(c.runtime == "trt" for c in candidates):
         require_tensorrt(next(c.name for c in candidates if c.runtime == "trt"))
     base_name = Path(baseline).name if baseline is not None else candidates[0].name

@@ -1,0 +1,233 @@
+"""INT8 quantization, side by side in one run, on the same models and data:
+
+* fidelity vs FP32 on held-out samples (top-1 agreement for classifiers, cosine otherwise) of
+  trtbuild (Q/DQ placement + our calibration) vs ONNX Runtime quantize_static (Entropy, QDQ, per-channel)
+  vs NVIDIA ModelOpt ONNX INT8 (skipped when it cannot be installed without changing onnx/onnxruntime);
+* ONNX Runtime CPU latency at batch 1 (1 thread): FP32 vs our INT8 (uint8 activations) vs ORT's QDQ output.
+
+Run: python3 bench/bench_quantize.py  (about 3-5 minutes on 2 cores)
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import onnx
+import onnx.version_converter
+import onnxruntime as ort
+from rich.console import Console
+from rich.table import Table
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
+
+from calibrators import fidelity  # noqa: E402
+from calibrators.calibrate import compute_ranges  # noqa: E402
+from calibrators.collect import collect  # noqa: E402
+from calibrators.qdq import QdqOptions, apply_qdq, plan_qdq, quantizable_activations  # noqa: E402
+from trtbuild import examples  # noqa: E402
+
+ort.set_default_logger_severity(3)
+console = Console(width=140)
+Sample = dict[str, np.ndarray]
+
+
+def effnet(tmp: Path) -> tuple[Path, list[Sample], list[Sample]]:
+    import torch
+
+    path = tmp / "effnet.onnx"
+    torch.onnx.export(
+        examples.efficientnet_lite0(),
+        (torch.zeros(1, 3, 224, 224),),
+        str(path),
+        input_names=["images"],
+        output_names=["logits"],
+        dynamic_axes={"images": {0: "batch"}, "logits": {0: "batch"}},
+        opset_version=17,
+        dynamo=False,
+    )
+    x = examples.normalize_imagenet(examples.photo_crops(64, seed=1))
+    samples = [{"images": x[i : i + 1]} for i in range(len(x))]
+    return path, samples[:32], samples[32:]
+
+
+def minilm(tmp: Path) -> tuple[Path, list[Sample], list[Sample]]:
+    from test_quantize_models import build_minilm_onnx  # the same export and sentences as the tests
+
+    path, samples = build_minilm_onnx(tmp)
+    return path, samples[:16], samples[16:]
+
+
+def detector(tmp: Path) -> tuple[Path, list[Sample], list[Sample]]:
+    from test_quantize_models import fetch_det_onnx, make_page_crops
+
+    model = onnx.version_converter.convert_version(onnx.load(str(fetch_det_onnx())), 13)
+    path = tmp / "det13.onnx"
+    onnx.save(model, str(path))
+    name = model.graph.input[0].name
+    crops = make_page_crops()
+    samples = [{name: crops[i : i + 1]} for i in range(len(crops))]
+    return path, samples[:16], samples[16:]
+
+
+def stack(samples: list[Sample]) -> list[Sample]:
+    return [{k: np.concatenate([s[k] for s in samples]) for k in samples[0]}]
+
+
+def ours(path: Path, calib: list[Sample], method: str, activation_type: str) -> tuple[onnx.ModelProto, float]:
+    model = onnx.load(str(path))
+    start = time.perf_counter()
+    collection = collect(model, calib, tensors=quantizable_activations(model), show_progress=False)
+    ranges = compute_ranges(collection, method)
+    qmodel = apply_qdq(model, plan_qdq(model, ranges, QdqOptions(activation_type=activation_type)))
+    return qmodel, time.perf_counter() - start
+
+
+def ort_static(
+    path: Path, calib: list[Sample], tmp: Path, method: str
+) -> tuple[onnx.ModelProto | str, float]:
+    from onnxruntime.quantization import (
+        CalibrationDataReader,
+        CalibrationMethod,
+        QuantFormat,
+        quantize_static,
+    )
+
+    class Reader(CalibrationDataReader):
+        def __init__(self) -> None:
+            self.it = iter(calib)
+
+        def get_next(self) -> Sample | None:
+            return next(self.it, None)
+
+    out = tmp / f"{path.stem}.ort_{method}.onnx"
+    start = time.perf_counter()
+    try:
+        quantize_static(
+            str(path),
+            str(out),
+            Reader(),
+            quant_format=QuantFormat.QDQ,
+            per_channel=True,
+            calibrate_method=getattr(CalibrationMethod, method),
+        )
+    except Exception as exc:  # DESIGN.md: ORT's entropy calibrator crashes on some models
+        return f"crashed: {type(exc).__name__}: {str(exc)[:60]}", time.perf_counter() - start
+    return onnx.load(str(out)), time.perf_counter() - start
+
+
+def modelopt_status() -> str:
+    if importlib.util.find_spec("modelopt") is None:
+        return (
+            "skipped: nvidia-modelopt[onnx] 0.47 pins onnx~=1.21 and onnxruntime-gpu~=1.24 "
+            "(we have onnx 1.23, "
+            "onnxruntime 1.32); not installed in this environment"
+        )
+    return "installed but not wired into this benchmark"
+
+
+def latency_ms(
+    models: dict[str, onnx.ModelProto | Path | str], feed: Sample, repeats: int = 5, iters: int = 10
+) -> dict[str, float]:
+    """Batch-1 latency, one thread, sessions interleaved so machine noise hits all alike; min over repeats."""
+    options = ort.SessionOptions()
+    options.intra_op_num_threads = 1
+    options.log_severity_level = 3
+    sessions = {
+        k: ort.InferenceSession(
+            m.SerializeToString() if isinstance(m, onnx.ModelProto) else str(m),
+            options,
+            providers=["CPUExecutionProvider"],
+        )
+        for k, m in models.items()
+    }
+    best = {k: float("inf") for k in sessions}
+    for _ in range(repeats):
+        for k, s in sessions.items():
+            s.run(None, feed)
+            start = time.perf_counter()
+            for _ in range(iters):
+                s.run(None, feed)
+            best[k] = min(best[k], (time.perf_counter() - start) / iters * 1000)
+    return best
+
+
+def metric(report: fidelity.FidelityReport) -> str:
+    o = report.outputs[0]
+    if o.top1_agreement is not None:
+        return f"top-1 {o.top1_agreement:.1%} / cos {o.cosine:.4f}"
+    return f"cos {o.cosine:.4f} / SQNR {o.sqnr_db:.1f} dB"
+
+
+def main() -> None:
+    tmp = Path(tempfile.mkdtemp(prefix="bench_quantize_"))
+    fid = Table(
+        title="INT8 fidelity vs FP32 on held-out samples (same model, same calibration and held-out data)"
+    )
+    for col in ("model", "calib / held-out", "quantizer", "fidelity", "quantize wall s"):
+        fid.add_column(col)
+    lat = Table(title="ONNX Runtime CPU latency, batch 1, 1 thread (min of 5x10 runs, interleaved)")
+    for col in (
+        "model",
+        "FP32 ms",
+        "ours INT8 (uint8 act) ms",
+        "ORT QDQ ms",
+        "ours vs FP32",
+        "ours vs ORT QDQ",
+    ):
+        lat.add_column(col)
+    for label, build in (
+        ("EfficientNet-Lite0", effnet),
+        ("MiniLM-L6 (sentence emb.)", minilm),
+        ("PP-OCRv4 det (DBNet)", detector),
+    ):
+        console.print(f"[bold]{label}[/bold] ...")
+        path, calib, held = build(tmp)
+        model = onnx.load(str(path))
+        held_batches = stack(held)
+        reference = fidelity.run_batches(fidelity.session(model), held_batches)
+        classifiers = fidelity.classifier_outputs(model)
+        results: dict[str, tuple[onnx.ModelProto | str, float]] = {}
+        for method in ("entropy", "percentile", "minmax"):
+            results[f"trtbuild {method} (int8, TensorRT graph)"] = ours(path, calib, method, "int8")
+        results["trtbuild entropy (uint8, ORT CPU graph)"] = ours(path, calib, "entropy", "uint8")
+        results["ORT quantize_static Entropy QDQ per-channel"] = ort_static(path, calib, tmp, "Entropy")
+        results["ORT quantize_static MinMax QDQ per-channel"] = ort_static(path, calib, tmp, "MinMax")
+        for name, (qmodel, seconds) in results.items():
+            if isinstance(qmodel, str):
+                fid.add_row(label, f"{len(calib)} / {len(held)}", name, qmodel, f"{seconds:.1f}")
+                continue
+            test = fidelity.run_batches(fidelity.session(qmodel), held_batches)
+            fid.add_row(
+                label,
+                f"{len(calib)} / {len(held)}",
+                name,
+                metric(fidelity.compare(reference, test, classifiers=classifiers)),
+                f"{seconds:.1f}",
+            )
+        fid.add_row(label, "", "NVIDIA ModelOpt ONNX INT8", modelopt_status(), "")
+        ort_q = results["ORT quantize_static MinMax QDQ per-channel"][0]
+        if label.startswith("EfficientNet") and not isinstance(ort_q, str):
+            timed = latency_ms(
+                {"fp32": path, "ours": results["trtbuild entropy (uint8, ORT CPU graph)"][0], "ort": ort_q},
+                held[0],
+            )
+            lat.add_row(
+                label,
+                f"{timed['fp32']:.2f}",
+                f"{timed['ours']:.2f}",
+                f"{timed['ort']:.2f}",
+                f"{timed['fp32'] / timed['ours']:.2f}x faster",
+                f"{timed['ort'] / timed['ours']:.2f}x",
+            )
+        console.print(fid)
+    console.print(lat)
+
+
+if __name__ == "__main__":
+    main()
