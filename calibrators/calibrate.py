@@ -13,6 +13,7 @@ from typing import Any
 
 import onnx
 
+from calibrators.bias_correction import CHANNEL_MEANS_KEY, channel_means
 from calibrators.collect import DEFAULT_BATCH_SIZE, Collection, collect, load_model
 from calibrators.data import CalibrationData, model_inputs, open_data
 from calibrators.methods import DEFAULT_PERCENTILE, METHODS, amax_for
@@ -53,6 +54,9 @@ def compute_ranges(
     meta.update({"collect_seconds": round(collection.seconds, 3)})
     if method == "percentile":
         meta["percentile"] = percentile
+    means = channel_means(collection.stats)
+    if means:  # what Q/DQ placement needs for bias correction (QdqOptions.bias_correction)
+        meta[CHANNEL_MEANS_KEY] = means
     ranges = RangeSet(method=method, meta=meta)
     constant = []
     for name, stats in collection.stats.items():

@@ -1,8 +1,9 @@
 """Auto-fallback: find the fewest layers to keep in float so the INT8 model meets the fidelity gate.
 
-1. Sensitivity, two strategies. "local" (default, one FP32 and one INT8 run): the relative noise each layer
-   adds between its input and its output. "drop_one" (one run per layer): keep only that layer in float and
-   measure how much the fidelity error (KL for classifiers, 1 - cosine otherwise) drops.
+1. Sensitivity, two strategies. "drop_one" (one run per layer): keep only that layer in float and measure
+   how much the fidelity error (KL for classifiers, 1 - cosine otherwise) drops. "local" (one FP32 and one
+   INT8 run): the relative noise each layer adds between its input and its output. "auto" (default) uses
+   drop_one when one run per layer fits the time budget, else local.
 2. Greedy by sensitivity with verification: keep the top-k most sensitive layers in float, for the smallest
    k that passes on the full held-out split (doubling k, then bisecting), each candidate verified
    by a real run.
@@ -11,6 +12,7 @@
 from __future__ import annotations
 
 import re
+import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from typing import Any
@@ -47,6 +49,7 @@ class FallbackResult:
     plan: QdqPlan
     model: onnx.ModelProto
     trials: list[dict[str, Any]] = field(default_factory=list)  # k, passed, error for each verification
+    strategy: str = ""  # how sensitivity was measured: "local" or "drop_one"
 
     @property
     def passed(self) -> bool:
@@ -66,6 +69,7 @@ class FallbackResult:
             "baseline": self.baseline.to_json(),
             "final": self.final.to_json(),
             "trials": self.trials,
+            "strategy": self.strategy,
             "sensitivities": [s.__dict__ for s in self.sensitivities],
         }
 
@@ -73,7 +77,8 @@ class FallbackResult:
         kept = set(self.kept_float)
         table = Table(
             title=f"Auto-fallback: {len(kept)} layer(s) kept in float "
-            f"(error {self.baseline.score():.4g} -> {self.final.score():.4g}); most sensitive layers"
+            f"(error {self.baseline.score():.4g} -> {self.final.score():.4g}, {self.strategy} sensitivity); "
+            "most sensitive layers"
         )
         for col in ("layer", "op", "error if float", "gain", "kept float"):
             table.add_column(col, justify="left" if col in ("layer", "op") else "right")
@@ -205,7 +210,8 @@ def auto_fallback(
     *,
     reference: dict[str, np.ndarray] | None = None,
     sensitivity_samples: int = 8,
-    strategy: str = "local",
+    strategy: str = "auto",
+    sensitivity_budget_s: float = 60.0,
     on_layer: Callable[[str], None] | None = None,
 ) -> FallbackResult:
     """Keep the fewest most-sensitive layers in float so the model passes ``threshold`` on ``holdout``."""
@@ -218,14 +224,28 @@ def auto_fallback(
         return FallbackResult([], [], baseline, baseline, plan, apply_qdq(model, plan))
 
     sens_batches, n = _first_samples(holdout, sensitivity_samples)
+    if strategy not in ("auto", "local", "drop_one"):
+        raise TrtbuildError(f"unknown sensitivity strategy '{strategy}'", "use 'auto', 'local' or 'drop_one'")
+    if strategy == "auto":
+        # drop_one measures each layer exactly but costs one run per layer: use it when that fits the budget.
+        start = time.perf_counter()
+        _error(
+            planner,
+            planner.plan(),
+            sens_batches,
+            _slice_reference(reference, n),
+            threshold,
+            exact_kernels=False,
+        )
+        one_run = time.perf_counter() - start
+        strategy = "drop_one" if one_run * len(plan.quantized_nodes) <= sensitivity_budget_s else "local"
     if strategy == "local":
         sens = local_sensitivity(planner, plan, sens_batches)
-    elif strategy == "drop_one":
+    else:
         _, sens = layer_sensitivity(
             model, ranges, options, sens_batches, _slice_reference(reference, n), threshold, on_layer
         )
-    else:
-        raise TrtbuildError(f"unknown sensitivity strategy '{strategy}'", "use 'local' or 'drop_one'")
+
     order = [s.node for s in sens]
     trials: list[dict[str, Any]] = []
     cache: dict[int, FidelityReport] = {}
@@ -253,7 +273,7 @@ def auto_fallback(
         k = hi
     final_plan = planner.plan(order[:k])
     return FallbackResult(
-        order[:k], sens, baseline, verify(k), final_plan, apply_qdq(model, final_plan), trials
+        order[:k], sens, baseline, verify(k), final_plan, apply_qdq(model, final_plan), trials, strategy
     )
 
 

@@ -88,6 +88,11 @@ class TensorStats:
     max: float = float("-inf")
     exponent: int | None = None  # fine bin width = 2**exponent; None until a non-zero value arrives
     fine: np.ndarray = field(default_factory=lambda: np.zeros(FINE_BINS, dtype=np.int64))
+    # Sum of x per channel (axis 1) over everything else, for bias correction of the consumer's quantized
+    # weights; None until a batch of rank >= 2 arrives, or when batches disagree on the channel count.
+    channel_sum: np.ndarray | None = None
+    channel_count: int = 0  # values summed into each channel
+    channels_consistent: bool = True
 
     @property
     def absmax(self) -> float:
@@ -111,6 +116,7 @@ class TensorStats:
         lo, hi = _range(x)
         if not (np.isfinite(lo) and np.isfinite(hi)):  # NaN propagates into min/max, Inf shows there
             raise ValueError("non-finite values (NaN or Inf)")
+        self._add_channel_sums(x)  # before the histogram: that may overwrite x with |x|
         self.count += int(x.size)
         self.min, self.max = min(self.min, lo), max(self.max, hi)
         absmax = self.absmax
@@ -123,6 +129,27 @@ class TensorStats:
         elif exponent > self.exponent:
             self._coarsen(exponent - self.exponent)
         _accumulate(x.reshape(-1), float(np.ldexp(1.0, -self.exponent)), self.fine, overwrite)
+
+    def _add_channel_sums(self, x: np.ndarray) -> None:
+        if x.ndim < 2 or not self.channels_consistent:
+            self.channel_sum, self.channels_consistent = None, False
+            return
+        sums = x.sum(axis=(0, *range(2, x.ndim)), dtype=np.float64)
+        if self.channel_sum is None and self.count == 0:  # called before count is updated
+            self.channel_sum = sums
+        elif self.channel_sum is not None and self.channel_sum.shape == sums.shape:
+            self.channel_sum += sums
+        else:  # channel count changed between batches (or earlier batches were rank < 2): no means
+            self.channel_sum, self.channels_consistent = None, False
+            return
+        self.channel_count += x.size // x.shape[1]
+
+    @property
+    def channel_mean(self) -> np.ndarray | None:
+        """Mean of x per channel (axis 1), or None when unknown."""
+        if self.channel_sum is None or self.channel_count == 0:
+            return None
+        return self.channel_sum / self.channel_count
 
     def _coarsen(self, doublings: int) -> None:
         factor = 1 << doublings
@@ -137,6 +164,7 @@ class TensorStats:
         """Combine with statistics of the same tensor gathered elsewhere (e.g. another process)."""
         if other.count == 0:
             return
+        self._merge_channel_sums(other)
         if self.count == 0:
             self.count, self.min, self.max = other.count, other.min, other.max
             self.exponent, self.fine = other.exponent, other.fine.copy()
@@ -156,6 +184,21 @@ class TensorStats:
         self.fine += theirs
         self.count += other.count
         self.min, self.max = min(self.min, other.min), max(self.max, other.max)
+
+    def _merge_channel_sums(self, other: TensorStats) -> None:
+        if self.count == 0:
+            self.channels_consistent = other.channels_consistent
+            self.channel_sum = None if other.channel_sum is None else other.channel_sum.copy()
+            self.channel_count = other.channel_count
+        elif (
+            self.channel_sum is not None
+            and other.channel_sum is not None
+            and self.channel_sum.shape == other.channel_sum.shape
+        ):
+            self.channel_sum = self.channel_sum + other.channel_sum
+            self.channel_count += other.channel_count
+        else:
+            self.channel_sum, self.channels_consistent = None, False
 
     def abs_cdf(self) -> tuple[np.ndarray, np.ndarray]:
         """Piecewise-linear CDF of |x|: (strictly increasing points from 0 to absmax, cumulative counts).

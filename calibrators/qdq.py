@@ -17,6 +17,7 @@ import numpy as np
 import onnx
 from onnx import TensorProto, helper, numpy_helper
 
+from calibrators import bias_correction as bc
 from calibrators import qdq_rules as rules
 from calibrators import weights as wq
 from calibrators.ranges import RangeSet, TensorRange
@@ -38,6 +39,9 @@ class QdqOptions:
     tiny_conv_min_channels: int = rules.TINY_CONV_MIN_CHANNELS
     tiny_conv_min_fan_in: int = rules.TINY_CONV_MIN_FAN_IN
     huge_range: float = rules.HUGE_RANGE
+    # Subtract E[(W_q - W) x] from each quantized layer's float bias (needs the channel means that
+    # compute_ranges stores with the ranges; a no-op without them). See calibrators/bias_correction.py.
+    bias_correction: bool = True
 
     def __post_init__(self) -> None:
         if self.activation_type not in ACTIVATION_TYPES:
@@ -84,6 +88,8 @@ class WeightQdq:
     axis: int
     scales: tuple[float, ...]
     bias: str | None = None  # a bias quantized to int32 (uint8 activations only, for ORT's fused kernels)
+    corrected_bias: str | None = None  # the consumer's bias that gets ``bias_shift`` subtracted
+    bias_shift: tuple[float, ...] | None = None  # E[(W_q - W) x] per output channel on the calibration data
 
 
 @dataclass
@@ -597,16 +603,56 @@ def plan_qdq(
         )
     quantized_nodes = [n for n in sel.quantized_nodes if n not in dropped_nodes]
     keep = set(quantized_nodes)
+    means = bc.means_from(ranges)
     for w_name, (consumers, axis, bias) in sel.weights.items():
         live = tuple(c for c in consumers if c[0] in keep)
         if not live:
             continue
         scales = wq.per_channel_scales(g.constant(w_name), axis)
         use_bias = bias if options.activation_type == "uint8" and len(live) == 1 else None
-        plan.weights[w_name] = WeightQdq(w_name, live, axis, tuple(float(s) for s in scales), use_bias)
+        correction = (
+            _bias_correction(g, w_name, live, axis, scales, means) if options.bias_correction else None
+        )
+        plan.weights[w_name] = WeightQdq(
+            w_name,
+            live,
+            axis,
+            tuple(float(s) for s in scales),
+            use_bias,
+            correction[0] if correction else None,
+            correction[1] if correction else None,
+        )
     plan.quantized_nodes = quantized_nodes
     plan.node_types = {n: g.by_name[n].op_type for n in quantized_nodes}
     return plan
+
+
+def _bias_correction(
+    g: _Graph,
+    w_name: str,
+    consumers: Sequence[tuple[str, int]],
+    axis: int,
+    scales: np.ndarray,
+    means: Mapping[str, Any],
+) -> tuple[str, tuple[float, ...]] | None:
+    """(bias name, shift) for a weight read by one node whose own constant bias can absorb the shift."""
+    if len(consumers) != 1 or not means:
+        return None
+    node = g.by_name[consumers[0][0]]
+    mean = means.get(node.input[0])
+    if mean is None or len(node.input) < 3 or not node.input[2] or not g.is_constant(node.input[2]):
+        return None
+    bias = node.input[2]
+    attrs = {a.name: helper.get_attribute_value(a) for a in node.attribute}
+    if len(g.consumers.get(bias, [])) != 1 or float(attrs.get("beta", 1.0)) == 0.0:
+        return None  # a shared bias (or one Gemm ignores) cannot take one layer's correction
+    w = g.constant(w_name).astype(np.float32)
+    error = wq.dequantize_weight(wq.quantize_weight(w, scales, axis), scales, axis) - w
+    shift = bc.output_shift(error, np.asarray(mean, np.float64), node.op_type, attrs)
+    b = g.constant(bias)
+    if shift is None or b.ndim != 1 or b.size != shift.size or not np.all(np.isfinite(shift)):
+        return None
+    return bias, tuple(float(v) for v in shift)
 
 
 def _check_opset(model: onnx.ModelProto) -> None:
@@ -674,12 +720,19 @@ def apply_qdq(model: onnx.ModelProto | GraphCache, plan: QdqPlan, check: bool = 
         replaced.add(w_name)
         for consumer in wplan.consumers:
             rewire[consumer] = f"{w_name}_dequantized"
+        bias_values = _planned_bias(g, wplan)
+        if wplan.corrected_bias is not None and bias_values is not None:
+            b = wplan.corrected_bias
+            new_inits.append(numpy_helper.from_array(bias_values, f"{b}_corrected"))
+            rewire[(wplan.consumers[0][0], 2)] = f"{b}_corrected"
+            replaced.add(b)
         if wplan.bias is not None:
             node_name, _ = wplan.consumers[0]
             act_t = g.by_name[node_name].input[0]
             act_in = plan.activations.get(act_t)
             if act_in is not None and (node_name, 0) in act_in.consumers:
-                qb, b_scales = wq.quantize_bias(g.constant(wplan.bias), act_in.scale, scales)
+                values = bias_values if bias_values is not None else g.constant(wplan.bias)
+                qb, b_scales = wq.quantize_bias(values, act_in.scale, scales)
                 b = wplan.bias
                 new_inits += [
                     numpy_helper.from_array(qb, f"{b}_quantized"),
@@ -715,6 +768,16 @@ def apply_qdq(model: onnx.ModelProto | GraphCache, plan: QdqPlan, check: bool = 
     if check:
         onnx.checker.check_model(model)
     return model
+
+
+def _planned_bias(g: _Graph, wplan: WeightQdq) -> np.ndarray | None:
+    """The bias-corrected bias of a weight's consumer, or None without a correction."""
+    if wplan.corrected_bias is None or wplan.bias_shift is None:
+        return None
+    node = g.by_name[wplan.consumers[0][0]]
+    attrs = {a.name: helper.get_attribute_value(a) for a in node.attribute}
+    shift = np.asarray(wplan.bias_shift, np.float64)
+    return bc.corrected_bias(g.constant(wplan.corrected_bias), shift, node.op_type, attrs)
 
 
 def quantize_model(

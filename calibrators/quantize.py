@@ -99,6 +99,7 @@ def quantize(
     holdout: int = DEFAULT_HOLDOUT,
     min_fidelity: str | float | FidelityThreshold | None = None,
     auto_fallback: bool = False,
+    fallback_strategy: str = "auto",
     exclude: Sequence[str] = (),
     exclude_op_types: Sequence[str] = (),
     trt_version: str = DEFAULT_TRT_VERSION,
@@ -114,6 +115,7 @@ def quantize(
 
     ``data``: anything :func:`calibrators.data.open_data` takes (image folder, .npy/.npz, list, callable).
     ``exclude``: regexes of node names to keep float; ``exclude_op_types``: op types to keep float.
+    ``fallback_strategy``: how auto-fallback ranks layers: "auto", "drop_one" (exact) or "local" (one pass).
     """
     threshold = (
         min_fidelity
@@ -158,7 +160,7 @@ def quantize(
     fallback: FallbackResult | None = None
     if not report.passed and auto_fallback:
         fallback = fallback_search.auto_fallback(
-            model, ranges, options, held_batches, threshold, reference=reference
+            model, ranges, options, held_batches, threshold, reference=reference, strategy=fallback_strategy
         )
         plan, qmodel, report = fallback.plan, fallback.model, fallback.final
     if not report.passed:

@@ -214,7 +214,7 @@ def test_cli_bad_inputs_exit_2_one_line_nothing_written(
     elif case == "no_quantizable_ops":
         model = str(_tiny_relu_model(tmp_path / "relu.onnx"))
     elif case == "wrong_shape":
-        np.save(tmp_path / "x.npy", np.zeros((2, 3, 100, 100), np.float32))
+        np.save(tmp_path / "x.npy", np.zeros((12, 3, 100, 100), np.float32))
         data = str(tmp_path / "x.npy")
     elif case == "holdout_too_big":
         extra = ["--holdout", "400"]

@@ -20,7 +20,9 @@ def atomic_path(target: str | os.PathLike[str], suffix: str = "") -> Iterator[Pa
     tmp = Path(tmp_name)
     try:
         yield tmp
-        if tmp.exists():  # mkstemp makes 0600 files; give artifacts the usual umask-based mode
+        # mkstemp makes 0600 files: give untouched ones the usual umask-based mode (a block that set a
+        # mode itself, e.g. an executable script, keeps it)
+        if tmp.is_file() and tmp.stat().st_mode & 0o777 == 0o600:
             os.chmod(tmp, 0o666 & ~_umask())
         os.replace(tmp, target)
     finally:

@@ -61,6 +61,13 @@ def _float_table(result: QuantizeResult) -> Table:
 @click.option(
     "--auto-fallback", is_flag=True, help="Keep the fewest most sensitive layers in float to meet the gate."
 )
+@click.option(
+    "--fallback-strategy",
+    type=click.Choice(["auto", "drop_one", "local"]),
+    default="auto",
+    show_default=True,
+    help="How --auto-fallback ranks layers: drop_one (exact, one run per layer), local (one pass), auto.",
+)
 @click.option("--exclude", multiple=True, help="Regex of node names to keep in float (repeatable).")
 @click.option("--exclude-op-type", multiple=True, help="Op type to keep in float (repeatable).")
 @click.option(
@@ -102,6 +109,7 @@ def quantize_command(
     holdout: int,
     min_fidelity: str | None,
     auto_fallback: bool,
+    fallback_strategy: str,
     exclude: tuple[str, ...],
     exclude_op_type: tuple[str, ...],
     activation_type: str,
@@ -140,6 +148,7 @@ def quantize_command(
             holdout=holdout,
             min_fidelity=threshold,
             auto_fallback=auto_fallback,
+            fallback_strategy=fallback_strategy,
             exclude=exclude,
             exclude_op_types=exclude_op_type,
             trt_version=trt_version,
