@@ -16,6 +16,7 @@ Run: python3 bench/bench_quantize.py  (about 6-10 minutes on 2 cores)
 from __future__ import annotations
 
 import json
+import logging
 import subprocess
 import sys
 import tempfile
@@ -40,6 +41,8 @@ from calibrators.qdq import QdqOptions, apply_qdq, plan_qdq, quantizable_activat
 from trtbuild import examples  # noqa: E402
 
 ort.set_default_logger_severity(3)
+# quantize_static logs one root-logger warning per Conv bias on the detector; they bury the tables.
+logging.getLogger().setLevel(logging.ERROR)
 console = Console(width=140)
 Sample = dict[str, np.ndarray]
 

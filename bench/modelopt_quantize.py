@@ -17,7 +17,7 @@ the CPU onnxruntime (calibration runs on the CPU provider; the -gpu wheel ModelO
     python3 -m venv --system-site-packages .venv-modelopt
     .venv-modelopt/bin/python -m pip install -c <(python3 -m pip freeze | grep -E '^(torch|numpy)==') \
         "onnx~=1.21.0" "onnxruntime~=1.24.2" "onnx-graphsurgeon>=0.6.1" ninja "nvidia-ml-py>=12" \
-        "omegaconf>=2.3.0" "pulp<4.0" lief cppimport
+        "omegaconf>=2.3.0" "pulp<4.0" lief cppimport "setuptools>=80"
     .venv-modelopt/bin/python -m pip install --no-deps nvidia-modelopt==0.47.0
 
 Prints one JSON line: {"seconds": wall time of quantize(), "modelopt": version, "onnx": ..., "ort": ...}.

@@ -722,7 +722,7 @@ def apply_qdq(model: onnx.ModelProto | GraphCache, plan: QdqPlan, check: bool = 
             rewire[consumer] = f"{w_name}_dequantized"
         bias_values = _planned_bias(g, wplan)
         if wplan.corrected_bias is not None and bias_values is not None:
-            b = wplan.corrected_bias
+            b = wplan.corrected_bias  # a float bias (an int32 one below replaces it for uint8 kernels)
             new_inits.append(numpy_helper.from_array(bias_values, f"{b}_corrected"))
             rewire[(wplan.consumers[0][0], 2)] = f"{b}_corrected"
             replaced.add(b)
@@ -763,8 +763,9 @@ def apply_qdq(model: onnx.ModelProto | GraphCache, plan: QdqPlan, check: bool = 
 
     still_used = {t for n in graph.node for t in n.input}
     keep = [i for i in graph.initializer if i.name not in replaced or i.name in still_used]
+    added = [i for i in new_inits if i.name in still_used]  # e.g. a corrected float bias made int32
     del graph.initializer[:]
-    graph.initializer.extend(keep + new_inits)
+    graph.initializer.extend(keep + added)
     if check:
         onnx.checker.check_model(model)
     return model

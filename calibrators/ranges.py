@@ -1,4 +1,4 @@
-"""Calibrated ranges: the one set of numbers every output (Q/DQ ONNX, TRT cache, Qualcomm encodings) comes from."""
+"""Calibrated ranges: the one set of numbers every output (Q/DQ ONNX, TRT cache, encodings) comes from."""
 
 from __future__ import annotations
 
@@ -75,7 +75,9 @@ class RangeSet(Mapping[str, TensorRange]):
             "schema": RANGES_SCHEMA,
             "method": self.method,
             "meta": self.meta,
-            "tensors": {name: {k: v for k, v in asdict(r).items() if k != "name"} for name, r in self.ranges.items()},
+            "tensors": {
+                name: {k: v for k, v in asdict(r).items() if k != "name"} for name, r in self.ranges.items()
+            },
         }
 
     @classmethod
@@ -99,5 +101,7 @@ class RangeSet(Mapping[str, TensorRange]):
         try:
             data = json.loads(Path(path).read_text(encoding="utf-8"))
         except (OSError, ValueError) as exc:
-            raise TrtbuildError(f"cannot read ranges file {path}: {exc}", "pass a file written by `trtbuild calibrate`") from exc
+            raise TrtbuildError(
+                f"cannot read ranges file {path}: {exc}", "pass a file written by `trtbuild calibrate`"
+            ) from exc
         return cls.from_json(data)

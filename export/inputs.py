@@ -1,4 +1,4 @@
-"""Model input specs: `name:1x3x224x224[:float32]`, dynamic axes, and min/opt/max shapes for build profiles."""
+"""Model input specs (`name:1x3x224x224[:float32]`), dynamic axes, and min/opt/max shapes for profiles."""
 
 from __future__ import annotations
 
@@ -53,7 +53,9 @@ class InputSpec:
                     "give min/opt/max shapes of the same rank",
                 )
         lo, hi = self.min, self.max
-        if any(a > b for a, b in zip(lo, self.opt_shape)) or any(a > b for a, b in zip(self.opt_shape, hi)):
+        if any(a > b for a, b in zip(lo, self.opt_shape, strict=True)) or any(
+            a > b for a, b in zip(self.opt_shape, hi, strict=True)
+        ):
             raise TrtbuildError(
                 f"input '{self.name}' shapes are not ordered min <= opt <= max "
                 f"({fmt_shape(lo)}, {fmt_shape(self.opt_shape)}, {fmt_shape(hi)})",
@@ -74,7 +76,7 @@ class InputSpec:
 
     @property
     def dynamic_axes(self) -> tuple[int, ...]:
-        return tuple(i for i, (a, b) in enumerate(zip(self.min, self.max)) if a != b)
+        return tuple(i for i, (a, b) in enumerate(zip(self.min, self.max, strict=True)) if a != b)
 
     def with_dynamic_batch(self, max_batch: int) -> InputSpec:
         """Make axis 0 dynamic from 1 to ``max_batch`` (opt keeps the traced batch)."""
@@ -83,13 +85,23 @@ class InputSpec:
         return InputSpec(self.name, self.opt_shape, self.dtype, min_shape, max_shape)
 
     def to_json(self) -> dict[str, Any]:
-        return {"name": self.name, "dtype": self.dtype, "min": list(self.min), "opt": list(self.opt_shape),
-                "max": list(self.max)}
+        return {
+            "name": self.name,
+            "dtype": self.dtype,
+            "min": list(self.min),
+            "opt": list(self.opt_shape),
+            "max": list(self.max),
+        }
 
     @classmethod
     def from_json(cls, data: Mapping[str, Any]) -> InputSpec:
-        return cls(str(data["name"]), tuple(data["opt"]), str(data.get("dtype", "float32")),
-                   tuple(data["min"]), tuple(data["max"]))
+        return cls(
+            str(data["name"]),
+            tuple(data["opt"]),
+            str(data.get("dtype", "float32")),
+            tuple(data["min"]),
+            tuple(data["max"]),
+        )
 
 
 def fmt_shape(shape: Shape) -> str:

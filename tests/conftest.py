@@ -18,7 +18,9 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
     from trtbuild.hardware import cuda_available, tensorrt_available
 
     no_gpu = pytest.mark.skip(reason="needs an NVIDIA GPU with CUDA; none on this machine")
-    no_trt = pytest.mark.skip(reason="needs a real TensorRT install and a GPU; TensorRT is not installed here")
+    no_trt = pytest.mark.skip(
+        reason="needs a real TensorRT install and a GPU; TensorRT is not installed here"
+    )
     for item in items:
         if "tensorrt" in item.keywords and not (tensorrt_available() and cuda_available()):
             item.add_marker(no_trt)

@@ -1,4 +1,4 @@
-"""Write artifacts atomically: a temp file in the same folder, then rename, so a crash leaves nothing half-written."""
+"""Atomic artifact writes: a temp file beside the target, then rename: a crash leaves nothing half-written."""
 
 from __future__ import annotations
 

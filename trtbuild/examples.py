@@ -22,8 +22,23 @@ EFFNET_SIZE = 224
 
 # Colour and grey photos from skimage.data (grey ones are repeated to RGB).
 PHOTOS = (
-    "astronaut", "chelsea", "coffee", "rocket", "immunohistochemistry", "hubble_deep_field", "retina",
-    "colorwheel", "camera", "brick", "grass", "gravel", "coins", "moon", "clock", "page", "text",
+    "astronaut",
+    "chelsea",
+    "coffee",
+    "rocket",
+    "immunohistochemistry",
+    "hubble_deep_field",
+    "retina",
+    "colorwheel",
+    "camera",
+    "brick",
+    "grass",
+    "gravel",
+    "coins",
+    "moon",
+    "clock",
+    "page",
+    "text",
 )
 
 
@@ -82,7 +97,9 @@ def photo_crops(count: int, size: int = EFFNET_SIZE, seed: int = 0) -> np.ndarra
         patch = img[top : top + side, left : left + side]
         if rng.random() < 0.5:
             patch = patch[:, ::-1]
-        crops[i] = np.asarray(Image.fromarray(np.ascontiguousarray(patch)).resize((size, size), Image.Resampling.BILINEAR))
+        crops[i] = np.asarray(
+            Image.fromarray(np.ascontiguousarray(patch)).resize((size, size), Image.Resampling.BILINEAR)
+        )
     return crops
 
 

@@ -1,0 +1,85 @@
+"""`trtbuild demo`, the README's main job, end to end on the real EfficientNet-Lite0 and real photos."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import onnx
+import pytest
+
+from calibrators.cache import read_cache
+from calibrators.ranges import RangeSet
+from trtbuild.plan import BuildPlan
+
+
+@pytest.fixture(scope="module")
+def demo_run(tmp_path_factory: pytest.TempPathFactory) -> tuple[dict, Path]:
+    out = tmp_path_factory.mktemp("demo")
+    proc = subprocess.run(
+        [sys.executable, "-m", "trtbuild", "demo", "--out", str(out), "--json", "--profile-iterations", "10"],
+        capture_output=True,
+        text=True,
+        timeout=900,
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return json.loads(proc.stdout), out / "efficientnet_lite0"
+
+
+def test_demo_runs_every_stage_in_order(demo_run: tuple[dict, Path]) -> None:
+    result, folder = demo_run
+    assert [s["name"] for s in result["stages"]] == ["export", "quantize", "fp16", "plan", "profile", "ship"]
+    assert Path(result["out_dir"]) == folder
+
+
+def test_demo_export_is_verified_against_pytorch(demo_run: tuple[dict, Path]) -> None:
+    result, folder = demo_run
+    export = result["stages"][0]
+    assert export["verification"]["passed"] is True
+    assert max(o["max_abs"] for o in export["verification"]["outputs"]) < 1e-3
+    model = onnx.load(str(folder / "efficientnet_lite0.onnx"))
+    assert [i.name for i in model.graph.input] == ["images"]
+    assert model.graph.input[0].type.tensor_type.shape.dim[0].dim_param  # dynamic batch
+
+
+def test_demo_int8_artifacts_come_from_one_set_of_ranges(demo_run: tuple[dict, Path]) -> None:
+    result, folder = demo_run
+    quant = result["stages"][1]["quantize"]
+    assert quant["fidelity"]["passed"] is True
+    ranges = RangeSet.load(folder / "efficientnet_lite0.ranges.json")
+    scales = read_cache(folder / "efficientnet_lite0.calib.cache")
+    assert set(scales) == set(ranges)
+    for name, scale in scales.items():
+        assert scale == pytest.approx(ranges[name].amax / 127, rel=1e-6)
+    qdq = onnx.load(str(folder / "efficientnet_lite0.int8.onnx"))
+    assert sum(n.op_type == "QuantizeLinear" for n in qdq.graph.node) >= quant["qdq_tensors"] > 0
+
+
+def test_demo_plans_match_their_targets(demo_run: tuple[dict, Path]) -> None:
+    _, folder = demo_run
+    plans = {
+        p.name: BuildPlan.from_json(json.loads(p.read_text())) for p in (folder / "plans").glob("*.plan.json")
+    }
+    by_target = {(p.target, p.precision): p for p in plans.values()}
+    assert by_target[("h100", "int8")].onnx_kind == "qdq"
+    assert by_target[("a100", "fp16")].precision == "fp16"
+    orin = by_target[("orin-jp6.2", "int8")]
+    assert orin.trt_version.startswith("10.3") and orin.calib_cache
+    for script in (folder / "plans").glob("*.trtexec.sh"):
+        assert script.read_text().count("trtexec") >= 1
+
+
+def test_demo_profile_and_bundles(demo_run: tuple[dict, Path]) -> None:
+    result, folder = demo_run
+    profile = result["stages"][4]["profile"]
+    assert [c["name"] for c in profile["candidates"]] == [
+        "efficientnet_lite0.onnx",
+        "efficientnet_lite0.int8.onnx",
+    ]
+    assert all(c["latency"]["median_ms"] > 0 for c in profile["candidates"])
+    assert (folder / "profile" / "latency.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    bundles = result["stages"][5]["bundles"]
+    assert {b["target"] for b in bundles} == {"orin-jp6.2", "snpe"}
+    assert all(b["ok"] and b["files_checked"] > 0 and Path(b["path"]).is_file() for b in bundles)
