@@ -52,19 +52,33 @@ def main() -> int:
 
     with np.load(args.calib) as archive:
         calibration = {name: archive[name] for name in archive.files}
+    graph = onnx.load(str(args.model), load_external_data=False).graph
+    initializers = {i.name for i in graph.initializer}
+    inputs = sorted(i.name for i in graph.input if i.name not in initializers)
+    if sorted(calibration) != inputs:
+        print(
+            f"calibration arrays {sorted(calibration)} do not match the model inputs {inputs}",
+            file=sys.stderr,
+        )
+        return 2
     # Write next to the target and rename, so a crash never leaves a half-written model at `out`.
     partial = args.out.with_name(args.out.stem + ".partial.onnx")
     start = time.perf_counter()
-    quantize(
-        str(args.model),
-        quantize_mode="int8",
-        calibration_data=calibration,
-        calibration_method=args.method,
-        calibration_eps=["cpu"],  # no GPU / TensorRT here; the CPU provider is what the other rows use
-        high_precision_dtype="fp32",
-        output_path=str(partial),
-        log_level="ERROR",
-    )
+    try:
+        quantize(
+            str(args.model),
+            quantize_mode="int8",
+            calibration_data=calibration,
+            calibration_method=args.method,
+            calibration_eps=["cpu"],  # no GPU / TensorRT here; the CPU provider is what the other rows use
+            high_precision_dtype="fp32",
+            output_path=str(partial),
+            log_level="ERROR",
+        )
+    except Exception as exc:  # the caller shows our last stderr line, so make it say what broke
+        partial.unlink(missing_ok=True)
+        print(f"ModelOpt quantize failed: {type(exc).__name__}: {exc}".replace("\n", " "), file=sys.stderr)
+        return 1
     seconds = time.perf_counter() - start
     partial.replace(args.out)
     print(
