@@ -8,7 +8,7 @@
   model is evaluated here, in the main environment, on the same held-out data;
 * ONNX Runtime CPU latency at batch 1 (1 thread): FP32 vs our INT8 (uint8 activations) vs ORT's QDQ output.
 
-At the end, one line per model: ours (entropy, the default) vs the best peer row.
+At the end, one line per model: ours (the default method) vs the best peer row.
 
 Run: python3 bench/bench_quantize.py  (about 6-10 minutes on 2 cores)
 """
@@ -37,6 +37,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
 from calibrators import fidelity  # noqa: E402
 from calibrators.calibrate import compute_ranges  # noqa: E402
 from calibrators.collect import collect  # noqa: E402
+from calibrators.methods import DEFAULT_METHOD  # noqa: E402
 from calibrators.qdq import QdqOptions, apply_qdq, plan_qdq, quantizable_activations  # noqa: E402
 from trtbuild import examples  # noqa: E402
 
@@ -211,12 +212,13 @@ def score(report: fidelity.FidelityReport) -> tuple[str, float]:
     return "cos", o.cosine
 
 
-OURS_DEFAULT = "trtbuild entropy (int8, TensorRT graph)"
+OURS_DEFAULT = f"trtbuild {DEFAULT_METHOD} (int8, TensorRT graph)"
+OURS_UINT8 = f"trtbuild {DEFAULT_METHOD} (uint8, ORT CPU graph)"
 PEER_PREFIXES = ("ORT ", "NVIDIA ModelOpt")
 
 
 def ratio_line(label: str, scores: dict[str, tuple[str, float]]) -> str:
-    """Ours (entropy, the default) vs the best peer: the score ratio, and how much less error vs FP32."""
+    """Ours (the default method) vs the best peer: the score ratio, and how much less error vs FP32."""
     peers = {k: v for k, v in scores.items() if k.startswith(PEER_PREFIXES)}
     if OURS_DEFAULT not in scores or not peers:
         return f"{label}: no ratio (ours or every peer failed)"
@@ -227,7 +229,7 @@ def ratio_line(label: str, scores: dict[str, tuple[str, float]]) -> str:
     fmt = (lambda v: f"{v:.1%}") if kind == "top-1" else (lambda v: f"{v:.4f}")
     less = f"{peer_err / ours_err:.2f}x" if ours_err > 0 else "inf x"
     return (
-        f"{label}: ours (entropy, default) {kind} {fmt(ours_value)} vs best peer ({best}) "
+        f"{label}: ours ({DEFAULT_METHOD}, default) {kind} {fmt(ours_value)} vs best peer ({best}) "
         f"{fmt(peer_value)} -> {ours_value / peer_value:.3f}x; 1-{kind} {ours_err:.4f} vs {peer_err:.4f} "
         f"-> {less} less error"
     )
@@ -264,9 +266,9 @@ def main() -> None:
         reference = fidelity.run_batches(fidelity.session(model), held_batches)
         classifiers = fidelity.classifier_outputs(model)
         results: dict[str, tuple[onnx.ModelProto | str, float]] = {}
-        for method in ("entropy", "percentile", "minmax"):
+        for method in ("entropy", "percentile", "minmax", "mse"):
             results[f"trtbuild {method} (int8, TensorRT graph)"] = ours(path, calib, method, "int8")
-        results["trtbuild entropy (uint8, ORT CPU graph)"] = ours(path, calib, "entropy", "uint8")
+        results[OURS_UINT8] = ours(path, calib, DEFAULT_METHOD, "uint8")
         results["ORT quantize_static Entropy QDQ per-channel"] = ort_static(path, calib, tmp, "Entropy")
         results["ORT quantize_static MinMax QDQ per-channel"] = ort_static(path, calib, tmp, "MinMax")
         for method in MODELOPT_METHODS:
@@ -286,7 +288,7 @@ def main() -> None:
         ort_q = results["ORT quantize_static MinMax QDQ per-channel"][0]
         if label.startswith("EfficientNet") and not isinstance(ort_q, str):
             timed = latency_ms(
-                {"fp32": path, "ours": results["trtbuild entropy (uint8, ORT CPU graph)"][0], "ort": ort_q},
+                {"fp32": path, "ours": results[OURS_UINT8][0], "ort": ort_q},
                 held[0],
             )
             lat.add_row(

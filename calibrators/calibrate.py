@@ -16,7 +16,7 @@ import onnx
 from calibrators.bias_correction import CHANNEL_MEANS_KEY, channel_means
 from calibrators.collect import DEFAULT_BATCH_SIZE, Collection, collect, load_model
 from calibrators.data import CalibrationData, model_inputs, open_data
-from calibrators.methods import DEFAULT_PERCENTILE, METHODS, amax_for
+from calibrators.methods import DEFAULT_METHOD, DEFAULT_PERCENTILE, METHODS, amax_for
 from calibrators.preprocess import Preprocess
 from calibrators.ranges import RangeSet, TensorRange
 from trtbuild import console
@@ -45,7 +45,7 @@ def calibration_data(
 
 
 def compute_ranges(
-    collection: Collection, method: str = "entropy", *, percentile: float = DEFAULT_PERCENTILE
+    collection: Collection, method: str = DEFAULT_METHOD, *, percentile: float = DEFAULT_PERCENTILE
 ) -> RangeSet:
     """Ranges for every collected tensor with one method (no data pass)."""
     if method not in METHODS:
@@ -75,7 +75,7 @@ def compute_ranges(
 def calibrate(
     model_path: str | Path | onnx.ModelProto,
     data: Any,
-    method: str = "entropy",
+    method: str = DEFAULT_METHOD,
     *,
     tensors: Sequence[str] | None = None,
     batch_size: int = DEFAULT_BATCH_SIZE,

@@ -23,6 +23,7 @@ from calibrators.collect import DEFAULT_BATCH_SIZE, collect, load_model
 from calibrators.data import model_inputs, open_data
 from calibrators.fallback import FallbackResult
 from calibrators.fidelity import FidelityReport, FidelityThreshold
+from calibrators.methods import DEFAULT_METHOD
 from calibrators.preprocess import Preprocess
 from calibrators.qdq import QdqOptions, QdqPlan, apply_qdq, plan_qdq, quantizable_activations
 from calibrators.ranges import RangeSet
@@ -94,7 +95,7 @@ def quantize(
     data: Any,
     out_dir: str | Path,
     *,
-    method: str = "entropy",
+    method: str = DEFAULT_METHOD,
     samples: int | None = None,
     holdout: int = DEFAULT_HOLDOUT,
     min_fidelity: str | float | FidelityThreshold | None = None,
@@ -104,6 +105,7 @@ def quantize(
     exclude_op_types: Sequence[str] = (),
     trt_version: str = DEFAULT_TRT_VERSION,
     activation_type: str = "int8",
+    bias_correction: bool = True,
     preprocess: Preprocess | None = None,
     batch_size: int = DEFAULT_BATCH_SIZE,
     threads: int | None = None,
@@ -116,6 +118,7 @@ def quantize(
     ``data``: anything :func:`calibrators.data.open_data` takes (image folder, .npy/.npz, list, callable).
     ``exclude``: regexes of node names to keep float; ``exclude_op_types``: op types to keep float.
     ``fallback_strategy``: how auto-fallback ranks layers: "auto", "drop_one" (exact) or "local" (one pass).
+    ``bias_correction``: fold each quantized layer's mean weight-rounding error into its float bias.
     """
     threshold = (
         min_fidelity
@@ -126,6 +129,7 @@ def quantize(
         activation_type=activation_type,
         exclude_nodes=tuple(exclude),
         exclude_op_types=tuple(exclude_op_types),
+        bias_correction=bias_correction,
     )
     model = _upgrade_opset(load_model(model_path))
     tensors = quantizable_activations(model, exclude, exclude_op_types)

@@ -15,6 +15,7 @@ from calibrators import fallback, fidelity
 from calibrators.cache import read_cache_with_header
 from calibrators.calibrate import compute_ranges
 from calibrators.collect import collect
+from calibrators.methods import DEFAULT_METHOD
 from calibrators.qdq import QdqOptions, apply_qdq, plan_qdq, quantizable_activations
 from calibrators.ranges import RangeSet
 from trtbuild import examples
@@ -76,7 +77,7 @@ def test_cli_quantize_meets_default_gate_and_writes_all_artifacts(cli_run: dict)
     ops = Counter(n.op_type for n in model.graph.node)
     assert ops["QuantizeLinear"] >= 49 and ops["DequantizeLinear"] >= 2 * 49
     ranges = RangeSet.load(out / "efficientnet_lite0.ranges.json")
-    assert ranges.method == "entropy"
+    assert ranges.method == DEFAULT_METHOD
     header, scales = read_cache_with_header(out / "efficientnet_lite0.calib.cache")
     assert header.startswith("TRT-") and "EntropyCalibration2" in header
     for name, r in ranges.items():  # the cache and the ranges come from the same numbers

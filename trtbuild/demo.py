@@ -120,7 +120,6 @@ class Demo:
             self.artifacts["onnx"],
             photos,
             self.dir,
-            method="entropy",
             holdout=HOLDOUT_PHOTOS,
             auto_fallback=True,
             show_progress=not self.quiet,
@@ -229,7 +228,6 @@ class Demo:
         ranges = calibrate(
             onnx_path,
             self.artifacts["photos"],
-            "entropy",
             tensors=qualcomm_activation_tensors(onnx_path),
             samples=CALIBRATION_PHOTOS,
             show_progress=not self.quiet,

@@ -10,7 +10,7 @@ from rich.table import Table
 from calibrators import cache
 from calibrators.calibrate import compute_ranges
 from calibrators.collect import DEFAULT_BATCH_SIZE, collect
-from calibrators.methods import DEFAULT_PERCENTILE, METHODS
+from calibrators.methods import DEFAULT_METHOD, DEFAULT_PERCENTILE, METHODS
 from calibrators.preprocess import DTYPES, IMAGENET_MEAN, IMAGENET_STD, LAYOUTS, Preprocess, parse_floats
 from calibrators.ranges import RangeSet
 from trtbuild import console
@@ -41,7 +41,7 @@ def _table(ranges: RangeSet, rows: int) -> Table:
     type=click.Path(path_type=Path),
     help="Image folder, .npy/.npz file, or folder of .npy/.npz (npz keys = input names).",
 )
-@click.option("--method", type=click.Choice(list(METHODS)), default="entropy", show_default=True)
+@click.option("--method", type=click.Choice(list(METHODS)), default=DEFAULT_METHOD, show_default=True)
 @click.option("--samples", type=int, default=None, help="Use N samples (seeded random subset; default all).")
 @click.option("--seed", type=int, default=0, show_default=True, help="Seed for --samples.")
 @click.option("--batch-size", type=int, default=DEFAULT_BATCH_SIZE, show_default=True)

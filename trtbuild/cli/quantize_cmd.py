@@ -10,7 +10,7 @@ from rich.table import Table
 from calibrators import cache
 from calibrators.collect import DEFAULT_BATCH_SIZE
 from calibrators.fidelity import parse_min_fidelity
-from calibrators.methods import METHODS
+from calibrators.methods import DEFAULT_METHOD, METHODS
 from calibrators.preprocess import IMAGENET_MEAN, IMAGENET_STD, LAYOUTS, Preprocess, parse_floats
 from calibrators.qdq import ACTIVATION_TYPES
 from calibrators.quantize import (
@@ -42,7 +42,7 @@ def _float_table(result: QuantizeResult) -> Table:
     type=click.Path(path_type=Path),
     help="Image folder, .npy/.npz file, or folder of .npy/.npz (npz keys = input names).",
 )
-@click.option("--method", type=click.Choice(list(METHODS)), default="entropy", show_default=True)
+@click.option("--method", type=click.Choice(list(METHODS)), default=DEFAULT_METHOD, show_default=True)
 @click.option(
     "--samples", type=int, default=None, help="Calibrate on N samples (default: all but the held-out)."
 )
@@ -76,6 +76,12 @@ def _float_table(result: QuantizeResult) -> Table:
     default="int8",
     show_default=True,
     help="int8: symmetric, for TensorRT. uint8: asymmetric, for ONNX Runtime CPU deployment.",
+)
+@click.option(
+    "--bias-correction/--no-bias-correction",
+    default=True,
+    show_default=True,
+    help="Fold each layer's mean weight-rounding error into its float bias (helps depthwise CNNs).",
 )
 @click.option(
     "--trt-version", default=DEFAULT_TRT_VERSION, show_default=True, help="Calibration cache header version."
@@ -113,6 +119,7 @@ def quantize_command(
     exclude: tuple[str, ...],
     exclude_op_type: tuple[str, ...],
     activation_type: str,
+    bias_correction: bool,
     trt_version: str,
     out_dir: Path | None,
     seed: int,
@@ -153,6 +160,7 @@ def quantize_command(
             exclude_op_types=exclude_op_type,
             trt_version=trt_version,
             activation_type=activation_type,
+            bias_correction=bias_correction,
             preprocess=preprocess,
             batch_size=batch_size,
             threads=threads,
