@@ -8,6 +8,7 @@ from pathlib import Path
 import numpy as np
 import onnx
 import pytest
+from cli_helpers import run_cli as _cli
 from onnx import TensorProto, helper
 
 from calibrators import cache, methods
@@ -17,7 +18,6 @@ from calibrators.data import model_inputs, open_data
 from calibrators.preprocess import Preprocess
 from calibrators.ranges import RangeSet
 from trtbuild import examples
-from trtbuild.cli import main
 from trtbuild.errors import TrtbuildError
 
 
@@ -60,16 +60,6 @@ def _relu_only(path: Path) -> Path:
     )
     onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]), path)
     return path
-
-
-def _cli(args: list[str], capsys: pytest.CaptureFixture[str]) -> tuple[int, str, str]:
-    try:
-        main(args)
-        code = 0
-    except SystemExit as exc:
-        code = int(exc.code or 0)
-    captured = capsys.readouterr()
-    return code, captured.out, captured.err
 
 
 # ------------------------------------------------------------------------------------------ collection

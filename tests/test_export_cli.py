@@ -12,24 +12,12 @@ import numpy as np
 import onnx
 import pytest
 import torch
+from cli_helpers import run_cli
 from onnx import TensorProto, helper
-
-from trtbuild.cli import main
 
 MODELS = Path(__file__).parent / "models"
 IMAGE_TEXT = f"{MODELS / 'image_text.py'}:build"
 INPUTS = ["--input", "image:1x3x32x32", "--input", "token_ids:1x8:int64"]
-
-
-def run_cli(args: list[str], capsys: pytest.CaptureFixture[str]) -> tuple[int, str, str]:
-    """Run the real entry point in-process (as the `trtbuild` script does); return (exit code, out, err)."""
-    try:
-        main(args)
-        code = 0
-    except SystemExit as exc:
-        code = int(exc.code or 0)
-    captured = capsys.readouterr()
-    return code, captured.out, captured.err
 
 
 def assert_clean_failure(code: int, err: str, folder: Path, *fragments: str) -> None:

@@ -10,6 +10,7 @@ import numpy as np
 import onnx
 import onnxruntime as ort
 import pytest
+from cli_helpers import run_cli as _run_cli
 
 from calibrators import fallback, fidelity
 from calibrators.cache import read_cache_with_header
@@ -19,17 +20,6 @@ from calibrators.methods import DEFAULT_METHOD
 from calibrators.qdq import QdqOptions, apply_qdq, plan_qdq, quantizable_activations
 from calibrators.ranges import RangeSet
 from trtbuild import examples
-from trtbuild.cli import main
-
-
-def _run_cli(args: list[str], capsys: pytest.CaptureFixture[str]) -> tuple[int, str, str]:
-    try:
-        main(args)
-        code = 0
-    except SystemExit as exc:
-        code = int(exc.code or 0)
-    captured = capsys.readouterr()
-    return code, captured.out, captured.err
 
 
 @pytest.fixture(scope="module")

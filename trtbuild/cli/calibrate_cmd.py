@@ -11,9 +11,10 @@ from calibrators import cache
 from calibrators.calibrate import compute_ranges
 from calibrators.collect import DEFAULT_BATCH_SIZE, collect
 from calibrators.methods import DEFAULT_METHOD, DEFAULT_PERCENTILE, METHODS
-from calibrators.preprocess import DTYPES, IMAGENET_MEAN, IMAGENET_STD, LAYOUTS, Preprocess, parse_floats
+from calibrators.preprocess import Preprocess
 from calibrators.ranges import RangeSet
 from trtbuild import console
+from trtbuild.cli.data_options import preprocess_options
 
 
 def _table(ranges: RangeSet, rows: int) -> Table:
@@ -68,36 +69,7 @@ def _table(ranges: RangeSet, rows: int) -> Table:
 )
 @click.option("--exclude", multiple=True, help="Regex of node names to keep in float (not calibrated).")
 @click.option("--exclude-op", multiple=True, help="Op type to keep in float (not calibrated).")
-@click.option(
-    "--resize", type=int, default=None, help="Images: short side before cropping (default crop*256/224)."
-)
-@click.option(
-    "--crop", type=int, default=None, help="Images: center-crop size (default: the model's input size)."
-)
-@click.option(
-    "--mean", default=",".join(map(str, IMAGENET_MEAN)), show_default=True, help="Images: per-channel mean."
-)
-@click.option(
-    "--std", default=",".join(map(str, IMAGENET_STD)), show_default=True, help="Images: per-channel std."
-)
-@click.option(
-    "--scale",
-    type=float,
-    default=1 / 255,
-    show_default=True,
-    help="Images: pixel multiplier before mean/std.",
-)
-@click.option(
-    "--layout", type=click.Choice(LAYOUTS), default="NCHW", show_default=True, help="Images: layout."
-)
-@click.option(
-    "--dtype",
-    "image_dtype",
-    type=click.Choice(DTYPES),
-    default="float32",
-    show_default=True,
-    help="Images: array dtype fed to the model.",
-)
+@preprocess_options
 @click.option("--json", "as_json", is_flag=True, help="Print a JSON summary on stdout.")
 def calibrate_command(
     model: Path,
@@ -113,13 +85,7 @@ def calibrate_command(
     out_dir: Path | None,
     exclude: tuple[str, ...],
     exclude_op: tuple[str, ...],
-    resize: int | None,
-    crop: int | None,
-    mean: str,
-    std: str,
-    scale: float,
-    layout: str,
-    image_dtype: str,
+    preprocess: Preprocess,
     as_json: bool,
 ) -> None:
     """Calibrate MODEL.onnx on --data: per-tensor INT8 ranges (JSON) and a TensorRT calibration cache."""
@@ -129,15 +95,6 @@ def calibrate_command(
 
     if not no_cache:
         cache.header(trt_version)  # a bad version fails now, not after the data pass
-    preprocess = Preprocess(
-        resize=resize,
-        crop=crop,
-        mean=parse_floats(mean, "mean"),
-        std=parse_floats(std, "std"),
-        scale=scale,
-        layout=layout,
-        dtype=image_dtype,
-    )
     proto: onnx.ModelProto = load_model(model)
     tensors = tensors_to_collect(proto, exclude, exclude_op) if (exclude or exclude_op) else None
     collection = collect(

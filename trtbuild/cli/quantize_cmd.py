@@ -11,7 +11,7 @@ from calibrators import cache
 from calibrators.collect import DEFAULT_BATCH_SIZE
 from calibrators.fidelity import parse_min_fidelity
 from calibrators.methods import DEFAULT_METHOD, METHODS
-from calibrators.preprocess import IMAGENET_MEAN, IMAGENET_STD, LAYOUTS, Preprocess, parse_floats
+from calibrators.preprocess import Preprocess
 from calibrators.qdq import ACTIVATION_TYPES
 from calibrators.quantize import (
     DEFAULT_HOLDOUT,
@@ -21,6 +21,7 @@ from calibrators.quantize import (
     quantize,
 )
 from trtbuild import console
+from trtbuild.cli.data_options import preprocess_options
 
 
 def _float_table(result: QuantizeResult) -> Table:
@@ -92,20 +93,7 @@ def _float_table(result: QuantizeResult) -> Table:
 @click.option("--seed", type=int, default=0, show_default=True)
 @click.option("--batch-size", type=int, default=DEFAULT_BATCH_SIZE, show_default=True)
 @click.option("--threads", type=int, default=None, help="ONNX Runtime intra-op threads (default: all cores).")
-@click.option("--resize", type=int, default=None, help="Images: short side before cropping.")
-@click.option(
-    "--crop", type=int, default=None, help="Images: center-crop size (default: the model's input size)."
-)
-@click.option(
-    "--mean", default=",".join(map(str, IMAGENET_MEAN)), show_default=True, help="Images: per-channel mean."
-)
-@click.option(
-    "--std", default=",".join(map(str, IMAGENET_STD)), show_default=True, help="Images: per-channel std."
-)
-@click.option("--scale", type=float, default=1 / 255, show_default=True, help="Images: pixel multiplier.")
-@click.option(
-    "--layout", type=click.Choice(LAYOUTS), default="NCHW", show_default=True, help="Images: layout."
-)
+@preprocess_options
 @click.option("--json", "as_json", is_flag=True, help="Print a JSON summary on stdout.")
 def quantize_command(
     model: Path,
@@ -125,26 +113,13 @@ def quantize_command(
     seed: int,
     batch_size: int,
     threads: int | None,
-    resize: int | None,
-    crop: int | None,
-    mean: str,
-    std: str,
-    scale: float,
-    layout: str,
+    preprocess: Preprocess,
     as_json: bool,
 ) -> None:
     """Quantize MODEL.onnx to INT8 Q/DQ with a held-out fidelity gate; writes the Q/DQ ONNX, the TensorRT
     calibration cache, the ranges JSON and the fidelity report (nothing if the gate fails)."""
     cache.header(trt_version)  # bad inputs fail before the data pass
     threshold = parse_min_fidelity(min_fidelity)
-    preprocess = Preprocess(
-        resize=resize,
-        crop=crop,
-        mean=parse_floats(mean, "mean"),
-        std=parse_floats(std, "std"),
-        scale=scale,
-        layout=layout,
-    )
     try:
         result = quantize(
             model,
