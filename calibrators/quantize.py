@@ -8,6 +8,7 @@ fidelity gate passes, so a failed run leaves no half-finished output folder behi
 from __future__ import annotations
 
 import json
+import re
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -211,3 +212,15 @@ def _write(result: QuantizeResult, qmodel: onnx.ModelProto, trt_version: str) ->
     result.ranges.save(result.ranges_path)
     report = {**result.to_json(), "plan": result.plan.to_json()}
     atomic.write_text(result.report_path, json.dumps(report, indent=2, default=str) + "\n")
+
+
+def write_variant(
+    model_path: str | Path, result: QuantizeResult, out_path: str | Path, activation_type: str = "uint8"
+) -> Path:
+    """The same model quantized from the same ranges with another activation type (e.g. uint8 for ONNX
+    Runtime CPU deployment next to the int8 TensorRT graph), keeping the layers the gate kept in float."""
+    model = _upgrade_opset(load_model(model_path))
+    kept_float = tuple(re.escape(e.node) for e in result.plan.excluded)
+    options = QdqOptions(activation_type=activation_type, exclude_nodes=kept_float)
+    variant = apply_qdq(model, plan_qdq(model, result.ranges, options))
+    return atomic.write_bytes(out_path, variant.SerializeToString())

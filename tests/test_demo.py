@@ -77,7 +77,10 @@ def test_demo_profile_and_bundles(demo_run: tuple[dict, Path]) -> None:
     assert [c["name"] for c in profile["candidates"]] == [
         "efficientnet_lite0.onnx",
         "efficientnet_lite0.int8.onnx",
+        "efficientnet_lite0.int8.ortcpu.onnx",
     ]
+    # the uint8 CPU variant comes from the same ranges and keeps the FP32 answers
+    assert profile["candidates"][2]["accuracy"]["cosine"] > 0.99
     assert all(c["latency"]["median_ms"] > 0 for c in profile["candidates"])
     assert (folder / "profile" / "latency.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     bundles = result["stages"][5]["bundles"]
