@@ -8,6 +8,7 @@ a signed fleet bundle. Every stage calls the same Python API a user would.
 
 from __future__ import annotations
 
+import os
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -195,6 +196,7 @@ class Demo:
             [self.artifacts["onnx"], self.artifacts["qdq"], self.artifacts["cpu_int8"]],
             runtime="ort",
             batch=1,
+            threads=os.cpu_count() or 1,  # explicit: ORT's default thread setup made timings erratic here
             iterations=self.profile_iterations,
             show_progress=not self.quiet,
         )
