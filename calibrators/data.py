@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import zipfile
+from abc import ABC, abstractmethod
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -79,20 +80,20 @@ def _load_model(path: Path) -> onnx.ModelProto:
 # ------------------------------------------------------------------------------------------ sources
 
 
-class Source:
+class Source(ABC):
     """Where samples come from. Indexed sources know their length; streams do not."""
 
-    def describe(self) -> str:
-        raise NotImplementedError
+    @abstractmethod
+    def describe(self) -> str: ...
 
 
 class IndexedSource(Source):
-    def __len__(self) -> int:
-        raise NotImplementedError
+    @abstractmethod
+    def __len__(self) -> int: ...
 
+    @abstractmethod
     def load(self, index: int) -> tuple[str, Sample]:
         """(where it came from, the sample) for one index; called with increasing indices."""
-        raise NotImplementedError
 
 
 class ImageFolder(IndexedSource):
