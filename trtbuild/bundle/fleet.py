@@ -108,16 +108,7 @@ def create_bundles(
             with tempfile.TemporaryDirectory(prefix=".bundle-", dir=out) as work:
                 folder = Path(work) / "payload"
                 if target in QUALCOMM_TARGETS:
-                    if precision != "int8":
-                        raise TrtbuildError(
-                            f"the Qualcomm handoff is INT8 (AIMET encodings), not {precision}",
-                            "use --precision int8 for snpe/qairt targets",
-                        )
-                    if ranges is None or calibration is None:
-                        raise TrtbuildError(
-                            "a Qualcomm bundle needs calibrated ranges and calibration data",
-                            "pass --ranges and --calib-data",
-                        )
+                    assert ranges is not None  # _check_combination refused the bundle otherwise
                     handoff = export_qualcomm(
                         src, ranges, calibration, folder, converter=target, htp_socs=htp_socs
                     )

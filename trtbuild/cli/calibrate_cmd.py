@@ -14,7 +14,7 @@ from calibrators.methods import DEFAULT_METHOD, DEFAULT_PERCENTILE, METHODS
 from calibrators.preprocess import Preprocess
 from calibrators.ranges import RangeSet
 from trtbuild import console
-from trtbuild.cli.data_options import preprocess_options
+from trtbuild.cli.data_options import data_option, preprocess_options
 
 
 def _table(ranges: RangeSet, rows: int) -> Table:
@@ -35,13 +35,7 @@ def _table(ranges: RangeSet, rows: int) -> Table:
 
 @click.command("calibrate")
 @click.argument("model", type=click.Path(path_type=Path))
-@click.option(
-    "--data",
-    "data_path",
-    required=True,
-    type=click.Path(path_type=Path),
-    help="Image folder, .npy/.npz file, or folder of .npy/.npz (npz keys = input names).",
-)
+@data_option
 @click.option("--method", type=click.Choice(list(METHODS)), default=DEFAULT_METHOD, show_default=True)
 @click.option("--samples", type=int, default=None, help="Use N samples (seeded random subset; default all).")
 @click.option("--seed", type=int, default=0, show_default=True, help="Seed for --samples.")

@@ -4,11 +4,20 @@ from __future__ import annotations
 
 import functools
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
 import click
 
 from calibrators.preprocess import DTYPES, IMAGENET_MEAN, IMAGENET_STD, LAYOUTS, Preprocess, parse_floats
+
+data_option = click.option(
+    "--data",
+    "data_path",
+    required=True,
+    type=click.Path(path_type=Path),
+    help="Image folder, .npy/.npz file, or folder of .npy/.npz (npz keys = input names).",
+)
 
 _OPTIONS = (
     click.option(

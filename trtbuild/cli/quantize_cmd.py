@@ -21,7 +21,7 @@ from calibrators.quantize import (
     quantize,
 )
 from trtbuild import console
-from trtbuild.cli.data_options import preprocess_options
+from trtbuild.cli.data_options import data_option, preprocess_options
 
 
 def _float_table(result: QuantizeResult) -> Table:
@@ -36,13 +36,7 @@ def _float_table(result: QuantizeResult) -> Table:
 
 @click.command("quantize")
 @click.argument("model", type=click.Path(path_type=Path))
-@click.option(
-    "--data",
-    "data_path",
-    required=True,
-    type=click.Path(path_type=Path),
-    help="Image folder, .npy/.npz file, or folder of .npy/.npz (npz keys = input names).",
-)
+@data_option
 @click.option("--method", type=click.Choice(list(METHODS)), default=DEFAULT_METHOD, show_default=True)
 @click.option(
     "--samples", type=int, default=None, help="Calibrate on N samples (default: all but the held-out)."
