@@ -58,3 +58,31 @@ def effnet_onnx(tmp_path_factory: pytest.TempPathFactory, effnet_model: torch.nn
         dynamo=False,
     )
     return path
+
+
+@pytest.fixture(scope="session")
+def effnet_int8_onnx(tmp_path_factory: pytest.TempPathFactory, effnet_onnx: Path) -> Path:
+    """An INT8 Q/DQ EfficientNet-Lite0 made by ONNX Runtime's quantize_static (min-max, uint8 activations)
+    on real photos: an independent INT8 model for testing the profiler, not the product's quantizer."""
+    from onnxruntime.quantization import CalibrationDataReader, QuantFormat, QuantType, quantize_static
+
+    photos = examples.normalize_imagenet(examples.photo_crops(8, seed=3))
+
+    class Reader(CalibrationDataReader):
+        def __init__(self) -> None:
+            self.batches = iter([{"images": photos[i : i + 1]} for i in range(len(photos))])
+
+        def get_next(self) -> dict[str, np.ndarray] | None:
+            return next(self.batches, None)
+
+    out = tmp_path_factory.mktemp("int8") / "effnet_int8.onnx"
+    quantize_static(
+        str(effnet_onnx),
+        str(out),
+        Reader(),
+        quant_format=QuantFormat.QDQ,
+        activation_type=QuantType.QUInt8,
+        weight_type=QuantType.QInt8,
+        per_channel=True,
+    )
+    return out

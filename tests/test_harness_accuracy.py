@@ -15,33 +15,6 @@ from trtbuild.harness.runner import Feed, TensorInfo
 IMAGES = [TensorInfo("images", np.dtype(np.float32), ("batch", 3, 224, 224))]
 
 
-def quantize_int8(fp32: Path, out: Path) -> Path:
-    """Test fixture only (the product's quantizer lives in calibrators/): ORT min-max Q/DQ on real photos."""
-    from onnxruntime.quantization import CalibrationDataReader, QuantFormat, QuantType, quantize_static
-
-    from trtbuild import examples
-
-    photos = examples.normalize_imagenet(examples.photo_crops(8, seed=3))
-
-    class Reader(CalibrationDataReader):
-        def __init__(self) -> None:
-            self.batches = iter([{"images": photos[i : i + 1]} for i in range(len(photos))])
-
-        def get_next(self) -> dict[str, np.ndarray] | None:
-            return next(self.batches, None)
-
-    quantize_static(
-        str(fp32),
-        str(out),
-        Reader(),
-        quant_format=QuantFormat.QDQ,
-        activation_type=QuantType.QUInt8,
-        weight_type=QuantType.QInt8,
-        per_channel=True,
-    )
-    return out
-
-
 @pytest.fixture(scope="module")
 def feeds() -> list[Feed]:
     return accuracy_feeds(IMAGES, samples=8, seed=7)
@@ -65,8 +38,8 @@ def test_fp16_graph_is_close_not_exact(effnet_onnx: Path, feeds: list[Feed], tmp
     assert r.cosine > 0.999
 
 
-def test_int8_graph_differs_more(effnet_onnx: Path, feeds: list[Feed], tmp_path: Path) -> None:
-    int8 = quantize_int8(effnet_onnx, tmp_path / "effnet_int8.onnx")
+def test_int8_graph_differs_more(effnet_onnx: Path, effnet_int8_onnx: Path, feeds: list[Feed]) -> None:
+    int8 = effnet_int8_onnx
     r = compare_onnx(effnet_onnx, int8, feeds)
     assert not r.passed and r.max_abs > 0.05
     assert 0.8 < r.cosine < 0.9999

@@ -7,7 +7,6 @@ import subprocess
 import sys
 from pathlib import Path
 
-import numpy as np
 import pytest
 from PIL import Image
 
@@ -26,32 +25,8 @@ def run_cli(*args: str | Path, cwd: Path | None = None) -> subprocess.CompletedP
 
 
 @pytest.fixture(scope="module")
-def int8_onnx(effnet_onnx: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """Test fixture only (the product's quantizer lives in calibrators/): ORT min-max Q/DQ on real photos."""
-    from onnxruntime.quantization import CalibrationDataReader, QuantFormat, QuantType, quantize_static
-
-    from trtbuild import examples
-
-    photos = examples.normalize_imagenet(examples.photo_crops(8, seed=3))
-
-    class Reader(CalibrationDataReader):
-        def __init__(self) -> None:
-            self.batches = iter([{"images": photos[i : i + 1]} for i in range(len(photos))])
-
-        def get_next(self) -> dict[str, np.ndarray] | None:
-            return next(self.batches, None)
-
-    out = tmp_path_factory.mktemp("int8") / "effnet_int8.onnx"
-    quantize_static(
-        str(effnet_onnx),
-        str(out),
-        Reader(),
-        quant_format=QuantFormat.QDQ,
-        activation_type=QuantType.QUInt8,
-        weight_type=QuantType.QInt8,
-        per_channel=True,
-    )
-    return out
+def int8_onnx(effnet_int8_onnx: Path) -> Path:
+    return effnet_int8_onnx
 
 
 def test_cli_fp32_vs_int8_full_report(effnet_onnx: Path, int8_onnx: Path, tmp_path: Path) -> None:
