@@ -34,12 +34,13 @@ from rich.table import Table
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
 
-from calibrators import fidelity  # noqa: E402
+from calibrators import fidelity, ort_cpu  # noqa: E402
 from calibrators.calibrate import compute_ranges  # noqa: E402
 from calibrators.collect import collect  # noqa: E402
 from calibrators.methods import DEFAULT_METHOD  # noqa: E402
 from calibrators.qdq import QdqOptions, apply_qdq, plan_qdq, quantizable_activations  # noqa: E402
 from trtbuild import examples  # noqa: E402
+from trtbuild.core import ort as ort_core  # noqa: E402
 
 ort.set_default_logger_severity(3)
 # quantize_static logs one root-logger warning per Conv bias on the detector; they bury the tables.
@@ -95,7 +96,10 @@ def ours(path: Path, calib: list[Sample], method: str, activation_type: str) -> 
     start = time.perf_counter()
     collection = collect(model, calib, tensors=quantizable_activations(model), show_progress=False)
     ranges = compute_ranges(collection, method)
-    qmodel = apply_qdq(model, plan_qdq(model, ranges, QdqOptions(activation_type=activation_type)))
+    # uint8 (ORT CPU): the weight format that is exact on this CPU's kernels (int7 where u8 x s8 saturates).
+    weights = ort_cpu.choose().weight_format if activation_type == "uint8" else "int8"
+    options = QdqOptions(activation_type=activation_type, weight_format=weights)
+    qmodel = apply_qdq(model, plan_qdq(model, ranges, options))
     return qmodel, time.perf_counter() - start
 
 
@@ -127,7 +131,7 @@ def ort_static(
             per_channel=True,
             calibrate_method=getattr(CalibrationMethod, method),
         )
-    except Exception as exc:  # DESIGN.md: ORT's entropy calibrator crashes on some models
+    except Exception as exc:  # ORT's entropy calibrator crashes on some models (MiniLM: range [-inf, inf])
         return f"crashed: {type(exc).__name__}: {str(exc)[:60]}", time.perf_counter() - start
     return onnx.load(str(out)), time.perf_counter() - start
 
@@ -197,6 +201,14 @@ def latency_ms(
     return best
 
 
+def runtime_cosine(
+    qmodel: onnx.ModelProto | str, batches: list[Sample], reference: dict[str, np.ndarray], kinds: Any
+) -> float:
+    """Mean cosine of the first output as ORT's fused CPU kernels compute it on this machine."""
+    session = fidelity.session(qmodel, semantics=ort_core.ORT_CPU)
+    return fidelity.compare(reference, fidelity.run_batches(session, batches), kinds=kinds).outputs[0].cosine
+
+
 def metric(report: fidelity.FidelityReport) -> str:
     o = report.outputs[0]
     if o.top1_agreement is not None:
@@ -239,11 +251,16 @@ def main() -> None:
     started = time.perf_counter()
     tmp = Path(tempfile.mkdtemp(prefix="bench_quantize_"))
     fid = Table(
-        title="INT8 fidelity vs FP32 on held-out samples (same model, same calibration and held-out data)"
+        title="INT8 fidelity vs FP32 on held-out samples (same model, same calibration and held-out data)",
+        caption="every graph measured with reference Q/DQ semantics (the model, not this CPU's kernels)",
     )
     for col in ("model", "calib / held-out", "quantizer", "fidelity", "quantize wall s"):
         fid.add_column(col)
-    lat = Table(title="ONNX Runtime CPU latency, batch 1, 1 thread (min of 5x10 runs, interleaved)")
+    lat = Table(
+        title="ONNX Runtime CPU latency, batch 1, 1 thread (min of 5x10 runs, interleaved)",
+        caption=f"this CPU: {ort_cpu.choose().cpu.describe()}; ours uses {ort_cpu.choose().weight_format} "
+        "weights here; cosine = as ORT's fused kernels really compute it on this CPU",
+    )
     for col in (
         "model",
         "FP32 ms",
@@ -251,6 +268,8 @@ def main() -> None:
         "ORT QDQ ms",
         "ours vs FP32",
         "ours vs ORT QDQ",
+        "ours cos (ORT kernels)",
+        "ORT QDQ cos (ORT kernels)",
     ):
         lat.add_column(col)
     ratios: list[str] = []
@@ -264,7 +283,7 @@ def main() -> None:
         model = onnx.load(str(path))
         held_batches = stack(held)
         reference = fidelity.run_batches(fidelity.session(model), held_batches)
-        classifiers = fidelity.classifier_outputs(model)
+        kinds = fidelity.decide_kinds(model, reference)
         results: dict[str, tuple[onnx.ModelProto | str, float]] = {}
         for method in ("entropy", "percentile", "minmax", "mse"):
             results[f"trtbuild {method} (int8, TensorRT graph)"] = ours(path, calib, method, "int8")
@@ -281,7 +300,7 @@ def main() -> None:
                 fid.add_row(label, f"{len(calib)} / {len(held)}", name, qmodel, f"{seconds:.1f}")
                 continue
             test = fidelity.run_batches(fidelity.session(qmodel), held_batches)
-            report = fidelity.compare(reference, test, classifiers=classifiers)
+            report = fidelity.compare(reference, test, kinds=kinds)
             scores[name] = score(report)
             fid.add_row(label, f"{len(calib)} / {len(held)}", name, metric(report), f"{seconds:.1f}")
         ratios.append(ratio_line(label, scores))
@@ -298,6 +317,10 @@ def main() -> None:
                 f"{timed['ort']:.2f}",
                 f"{timed['fp32'] / timed['ours']:.2f}x faster",
                 f"{timed['ort'] / timed['ours']:.2f}x",
+                *(
+                    f"{runtime_cosine(q, held_batches, reference, kinds):.4f}"
+                    for q in (results[OURS_UINT8][0], ort_q)
+                ),
             )
     console.print(fid)
     console.print(lat)

@@ -7,7 +7,7 @@ must not enter the main environment), so the benchmark calls it in a subprocess:
 
 CALIB.npz holds one array per model input name, samples stacked on axis 0. ModelOpt splits it into
 calibration steps by the model's batch dimension (dynamic dims count as 1). High precision stays FP32:
-ModelOpt's default FP16 graph gave 0 % top-1 agreement on ONNX Runtime's CPU provider (DESIGN.md), which
+ModelOpt's default FP16 graph gave 0 % top-1 agreement on ONNX Runtime's CPU provider (measured once), which
 would measure the CPU provider's FP16 handling rather than ModelOpt's INT8 ranges.
 Venv setup (from the repo root; `.venv*/` is git-ignored). It reuses the system torch 2.13.0 CPU and numpy
 through --system-site-packages (the constraints keep pip from touching them) and adds only its own onnx,

@@ -7,7 +7,9 @@ The version int is TensorRT's ``getInferLibVersion()`` (``NV_TENSORRT_VERSION``)
   - TensorRT 8.x:  major*1000  + minor*100 + patch   (8.5.2 -> 8502, 8.6.1 -> 8601)
   - TensorRT 10.x: major*10000 + minor*100 + patch   (10.3.0 -> 100300, 10.13.0 -> 101300, 10.16.0 -> 101600)
     (NvInferRuntimeBase.h: NV_TENSORRT_VERSION_INT; the change was needed once minors reached two digits.)
-TensorRT 11 has no calibrators and no cache: we refuse to write one for it.
+TensorRT 11 has no calibrators and no cache: we refuse to write one for it. TensorRT's own caches also list
+the network inputs; ours do too when the ranges include them (calibrators.collect measures the float inputs).
+Version table and sources: docs/tensorrt-versions.md.
 """
 
 from __future__ import annotations
@@ -20,6 +22,7 @@ from pathlib import Path
 from calibrators.ranges import TensorRange
 from trtbuild import atomic
 from trtbuild.errors import TrtbuildError
+from trtbuild.trt_versions import calibration_cache_version_tag, known_version
 
 ALGORITHM = "EntropyCalibration2"
 _HEADER = re.compile(r"^TRT-(\d+)-(\w+)$")
@@ -27,21 +30,15 @@ _LINE = re.compile(r"^(?P<name>.+): (?P<hex>[0-9a-fA-F]{8})$")
 
 
 def version_int(trt_version: str) -> int:
-    """``8.5.2`` -> 8502, ``10.13`` -> 101300 (see module docstring)."""
-    match = re.fullmatch(r"(\d+)\.(\d+)(?:\.(\d+))?(?:\.\d+)*", trt_version.strip())
-    if not match:
-        raise TrtbuildError(f"cannot parse TensorRT version '{trt_version}'", "write it like 8.6.1 or 10.13")
-    major, minor, patch = int(match[1]), int(match[2]), int(match[3] or 0)
-    if major < 8:
-        raise TrtbuildError(f"TensorRT {trt_version} is not supported", "target TensorRT 8.5 or newer")
-    if major >= 11:
+    """``8.5.2`` -> 8502, ``10.13`` -> 101300 (see module docstring). Only releases in the version table are
+    accepted: an impossible one (``8.10.0``, ``10.100``) would encode as another version's header."""
+    version = known_version(trt_version)
+    if version.major >= 11:
         raise TrtbuildError(
             f"TensorRT {trt_version} has no calibrators, so it reads no calibration cache",
             "use the Q/DQ ONNX from `trtbuild quantize` for TensorRT 11",
         )
-    if major < 10:
-        return major * 1000 + minor * 100 + patch
-    return major * 10000 + minor * 100 + patch
+    return int(calibration_cache_version_tag(version))
 
 
 def header(trt_version: str) -> str:

@@ -50,12 +50,32 @@ def _own_quantizable_activations(model: onnx.ModelProto) -> list[str]:
 def tensors_to_collect(
     model: onnx.ModelProto, exclude_nodes: Sequence[str] = (), exclude_op_types: Sequence[str] = ()
 ) -> list[str]:
-    """The activations that will get Q/DQ: Q/DQ placement's list, so calibration measures exactly those."""
+    """The activations that will get Q/DQ (Q/DQ placement's list), plus the float network inputs.
+
+    The inputs are measured because TensorRT's own calibration caches list them: without an input scale
+    TensorRT leaves the first layer out of implicit INT8 ("Missing scale"). They are fed, so this is cheap.
+    """
     try:
         from calibrators.qdq import quantizable_activations
     except ImportError:  # placement module not importable: same rule without its exclusions
-        return _own_quantizable_activations(model)
-    return quantizable_activations(model, exclude_nodes=exclude_nodes, exclude_op_types=exclude_op_types)
+        activations = _own_quantizable_activations(model)
+    else:
+        activations = quantizable_activations(
+            model, exclude_nodes=exclude_nodes, exclude_op_types=exclude_op_types
+        )
+    if not activations:  # nothing to quantize: inputs alone make no INT8 model
+        return []
+    return [*[n for n in float_inputs(model) if n not in activations], *activations]
+
+
+def float_inputs(model: onnx.ModelProto) -> list[str]:
+    """Network inputs of a float type (not initializers listed as inputs by old IR versions)."""
+    initializers = {t.name for t in model.graph.initializer}
+    return [
+        i.name
+        for i in model.graph.input
+        if i.name not in initializers and i.type.tensor_type.elem_type in _FLOAT_TYPES
+    ]
 
 
 @dataclass

@@ -8,7 +8,9 @@ seeded subset, ``split`` carves disjoint calibration and held-out parts.
 from __future__ import annotations
 
 import dataclasses
+import struct
 import zipfile
+import zlib
 from abc import ABC, abstractmethod
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
@@ -19,10 +21,17 @@ import numpy as np
 import onnx
 
 from calibrators.preprocess import IMAGE_SUFFIXES, Preprocess
+from export.inputs import check_tensor_size, format_bytes
 from trtbuild.console import warn
 from trtbuild.errors import TrtbuildError
 
 Sample = dict[str, np.ndarray]
+# what a damaged .npy/.npz raises while it is read: bad CRC, bad deflate data, a truncated member, an
+# unsupported or encrypted zip entry (NotImplementedError / RuntimeError), a malformed header
+_UNREADABLE = (
+    OSError, ValueError, EOFError, KeyError, zipfile.BadZipFile, zlib.error, NotImplementedError,
+    RuntimeError, struct.error,
+)  # fmt: skip
 ARRAY_SUFFIXES = (".npy", ".npz")
 _ONNX_DTYPES = {
     onnx.TensorProto.FLOAT: np.float32,
@@ -105,10 +114,59 @@ class ImageFolder(IndexedSource):
 
     def load(self, index: int) -> tuple[str, Sample]:
         path = self.files[index]
+        check_image_size(path, self.preprocess)
         return str(path), {self.input_name: self.preprocess.apply(path)}
 
     def describe(self) -> str:
         return f"{len(self.files)} images in {self.root}"
+
+
+def max_image_pixels() -> int:
+    """Pixels an image may have to be decoded (and any resize of it): PIL's own decompression-bomb limit."""
+    from PIL import Image
+
+    return int(Image.MAX_IMAGE_PIXELS or 89_478_485)
+
+
+def _pixels_refused(path: Path, what: str, pixels: int, limit: int) -> TrtbuildError:
+    return TrtbuildError(
+        f"image {path} {what} {pixels:,} pixels, {format_bytes(pixels * 3)} as RGB; the limit is "
+        f"{limit:,} pixels ({format_bytes(limit * 3)})",
+        "remove the file or shrink it",
+    )
+
+
+def check_image_size(path: Path, preprocess: Preprocess) -> None:
+    """Refuse an image whose decoding, or resizing as ``preprocess`` would, takes more memory than the
+    limit, from its header alone (a 20000x20000 PNG is a few KB on disk and 1.1 GiB decoded)."""
+    import re
+    import warnings
+
+    from PIL import Image, UnidentifiedImageError
+
+    limit = max_image_pixels()
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)  # refused below, with the size
+            with Image.open(path) as opened:  # reads the header only
+                width, height = opened.size
+    except Image.DecompressionBombError as exc:  # over twice the limit: PIL refuses to open it at all
+        found = re.search(r"\((\d+) pixels\)", str(exc))
+        raise _pixels_refused(path, "has", int(found[1]) if found else 2 * limit + 1, limit) from None
+    except (OSError, UnidentifiedImageError, ValueError) as exc:
+        raise TrtbuildError(f"cannot read image {path}: {exc}", "remove or replace the file") from exc
+    if width * height > limit:
+        raise _pixels_refused(path, f"is {width}x{height}:", width * height, limit)
+    if min(width, height) < 1:
+        raise TrtbuildError(f"image {path} is {width}x{height}", "remove or replace the file")
+    crop = preprocess.crop or 224
+    resize = preprocess.resize or round(crop * 256 / 224)
+    ratio = resize / min(width, height)
+    size = (max(crop, round(width * ratio)), max(crop, round(height * ratio)))  # as Preprocess.apply does
+    if size[0] * size[1] > limit:
+        raise _pixels_refused(
+            path, f"is {width}x{height}; resized to {size[0]}x{size[1]} it has", size[0] * size[1], limit
+        )
 
 
 def _rows(shape: tuple[int, ...], model_input: ModelInput, where: str) -> int:
@@ -125,7 +183,8 @@ def _rows(shape: tuple[int, ...], model_input: ModelInput, where: str) -> int:
 
 
 def _npz_shapes(path: Path) -> dict[str, tuple[int, ...]]:
-    """Array shapes in an .npz without loading the arrays."""
+    """Array shapes in an .npz without loading the arrays; refuses arrays too large to load (an .npz is
+    loaded whole)."""
     shapes = {}
     with zipfile.ZipFile(path) as archive:
         for member in archive.namelist():
@@ -138,8 +197,12 @@ def _npz_shapes(path: Path) -> dict[str, tuple[int, ...]]:
                     if version == (1, 0)
                     else np.lib.format.read_array_header_2_0
                 )
-                shape, _, _ = reader(handle)
-            shapes[member[: -len(".npy")]] = tuple(shape)
+                shape, _, dtype = reader(handle)
+            name = member[: -len(".npy")]
+            check_tensor_size(
+                f"array '{name[:200]}' in {path}:", shape, dtype, fix="split the data into smaller .npz files"
+            )
+            shapes[name] = tuple(shape)
     return shapes
 
 
@@ -160,10 +223,14 @@ class ArrayFiles(IndexedSource):
                             f"({', '.join(names)})",
                             "save one .npz per sample with one array per input name",
                         )
-                    shapes = {names[0]: tuple(np.load(path, mmap_mode="r").shape)}
+                    mapped = np.load(path, mmap_mode="r")
+                    shapes = {names[0]: tuple(mapped.shape)}
+                    dtypes = {names[0]: mapped.dtype}
+                    del mapped
                 else:
                     shapes = _npz_shapes(path)
-            except (OSError, ValueError, zipfile.BadZipFile, EOFError) as exc:
+                    dtypes = {}
+            except _UNREADABLE as exc:
                 raise TrtbuildError(
                     f"cannot read array file {path}: {exc}", "remove or replace the file"
                 ) from exc
@@ -172,6 +239,12 @@ class ArrayFiles(IndexedSource):
                 raise TrtbuildError(
                     f"{path} has arrays {sorted(shapes)} but the model inputs are {names}",
                     "name the .npz arrays after the model inputs",
+                )
+            for i in self.inputs:  # one sample is copied out of the (memory-mapped) array at a time
+                shape = shapes[i.name]
+                per_sample = shape[1:] if len(shape) == len(i.shape) else shape
+                check_tensor_size(
+                    f"one sample of array '{i.name}' in {path}:", per_sample, dtypes.get(i.name, i.dtype)
                 )
             counts = {_rows(shapes[i.name], i, f"array '{i.name}' in {path}") for i in self.inputs}
             if len(counts) != 1:
@@ -186,11 +259,19 @@ class ArrayFiles(IndexedSource):
 
     def _arrays(self, path: Path) -> Mapping[str, np.ndarray]:
         if self._cached is None or self._cached[0] != path:  # one file at a time: indices come in order
-            if path.suffix.lower() == ".npy":
-                self._cached = (path, {self.inputs[0].name: np.load(path, mmap_mode="r")})
-            else:
-                with np.load(path) as archive:
-                    self._cached = (path, {k: archive[k] for k in archive.files})
+            self._cached = None
+            try:
+                if path.suffix.lower() == ".npy":
+                    arrays = {self.inputs[0].name: np.load(path, mmap_mode="r", allow_pickle=False)}
+                else:
+                    with np.load(path, allow_pickle=False) as archive:
+                        arrays = {k: archive[k] for k in archive.files}
+            except _UNREADABLE as exc:
+                # e.g. a bad CRC, found only when the data is read; a file changed since it was listed
+                raise TrtbuildError(
+                    f"cannot read array file {path}: {exc}", "remove or replace the file"
+                ) from exc
+            self._cached = (path, arrays)
         return self._cached[1]
 
     def load(self, index: int) -> tuple[str, Sample]:
@@ -388,6 +469,12 @@ class CalibrationData:
             raise TrtbuildError(f"--batch-size must be positive, not {batch_size}", "pass a batch size >= 1")
         static = {i.static_batch for i in self.inputs if i.static_batch is not None}
         size = static.pop() if static else batch_size
+        for i in self.inputs:  # a batch is one array per input: refuse one no machine holds before reading
+            if all(d is not None for d in i.shape[1:]):
+                dims = (size, *(d for d in i.shape[1:] if d is not None))
+                check_tensor_size(
+                    f"a batch of input '{i.name}'", dims, i.dtype, fix="use a smaller --batch-size"
+                )
         pending: list[Sample] = []
         for _, sample in self.samples():
             pending.append(sample)
@@ -492,4 +579,16 @@ def _path_source(path: Path, inputs: Sequence[ModelInput], preprocess: Preproces
     spec = (preprocess or Preprocess()).for_input_shape(inputs[0].shape)
     if preprocess is None and np.dtype(spec.dtype) != inputs[0].dtype:  # defaults follow the model's dtype
         spec = dataclasses.replace(spec, dtype=str(inputs[0].dtype))
+    crop = spec.crop or 224
+    resize = spec.resize or round(crop * 256 / 224)
+    limit = max_image_pixels()
+    if max(crop, resize) ** 2 > limit:  # e.g. a model that declares 100000x100000 images
+        raise TrtbuildError(
+            f"images for input {inputs[0].describe()} would be resized to {resize}x{resize} and cropped to "
+            f"{crop}x{crop}: {max(crop, resize) ** 2:,} pixels, more than the limit of {limit:,}",
+            "pass --crop/--resize within it, or feed .npy/.npz arrays",
+        )
+    check_tensor_size(
+        f"one image sample for input '{inputs[0].name}'", (spec.channels, crop, crop), np.dtype(spec.dtype)
+    )
     return ImageFolder(images, inputs[0].name, spec, path)

@@ -21,13 +21,15 @@ import numpy as np
 import onnx
 from rich.table import Table
 
-from calibrators import fidelity
+from calibrators import fidelity, layer_cost
 from calibrators.fidelity import Feeds, FidelityReport, FidelityThreshold
+from calibrators.output_kinds import OutputKind
 from calibrators.qdq import Exclusion, GraphCache, QdqOptions, QdqPlan, apply_qdq, plan_qdq
 from calibrators.ranges import TensorRange
 from trtbuild.errors import TrtbuildError
 
 FALLBACK_REASON = "kept in float by auto-fallback (sensitivity analysis)"
+DEFAULT_MAX_FLOAT_COMPUTE = 0.5  # never hand back a "quantized" model that is mostly float
 
 
 @dataclass(frozen=True)
@@ -50,10 +52,12 @@ class FallbackResult:
     model: onnx.ModelProto
     trials: list[dict[str, Any]] = field(default_factory=list)  # k, passed, error for each verification
     strategy: str = ""  # how sensitivity was measured: "local" or "drop_one"
+    float_compute: float = 0.0  # share of the model's Conv/Gemm/MatMul MACs left in float
+    stopped: str | None = None  # why the search stopped short of the gate (the float-compute limit)
 
     @property
     def passed(self) -> bool:
-        return self.final.passed
+        return self.final.passed and self.stopped is None
 
     def why(self) -> dict[str, LayerSensitivity]:
         by_node = {s.node: s for s in self.sensitivities}
@@ -70,6 +74,8 @@ class FallbackResult:
             "final": self.final.to_json(),
             "trials": self.trials,
             "strategy": self.strategy,
+            "float_compute": self.float_compute,
+            "stopped": self.stopped,
             "sensitivities": [s.__dict__ for s in self.sensitivities],
         }
 
@@ -95,11 +101,19 @@ class _Planner:
     residual skips) disappears with them."""
 
     def __init__(
-        self, model: onnx.ModelProto, ranges: Mapping[str, TensorRange], options: QdqOptions
+        self,
+        model: onnx.ModelProto,
+        ranges: Mapping[str, TensorRange],
+        options: QdqOptions,
+        semantics: str | None = None,
+        kinds: Mapping[str, OutputKind] | None = None,
     ) -> None:
         self.cache = GraphCache(model)
-        self.classifiers = fidelity.classifier_outputs(model)
+        self.kinds = kinds
+        self.focus: set[str] | None = None  # the outputs failing the gate: layers are ranked by their error
         self.ranges, self.options = ranges, options
+        # Judge candidates the way the gate does: TensorRT graphs by their reference semantics.
+        self.semantics = semantics or fidelity.semantics_for_activations(options.activation_type)
 
     def plan(self, float_layers: Sequence[str] = ()) -> QdqPlan:
         options = replace(
@@ -119,11 +133,13 @@ def _error(
     batches: Sequence[Feeds],
     reference: dict[str, np.ndarray],
     threshold: FidelityThreshold,
-    exact_kernels: bool = True,
 ) -> FidelityReport:
     qmodel = apply_qdq(planner.cache, plan, check=False)
-    sess = fidelity.session(qmodel, optimize=exact_kernels)
-    return fidelity.compare(reference, fidelity.run_batches(sess, batches), threshold, planner.classifiers)
+    sess = fidelity.session(qmodel, semantics=planner.semantics)
+    test = fidelity.run_batches(sess, batches)
+    if planner.kinds is None:
+        planner.kinds = fidelity.decide_kinds(planner.cache.model, reference)
+    return fidelity.compare(reference, test, threshold, planner.kinds, planner.semantics)
 
 
 def _slice_reference(reference: dict[str, np.ndarray], n: int) -> dict[str, np.ndarray]:
@@ -138,16 +154,19 @@ def layer_sensitivity(
     reference: dict[str, np.ndarray],
     threshold: FidelityThreshold,
     on_layer: Callable[[str], None] | None = None,
+    semantics: str | None = None,
+    kinds: Mapping[str, OutputKind] | None = None,
+    focus: set[str] | None = None,
 ) -> tuple[float, list[LayerSensitivity]]:
-    """Baseline error and, per quantized layer, the error with only it in float (most sensitive first)."""
-    planner = _Planner(model, ranges, options)
+    """Baseline error and, per quantized layer, the error with only it in float (most sensitive first).
+    ``focus``: rank by the error of these outputs only (the ones failing the gate)."""
+    planner = _Planner(model, ranges, options, semantics, kinds)
+    planner.focus = focus
     plan = planner.plan()
-    baseline = _error(planner, plan, batches, reference, threshold, exact_kernels=False).score()
+    baseline = _error(planner, plan, batches, reference, threshold).score(planner.focus)
     result = []
     for node in plan.quantized_nodes:
-        err = _error(
-            planner, planner.plan([node]), batches, reference, threshold, exact_kernels=False
-        ).score()
+        err = _error(planner, planner.plan([node]), batches, reference, threshold).score(planner.focus)
         result.append(LayerSensitivity(node, plan.node_types.get(node, ""), err, baseline - err))
         if on_layer:
             on_layer(node)
@@ -183,9 +202,11 @@ def local_sensitivity(planner: _Planner, plan: QdqPlan, batches: Sequence[Feeds]
         for n in plan.quantized_nodes
     }
     watched = sorted({t for n in plan.quantized_nodes for t in (*inputs[n], by_name[n].output[0])})
-    ref = fidelity.run_batches(fidelity.session(_with_outputs(cache.model, watched), optimize=False), batches)
+    # Reference semantics on both sides: extra outputs inside fused integer kernels would change what ORT
+    # fuses, and this pass only ranks layers (every choice is verified under the gate's semantics).
+    ref = fidelity.run_batches(fidelity.session(_with_outputs(cache.model, watched)), batches)
     qmodel = apply_qdq(cache, plan, check=False)
-    test = fidelity.run_batches(fidelity.session(_with_outputs(qmodel, watched), optimize=False), batches)
+    test = fidelity.run_batches(fidelity.session(_with_outputs(qmodel, watched)), batches)
 
     def noise(t: str) -> float:
         r, q = ref[t].astype(np.float64), test[t].astype(np.float64)
@@ -213,40 +234,61 @@ def auto_fallback(
     strategy: str = "auto",
     sensitivity_budget_s: float = 60.0,
     on_layer: Callable[[str], None] | None = None,
+    semantics: str | None = None,
+    kinds: Mapping[str, OutputKind] | None = None,
+    max_float_compute: float = DEFAULT_MAX_FLOAT_COMPUTE,
 ) -> FallbackResult:
-    """Keep the fewest most-sensitive layers in float so the model passes ``threshold`` on ``holdout``."""
+    """Keep the fewest most-sensitive layers in float so the model passes ``threshold`` on ``holdout``.
+    ``semantics``: how candidates are run (default: from the activation type, as the gate does);
+    ``kinds``: each output's kind (default: decided from the graph and the FP32 outputs).
+    ``max_float_compute``: never return a model with more than this share of its Conv/Gemm/MatMul MACs in
+    float; when the gate needs more, stop and say which outputs and layers drive it (``stopped``)."""
     if reference is None:
         reference = fidelity.run_batches(fidelity.session(model), holdout)
-    planner = _Planner(model, ranges, options)
+    planner = _Planner(model, ranges, options, semantics, kinds or fidelity.decide_kinds(model, reference))
     plan = planner.plan()
+    costs = layer_cost.layer_macs(model, {k: tuple(np.asarray(v).shape) for k, v in holdout[0].items()})
     baseline = _error(planner, plan, holdout, reference, threshold)
+    base_share = layer_cost.float_share(costs, plan.quantized_nodes)
     if baseline.passed:
-        return FallbackResult([], [], baseline, baseline, plan, apply_qdq(model, plan))
+        return FallbackResult(
+            [], [], baseline, baseline, plan, apply_qdq(model, plan), float_compute=base_share
+        )
 
+    planner.focus = {o.name for o in baseline.failing()}
     sens_batches, n = _first_samples(holdout, sensitivity_samples)
     if strategy not in ("auto", "local", "drop_one"):
         raise TrtbuildError(f"unknown sensitivity strategy '{strategy}'", "use 'auto', 'local' or 'drop_one'")
     if strategy == "auto":
         # drop_one measures each layer exactly but costs one run per layer: use it when that fits the budget.
         start = time.perf_counter()
-        _error(
-            planner,
-            planner.plan(),
-            sens_batches,
-            _slice_reference(reference, n),
-            threshold,
-            exact_kernels=False,
-        )
+        _error(planner, planner.plan(), sens_batches, _slice_reference(reference, n), threshold)
         one_run = time.perf_counter() - start
         strategy = "drop_one" if one_run * len(plan.quantized_nodes) <= sensitivity_budget_s else "local"
     if strategy == "local":
         sens = local_sensitivity(planner, plan, sens_batches)
     else:
         _, sens = layer_sensitivity(
-            model, ranges, options, sens_batches, _slice_reference(reference, n), threshold, on_layer
+            model,
+            ranges,
+            options,
+            sens_batches,
+            _slice_reference(reference, n),
+            threshold,
+            on_layer,
+            planner.semantics,
+            planner.kinds,
+            planner.focus,
         )
 
     order = [s.node for s in sens]
+    quantized = set(plan.quantized_nodes)
+
+    def share(k: int) -> float:
+        return layer_cost.float_share(costs, quantized - set(order[:k]))
+
+    # The most layers the search may keep float: beyond it the model would be mostly float.
+    limit = max((k for k in range(len(order) + 1) if share(k) <= max_float_compute), default=0)
     trials: list[dict[str, Any]] = []
     cache: dict[int, FidelityReport] = {}
 
@@ -254,15 +296,25 @@ def auto_fallback(
         if k not in cache:
             report = _error(planner, planner.plan(order[:k]), holdout, reference, threshold)
             cache[k] = report
-            trials.append({"float_layers": k, "passed": report.passed, "error": report.score()})
+            trials.append(
+                {
+                    "float_layers": k,
+                    "passed": report.passed,
+                    "error": report.score(planner.focus),
+                    "float_compute": share(k),
+                }
+            )
         return cache[k]
 
-    # Doubling, then bisection between the last failing and the first passing k.
-    lo, hi = 0, 1
-    while hi < len(order) and not verify(hi).passed:
-        lo, hi = hi, min(hi * 2, len(order))
+    # Doubling, then bisection between the last failing and the first passing k, within the limit.
+    lo, hi = 0, min(1, limit)
+    while hi < limit and not verify(hi).passed:
+        lo, hi = hi, min(hi * 2, limit)
+    stopped = None
     if not verify(hi).passed:
-        k = hi  # even all layers in float does not pass: report the best we have
+        k = hi  # the limit (or every layer) in float does not pass: report the best allowed
+        if limit < len(order):
+            stopped = _stop_reason(verify(k), k, share(k), max_float_compute, order[:5])
     else:
         while hi - lo > 1:
             mid = (lo + hi) // 2
@@ -273,12 +325,39 @@ def auto_fallback(
         k = hi
     final_plan = planner.plan(order[:k])
     return FallbackResult(
-        order[:k], sens, baseline, verify(k), final_plan, apply_qdq(model, final_plan), trials, strategy
+        order[:k],
+        sens,
+        baseline,
+        verify(k),
+        final_plan,
+        apply_qdq(model, final_plan),
+        trials,
+        strategy,
+        share(k),
+        stopped,
     )
 
 
-def _first_samples(batches: Sequence[Feeds], n: int) -> tuple[list[dict[str, np.ndarray]], int]:
-    """The first ``n`` samples of ``batches`` as one batch (fewer if there are fewer)."""
-    names = list(batches[0])
-    merged = {k: np.concatenate([np.asarray(b[k]) for b in batches], axis=0)[:n] for k in names}
-    return [merged], int(next(iter(merged.values())).shape[0])
+def _stop_reason(report: FidelityReport, k: int, share: float, limit: float, leading: Sequence[str]) -> str:
+    failing = "; ".join(
+        f"{o.name} ({o.kind}): {', '.join(o.failures(report.threshold))}" for o in report.failing()
+    )
+    return (
+        f"meeting the gate needs more than {limit:.0%} of the compute in float: with the {k} most sensitive "
+        f"layers float ({share:.0%} of the MACs) still failing: {failing}; the most sensitive layers are "
+        f"{', '.join(leading)}. Check those outputs' kind and bounds (--output-kind, per-output "
+        "--min-fidelity) or allow more with --max-float-compute"
+    )
+
+
+def _first_samples(batches: Sequence[Feeds], n: int) -> tuple[list[Feeds], int]:
+    """The first batches holding at least ``n`` samples (all of them if fewer), unchanged: a model with a
+    fixed batch dimension only accepts the batches it was given."""
+    chosen: list[Feeds] = []
+    count = 0
+    for batch in batches:
+        if count >= n:
+            break
+        chosen.append(batch)
+        count += int(np.asarray(next(iter(batch.values()))).shape[0])
+    return chosen, count

@@ -16,6 +16,7 @@ from __future__ import annotations
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from types import ModuleType
+from typing import Any
 
 import numpy as np
 
@@ -42,9 +43,25 @@ def _numpy_accumulate(flat: np.ndarray, scale: float, fine: np.ndarray, overwrit
 _range: Callable[[np.ndarray], tuple[float, float]] = _numpy_range
 _accumulate: Callable[[np.ndarray, float, np.ndarray, bool], None] = _numpy_accumulate
 
+
+def _jit(function: Callable[..., Any]) -> Callable[..., Any]:
+    """``numba.njit(nogil=True)``, cached on disk where numba finds a writable cache folder.
+
+    numba looks for one when the decorator runs (NUMBA_CACHE_DIR, the package's __pycache__, then
+    ~/.cache/numba) and raises if none is writable, which made every command fail for users without a
+    writable HOME and a read-only install. Then the kernels are compiled per process instead (a second or
+    so, once, on first use) and never written anywhere.
+    """
+    assert numba is not None
+    try:
+        return numba.njit(nogil=True, cache=True)(function)  # type: ignore[no-any-return]
+    except (RuntimeError, OSError):  # "cannot cache function ...: no locator available"
+        return numba.njit(nogil=True)(function)  # type: ignore[no-any-return]
+
+
 if numba is not None:
 
-    @numba.njit(nogil=True, cache=True)
+    @_jit
     def _numba_range(flat):  # type: ignore[no-untyped-def]
         lo, hi = flat[0], flat[0]
         for v in flat:
@@ -56,7 +73,7 @@ if numba is not None:
                 return np.nan, np.nan
         return lo, hi
 
-    @numba.njit(nogil=True, cache=True)
+    @_jit
     def _numba_accumulate(flat, scale, fine):  # type: ignore[no-untyped-def]
         s = flat.dtype.type(scale)
         for v in flat:

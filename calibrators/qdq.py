@@ -1,6 +1,6 @@
 """Q/DQ placement for TensorRT explicit INT8: pure data first (:func:`plan_qdq`), then :func:`apply_qdq`.
 
-The rules (DESIGN.md "Q/DQ placement"): Q/DQ on the inputs of Conv/ConvTranspose/Gemm/MatMul, none on
+The rules (docs/qdq-placement.md): Q/DQ on the inputs of Conv/ConvTranspose/Gemm/MatMul, none on
 outputs; residual Add quantizes the skip input only; Concat/pooling share one scale across inputs and output;
 attention-mask paths, Softmax/LayerNorm/GELU chains, attention score MatMuls on long sequences, tiny convs,
 GEMV-shaped MatMuls and box/score detection heads stay float; users exclude nodes or op types by name/regex.
@@ -42,12 +42,25 @@ class QdqOptions:
     # Subtract E[(W_q - W) x] from each quantized layer's float bias (needs the channel means that
     # compute_ranges stores with the ranges; a no-op without them). See calibrators/bias_correction.py.
     bias_correction: bool = True
+    # How weights are stored: int8 (TensorRT, VNNI CPUs), or int7/uint8 for ORT's x86 kernels on CPUs
+    # whose u8 x s8 multiply-add saturates (calibrators/weights.py, trtbuild/core/cpu.py).
+    weight_format: str = "int8"
 
     def __post_init__(self) -> None:
         if self.activation_type not in ACTIVATION_TYPES:
             raise TrtbuildError(
                 f"unknown activation type '{self.activation_type}'",
                 f"use one of {', '.join(ACTIVATION_TYPES)}",
+            )
+        if self.weight_format not in wq.WEIGHT_FORMATS:
+            raise TrtbuildError(
+                f"unknown weight format '{self.weight_format}'", f"use one of {', '.join(wq.WEIGHT_FORMATS)}"
+            )
+        if self.weight_format != "int8" and self.activation_type == "int8":
+            raise TrtbuildError(
+                f"weight format '{self.weight_format}' is for ONNX Runtime CPU graphs (uint8 activations); "
+                "TensorRT takes symmetric int8 weights only",
+                "use weight_format='int8' with int8 activations",
             )
         for pattern in self.exclude_nodes:
             try:
@@ -90,6 +103,7 @@ class WeightQdq:
     bias: str | None = None  # a bias quantized to int32 (uint8 activations only, for ORT's fused kernels)
     corrected_bias: str | None = None  # the consumer's bias that gets ``bias_shift`` subtracted
     bias_shift: tuple[float, ...] | None = None  # E[(W_q - W) x] per output channel on the calibration data
+    weight_format: str = "int8"  # storage: int8 (±127), int7 (±63 in int8) or uint8 (zero point 128)
 
 
 @dataclass
@@ -608,7 +622,7 @@ def plan_qdq(
         live = tuple(c for c in consumers if c[0] in keep)
         if not live:
             continue
-        scales = wq.per_channel_scales(g.constant(w_name), axis)
+        scales = wq.per_channel_scales(g.constant(w_name), axis, wq.weight_qmax(options.weight_format))
         use_bias = bias if options.activation_type == "uint8" and len(live) == 1 else None
         correction = (
             _bias_correction(g, w_name, live, axis, scales, means) if options.bias_correction else None
@@ -621,6 +635,7 @@ def plan_qdq(
             use_bias,
             correction[0] if correction else None,
             correction[1] if correction else None,
+            options.weight_format,
         )
     plan.quantized_nodes = quantized_nodes
     plan.node_types = {n: g.by_name[n].op_type for n in quantized_nodes}
@@ -703,10 +718,11 @@ def apply_qdq(model: onnx.ModelProto | GraphCache, plan: QdqPlan, check: bool = 
         w = g.constant(w_name)
         scales = np.asarray(wplan.scales, np.float32)
         qw = wq.quantize_weight(w, scales, wplan.axis)
+        stored, zero_points = wq.stored_weight(qw, wplan.weight_format, scales.size)
         new_inits += [
-            numpy_helper.from_array(qw, f"{w_name}_quantized"),
+            numpy_helper.from_array(stored, f"{w_name}_quantized"),
             numpy_helper.from_array(scales, f"{w_name}_scale"),
-            numpy_helper.from_array(np.zeros_like(scales, dtype=np.int8), f"{w_name}_zero_point"),
+            numpy_helper.from_array(zero_points.reshape(scales.shape), f"{w_name}_zero_point"),
         ]
         head.append(
             helper.make_node(

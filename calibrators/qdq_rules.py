@@ -89,7 +89,7 @@ MASK_PATH_OPS = frozenset(
 # Bias/normalisation ops that still belong to a conv's branch when looking for a residual's epilogue side.
 EPILOGUE_OPS = frozenset({"Add", "BatchNormalization", "Mul"})
 
-# Thresholds (see DESIGN.md "Q/DQ placement"); all overridable through QdqOptions.
+# Thresholds (see docs/qdq-placement.md); all overridable through QdqOptions.
 MASK_CONSTANT_MAGNITUDE = 1e4  # |constant| >= this in a mask path (-10000, -1e9, float32 min)
 HUGE_RANGE = 1e4  # an activation amax above this is a mask/overflow, never a useful INT8 range
 TINY_CONV_MIN_CHANNELS = 4  # fewer output channels than this: a tiny conv, kept in float

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import json
 import re
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -17,19 +17,22 @@ from typing import Any
 import onnx
 
 from calibrators import fallback as fallback_search
-from calibrators import fidelity
+from calibrators import fidelity, ort_cpu, output_kinds
 from calibrators.cache import write_cache
 from calibrators.calibrate import compute_ranges
-from calibrators.collect import DEFAULT_BATCH_SIZE, collect, load_model
+from calibrators.collect import DEFAULT_BATCH_SIZE, collect, load_model, tensors_to_collect
 from calibrators.data import model_inputs, open_data
 from calibrators.fallback import FallbackResult
 from calibrators.fidelity import FidelityReport, FidelityThreshold
+from calibrators.fidelity_spec import check_outputs
 from calibrators.methods import DEFAULT_METHOD
 from calibrators.preprocess import Preprocess
-from calibrators.qdq import QdqOptions, QdqPlan, apply_qdq, plan_qdq, quantizable_activations
+from calibrators.qdq import QdqOptions, QdqPlan, apply_qdq, plan_qdq
 from calibrators.ranges import RangeSet
 from trtbuild import atomic
 from trtbuild.console import warn
+from trtbuild.core import ort as ort_core
+from trtbuild.core import output_set
 from trtbuild.errors import TrtbuildError
 
 DEFAULT_HOLDOUT = 32
@@ -42,14 +45,20 @@ class FidelityGateError(TrtbuildError):
     def __init__(self, report: FidelityReport, fallback: FallbackResult | None = None) -> None:
         self.report = report
         self.fallback = fallback
+        if fallback is not None and fallback.stopped:
+            super().__init__(f"auto-fallback stopped: {fallback.stopped}; nothing was written")
+            return
         fix = (
             "even auto-fallback could not reach it: lower --min-fidelity or check the data"
             if fallback is not None
             else "re-run with --auto-fallback, another --method, or a lower --min-fidelity"
         )
+        failing = "; ".join(
+            f"{o.name} ({o.kind}): {', '.join(o.failures(report.threshold))}" for o in report.failing()
+        )
         super().__init__(
-            f"INT8 fidelity below the gate ({report.threshold.describe()}): {report.summary()}; "
-            "nothing was written",
+            f"INT8 fidelity below the gate on {report.samples} held-out samples ({report.semantics} "
+            f"semantics): {failing}; nothing was written",
             fix,
         )
 
@@ -66,6 +75,7 @@ class QuantizeResult:
     fallback: FallbackResult | None
     calibration_samples: int
     holdout_samples: int
+    ort_cpu_target: ort_cpu.OrtCpuTarget | None = None  # uint8 graphs: the CPU and weight format chosen
 
     @property
     def passed(self) -> bool:
@@ -79,6 +89,8 @@ class QuantizeResult:
             "report": str(self.report_path),
             "method": self.ranges.method,
             "activation_type": self.plan.activation_type,
+            "target": "tensorrt" if self.ort_cpu_target is None else ort_core.ORT_CPU,
+            "ort_cpu": None if self.ort_cpu_target is None else self.ort_cpu_target.to_json(),
             "calibration_samples": self.calibration_samples,
             "holdout_samples": self.holdout_samples,
             "quantized_layers": len(self.plan.quantized_nodes),
@@ -99,14 +111,18 @@ def quantize(
     method: str = DEFAULT_METHOD,
     samples: int | None = None,
     holdout: int = DEFAULT_HOLDOUT,
-    min_fidelity: str | float | FidelityThreshold | None = None,
+    min_fidelity: str | float | Sequence[str] | FidelityThreshold | None = None,
+    output_kind: Sequence[str] | Mapping[str, str] | None = None,
     auto_fallback: bool = False,
     fallback_strategy: str = "auto",
+    max_float_compute: float = fallback_search.DEFAULT_MAX_FLOAT_COMPUTE,
     exclude: Sequence[str] = (),
     exclude_op_types: Sequence[str] = (),
     trt_version: str = DEFAULT_TRT_VERSION,
     activation_type: str = "int8",
     bias_correction: bool = True,
+    ort_cpu_kind: str = "auto",
+    ort_weights: str = "auto",
     preprocess: Preprocess | None = None,
     batch_size: int = DEFAULT_BATCH_SIZE,
     threads: int | None = None,
@@ -118,73 +134,109 @@ def quantize(
 
     ``data``: anything :func:`calibrators.data.open_data` takes (image folder, .npy/.npz, list, callable).
     ``exclude``: regexes of node names to keep float; ``exclude_op_types``: op types to keep float.
+    ``min_fidelity``: the gate (calibrators/fidelity_spec.py: '99%', 'top1=..,cosine=..', per-output
+    'NAME:METRIC=VALUE', or several of them); ``output_kind``: 'NAME=KIND' overrides of what each output is
+    (calibrators/output_kinds.py), which decides how it is judged.
+    ``max_float_compute``: auto-fallback never keeps more than this share of the compute in float.
     ``fallback_strategy``: how auto-fallback ranks layers: "auto", "drop_one" (exact) or "local" (one pass).
     ``bias_correction``: fold each quantized layer's mean weight-rounding error into its float bias.
+    ``activation_type``: int8 writes the TensorRT graph, judged by its reference Q/DQ semantics; uint8
+    writes a graph for ONNX Runtime's CPU kernels on ``ort_cpu_kind`` (``auto``: this machine), with the
+    weight format that does not saturate there (``ort_weights``, calibrators/ort_cpu.py), judged by what
+    ORT really runs.
     """
-    threshold = (
-        min_fidelity
-        if isinstance(min_fidelity, FidelityThreshold)
-        else fidelity.parse_min_fidelity(min_fidelity)
-    )
-    options = QdqOptions(
-        activation_type=activation_type,
-        exclude_nodes=tuple(exclude),
-        exclude_op_types=tuple(exclude_op_types),
-        bias_correction=bias_correction,
-    )
-    model = _upgrade_opset(load_model(model_path))
-    tensors = quantizable_activations(model, exclude, exclude_op_types)
-    if not tensors:
-        raise TrtbuildError(
-            f"{model_path} has no quantizable ops (Conv/ConvTranspose/Gemm/MatMul with float inputs) "
-            "left to quantize",
-            "check the model and the --exclude/--exclude-op-type options",
+    with output_set.writer_lock(out_dir):  # one writer per folder, taken before any work
+        threshold = (
+            min_fidelity
+            if isinstance(min_fidelity, FidelityThreshold)
+            else fidelity.parse_min_fidelity(min_fidelity)
         )
-    all_data = open_data(data, model_inputs(model), preprocess)
-    calib, held = all_data.split(holdout, seed)
-    calib = calib.sample(samples, seed)
-    collection = collect(
-        model,
-        calib,
-        tensors=tensors,
-        batch_size=batch_size,
-        threads=threads,
-        seed=seed,
-        show_progress=show_progress,
-    )
-    ranges = compute_ranges(collection, method)
-    ranges.meta.update({"holdout": holdout, "activation_type": activation_type})
-
-    held_batches = list(held.batches(batch_size))
-    held_count = sum(int(next(iter(b.values())).shape[0]) for b in held_batches)
-    reference = fidelity.run_batches(fidelity.session(model, threads), held_batches)
-    plan = plan_qdq(model, ranges, options)
-    qmodel = apply_qdq(model, plan)
-    test = fidelity.run_batches(fidelity.session(qmodel, threads), held_batches)
-    report = fidelity.compare(reference, test, threshold, fidelity.classifier_outputs(model))
-    fallback: FallbackResult | None = None
-    if not report.passed and auto_fallback:
-        fallback = fallback_search.auto_fallback(
-            model, ranges, options, held_batches, threshold, reference=reference, strategy=fallback_strategy
+        target = ort_cpu.choose(ort_cpu_kind, ort_weights) if activation_type == "uint8" else None
+        options = QdqOptions(
+            activation_type=activation_type,
+            exclude_nodes=tuple(exclude),
+            exclude_op_types=tuple(exclude_op_types),
+            bias_correction=bias_correction,
+            weight_format=target.weight_format if target else "int8",
         )
-        plan, qmodel, report = fallback.plan, fallback.model, fallback.final
-    if not report.passed:
-        raise FidelityGateError(report, fallback)
+        semantics = fidelity.semantics_for_activations(activation_type)
+        if target is not None and not target.cpu.detected:
+            # Another CPU's kernels cannot be run here: judge the graph by its exact Q/DQ semantics instead.
+            semantics = ort_core.REFERENCE
+        if not 0.0 <= max_float_compute <= 1.0:
+            raise TrtbuildError(
+                f"--max-float-compute {max_float_compute} is outside 0..1", "pass a share such as 0.5"
+            )
+        kind_overrides = output_kinds.parse_output_kinds(output_kind)
+        model = _upgrade_opset(load_model(model_path))
+        graph_outputs = [o.name for o in model.graph.output]
+        check_outputs(threshold, graph_outputs)  # bad names fail before the data pass
+        output_kinds.check_overrides(kind_overrides, graph_outputs)
+        # The quantized activations plus the network inputs (TensorRT's own caches list them).
+        tensors = tensors_to_collect(model, exclude, exclude_op_types)
+        if not tensors:
+            raise TrtbuildError(
+                f"{model_path} has no quantizable ops (Conv/ConvTranspose/Gemm/MatMul with float inputs) "
+                "left to quantize",
+                "check the model and the --exclude/--exclude-op-type options",
+            )
+        all_data = open_data(data, model_inputs(model), preprocess)
+        calib, held = all_data.split(holdout, seed)
+        calib = calib.sample(samples, seed)
+        collection = collect(
+            model,
+            calib,
+            tensors=tensors,
+            batch_size=batch_size,
+            threads=threads,
+            seed=seed,
+            show_progress=show_progress,
+        )
+        ranges = compute_ranges(collection, method)
+        ranges.meta.update({"holdout": holdout, "activation_type": activation_type})
 
-    result = QuantizeResult(
-        onnx_path=Path(out_dir) / f"{Path(model_path).stem}.int8.onnx",
-        cache_path=Path(out_dir) / f"{Path(model_path).stem}.calib.cache",
-        ranges_path=Path(out_dir) / f"{Path(model_path).stem}.ranges.json",
-        report_path=Path(out_dir) / f"{Path(model_path).stem}.fidelity.json",
-        ranges=ranges,
-        plan=plan,
-        fidelity=report,
-        fallback=fallback,
-        calibration_samples=collection.samples,
-        holdout_samples=held_count,
-    )
-    _write(result, qmodel, trt_version)
-    return result
+        held_batches = list(held.batches(batch_size))
+        held_count = sum(int(next(iter(b.values())).shape[0]) for b in held_batches)
+        reference = fidelity.run_batches(fidelity.session(model, threads), held_batches)
+        plan = plan_qdq(model, ranges, options)
+        qmodel = apply_qdq(model, plan)
+        test = fidelity.run_batches(fidelity.session(qmodel, threads, semantics), held_batches)
+        kinds = fidelity.decide_kinds(model, reference, kind_overrides)
+        report = fidelity.compare(reference, test, threshold, kinds, semantics)
+        fallback: FallbackResult | None = None
+        if not report.passed and auto_fallback:
+            fallback = fallback_search.auto_fallback(
+                model,
+                ranges,
+                options,
+                held_batches,
+                threshold,
+                reference=reference,
+                strategy=fallback_strategy,
+                semantics=semantics,
+                kinds=kinds,
+                max_float_compute=max_float_compute,
+            )
+            plan, qmodel, report = fallback.plan, fallback.model, fallback.final
+        if not report.passed or (fallback is not None and not fallback.passed):
+            raise FidelityGateError(report, fallback)
+
+        result = QuantizeResult(
+            onnx_path=Path(out_dir) / f"{Path(model_path).stem}.int8.onnx",
+            cache_path=Path(out_dir) / f"{Path(model_path).stem}.calib.cache",
+            ranges_path=Path(out_dir) / f"{Path(model_path).stem}.ranges.json",
+            report_path=Path(out_dir) / f"{Path(model_path).stem}.fidelity.json",
+            ranges=ranges,
+            plan=plan,
+            fidelity=report,
+            fallback=fallback,
+            calibration_samples=collection.samples,
+            holdout_samples=held_count,
+            ort_cpu_target=target,
+        )
+        ort_core.set_metadata(qmodel, target.metadata() if target else ort_cpu.tensorrt_metadata())
+        _write(result, qmodel, trt_version)
+        return result
 
 
 def _upgrade_opset(model: onnx.ModelProto, target: int = 13) -> onnx.ModelProto:
@@ -206,21 +258,38 @@ def _upgrade_opset(model: onnx.ModelProto, target: int = 13) -> onnx.ModelProto:
 
 
 def _write(result: QuantizeResult, qmodel: onnx.ModelProto, trt_version: str) -> None:
-    """All artifacts, each atomically; the report last, so its presence means the set is complete."""
+    """All artifacts, each atomically. The report is the set's manifest: removed first and written last
+    with every member's sha256 (trtbuild/core/output_set.py), so a run killed half-way leaves no report
+    describing a mixed set, and `output_set.verify` tells a stale member from a current one."""
+    result.report_path.unlink(missing_ok=True)
     atomic.write_bytes(result.onnx_path, qmodel.SerializeToString())
     write_cache(result.ranges, result.cache_path, trt_version)
     result.ranges.save(result.ranges_path)
-    report = {**result.to_json(), "plan": result.plan.to_json()}
+    members = {"onnx": result.onnx_path, "cache": result.cache_path, "ranges": result.ranges_path}
+    report = {
+        **result.to_json(),
+        output_set.MANIFEST_KEY: output_set.manifest_entries(members),
+        "plan": result.plan.to_json(),
+    }
     atomic.write_text(result.report_path, json.dumps(report, indent=2, default=str) + "\n")
 
 
 def write_variant(
-    model_path: str | Path, result: QuantizeResult, out_path: str | Path, activation_type: str = "uint8"
-) -> Path:
-    """The same model quantized from the same ranges with another activation type (e.g. uint8 for ONNX
-    Runtime CPU deployment next to the int8 TensorRT graph), keeping the layers the gate kept in float."""
+    model_path: str | Path,
+    result: QuantizeResult,
+    out_path: str | Path,
+    ort_cpu_kind: str = "auto",
+    ort_weights: str = "auto",
+) -> tuple[Path, ort_cpu.OrtCpuTarget]:
+    """The same model quantized from the same ranges with uint8 activations for ONNX Runtime CPU deployment
+    next to the int8 TensorRT graph, keeping the layers the gate kept in float, with the weight format that
+    is exact on ``ort_cpu_kind`` (recorded in the graph's metadata and returned)."""
     model = _upgrade_opset(load_model(model_path))
+    target = ort_cpu.choose(ort_cpu_kind, ort_weights)
     kept_float = tuple(re.escape(e.node) for e in result.plan.excluded)
-    options = QdqOptions(activation_type=activation_type, exclude_nodes=kept_float)
+    options = QdqOptions(
+        activation_type="uint8", exclude_nodes=kept_float, weight_format=target.weight_format
+    )
     variant = apply_qdq(model, plan_qdq(model, result.ranges, options))
-    return atomic.write_bytes(out_path, variant.SerializeToString())
+    ort_core.set_metadata(variant, target.metadata())
+    return atomic.write_bytes(out_path, variant.SerializeToString()), target

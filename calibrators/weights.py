@@ -1,18 +1,34 @@
-"""Per-channel symmetric INT8 weight quantization (TensorRT's: zero point 0, range ±127)."""
+"""Per-channel symmetric weight quantization: TensorRT's INT8 (zero point 0, range ±127) and the two
+storage formats ONNX Runtime's x86 kernels need on CPUs without VNNI (docs/ort-cpu-int8.md):
+
+- ``int8``: ±127, zero point 0. TensorRT, and ORT CPU where u8 x s8 products do not saturate (VNNI, ARM).
+- ``int7``: ±63 stored as int8 (ORT's "reduce_range"): a pair of u8 x s7 products fits the int16 that
+  AVX2's VPMADDUBSW sums into, so it cannot saturate; costs one bit of weight resolution.
+- ``uint8``: the int8 grid shifted by 128 (values 1..255, zero point 128): ORT then runs its u8 x u8
+  kernels, which widen to int16 before multiplying (VPMADDWD) and cannot saturate either; full resolution.
+"""
 
 from __future__ import annotations
 
 import numpy as np
 
 INT8_MAX = 127
+WEIGHT_FORMATS = ("int8", "int7", "uint8")
+_QMAX = {"int8": 127, "int7": 63, "uint8": 127}
+UINT8_ZERO_POINT = 128
 
 
-def per_channel_scales(weight: np.ndarray, axis: int) -> np.ndarray:
-    """max|w| / 127 per slice along ``axis`` (float32); an all-zero channel gets scale 1 (quantizes to 0)."""
+def weight_qmax(weight_format: str) -> int:
+    """Largest quantized magnitude of a weight format (its grid is -qmax..qmax around the zero point)."""
+    return _QMAX[weight_format]
+
+
+def per_channel_scales(weight: np.ndarray, axis: int, qmax: int = INT8_MAX) -> np.ndarray:
+    """max|w| / qmax per slice along ``axis`` (float32); an all-zero channel gets scale 1 (quantizes to 0)."""
     w = np.asarray(weight, dtype=np.float32)
     reduce_axes = tuple(i for i in range(w.ndim) if i != axis)
     amax = np.abs(w).max(axis=reduce_axes) if reduce_axes else np.abs(w)
-    scales = amax / INT8_MAX
+    scales = amax / qmax
     return np.where(scales > 0, scales, 1.0).astype(np.float32)
 
 
@@ -27,6 +43,14 @@ def quantize_weight(weight: np.ndarray, scales: np.ndarray, axis: int) -> np.nda
     w = np.asarray(weight, dtype=np.float32)
     q = np.rint(w / _broadcast(np.asarray(scales, np.float32), w.ndim, axis))
     return np.clip(q, -INT8_MAX, INT8_MAX).astype(np.int8)
+
+
+def stored_weight(q: np.ndarray, weight_format: str, channels: int) -> tuple[np.ndarray, np.ndarray]:
+    """(stored values, per-channel zero points) of the symmetric grid ``q`` in ``weight_format``."""
+    if weight_format == "uint8":
+        stored = (q.astype(np.int16) + UINT8_ZERO_POINT).astype(np.uint8)
+        return stored, np.full(channels, UINT8_ZERO_POINT, np.uint8)
+    return q.astype(np.int8), np.zeros(channels, np.int8)
 
 
 def dequantize_weight(q: np.ndarray, scales: np.ndarray, axis: int) -> np.ndarray:

@@ -22,6 +22,7 @@ import onnx
 from onnxconverter_common import float16
 
 from trtbuild.atomic import atomic_path
+from trtbuild.core import metrics
 from trtbuild.errors import TrtbuildError
 
 # Kept in FP32 on top of the converter's defaults (which already block index/coordinate ops such as
@@ -53,7 +54,11 @@ def convert_fp16(
     op_block_list: tuple[str, ...] = FP16_BLOCK_LIST,
     node_block_list: tuple[str, ...] = (),
 ) -> Path:
-    """Write an FP16 copy of ``onnx_path`` (I/O stay FP32 so callers feed the same tensors); atomic."""
+    """Write an FP16 copy of ``onnx_path`` (I/O stay FP32 so callers feed the same tensors); atomic.
+
+    A Q/DQ graph keeps its integer tensors and gets FP16 everywhere else, scales included (the graph a
+    strongly typed TensorRT build needs to run its unquantized layers in FP16): Q/DQ on FP16 tensors needs
+    opset 19, so older graphs are converted first."""
     src = Path(onnx_path)
     if not src.is_file():
         raise TrtbuildError(f"ONNX file '{src}' does not exist", "check the path")
@@ -63,6 +68,7 @@ def convert_fp16(
         raise TrtbuildError(
             f"cannot read '{src}' as ONNX ({type(exc).__name__})", "re-export the model"
         ) from exc
+    model = _opset_for_fp16_qdq(model)
     with warnings.catch_warnings():  # one warning per tiny weight clamped to FP16's range: noise
         warnings.simplefilter("ignore", UserWarning)
         converted = float16.convert_float_to_float16(
@@ -77,6 +83,38 @@ def convert_fp16(
         onnx.save(converted, str(tmp))
         onnx.checker.check_model(str(tmp))
     return out
+
+
+QDQ_FP16_OPSET = 19  # QuantizeLinear/DequantizeLinear accept float16 inputs and scales from opset 19
+
+
+def has_qdq(model: onnx.ModelProto) -> bool:
+    return any(n.op_type in ("QuantizeLinear", "DequantizeLinear") for n in model.graph.node)
+
+
+def qdq_scale_type(model: onnx.ModelProto) -> int | None:
+    """The element type of the Q/DQ scales (FLOAT or FLOAT16), or None for a graph without Q/DQ."""
+    inits = {i.name: i.data_type for i in model.graph.initializer}
+    for node in model.graph.node:
+        if node.op_type in ("QuantizeLinear", "DequantizeLinear") and node.input[1] in inits:
+            return inits[node.input[1]]
+    return None
+
+
+def _opset_for_fp16_qdq(model: onnx.ModelProto) -> onnx.ModelProto:
+    opset = next((o.version for o in model.opset_import if o.domain in ("", "ai.onnx")), QDQ_FP16_OPSET)
+    if not has_qdq(model) or opset >= QDQ_FP16_OPSET:
+        return model
+    from onnx import version_converter
+
+    try:
+        return version_converter.convert_version(model, QDQ_FP16_OPSET)
+    except Exception as exc:  # the converter raises its own and onnx's error types
+        raise TrtbuildError(
+            f"the Q/DQ graph (opset {opset}) could not be converted to opset {QDQ_FP16_OPSET} for FP16 "
+            f"Q/DQ ({str(exc).splitlines()[0][:200]})",
+            "quantize an opset 19+ export, or build weakly typed (TensorRT 8.x/10.x with flags)",
+        ) from exc
 
 
 def _restore_float_outputs(original: onnx.ModelProto, converted: onnx.ModelProto) -> None:
@@ -143,12 +181,10 @@ def verify_fp16(
     of 3.0 returns 196608, not inf), while TensorRT on a GPU computes in FP16. The block list above covers
     those ops structurally; a real engine is compared with ORT in tests/test_trt_gpu.py.
     """
-    import onnxruntime as ort
+    from trtbuild.core import ort as ort_core
 
-    opts = ort.SessionOptions()
-    opts.log_severity_level = 3
-    s32 = ort.InferenceSession(str(fp32_path), opts, providers=["CPUExecutionProvider"])
-    s16 = ort.InferenceSession(str(fp16_path_), opts, providers=["CPUExecutionProvider"])
+    s32 = ort_core.cpu_session(Path(fp32_path))
+    s16 = ort_core.cpu_session(Path(fp16_path_))
     n = len(next(iter(inputs.values())))
     out32: list[list[np.ndarray]] = []
     out16: list[list[np.ndarray]] = []
@@ -165,13 +201,12 @@ def verify_fp16(
         if not np.isfinite(b).all():
             cos.append(-1.0)
             continue
-        denom = np.linalg.norm(a, axis=1) * np.linalg.norm(b, axis=1)
-        cos += list(np.where(denom > 0, (a * b).sum(axis=1) / np.maximum(denom, 1e-30), 1.0))
-        err = float(np.abs(a - b).max())
+        cos += metrics.cosine_per_sample(a, b).tolist()  # all-zero vs non-zero scores 0, never 1
+        err = metrics.max_abs_error(a, b)
         max_abs = max(max_abs, err)
         rel = max(rel, err / max(float(np.abs(a).max()), 1e-30))
         if a.ndim == 2 and a.shape[1] > 1:
-            agree.append(float((a.argmax(axis=1) == b.argmax(axis=1)).mean()))
+            agree.append(metrics.top1_agreement(a, b))
     cos_min = float(min(cos))
     return Fp16Check(
         samples=n,

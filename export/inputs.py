@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import math
+import numbers
 import re
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -25,6 +27,45 @@ _SPEC = re.compile(r"^(?P<name>[A-Za-z_][\w.\-/]*):(?P<shape>\d+(?:x\d+)*)(?::(?
 
 Shape = tuple[int, ...]
 
+MAX_TENSOR_BYTES = 8 << 30  # one input tensor (or one batch of calibration data) held in memory
+_MAX_DIM_DIGITS = 18  # int("9" * 5000) is slow and int() refuses 4300+ digits: no real dim is this long
+
+
+def format_bytes(n: int) -> str:
+    """``n`` bytes for people: 894.1 GiB, 12.0 MiB, 512 B."""
+    for unit, size in (("TiB", 1 << 40), ("GiB", 1 << 30), ("MiB", 1 << 20), ("KiB", 1 << 10)):
+        if n >= size:
+            return f"{n / size:,.1f} {unit}"
+    return f"{n} B"
+
+
+def tensor_bytes(shape: Sequence[int], dtype: Any) -> int:
+    """Bytes a dense tensor of ``shape`` and ``dtype`` takes (exact Python integers: never overflows)."""
+    return math.prod(int(d) for d in shape) * np.dtype(dtype).itemsize
+
+
+def check_tensor_size(
+    what: str, shape: Sequence[int], dtype: Any, limit: int | None = None, fix: str | None = None
+) -> int:
+    """Refuse a negative dimension, or a tensor that would take more than ``limit`` bytes (default
+    :data:`MAX_TENSOR_BYTES`), before anything allocates it: one error line giving the size it would take
+    and the limit. Returns its size in bytes."""
+    limit = MAX_TENSOR_BYTES if limit is None else limit
+    dims = tuple(shape)
+    if any(d < 0 for d in dims):
+        raise TrtbuildError(
+            f"{what} has a negative dimension ({'x'.join(str(d) for d in dims)})",
+            "use positive dimensions (a model with one declares an invalid shape: fix or re-export it)",
+        )
+    need = tensor_bytes(dims, dtype)
+    if need > limit:
+        raise TrtbuildError(
+            f"{what} {'x'.join(str(d) for d in dims)} ({np.dtype(dtype).name}) would take "
+            f"{format_bytes(need)} of memory, more than the {format_bytes(limit)} limit",
+            fix or "use a smaller shape",
+        )
+    return need
+
 
 @dataclass(frozen=True)
 class InputSpec:
@@ -45,6 +86,17 @@ class InputSpec:
                 f"input '{self.name}' has unknown dtype '{self.dtype}'",
                 f"use one of {', '.join(DTYPES)}",
             )
+        for label, shape in (("opt", self.opt_shape), ("min", self.min_shape), ("max", self.max_shape)):
+            if shape is not None and not all(
+                isinstance(d, numbers.Integral) and not isinstance(d, bool) for d in shape
+            ):
+                raise TrtbuildError(
+                    f"input '{self.name}' {label} shape {shape!r} is not a list of integers",
+                    "write shapes like 1x3x224x224",
+                )
+            if shape is not None:
+                # negative dims, and shapes no machine can hold (export feeds opt, profiles up to max)
+                check_tensor_size(f"input '{self.name}' {label} shape", shape, DTYPES[self.dtype])
         for label, shape in (("min", self.min_shape), ("max", self.max_shape)):
             if shape is not None and len(shape) != len(self.opt_shape):
                 raise TrtbuildError(
@@ -110,8 +162,11 @@ def fmt_shape(shape: Shape) -> str:
 
 def parse_shape(text: str, what: str = "shape") -> Shape:
     if not re.fullmatch(r"\d+(?:x\d+)*", text):
-        raise TrtbuildError(f"cannot parse {what} '{text}'", "write it like 1x3x224x224")
-    return tuple(int(d) for d in text.split("x"))
+        raise TrtbuildError(f"cannot parse {what} '{text[:200]}'", "write it like 1x3x224x224")
+    dims = text.split("x")
+    if any(len(d.lstrip("0")) > _MAX_DIM_DIGITS for d in dims):
+        raise TrtbuildError(f"{what} '{text[:200]}' has an impossibly large dimension", "use a real shape")
+    return tuple(int(d) for d in dims)
 
 
 def parse_input_spec(text: str) -> InputSpec:
@@ -119,10 +174,12 @@ def parse_input_spec(text: str) -> InputSpec:
     match = _SPEC.match(text.strip())
     if not match:
         raise TrtbuildError(
-            f"cannot parse input spec '{text}'",
+            f"cannot parse input spec '{text[:200]}'",
             "write it as name:1x3x224x224 or name:1x3x224x224:float32",
         )
     shape = parse_shape(match["shape"])
     if any(d == 0 for d in shape):
-        raise TrtbuildError(f"input spec '{text}' has a zero-sized dimension", "use positive dimensions")
+        raise TrtbuildError(
+            f"input spec '{text[:200]}' has a zero-sized dimension", "use positive dimensions"
+        )
     return InputSpec(match["name"], shape, match["dtype"] or "float32")

@@ -27,6 +27,7 @@ from trtbuild import trtexec
 from trtbuild.atomic import atomic_dir
 from trtbuild.errors import TrtbuildError
 from trtbuild.plan import BuildPlan, make_plan
+from trtbuild.plan_graphs import write_plan_graph
 from trtbuild.targets import Target, get_target
 from trtbuild.trt_versions import V
 
@@ -111,6 +112,7 @@ def export_jetson(
             engine_path=tmp / ENGINE,
             timing_cache=tmp / TIMING_CACHE,
         )
+        write_plan_graph(plan)  # a derived graph (FP16 float parts) lands beside its source
         plan = _relative(plan, tmp)
         # Keep only the graph the plan parses (and the FP32 source for reference when it is another graph).
         (tmp / "plan.json").write_text(json.dumps(plan.to_json(), indent=2) + "\n", encoding="utf-8")

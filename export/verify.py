@@ -258,12 +258,10 @@ def _check_data(spec: InputSpec, data: Mapping[str, np.ndarray]) -> np.ndarray:
 
 def ort_runner(onnx_path: str | os.PathLike[str]) -> tuple[Runner, list[str]]:
     """An ONNX Runtime CPU session as a runner, and its output names."""
-    import onnxruntime as ort
+    from trtbuild.core import ort as ort_core
 
-    options = ort.SessionOptions()
-    options.log_severity_level = 3
     try:
-        session = ort.InferenceSession(str(onnx_path), options, providers=["CPUExecutionProvider"])
+        session = ort_core.cpu_session(Path(onnx_path))
     except Exception as exc:
         raise TrtbuildError(
             f"ONNX Runtime cannot load '{onnx_path}' ({str(exc).splitlines()[0][:200]})",

@@ -22,7 +22,7 @@ from trtbuild.bundle import archive, signing
 from trtbuild.bundle.archive import Limits, create_bundle, read_bundle
 from trtbuild.bundle.device import detect_device, jetpack_from_l4t
 from trtbuild.bundle.fleet import create_bundles
-from trtbuild.bundle.manifest import FileEntry, Manifest, canonical_bytes
+from trtbuild.bundle.manifest import FileEntry, Manifest
 from trtbuild.bundle.verify import check_device, verify_bundle
 from trtbuild.cli import cli
 from trtbuild.errors import TrtbuildError
@@ -226,11 +226,11 @@ def _small_bundle(
         {p: FileEntry(hashlib.sha256(d).hexdigest(), len(d)) for p, d in files.items()},
         schema=schema,
     )
-    doc = manifest.to_json()
+    stored = json.dumps(manifest.to_json()).encode()
     key = signing.load_private_key(str(key_path))
     head = [
-        (tarfile.TarInfo("manifest.json"), json.dumps(doc).encode()),
-        (tarfile.TarInfo("manifest.sig"), signing.signature_document(key, canonical_bytes(doc))),
+        (tarfile.TarInfo("manifest.json"), stored),
+        (tarfile.TarInfo("manifest.sig"), signing.signature_document(key, stored)),  # the exact bytes
     ]
     return head + [(tarfile.TarInfo(p), d) for p, d in files.items()]
 
@@ -393,7 +393,7 @@ def test_creation_is_atomic(tmp_path: Path, keys: tuple[Path, Path], monkeypatch
             requires={"kind": "jetson"},
             io_spec={},
         )
-    assert list(out_dir.iterdir()) == []
+    assert not out_dir.exists()  # nothing half-written, not even the folder the write created
 
 
 def test_source_folder_with_a_symlink_is_refused(tmp_path: Path, keys: tuple[Path, Path]) -> None:

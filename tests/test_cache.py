@@ -35,6 +35,41 @@ def test_unsupported_versions(version: str) -> None:
         cache.header(version)
 
 
+@pytest.mark.parametrize("version", ["8.10.0", "10.100", "8.7", "9.3", "10.13.7", "10.3.100"])
+def test_impossible_versions_never_become_a_header(version: str) -> None:
+    """8.10.0 used to write TRT-9000 (reads as 9.0) and 10.100 TRT-110000 (reads as 11.0)."""
+    with pytest.raises(TrtbuildError, match="is not a release trtbuild knows") as info:
+        cache.header(version)
+    assert "8.5, 8.6, 10.0" in info.value.one_line()
+
+
+def test_calibrated_cache_lists_the_network_input(tmp_path: Path) -> None:
+    """A 3-channel first conv stays float in our Q/DQ graph (tiny conv), so its input was never measured and
+    the cache had no scale for it: TensorRT then kept that conv out of implicit INT8 ("Missing scale")."""
+    from onnx import TensorProto, helper
+
+    from calibrators.calibrate import calibrate
+
+    rng = np.random.default_rng(0)
+    w1 = helper.make_tensor("w1", TensorProto.FLOAT, [16, 3, 3, 3], rng.normal(size=432).tolist())
+    w2 = helper.make_tensor("w2", TensorProto.FLOAT, [32, 16, 1, 1], rng.normal(size=512).tolist())
+    nodes = [
+        helper.make_node("Conv", ["images", "w1"], ["a"], name="c1"),
+        helper.make_node("Relu", ["a"], ["r"], name="relu"),
+        helper.make_node("Conv", ["r", "w2"], ["y"], name="c2"),
+    ]
+    x = helper.make_tensor_value_info("images", TensorProto.FLOAT, [None, 3, 8, 8])
+    y = helper.make_tensor_value_info("y", TensorProto.FLOAT, None)
+    model = helper.make_model(
+        helper.make_graph(nodes, "g", [x], [y], [w1, w2]), opset_imports=[helper.make_opsetid("", 17)]
+    )
+    data = [rng.uniform(-3.0, 1.5, size=(2, 3, 8, 8)).astype(np.float32) for _ in range(3)]
+    ranges = calibrate(model, data, "minmax", show_progress=False)
+    scales = cache.read_cache(cache.write_cache(ranges, tmp_path / "m.cache", "10.3"))
+    assert "images" in scales and "r" in scales
+    assert scales["images"] * 127 == pytest.approx(max(float(np.abs(d).max()) for d in data), rel=1e-6)
+
+
 def test_design_example_decodes() -> None:
     scale = cache.hex_scale("3c008912")
     assert scale == pytest.approx(0.0078452, rel=1e-5)

@@ -138,7 +138,7 @@ def test_aimet_rejects_nothing_we_validate_but_we_reject_a_wrong_signed_offset(
         text=True,
         timeout=600,
     )
-    assert result.returncode == 0, "aimet-onnx now rejects wrong-signed offsets itself: update DESIGN.md"
+    assert result.returncode == 0, "aimet-onnx now rejects wrong-signed offsets itself: revisit our validator"
 
 
 def test_aimet_stays_out_of_the_main_environment() -> None:

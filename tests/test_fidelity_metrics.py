@@ -12,12 +12,15 @@ from rich.console import Console
 
 from calibrators.fidelity import (
     FidelityThreshold,
-    classifier_outputs,
     compare,
     compare_output,
+    decide_kinds,
     parse_min_fidelity,
 )
+from calibrators.output_kinds import OutputKind
 from trtbuild.errors import TrtbuildError
+
+LOGITS = OutputKind("classification", "test")
 
 
 def test_sqnr_and_cosine_match_their_definitions() -> None:
@@ -43,14 +46,17 @@ def test_top1_agreement_and_kl_for_classifier_logits() -> None:
     ref = np.array([[3.0, 1.0, 0.0], [0.0, 2.0, 1.0], [1.0, 0.0, 4.0], [0.0, 0.1, 0.0]], np.float32)
     test = ref.copy()
     test[3] = [0.2, 0.1, 0.0]  # one low-margin sample flips its top-1
-    out = compare_output("logits", ref, test)
+    out = compare_output("logits", ref, test, LOGITS)
     assert out.top1_agreement == pytest.approx(0.75)
     assert out.kl is not None and out.kl > 0
-    assert compare_output("logits", ref, ref).kl == pytest.approx(0.0, abs=1e-9)
+    assert compare_output("logits", ref, ref, LOGITS).kl == pytest.approx(0.0, abs=1e-9)
     gate = FidelityThreshold(top1=0.99, cosine=0.5)
-    report = compare({"logits": ref}, {"logits": test}, gate)
+    report = compare({"logits": ref}, {"logits": test}, gate, {"logits": LOGITS})
     assert not report.passed  # judged on top-1, not on the (high) cosine
-    assert compare({"logits": ref}, {"logits": test}, gate, classifiers=set()).passed  # as a plain tensor
+    as_tensor = {"logits": OutputKind("regression", "test")}
+    assert compare({"logits": ref}, {"logits": test}, gate, as_tensor).passed  # as a plain tensor
+    # Without a graph, 3 columns are too few for top-1: judged by cosine.
+    assert compare_output("logits", ref, test).top1_agreement is None
     assert report.to_json()["outputs"][0]["top1_agreement"] == pytest.approx(0.75)
     console = Console(record=True, width=120)
     console.print(report.table())
@@ -61,30 +67,138 @@ def test_parse_min_fidelity_forms_and_errors() -> None:
     assert parse_min_fidelity(None) == FidelityThreshold(0.99, 0.99)
     assert parse_min_fidelity("98%") == FidelityThreshold(0.98, 0.98)
     assert parse_min_fidelity("0.95") == FidelityThreshold(0.95, 0.95)
-    assert parse_min_fidelity("97") == FidelityThreshold(0.97, 0.97)
+    assert parse_min_fidelity("97%") == FidelityThreshold(0.97, 0.97)
     assert parse_min_fidelity("top1=0.9,cosine=0.995") == FidelityThreshold(0.9, 0.995)
     assert parse_min_fidelity("cosine=0.9") == FidelityThreshold(0.99, 0.9)
-    for bad in ("lots", "150%", "sqnr=20"):
-        with pytest.raises(TrtbuildError):
+    spec = parse_min_fidelity(["box:cosine=0.995,sqnr=20", "prob:top1=99%", "out:0:err=0.01", "top1=0.98"])
+    assert spec.top1 == 0.98 and spec.cosine == 0.99
+    assert dict(spec.per_output) == {
+        "box": (("cosine", 0.995), ("sqnr", 20.0)),
+        "prob": (("top1", 0.99),),
+        "out:0": (("err", 0.01),),  # an output name with a colon (TF-style exports)
+    }
+    assert spec.bounds_for("box", "regression") == {"cosine": 0.995, "sqnr": 20.0}
+    assert spec.bounds_for("landmarks", "regression") == {"cosine": 0.99}
+    assert spec.bounds_for("logits", "classification") == {"top1": 0.98}
+    bad_cases = {
+        "lots": "not a number",
+        "150%": "outside",
+        "1.5": "above 1",  # a bare number is a fraction: 1.5 used to become 1.5%
+        "97": "above 1",
+        "sqnr=20": "needs an output name",
+        "top1=0.5,cosine": "incomplete",
+        "box:foo=1": "unknown metric",
+        ":cosine=0.9": "names no output",
+        "box:kl=-1": "negative",
+        "box:sqnr=20%": "plain number",
+    }
+    for bad, message in bad_cases.items():
+        with pytest.raises(TrtbuildError, match=message):
             parse_min_fidelity(bad)
+    with pytest.raises(TrtbuildError, match="twice"):
+        parse_min_fidelity(["box:cosine=0.9", "box:sqnr=10"])
 
 
-def test_classifier_outputs_are_found_by_their_head_op() -> None:
+def test_output_kinds_follow_the_graph_and_the_values() -> None:
     f = TensorProto.FLOAT
     nodes = [
         helper.make_node("Gemm", ["x", "w"], ["logits"]),
+        helper.make_node("Gemm", ["x", "wb"], ["box"]),
+        helper.make_node("Gemm", ["x", "wb"], ["y4"]),
+        helper.make_node("Softmax", ["two"], ["prob"], axis=1),
+        helper.make_node("Gemm", ["x", "wp"], ["two"]),
         helper.make_node("ReduceL2", ["x"], ["norm"], keepdims=1),
         helper.make_node("Div", ["x", "norm"], ["embedding"]),
+        helper.make_node("Conv", ["img", "k"], ["heatmap"]),
     ]
+    rng = np.random.default_rng(0)
     graph = helper.make_graph(
         nodes,
         "g",
-        [helper.make_tensor_value_info("x", f, [2, 4])],
         [
-            helper.make_tensor_value_info("logits", f, [2, 3]),
-            helper.make_tensor_value_info("embedding", f, [2, 4]),
+            helper.make_tensor_value_info("x", f, [4, 16]),
+            helper.make_tensor_value_info("img", f, [4, 1, 8, 8]),
         ],
-        [onnx.numpy_helper.from_array(np.ones((4, 3), np.float32), "w")],
+        [
+            helper.make_tensor_value_info(name, f, None)
+            for name in ("logits", "box", "y4", "prob", "embedding", "heatmap")
+        ],
+        [
+            onnx.numpy_helper.from_array(rng.normal(size=(16, 12)).astype(np.float32), "w"),
+            onnx.numpy_helper.from_array(rng.normal(size=(16, 4)).astype(np.float32), "wb"),
+            onnx.numpy_helper.from_array(rng.normal(size=(16, 2)).astype(np.float32), "wp"),
+            onnx.numpy_helper.from_array(rng.normal(size=(2, 1, 3, 3)).astype(np.float32), "k"),
+        ],
     )
     model = helper.make_model(graph)
-    assert classifier_outputs(model) == {"logits"}
+    import onnxruntime as ort
+
+    feeds = {
+        "x": rng.normal(size=(4, 16)).astype(np.float32),
+        "img": rng.normal(size=(4, 1, 8, 8)).astype(np.float32),
+    }
+    names = ["logits", "box", "y4", "prob", "embedding", "heatmap"]
+    outputs = ort.InferenceSession(model.SerializeToString()).run(names, feeds)
+    kinds = decide_kinds(model, dict(zip(names, outputs, strict=True)))
+    assert {n: k.kind for n, k in kinds.items()} == {
+        "logits": "classification",  # a Gemm head with 12 classes
+        "box": "regression",  # named like a box head
+        "y4": "regression",  # 4 columns: never top-1
+        "prob": "probability",  # Softmax, even with 2 columns
+        "embedding": "embedding",  # divided by its L2 norm
+        "heatmap": "regression",  # a raw Conv map
+    }
+    assert "too few" in kinds["y4"].reason and "regression head" in kinds["box"].reason
+    report = compare(
+        dict(zip(names, outputs, strict=True)), dict(zip(names, outputs, strict=True)), kinds=kinds
+    )
+    by_name = {o.name: o for o in report.outputs}
+    assert by_name["prob"].top1_agreement == 1.0 and by_name["box"].top1_agreement is None
+    overridden = decide_kinds(model, dict(zip(names, outputs, strict=True)), {"logits": "embedding"})
+    assert overridden["logits"].kind == "embedding" and overridden["logits"].reason == "set by --output-kind"
+    with pytest.raises(TrtbuildError, match="does not have"):
+        decide_kinds(model, dict(zip(names, outputs, strict=True)), {"nope": "regression"})
+
+
+def test_one_metric_definition_zero_outputs_never_pass() -> None:
+    """FP32 [1, 2, 3] against an all-zero output: cosine 0 in the gate, the FP16 check and the profiler
+    alike (the FP16 check used to score it 1.0)."""
+    from export.fp16 import verify_fp16
+    from trtbuild.core import metrics
+    from trtbuild.harness.accuracy import _cosines
+
+    ref, zero = np.array([[1.0, 2.0, 3.0]]), np.zeros((1, 3))
+    assert metrics.cosine_per_sample(ref, zero).tolist() == [0.0]
+    assert metrics.cosine_per_sample(zero, zero).tolist() == [1.0]
+    assert compare_output("y", ref, zero).cosine == 0.0
+    assert _cosines(ref, zero).tolist() == [0.0]
+    # an FP16 "conversion" that outputs zeros fails its check
+    f = TensorProto.FLOAT
+    good = helper.make_model(
+        helper.make_graph(
+            [helper.make_node("Identity", ["x"], ["y"])],
+            "g",
+            [helper.make_tensor_value_info("x", f, [None, 3])],
+            [helper.make_tensor_value_info("y", f, [None, 3])],
+        ),
+        opset_imports=[helper.make_opsetid("", 17)],
+    )
+    zeros = helper.make_model(
+        helper.make_graph(
+            [helper.make_node("Sub", ["x", "x"], ["y"])],
+            "g",
+            [helper.make_tensor_value_info("x", f, [None, 3])],
+            [helper.make_tensor_value_info("y", f, [None, 3])],
+        ),
+        opset_imports=[helper.make_opsetid("", 17)],
+    )
+    import tempfile
+    from pathlib import Path
+
+    with tempfile.TemporaryDirectory() as tmp:
+        onnx.save(good, str(Path(tmp) / "a.onnx"))
+        onnx.save(zeros, str(Path(tmp) / "b.onnx"))
+        check = verify_fp16(
+            Path(tmp) / "a.onnx", Path(tmp) / "b.onnx", {"x": np.array([[1, 2, 3]], np.float32)}
+        )
+    assert check.cosine_min == 0.0 and not check.passed

@@ -67,6 +67,20 @@ def test_cache_header_matches_the_jetpack_tensorrt(
         assert scale == pytest.approx(ranges[name].amax / 127, rel=1e-6)
 
 
+def test_cache_lists_the_network_input(orin_int8: JetsonBundle, photo_batch: np.ndarray) -> None:
+    """TensorRT's own caches list the network inputs; without one the first conv stays out of INT8 with a
+    "Missing scale" warning. The input's scale is the percentile of the pixels actually fed."""
+    assert orin_int8.calib_cache is not None
+    scales = read_cache_with_header(orin_int8.calib_cache)[1]
+    assert "images" in scales
+    pixels = np.abs(photo_batch[:8])
+    assert 0 < scales["images"] * 127 <= float(pixels.max()) * (1 + 1e-6)
+    assert scales["images"] * 127 >= float(np.percentile(pixels, 99)) * (
+        1 - 1e-5
+    )  # calibrated, not a placeholder
+    assert not any("Missing scale" in n for n in orin_int8.plan.notes)
+
+
 def test_bundle_folder_contents_and_relative_plan(orin_int8: JetsonBundle, effnet_onnx: Path) -> None:
     names = {p.name for p in orin_int8.folder.iterdir()}
     assert {effnet_onnx.name, "calib.cache", "build.sh", "profile.sh", "plan.json", "jetson.json"} <= names
@@ -156,7 +170,24 @@ def test_refusals(tmp_path: Path, effnet_onnx: Path, ranges: RangeSet) -> None:
         export_jetson(effnet_onnx, "orin-jp6.1", "fp16", tmp_path / "x", ranges=ranges)
     with pytest.raises(TrtbuildError, match="INT8 needs"):
         export_jetson(effnet_onnx, "orin-jp6.1", "int8", tmp_path / "x")
+    # JetPack 7.2's TensorRT 10.16 has no DLA (10.7 was the last 10.x with it), and no Orin runs 10.13.
+    with pytest.raises(TrtbuildError, match="TensorRT 10.16 has no DLA support"):
+        export_jetson(effnet_onnx, "orin-jp7", "int8", tmp_path / "x", ranges=ranges, dla_core=0)
+    with pytest.raises(TrtbuildError, match="ships TensorRT 10.16, not 10.13"):
+        export_jetson(effnet_onnx, "orin-jp7", "fp16", tmp_path / "x", trt_version="10.13")
+    with pytest.raises(TrtbuildError, match="not a release trtbuild knows"):
+        export_jetson(effnet_onnx, "thor", "fp16", tmp_path / "x", trt_version="10.100")
     assert not (tmp_path / "x").exists()
+
+
+def test_orin_jetpack7_bundle_is_for_tensorrt_10_16(
+    tmp_path: Path, effnet_onnx: Path, ranges: RangeSet
+) -> None:
+    b = export_jetson(effnet_onnx, "orin-jp7", "int8", tmp_path / "jp7", ranges=ranges)
+    assert b.requires()["jetpack"] == "7.2" and b.trt_version == "10.16"
+    assert b.calib_cache is not None
+    assert read_cache_with_header(b.calib_cache)[0] == "TRT-101600-EntropyCalibration2"
+    assert "--memPoolSize=workspace:2048M" in b.build_script.read_text()  # 10.16 parses the suffix
 
 
 def test_cli_export_jetson_and_bad_inputs(tmp_path: Path, effnet_onnx: Path, ranges: RangeSet) -> None:

@@ -62,8 +62,25 @@ def files(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     return out
 
 
+def cache_header(version: str) -> str:
+    """TensorRT's getInferLibVersion() as a cache header: major*1000+minor*100+patch before 10.0, then
+    major*10000+minor*100+patch (NvInferVersion.h), written out here independently of calibrators.cache."""
+    parts = [int(p) for p in version.split(".")] + [0]
+    major, minor, patch = parts[0], parts[1], parts[2]
+    tag = major * (10000 if major >= 10 else 1000) + minor * 100 + patch
+    return f"TRT-{tag}-EntropyCalibration2"
+
+
+def cache_for(files: dict[str, Path], version: str, *, with_input: bool = True) -> Path:
+    """A calibration cache carrying ``version``'s header (what a plan for that version must be given)."""
+    path = files["model"].parent / f"tiny.trt{version}.{'in' if with_input else 'noin'}.calib.cache"
+    body = "images: 3c008912\n" if with_input else ""
+    path.write_text(f"{cache_header(version)}\n{body}")
+    return path
+
+
 def expected(target_id: str, prec: str, ver: str, source: str) -> tuple[str, ...] | str:
-    """The oracle, from DESIGN.md's version facts: (onnx kind, strongly typed, flags...) or an error."""
+    """The oracle, from docs/tensorrt-versions.md: (onnx kind, strongly typed, flags...) or an error."""
     t, v = TARGETS[target_id], TrtVersion.parse(ver)
     if prec not in t.precisions:
         return "cannot run"
@@ -96,12 +113,12 @@ def expected(target_id: str, prec: str, ver: str, source: str) -> tuple[str, ...
 def test_plan_matrix(files: dict[str, Path], target_id: str, prec: str, ver: str, source: str) -> None:
     kwargs: dict[str, Any] = {
         "qdq": {"qdq_onnx": files["qdq"]},
-        "calib": {"calib_cache": files["calib"]},
+        "calib": {"calib_cache": cache_for(files, ver)},
         "fp16_graph": {"fp16_onnx": files["fp16_graph"]},
         "plain": {},
     }[source]
     want = expected(target_id, prec, ver, source)
-    trt_version = None if TARGETS[target_id].trt_versions else ver
+    trt_version = None if len(TARGETS[target_id].trt_versions) == 1 else ver  # a JetPack's own by default
     if isinstance(want, str):
         with pytest.raises(TrtbuildError, match=want.replace("+", r"\+")) as info:
             make_plan(files["model"], target_id, prec, trt_version=trt_version, **kwargs)
@@ -112,7 +129,12 @@ def test_plan_matrix(files: dict[str, Path], target_id: str, prec: str, ver: str
     )
     v = plan.version
     assert (plan.onnx_kind, str(plan.strongly_typed), *plan.builder_flags) == want
-    assert plan.onnx == str(files[source] if source in ("qdq", "fp16_graph") else files["model"])
+    graph = files[source] if source in ("qdq", "fp16_graph") else files["model"]
+    if source == "qdq" and plan.strongly_typed:  # every tensor's type comes from the graph: FP16 float parts
+        graph = graph.with_name(graph.name.removesuffix(".onnx") + ".fp16.onnx")
+    assert plan.onnx == str(graph)
+    if source == "calib":  # the cache the plan passes carries the plan's version (docs/tensorrt-versions.md)
+        assert Path(str(plan.calib_cache)).read_text().splitlines()[0] == cache_header(plan.trt_version)
     assert (plan.calib_cache is not None) == (source == "calib")
     assert plan.opt_level == (None if v < TrtVersion(8, 6) else 3)
     assert plan.workspace_mib == TARGETS[target_id].workspace_mib
@@ -161,7 +183,7 @@ def test_options(files: dict[str, Path]) -> None:
         make_plan(m, "a100", "fp32", trt_version="8.6", hardware_compat="ampere_plus").hardware_compat
         == "AMPERE_PLUS"
     )
-    dla = make_plan(m, "orin-jp6.2", "int8", calib_cache=files["calib"], dla_core=1)
+    dla = make_plan(m, "orin-jp6.2", "int8", calib_cache=cache_for(files, "10.3"), dla_core=1)
     assert dla.dla_core == 1 and dla.gpu_fallback and "GPU_FALLBACK" in dla.builder_flags
     strict = make_plan(m, "xavier-jp5", "fp16", dla_core=0, gpu_fallback=False)
     assert not strict.gpu_fallback and "GPU_FALLBACK" not in strict.builder_flags
@@ -194,7 +216,11 @@ def test_options(files: dict[str, Path]) -> None:
         ("xavier-jp5", {"version_compat": True, "precision": "fp16"}, "8.6"),
         ("h100", {"workspace_mib": 0, "precision": "fp16"}, "workspace must be positive"),
         ("h100", {"precision": "int4"}, "unknown precision"),
-        ("h100", {"precision": "fp16", "trt_version": "9.2"}, "not supported"),
+        ("h100", {"precision": "fp16", "trt_version": "9.2"}, "not a release trtbuild knows"),
+        ("h100", {"precision": "fp16", "trt_version": "8.5"}, "not supported"),
+        # TensorRT 10.7 was the last 10.x with DLA: Orin on JetPack 7.2 (10.16) has the cores but no DLA.
+        ("orin-jp7", {"dla_core": 0, "precision": "fp16"}, "TensorRT 10.16 has no DLA support"),
+        ("orin-jp7", {"trt_version": "10.13", "precision": "fp16"}, "ships TensorRT 10.16, not 10.13"),
         ("h100", {"precision": "fp16", "shapes": [InputSpec("x", (1, 3, 16, 16))]}, "model's inputs"),
     ],
 )
@@ -210,3 +236,65 @@ def test_plan_load_rejects_other_json(tmp_path: Path) -> None:
     bad.write_text(json.dumps({"format": 99}))
     with pytest.raises(TrtbuildError, match="not a trtbuild build plan"):
         BuildPlan.load(bad)
+
+
+def test_plan_load_rejects_an_impossible_version(files: dict[str, Path], tmp_path: Path) -> None:
+    plan = make_plan(files["model"], "h100", "fp16", out_root=tmp_path)
+    data = plan.to_json() | {"trt_version": "10.100"}  # would render as a TensorRT that does not exist
+    path = tmp_path / "edited.plan.json"
+    path.write_text(json.dumps(data))
+    with pytest.raises(TrtbuildError, match="TensorRT 10.100 is not a release"):
+        BuildPlan.load(path)
+
+
+@pytest.mark.parametrize(
+    ("target_id", "trt_version", "cache_version"),
+    [
+        ("orin-jp6.1", None, "10.13"),
+        ("h100", "10.3", "10.13"),
+        ("xavier-jp5", None, "8.6"),
+        ("h100", "10.13.3", "10.13"),
+    ],
+)
+def test_cache_for_another_version_is_refused(
+    files: dict[str, Path], target_id: str, trt_version: str | None, cache_version: str
+) -> None:
+    """TensorRT skips a cache whose header it finds incompatible and calibrates on random data instead."""
+    with pytest.raises(
+        TrtbuildError, match=f"has header {cache_header(cache_version)}, but the plan"
+    ) as info:
+        make_plan(
+            files["model"],
+            target_id,
+            "int8",
+            trt_version=trt_version,
+            calib_cache=cache_for(files, cache_version),
+        )
+    assert "--trt-version" in info.value.one_line()
+
+
+def test_cache_without_input_scales_is_flagged(files: dict[str, Path]) -> None:
+    plain = make_plan(files["model"], "orin-jp6.1", "int8", calib_cache=cache_for(files, "10.3"))
+    assert not any("Missing scale" in n for n in plain.notes)
+    bare = make_plan(
+        files["model"], "orin-jp6.1", "int8", calib_cache=cache_for(files, "10.3", with_input=False)
+    )
+    assert any("no scale for input(s) images" in n for n in bare.notes)
+
+
+DLA_HARDWARE = {"xavier-jp5", "orin-jp6.0", "orin-jp6.1", "orin-jp6.2", "orin-jp7"}  # Xavier and Orin only
+
+
+@pytest.mark.parametrize(
+    ("target_id", "ver"),
+    [(t, v) for t in sorted(TARGETS) if TARGETS[t].kind == "jetson" for v in _versions(t)],
+)
+def test_dla_matrix(files: dict[str, Path], target_id: str, ver: str) -> None:
+    """DLA needs the hardware and a TensorRT with DLA: up to 10.7, and again from 11.4.1."""
+    v = TrtVersion.parse(ver)
+    usable = target_id in DLA_HARDWARE and (v < TrtVersion(10, 8) or v >= TrtVersion(11, 4, 1))
+    if usable:
+        assert make_plan(files["model"], target_id, "fp16", trt_version=ver, dla_core=0).dla_core == 0
+    else:
+        with pytest.raises(TrtbuildError, match="no DLA"):
+            make_plan(files["model"], target_id, "fp16", trt_version=ver, dla_core=0)

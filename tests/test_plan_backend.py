@@ -100,3 +100,50 @@ def test_build_without_tensorrt_raises_with_where_to_go(tmp_path: Path, model: P
     text = info.value.one_line()
     assert "not importable" in text and "p.plan.json" in text and "p.trtexec.sh" in text and "8.6.2" in text
     assert info.value.exit_code == 2 and not Path(plan.engine).exists()
+
+
+class _ParserError86:
+    """The shape of TensorRT 8.6's Python ParserError: node() and desc(), but no node_name() (added in 9.1).
+    It stands in for the parser's error list only; what is checked is trtbuild's message, not TensorRT."""
+
+    def node(self) -> int:
+        return 7
+
+    def desc(self) -> str:
+        return "Unsupported ONNX data type: UINT8 (2)"
+
+
+class _ParserError10(_ParserError86):
+    def node_name(self) -> str:
+        return "/features/Cast"
+
+
+class _FailingParser:
+    def __init__(self, error: _ParserError86) -> None:
+        self.num_errors = 1
+        self._error = error
+
+    def parse_from_file(self, path: str) -> bool:
+        return False
+
+    def get_error(self, index: int) -> _ParserError86:
+        return self._error
+
+
+@pytest.mark.parametrize(
+    ("target", "version", "error", "shown"),
+    [
+        ("orin-jp6.0", None, _ParserError86(), "node 7: Unsupported"),  # 8.6.2: no AttributeError
+        ("xavier-jp5", None, _ParserError86(), "node 7: Unsupported"),
+        ("h100", "10.13", _ParserError10(), "node 7 (/features/Cast): Unsupported"),
+    ],
+)
+def test_parse_failure_keeps_the_parsers_message(
+    tmp_path: Path, model: Path, target: str, version: str | None, error: _ParserError86, shown: str
+) -> None:
+    from trtbuild import trt_backend
+
+    plan = make_plan(model, target, "fp16", trt_version=version, out_root=tmp_path)
+    with pytest.raises(TrtbuildError) as info:
+        trt_backend._parse(_FailingParser(error), plan)  # type: ignore[arg-type]
+    assert shown in info.value.one_line() and "UINT8" in info.value.one_line()

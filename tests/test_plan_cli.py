@@ -95,6 +95,11 @@ def test_plan_table_and_trt11_fp16_graph(model: Path, capsys: pytest.CaptureFixt
         (["-t", "h100", "-p", "fp16", "--shape", "images:1x3"], "rank"),
         (["-t", "h100", "-p", "fp16", "--shape", "pixels:1x3x224x224"], "model's inputs"),
         (["-t", "h100", "-p", "int8", "--qdq-onnx", "missing.onnx"], "does not exist"),
+        # The cache says 10.3; TensorRT 10.13 would skip it and calibrate on random data.
+        (["-t", "h100", "-p", "int8", "--calib-cache", "CACHE"], "has header TRT-100300-EntropyCalibration2"),
+        (["-t", "orin-jp7", "-p", "fp16", "--dla-core", "0"], "TensorRT 10.16 has no DLA support"),
+        (["-t", "orin-jp7", "-p", "fp16", "--trt-version", "10.13"], "ships TensorRT 10.16, not 10.13"),
+        (["-t", "h100", "-p", "fp16", "--trt-version", "8.10.0"], "not a release trtbuild knows"),
     ],
 )
 def test_bad_combinations_exit_2(

@@ -10,6 +10,7 @@ from pathlib import Path
 import pytest
 from PIL import Image
 
+from trtbuild.core import cpu
 from trtbuild.hardware import tensorrt_available
 from trtbuild.harness.profile import profile_models
 
@@ -67,7 +68,13 @@ def test_cli_fp32_vs_int8_full_report(effnet_onnx: Path, int8_onnx: Path, tmp_pa
     assert 0.2 < ratios["size_ratio"] < 0.35  # int8 weights: about a quarter of fp32
     assert int8["size_bytes"] == int8_onnx.stat().st_size
     acc = int8["accuracy"]
-    assert acc["max_abs"] > 0 and 0.8 < acc["cosine"] < 1.0 and acc["samples"] == 8
+    # ORT's quantize_static graph (uint8 activations, int8 weights) is an ORT-CPU graph: judged as ORT
+    # really runs it here. Where this CPU's u8 x s8 kernels saturate, that costs accuracy, and the
+    # report says why instead of passing it off as the model's.
+    assert acc["semantics"] == "ort-cpu" and acc["max_abs"] > 0 and acc["samples"] == 8
+    saturates = cpu.detect().u8s8_saturates
+    assert (0.5 if saturates else 0.8) < acc["cosine"] < 1.0, acc
+    assert any("saturate" in w for w in saved["warnings"]) == saturates, saved["warnings"]
     with Image.open(plot) as img:
         assert img.format == "PNG" and img.size[0] > 800 and img.size[1] > 300
     assert not list(report.parent.glob(".*"))  # no temp files left behind
@@ -233,3 +240,11 @@ def test_unknown_suffix_exits_2(tmp_path: Path, capsys: pytest.CaptureFixture[st
     weights = tmp_path / "model.bin"
     weights.write_bytes(b"1234")
     assert "cannot tell what model.bin is" in one_line_error(capsys, weights)
+
+
+def test_a_batch_no_machine_can_hold_is_one_line(effnet_onnx: Path) -> None:
+    proc = run_cli(effnet_onnx, "--batch", "5000000", "--iterations", "1", "--threads", "1")
+    lines = [line for line in proc.stderr.splitlines() if line.strip()]
+    assert proc.returncode == 2 and len(lines) == 1 and "would take" in lines[0] and "limit" in lines[0], (
+        proc.stderr
+    )

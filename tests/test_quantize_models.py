@@ -161,6 +161,11 @@ def test_detector_quantizes_runs_int8_and_meets_gate_with_fallback(
     )
     assert result.passed and result.fidelity.outputs[0].cosine >= 0.95
     assert result.fidelity.outputs[0].top1_agreement is None  # a probability map is judged by cosine
+    assert (
+        result.fidelity.outputs[0].kind == "probability"
+        and "Sigmoid" in result.fidelity.outputs[0].kind_reason
+    )
+    assert result.fallback is None or result.fallback.float_compute < 0.5  # mostly INT8 by compute
     excluded = {e.node: e.reason for e in result.plan.excluded}
     assert any(
         "tiny conv" in r and "1 out" in r for r in excluded.values()
@@ -201,6 +206,8 @@ def test_transformer_mask_path_excluded_and_meets_gate(
     )
     assert result.passed and result.fidelity.outputs[0].cosine >= 0.99
     assert result.fidelity.outputs[0].top1_agreement is None  # an embedding, not class logits
+    assert result.fidelity.outputs[0].kind == "embedding"  # mean-pooled and divided by its L2 norm
+    assert result.fallback is None or result.fallback.float_compute < 0.5
     reasons = [e.reason for e in result.plan.excluded]
     assert any("attention score" in r for r in reasons)
     assert any("Softmax" in r for r in reasons) and any("LayerNormalization" in r for r in reasons)

@@ -323,3 +323,15 @@ def test_dla_names_exist_in_trt11(trt11: bytes) -> None:
         and exported(trt11, "DLA_core")
         and exported(trt11, "default_device_type")
     )
+
+
+def test_version_table_knows_the_real_bindings(trt11: bytes) -> None:
+    """The 11.x wheel we check against is a release the version table accepts, and the parser-error name the
+    10.x/11.x path uses (ParserError.node_name, Python bindings 9.1+) is in it."""
+    from trtbuild.trt_versions import known_version
+
+    assert str(known_version(TRT11_WHEEL.split("==")[1])) == "11.4"
+    assert exported(trt11, "node_name") and has("parser_error_node_name", "11.4")
+    stubs = (_installed_stubs()[1] / "tensorrt.pyi").read_text()
+    assert "def node_name(self" in stubs and has("parser_error_node_name", "10.13")  # the 10.13 API
+    assert not has("parser_error_node_name", "8.6.2")  # 8.6's ParserError has node() only

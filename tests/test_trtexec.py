@@ -44,7 +44,8 @@ def test_fp16_flags_per_version(model: Path, version: str) -> None:
     assert argv[0] == "trtexec"
     assert ("--fp16" in f) == (not version.startswith("11"))
     assert "--stronglyTyped" not in f  # 8.6 cannot; 10.x uses the flag path; 11.x implies it
-    assert f["--memPoolSize"] == "workspace:4096M"
+    # Suffixes are parsed right only from 10.1 (docs/tensorrt-versions.md); a bare number is MiB everywhere.
+    assert f["--memPoolSize"] == ("workspace:4096" if version == "8.6" else "workspace:4096M")
     assert f["--builderOptimizationLevel"] == "3"
     assert f["--minShapes"] == "images:1x3x16x16" and f["--maxShapes"] == "images:32x3x16x16"
     assert f["--timingCacheFile"].endswith(f"h100-trt{version}.cache")
@@ -69,7 +70,8 @@ def test_int8_qdq_on_11_is_strongly_typed_without_precision_flags(model: Path) -
     plan = make_plan(model, "h100", "int8", trt_version="11.4", qdq_onnx=model.with_name("m.int8.qdq.onnx"))
     f = flags(render(plan))
     assert not {"--int8", "--fp16", "--calib", "--stronglyTyped", "--fp8", "--bf16"} & set(f)
-    assert f["--onnx"].endswith("m.int8.qdq.onnx")
+    # strongly typed: the same Q/DQ graph with FP16 float parts, or unquantized layers would run FP32
+    assert f["--onnx"].endswith("m.int8.qdq.fp16.onnx")
 
 
 def test_portability_and_sparsity_flags(model: Path) -> None:
@@ -119,7 +121,7 @@ def test_every_rendered_flag_exists_in_its_version(model: Path, target_id: str) 
             "fp16",
             trt_version=trt_version,
             fp16_onnx=model if v.major >= 11 else None,
-            dla_core=0 if TARGETS[target_id].dla_cores else None,
+            dla_core=0 if TARGETS[target_id].dla_cores and v < TrtVersion(10, 8) else None,
             sparsity=TARGETS[target_id].sm >= (8, 0),
         )
         for arg in render(plan)[1:]:
@@ -162,3 +164,17 @@ def test_qdq_strongly_typed_on_10x_but_flags_for_dla_and_8x(model: Path) -> None
     assert not dla.strongly_typed and {"--int8", "--fp16", "--allowGPUFallback"} <= set(flags(render(dla)))
     old = make_plan(model, "orin-jp6.0", "int8", qdq_onnx=qdq)
     assert not old.strongly_typed and {"--int8", "--fp16"} <= set(flags(render(old)))
+
+
+@pytest.mark.parametrize(
+    ("version", "pool"),
+    [
+        ("8.6", "workspace:4096"),
+        ("10.0", "workspace:4096"),  # 10.0 multiplies a suffixed value by 2^20 twice: the cap would be lost
+        ("10.0.1", "workspace:4096"),
+        ("10.1", "workspace:4096M"),  # real suffix parsing from here on
+        ("10.16", "workspace:4096M"),
+    ],
+)
+def test_mempool_suffix_only_from_10_1(model: Path, version: str, pool: str) -> None:
+    assert flags(render(make_plan(model, "h100", "fp16", trt_version=version)))["--memPoolSize"] == pool

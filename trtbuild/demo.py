@@ -125,7 +125,9 @@ class Demo:
             auto_fallback=True,
             show_progress=not self.quiet,
         )
-        cpu_int8 = write_variant(self.artifacts["onnx"], res, self.dir / f"{MODEL_NAME}.int8.ortcpu.onnx")
+        cpu_int8, cpu_target = write_variant(
+            self.artifacts["onnx"], res, self.dir / f"{MODEL_NAME}.int8.ortcpu.onnx"
+        )
         self.artifacts.update(
             qdq=res.onnx_path, cpu_int8=cpu_int8, cache=res.cache_path, ranges=res.ranges_path, quant=res
         )
@@ -135,8 +137,9 @@ class Demo:
             0.0,
             f"{res.onnx_path.name}: {len(res.plan.quantized_nodes)} layers INT8 "
             f"({res.ranges.method}, {res.calibration_samples} photos); held-out fidelity "
-            f"{res.fidelity.summary()}{fallback}",
-            {"quantize": res.to_json()},
+            f"{res.fidelity.summary()}{fallback} ({res.fidelity.semantics} semantics); ORT-CPU graph with "
+            f"{cpu_target.weight_format} weights for {cpu_target.cpu.kind}",
+            {"quantize": res.to_json(), "ort_cpu": cpu_target.to_json()},
         )
 
     def fp16(self) -> StageResult:
@@ -155,9 +158,17 @@ class Demo:
         )
 
     def plan(self) -> StageResult:
+        from calibrators.cache import write_cache
         from trtbuild.plan import make_plan
+        from trtbuild.plan_graphs import write_plan_graph
+        from trtbuild.targets import get_target
         from trtbuild.trtexec import save_plan_files
 
+        # The Jetson plan needs a cache with its JetPack's TensorRT header (TensorRT skips another version's).
+        jetson_trt = str(get_target(JETSON_TARGET).resolve_trt(None))
+        jetson_cache = write_cache(
+            self.artifacts["quant"].ranges, self.dir / f"{MODEL_NAME}.trt{jetson_trt}.calib.cache", jetson_trt
+        )
         plans = {}
         lines = []
         for target, precision in PLANNED:
@@ -166,12 +177,11 @@ class Demo:
                 target,
                 precision,
                 qdq_onnx=self.artifacts["qdq"] if precision == "int8" and target != JETSON_TARGET else None,
-                calib_cache=self.artifacts["cache"]
-                if precision == "int8" and target == JETSON_TARGET
-                else None,
+                calib_cache=jetson_cache if precision == "int8" and target == JETSON_TARGET else None,
                 fp16_onnx=self.artifacts["fp16"] if precision == "fp16" else None,
                 out_root=str(self.root),
             )
+            write_plan_graph(plan)  # strongly typed INT8: the Q/DQ graph with FP16 float parts
             plan_path, script = save_plan_files(plan)
             plans[f"{target}-{precision}"] = plan
             lines.append(f"{target}/{precision} (TRT {plan.trt_version}, {plan.onnx_kind})")

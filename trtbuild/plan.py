@@ -27,7 +27,7 @@ from export.inputs import InputSpec
 from trtbuild.atomic import write_text
 from trtbuild.errors import TrtbuildError
 from trtbuild.targets import Target, check_precision, get_target
-from trtbuild.trt_versions import TrtVersion, has, strongly_typed_only
+from trtbuild.trt_versions import TrtVersion, has, known_version, strongly_typed_only
 
 PLAN_FORMAT = 1
 HARDWARE_COMPAT = {"ampere_plus": "AMPERE_PLUS", "same_compute_capability": "SAME_COMPUTE_CAPABILITY"}
@@ -85,6 +85,7 @@ class BuildPlan:
                 f"not a trtbuild build plan (format {data.get('format')!r}, unknown keys {sorted(unknown)})",
                 "re-create it with `trtbuild plan`",
             )
+        known_version(str(data["trt_version"]))  # a hand-edited plan gets the same check as --trt-version
         values = dict(data)
         values["inputs"] = tuple(InputSpec.from_json(s) for s in data["inputs"])
         values["builder_flags"] = tuple(data["builder_flags"])
@@ -131,6 +132,35 @@ def model_dir(onnx_path: str | os.PathLike[str], out_root: str | os.PathLike[str
 
 def model_name(onnx_path: str | os.PathLike[str]) -> str:
     return Path(onnx_path).name.split(".")[0]
+
+
+FP16_QDQ_SUFFIX = ".fp16.onnx"
+
+
+def fp16_qdq_path(qdq_onnx: str | os.PathLike[str]) -> Path:
+    """`m.int8.onnx` -> `m.int8.fp16.onnx`: the same Q/DQ graph with FP16 float parts."""
+    path = Path(qdq_onnx)
+    return path.with_name(path.name.removesuffix(".onnx") + FP16_QDQ_SUFFIX)
+
+
+def fp16_qdq_source(graph: str | os.PathLike[str]) -> Path | None:
+    """The FP32-float Q/DQ graph an FP16-float one is derived from (by name), or None."""
+    path = Path(graph)
+    if not path.name.endswith(FP16_QDQ_SUFFIX):
+        return None
+    return path.with_name(path.name.removesuffix(FP16_QDQ_SUFFIX) + ".onnx")
+
+
+def _qdq_float_is_fp32(qdq_onnx: str | os.PathLike[str]) -> bool:
+    """True unless the Q/DQ graph's scales (and so its float parts) are FP16 already."""
+    import onnx
+
+    model = onnx.load(str(qdq_onnx), load_external_data=False)
+    inits = {i.name: i.data_type for i in model.graph.initializer}
+    for node in model.graph.node:
+        if node.op_type == "DequantizeLinear" and len(node.input) > 1 and node.input[1] in inits:
+            return inits[node.input[1]] != onnx.TensorProto.FLOAT16
+    return True
 
 
 def make_plan(
@@ -187,6 +217,8 @@ def make_plan(
         )
 
     inputs = _input_specs(onnx_path, shapes)
+    if cache is not None:
+        notes += _check_cache(cache, version, onnx_path)
     base = model_dir(onnx_path, out_root)
     stem = plan_stem(tgt.id, prec, str(version))
     return BuildPlan(
@@ -311,11 +343,15 @@ def _choose_graph_and_flags(
         )
     if qdq_onnx is not None:
         if typed_graph:
+            # A strongly typed build takes every tensor's type from the graph: FP32 float parts would run
+            # unquantized layers in FP32/TF32. Build from the same Q/DQ graph with FP16 float parts
+            # (written by trtbuild.plan_graphs.write_plan_graph; ModelOpt's high_precision_dtype=fp16).
+            graph = fp16_qdq_path(qdq_onnx) if _qdq_float_is_fp32(qdq_onnx) else Path(qdq_onnx)
             notes.append(
-                "Q/DQ graph, strongly typed: quantized layers from the Q/DQ nodes, the rest in the graph's"
-                " float type"
+                "Q/DQ graph with FP16 float parts, strongly typed: quantized layers from the Q/DQ nodes, "
+                "the unquantized ones in FP16"
             )
-            return str(qdq_onnx), "qdq", True, [], None
+            return str(graph), "qdq", True, [], None
         # TensorRT 8.x (or DLA): the INT8 flag enables Q/DQ processing; FP16 lets unquantized layers use FP16.
         flag = _PRECISION_FLAG[prec]
         notes.append(
@@ -349,6 +385,11 @@ def _dla_flags(
     if tgt.dla_cores == 0:
         raise TrtbuildError(
             f"{tgt.name} has no DLA", "drop --dla-core (DLA exists on Jetson Xavier and Orin)"
+        )
+    if tgt.dla_cores_for(version) == 0:  # docs/tensorrt-versions.md: DLA gone in 10.8-11.4.0
+        raise TrtbuildError(
+            f"TensorRT {version} has no DLA support (10.7 was the last 10.x with DLA; it returns in 11.4.1)",
+            "drop --dla-core, or use a JetPack 6 target (TensorRT 10.3) for DLA on Orin",
         )
     if not 0 <= dla_core < tgt.dla_cores:
         raise TrtbuildError(
@@ -447,3 +488,37 @@ def _input_specs(onnx_path: str | os.PathLike[str], shapes: Sequence[InputSpec] 
             )
     # Normalise so the plan carries explicit min/opt/max (and JSON round-trips to an equal object).
     return [InputSpec(s.name, s.opt_shape, s.dtype, s.min, s.max) for s in specs]
+
+
+def _check_cache(cache_path: str, version: TrtVersion, onnx_path: str | os.PathLike[str]) -> list[str]:
+    """The cache must carry the plan's TensorRT version: TensorRT skips a cache whose header it finds
+    incompatible and calibrates again (on random data under trtexec). We refuse rather than rewrite it: the
+    file the user reviews is the file that runs, and this function stays pure. Returns notes (input scales
+    missing). See docs/tensorrt-versions.md."""
+    import onnx
+
+    from calibrators.cache import header, read_cache_with_header
+    from export.meta import graph_inputs
+
+    found, scales = read_cache_with_header(cache_path)
+    want = header(str(version))
+    if found != want:
+        raise TrtbuildError(
+            f"calibration cache '{cache_path}' has header {found}, but the plan is for TensorRT {version} "
+            f"({want}); TensorRT would ignore it and calibrate on random data",
+            f"write the cache for this version (`trtbuild calibrate ... --trt-version {version}`), "
+            "or pass --qdq-onnx",
+        )
+    model = onnx.load(str(onnx_path), load_external_data=False)
+    float_types = {onnx.TensorProto.FLOAT, onnx.TensorProto.FLOAT16, onnx.TensorProto.BFLOAT16}
+    missing = [
+        i.name
+        for i in graph_inputs(model)
+        if i.type.tensor_type.elem_type in float_types and i.name not in scales
+    ]
+    if not missing:
+        return []
+    return [
+        f"calibration cache has no scale for input(s) {', '.join(missing)}: TensorRT keeps the first layer(s)"
+        " out of INT8 ('Missing scale'); re-create it with `trtbuild calibrate`"
+    ]

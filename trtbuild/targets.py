@@ -1,7 +1,8 @@
 """Deployment targets as data: GPU architecture, TensorRT versions it ships with, precisions, DLA, defaults.
 
 Data-center GPUs accept any TensorRT a user installs (8.6, 10.x, 11.x); a Jetson's TensorRT is fixed by
-its JetPack, and engines must be built on the device with that version.
+its JetPack, and engines must be built on the device with that version. Which JetPack ships which TensorRT,
+and where DLA exists: docs/tensorrt-versions.md.
 """
 
 from __future__ import annotations
@@ -10,7 +11,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from trtbuild.errors import TrtbuildError
-from trtbuild.trt_versions import KNOWN_MAJORS, TrtVersion, V, has
+from trtbuild.trt_versions import TrtVersion, V, dla_supported, has, known_version
 
 PRECISIONS = ("fp32", "fp16", "bf16", "int8", "fp8")
 
@@ -25,7 +26,7 @@ class Target:
     trt_versions: tuple[str, ...] = ()  # Jetson: the exact versions its JetPack ships; empty = any known
     min_trt: str = "8.6"  # data center: oldest TensorRT that supports the architecture and that we plan for
     jetpack: str | None = None
-    dla_cores: int = 0
+    dla_cores: int = 0  # DLA engines in the hardware; usable only where the TensorRT supports DLA
     workspace_mib: int = 4096
     opt_level: int = 3
     note: str = ""
@@ -53,11 +54,15 @@ class Target:
     def supports_sparsity(self) -> bool:
         return self.sm >= (8, 0)  # 2:4 structured sparsity Tensor Cores arrived with Ampere
 
+    def dla_cores_for(self, version: TrtVersion | str) -> int:
+        """DLA cores usable with this TensorRT: none where the version has no DLA support (10.8-11.4.0)."""
+        return self.dla_cores if dla_supported(version) else 0
+
     def resolve_trt(self, version: str | None) -> TrtVersion:
-        """The TensorRT version to plan for, checked against what this target can run."""
+        """The TensorRT version to plan for, checked against the release table and what this target runs."""
         if version is None:
             return V(self.default_trt)
-        v = V(version)
+        v = known_version(version)
         if self.trt_versions:
             allowed = [V(t) for t in self.trt_versions]
             if not any(v.short == a.short for a in allowed):
@@ -66,8 +71,15 @@ class Target:
                     f"{' or '.join(self.trt_versions)}, not {version}",
                     "drop --trt-version or pick another Jetson target (see `trtbuild targets`)",
                 )
-            return next(a for a in allowed if a.short == v.short) if v.patch == 0 else v
-        if v.major not in KNOWN_MAJORS or v < V(self.min_trt):
+            shipped = next(t for t in self.trt_versions if V(t).short == v.short)
+            # A JetPack pins its patch (8.6.2 on 6.0): another patch of that line is not on the device.
+            if shipped.count(".") >= 2 and str(version).count(".") >= 2 and V(shipped) != v:
+                raise TrtbuildError(
+                    f"target '{self.id}' (JetPack {self.jetpack}) ships TensorRT {shipped}, not {version}",
+                    f"drop --trt-version or pass {shipped}",
+                )
+            return V(shipped) if v.patch == 0 else v
+        if v < V(self.min_trt):
             raise TrtbuildError(
                 f"TensorRT {version} is not supported for {self.name}",
                 f"use {self.min_trt}, 10.x or 11.x (default {self.default_trt})",
@@ -85,7 +97,8 @@ class Target:
             "trt_versions": list(self.trt_versions) or [f">={self.min_trt}", "10.x", "11.x"],
             "default_trt": self.default_trt,
             "precisions": list(self.precisions),
-            "dla_cores": self.dla_cores,
+            "dla_cores": self.dla_cores_for(self.default_trt),
+            "dla_hardware_cores": self.dla_cores,
             "sparsity": self.supports_sparsity,
             "workspace_mib": self.workspace_mib,
             "opt_level": self.opt_level if has("builder_optimization_level", self.default_trt) else None,
@@ -151,17 +164,18 @@ TARGETS: dict[str, Target] = {
             workspace_mib=2048,
             note="calibrators deprecated but present",
         ),
+        # JetPack 7.0/7.1 (L4T R38) are Thor-only: Orin's first JetPack 7 is 7.2 (L4T R39.2, TensorRT 10.16).
         Target(
             "orin-jp7",
-            "Jetson AGX Orin (JetPack 7.x)",
+            "Jetson AGX Orin (JetPack 7.2)",
             _JET,
             (8, 7),
             "10.16",
-            ("10.13", "10.16"),
-            jetpack="7.x",
+            ("10.16",),
+            jetpack="7.2",
             dla_cores=2,
             workspace_mib=2048,
-            note="TensorRT 10.13 on JetPack 7.0/7.1, 10.16 on 7.2",
+            note="no DLA in TensorRT 10.16 (10.7 was the last 10.x with it; back in 11.4.1, JetPack 7.2.2+)",
         ),
         Target(
             "thor",
@@ -172,7 +186,7 @@ TARGETS: dict[str, Target] = {
             ("10.13", "10.16"),
             jetpack="7.x",
             workspace_mib=4096,
-            note="no DLA; TensorRT 10.13 on JetPack 7.0/7.1, 10.16 on 7.2",
+            note="no DLA; TensorRT 10.13 on JetPack 7.0/7.1 (L4T R38), 10.16 on 7.2 (L4T R39)",
         ),
     )
 }

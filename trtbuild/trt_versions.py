@@ -2,8 +2,8 @@
 
 Every decision that depends on the TensorRT version (in the plan, the Python-API builder and the trtexec
 renderer) asks :func:`has` / :func:`trtexec_flag_exists` instead of comparing numbers inline, so one table
-says what changed when. Sources: TensorRT release notes, API docs and ``trtexec --help`` per version
-(summarised in shared/DESIGN.md).
+says what changed when. Sources: TensorRT release notes, API docs and ``trtexec --help`` per version,
+summarised with their reasons in docs/tensorrt-versions.md.
 """
 
 from __future__ import annotations
@@ -80,7 +80,9 @@ FEATURES: dict[str, Span] = {
     "sparse_weights": _span("8.0"),
     "device_memory_size_v2": _span("10.1"),
     "device_memory_size": _span("7.0", "11.0"),
-    "parser_error_node_name": _span("8.6"),  # ParserError.node_name(); older ones give the index only
+    # ParserError.node_name() is in the Python bindings from 9.1 (8.6 has node() only: calling it there raised
+    # AttributeError and hid the parser's message). See docs/tensorrt-versions.md.
+    "parser_error_node_name": _span("9.1"),
 }
 
 # trtexec flags and the versions whose trtexec accepts them.
@@ -96,7 +98,7 @@ TRTEXEC_FLAGS: dict[str, Span] = {
     "--bf16": _span("9.0", "11.0"),
     "--fp8": _span("9.0", "11.0"),
     "--stronglyTyped": _span("9.0"),  # accepted but implied (a no-op) in 11.x, so we omit it there
-    "--memPoolSize": _span("8.4"),  # workspace:<N>; unit suffixes (M) accepted from 8.6
+    "--memPoolSize": _span("8.4"),  # workspace:<N MiB>; unit suffixes parsed correctly only from 10.1
     "--builderOptimizationLevel": _span("8.6"),
     "--hardwareCompatibilityLevel": _span("8.6"),  # "ampere+" since 8.6, "sameComputeCapability" since 10.9
     "--versionCompatible": _span("8.6"),
@@ -106,11 +108,63 @@ TRTEXEC_FLAGS: dict[str, Span] = {
     "--sparsity": _span("8.0"),
 }
 
-# Below this, --memPoolSize takes a bare number of MiB; from here on it accepts a unit suffix.
-MEMPOOL_SUFFIX_SINCE = V("8.6")
+# From here on --memPoolSize parses a unit suffix. 10.0 multiplies a suffixed value by 2^20 twice (the cap is
+# silently lost) and older versions take MiB, so before 10.1 we write a bare MiB number.
+MEMPOOL_SUFFIX_SINCE = V("10.1")
 
-# Versions trtbuild knows how to plan for. 9.x was a limited LLM-only release, so it is left out.
-KNOWN_MAJORS = (8, 10, 11)
+# Every TensorRT release trtbuild plans for: (major, minor) -> the patch releases that exist (GA, EA and the
+# JetPack-only ones). 9.x was a limited LLM-only release, and 8.4 (JetPack 5.0.2) predates what we support,
+# so both are left out. Sources per entry: docs/tensorrt-versions.md.
+RELEASES: dict[tuple[int, int], tuple[int, ...]] = {
+    (8, 5): (1, 2, 3),  # 8.5.2: JetPack 5.1.x
+    (8, 6): (0, 1, 2),  # 8.6.0 EA; 8.6.2: JetPack 6.0
+    (10, 0): (0, 1),  # 10.0.0 EA, 10.0.1 GA
+    **{(10, minor): (0,) for minor in range(1, 13)},  # 10.3.0: JetPack 6.1/6.2
+    (10, 13): (0, 2, 3),  # JetPack 7.0/7.1 (Thor)
+    (10, 14): (1,),
+    (10, 15): (1,),
+    (10, 16): (0, 1),  # JetPack 7.2
+    (11, 0): (0,),
+    (11, 1): (0,),
+    (11, 2): (1,),
+    (11, 3): (0,),
+    (11, 4): (0, 1),  # 11.4.1: JetPack 7.2.2+
+}
+KNOWN_MAJORS = tuple(sorted({major for major, _ in RELEASES}))
+
+# DLA support by TensorRT version: 10.7 was the last 10.x with DLA; it returns in 11.4.1 (JetPack 7.2.2+).
+DLA_SPANS = (_span("7.0", "10.8"), _span("11.4.1"))
+
+
+def known_versions_text() -> str:
+    """`8.5, 8.6, 10.0, ..., 11.4` for error messages."""
+    return ", ".join(f"{major}.{minor}" for major, minor in RELEASES)
+
+
+def known_version(text: str | TrtVersion) -> TrtVersion:
+    """Parse a user-given version and accept it only if that TensorRT release exists (``RELEASES``).
+
+    ``10.13`` names the release line (any patch); ``10.13.3`` (optionally with a build number, ``10.13.3.9``)
+    must be a patch release that exists. Without this, ``8.10.0`` wrote a ``TRT-9000`` cache header (9.0)
+    and ``10.100`` one that reads as 11.0."""
+    if isinstance(text, TrtVersion):
+        raw, version = str(text), text
+    else:
+        raw, version = str(text).strip(), TrtVersion.parse(text)
+    patches = RELEASES.get((version.major, version.minor))
+    explicit_patch = raw.count(".") >= 2
+    if patches is None or (explicit_patch and version.patch not in patches):
+        raise TrtbuildError(
+            f"TensorRT {raw} is not a release trtbuild knows",
+            f"use one of {known_versions_text()} (major.minor, or a patch release that exists)",
+        )
+    return version
+
+
+def dla_supported(version: TrtVersion | str) -> bool:
+    """Whether this TensorRT version can build for DLA at all (the device must have DLA cores too)."""
+    v = V(version)
+    return any(span.contains(v) for span in DLA_SPANS)
 
 
 def has(feature: str, version: TrtVersion | str) -> bool:

@@ -31,7 +31,8 @@ def render(plan: BuildPlan, trtexec: str = "trtexec") -> list[str]:
     # 11.x networks are always strongly typed; the flag is a no-op there, so it is left out.
     if plan.strongly_typed and v.major < 11:
         args.append("--stronglyTyped")
-    unit = "M" if v >= MEMPOOL_SUFFIX_SINCE else ""  # before 8.6 the number is MiB, no suffix accepted
+    # A bare number is MiB in every version; 10.0 mis-scales a suffixed one (docs/tensorrt-versions.md).
+    unit = "M" if v >= MEMPOOL_SUFFIX_SINCE else ""
     args.append(f"--memPoolSize=workspace:{plan.workspace_mib}{unit}")
     if plan.opt_level is not None:
         args.append(f"--builderOptimizationLevel={plan.opt_level}")

@@ -3,8 +3,9 @@
 from __future__ import annotations
 
 import os
+import re
 import shutil
-import tempfile
+import time
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -13,10 +14,28 @@ import onnx
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
 from calibrators.ranges import RangeSet
+from trtbuild import atomic
 from trtbuild.bundle.archive import create_bundle
 from trtbuild.errors import TrtbuildError
 
 QUALCOMM_TARGETS = ("snpe", "qairt")  # the converter the handoff is written for
+TRITON_PREFIX = "triton-"  # triton-<data-center GPU> or triton-ort-cpu: a Triton model repository
+WORK_LABEL = "bundle"  # work folders: .bundle.trtbuild-XXXXXXXX.work in the output folder
+_LEGACY_WORK = re.compile(r"\.bundle-[a-z0-9_]{8}")  # what versions before the staging names left
+_LEGACY_AFTER_S = 24 * 3600.0
+
+
+def clean_legacy_work(out: Path) -> None:
+    """Remove day-old ``.bundle-XXXXXXXX`` work folders that older versions, killed, left in ``out``."""
+    now = time.time()
+    with os.scandir(out) as entries:
+        for entry in entries:
+            if (
+                _LEGACY_WORK.fullmatch(entry.name)
+                and entry.is_dir(follow_symlinks=False)
+                and now - entry.stat(follow_symlinks=False).st_mtime > _LEGACY_AFTER_S
+            ):
+                shutil.rmtree(entry.path, ignore_errors=True)
 
 
 def bundle_file_name(model: str, version: str, target: str, precision: str) -> str:
@@ -47,6 +66,15 @@ def _onnx_io(path: Path) -> dict[str, Any]:
 def _check_combination(target: str, precision: str, ranges: RangeSet | None, calibration: Any) -> None:
     from trtbuild.targets import check_precision, get_target
 
+    if target.startswith(TRITON_PREFIX):
+        server = target.removeprefix(TRITON_PREFIX)
+        if server != "ort-cpu" and get_target(server).kind == "jetson":
+            raise TrtbuildError(
+                f"'{target}': Triton bundles are for data-center GPUs or ort-cpu",
+                "bundle Jetson targets by their id (add --deepstream for the nvinfer config)",
+            )
+        check_precision(precision)
+        return
     if target in QUALCOMM_TARGETS:
         if precision != "int8":
             raise TrtbuildError(
@@ -63,7 +91,7 @@ def _check_combination(target: str, precision: str, ranges: RangeSet | None, cal
     if tgt.kind != "jetson":
         raise TrtbuildError(
             f"target '{tgt.id}' is not a Jetson or Qualcomm target",
-            "bundle Jetson targets or snpe/qairt (data-center engines are built by `trtbuild build`)",
+            f"bundle Jetson targets, snpe/qairt, or {TRITON_PREFIX}{tgt.id} for a Triton model repository",
         )
     check_precision(precision)
 
@@ -84,14 +112,20 @@ def create_bundles(
     htp_socs: str = "sm8650",
     fidelity: Mapping[str, Any] | None = None,
     profile: Mapping[str, Any] | None = None,
+    deepstream: bool = False,
 ) -> list[Path]:
     """One signed ``.tar.gz`` per target x precision in ``out_dir``; returns their paths.
 
-    Jetson targets (see `trtbuild targets`) get :func:`export.jetson.export_jetson`; ``snpe``/``qairt`` get
-    the Qualcomm handoff (INT8 only; needs ``ranges`` and ``calibration``).
+    Jetson targets (see `trtbuild targets`) get :func:`export.jetson.export_jetson` (with ``deepstream``,
+    :func:`export.deepstream.export_deepstream`: the same folder plus the nvinfer and deepstream-app
+    configs); ``snpe``/``qairt`` get the Qualcomm handoff (INT8 only; needs ``ranges`` and
+    ``calibration``); ``triton-<gpu>``/``triton-ort-cpu`` get a Triton model repository
+    (:func:`export.triton.export_triton`).
     """
+    from export.deepstream import export_deepstream
     from export.jetson import export_jetson
     from export.qualcomm import export_qualcomm
+    from export.triton import export_triton
 
     src = Path(model_path)
     if not src.is_file():
@@ -101,12 +135,19 @@ def create_bundles(
         for precision in precisions:
             _check_combination(target, precision, ranges, calibration)
     out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+        clean_legacy_work(out)
+    except OSError as exc:
+        raise TrtbuildError(
+            f"cannot write bundles to {out}: {exc.strerror}", "pass a writable folder to --out"
+        ) from exc
     written: list[Path] = []
     for target in targets:
         for precision in precisions:
-            with tempfile.TemporaryDirectory(prefix=".bundle-", dir=out) as work:
-                folder = Path(work) / "payload"
+            # a locked work folder; stale ones that killed runs left are removed when the next one starts
+            with atomic.staging_dir(out, WORK_LABEL) as work:
+                folder = work / "payload"
                 if target in QUALCOMM_TARGETS:
                     assert ranges is not None  # _check_combination refused the bundle otherwise
                     handoff = export_qualcomm(
@@ -119,15 +160,28 @@ def create_bundles(
                         "opset": 17,
                     }
                     io_spec = _onnx_io(handoff.onnx)
-                else:
-                    jb = export_jetson(
+                elif target.startswith(TRITON_PREFIX):
+                    repo = export_triton(
                         src,
-                        target,
+                        target.removeprefix(TRITON_PREFIX),
                         precision,
                         folder,
+                        name=name,
                         ranges=ranges if precision == "int8" and qdq_onnx is None else None,
                         qdq_onnx=qdq_onnx if precision == "int8" else None,
                         fp16_onnx=fp16_onnx if precision == "fp16" else None,
+                    )
+                    requires, io_spec = repo.requires(), _onnx_io(src)
+                else:
+                    graphs: dict[str, Any] = {
+                        "ranges": ranges if precision == "int8" and qdq_onnx is None else None,
+                        "qdq_onnx": qdq_onnx if precision == "int8" else None,
+                        "fp16_onnx": fp16_onnx if precision == "fp16" else None,
+                    }
+                    jb = (
+                        export_deepstream(src, target, precision, folder, **graphs).jetson
+                        if deepstream
+                        else export_jetson(src, target, precision, folder, **graphs)
                     )
                     requires, io_spec = jb.requires(), {**_onnx_io(src), "profile": jb.io_spec()["inputs"]}
                 path, _ = create_bundle(

@@ -126,10 +126,26 @@ def verify_bundle(
         dest = None
     else:
         dest = Path(extract_to)
-        if dest.exists() and any(dest.iterdir()):
-            raise TrtbuildError(f"{dest} exists and is not empty", "extract into a new folder")
-        with atomic_dir(dest) as tmp:
-            contents = read_bundle(path, public, tmp, limits or Limits(), device_gate)
+        try:
+            if dest.is_symlink() or (dest.exists() and not dest.is_dir()):
+                raise TrtbuildError(f"{dest} exists and is not a folder", "extract into a new folder")
+            if dest.exists() and any(dest.iterdir()):
+                raise TrtbuildError(f"{dest} exists and is not empty", "extract into a new folder")
+        except OSError as exc:
+            raise TrtbuildError(
+                f"cannot use {dest}: {exc.strerror}", "pick a destination you can write"
+            ) from exc
+        try:
+            # a private temp folder beside dest (stale ones of killed runs are removed first); it becomes
+            # dest, with the umask's mode, only when every check passed; folders made for it are removed
+            # again on failure
+            with atomic_dir(dest) as tmp:
+                contents = read_bundle(path, public, tmp, limits or Limits(), device_gate)
+        except OSError as exc:
+            raise TrtbuildError(
+                f"cannot extract to {dest}: {exc.strerror} ({exc.filename})",
+                "pick a writable destination folder",
+            ) from exc
     return VerifyReport(
         contents.manifest, contents.key_id, contents.files_checked, contents.bytes_checked, checked[0], dest
     )

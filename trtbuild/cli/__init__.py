@@ -22,7 +22,9 @@ _COMMAND_MODULES = (
     "trtbuild.cli.plan_cmd",
     "trtbuild.cli.profile_cmd",
     "trtbuild.cli.bundle_cmd",
+    "trtbuild.cli.serving_cmd",
     "trtbuild.cli.demo_cmd",
+    "trtbuild.cli.fleet_cmd",
 )
 
 

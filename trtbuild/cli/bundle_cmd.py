@@ -8,18 +8,30 @@ from typing import Any
 
 import click
 from rich.table import Table
+from rich.text import Text
 
 from trtbuild.console import emit_json, out
 from trtbuild.errors import TrtbuildError
+
+_REPORT_BYTES = 4 << 20  # a fidelity/profile report recorded in the manifest
 
 
 def _load_json(path: str | None, what: str) -> dict[str, Any] | None:
     if path is None:
         return None
+    from trtbuild.bundle.manifest import parse_json
+
     try:
-        data = json.loads(Path(path).read_text(encoding="utf-8"))
-    except (OSError, ValueError) as exc:
-        raise TrtbuildError(f"cannot read {what} file {path} ({exc})", f"pass a JSON {what} report") from exc
+        with Path(path).open("rb") as fh:
+            raw = fh.read(_REPORT_BYTES + 1)
+    except OSError as exc:
+        raise TrtbuildError(
+            f"cannot read {what} file {path} ({exc.strerror})", f"pass a JSON {what} report"
+        ) from exc
+    try:
+        data = parse_json(raw, f"{what} file {path}", max_bytes=_REPORT_BYTES)
+    except TrtbuildError as exc:
+        raise TrtbuildError(exc.problem, f"pass a JSON {what} report") from None
     if not isinstance(data, dict):
         raise TrtbuildError(f"{what} file {path} is not a JSON object", f"pass a JSON {what} report")
     return data
@@ -43,7 +55,10 @@ def bundle() -> None:
 @click.option("--pub", "public_key", type=click.Path(dir_okay=False), help="Public key path [KEY.pub].")
 @click.option("--force", is_flag=True, help="Overwrite existing key files.")
 def keygen(private_key: str, public_key: str | None, force: bool) -> None:
-    """Create an Ed25519 signing key (PEM, mode 0600) and its public key."""
+    """Create an Ed25519 signing key (PEM, mode 0600) and its public key, written together.
+
+    Refuses a private key path ending in .pub, a --pub path that is the private key's, and existing keys
+    unless --force (which never replaces a private key with a public one)."""
     from trtbuild.bundle.signing import generate_keypair, key_id, load_public_key
 
     priv, pub = generate_keypair(private_key, public_key, overwrite=force)
@@ -53,7 +68,16 @@ def keygen(private_key: str, public_key: str | None, force: bool) -> None:
 
 @bundle.command("create")
 @click.option("--model", "model_path", required=True, type=click.Path(dir_okay=False), help="FP32 ONNX.")
-@click.option("--target", "targets", required=True, multiple=True, help="Jetson target id, or snpe/qairt.")
+@click.option(
+    "--target",
+    "targets",
+    required=True,
+    multiple=True,
+    help="Jetson target id, snpe/qairt, or triton-<gpu>/triton-ort-cpu (a Triton model repository).",
+)
+@click.option(
+    "--deepstream", is_flag=True, help="Jetson bundles also carry the DeepStream nvinfer and app configs."
+)
 @click.option("--precision", "precisions", required=True, multiple=True, help="fp32, fp16 or int8.")
 @click.option("--key", help="Ed25519 private key (PEM file) [env TRTBUILD_SIGNING_KEY].")
 @click.option("--out", "out_dir", default="bundles", show_default=True, type=click.Path(file_okay=False))
@@ -83,6 +107,7 @@ def create(
     fidelity: str | None,
     profile: str | None,
     as_json: bool,
+    deepstream: bool,
 ) -> None:
     """Export and sign one bundle per target x precision."""
     from trtbuild.bundle.fleet import create_bundles
@@ -104,6 +129,7 @@ def create(
         htp_socs=htp_socs,
         fidelity=_load_json(fidelity, "fidelity"),
         profile=_load_json(profile, "profile"),
+        deepstream=deepstream,
     )
     if as_json:
         emit_json({"bundles": [str(p) for p in paths]})
@@ -139,12 +165,14 @@ def verify(
     if as_json:
         emit_json(report.to_json())
         return
-    out.print(
-        f"[green]OK[/green] {report.manifest.name}: signature (key {report.key_id}), "
+    line = Text("OK", style="green")
+    line.append(
+        f" {report.manifest.name}: signature (key {report.key_id}), "
         f"{report.files_checked} file(s) hashed; device: {report.device_check}"
     )
+    out.print(line)
     if report.extracted_to:
-        out.print(f"extracted to {report.extracted_to}")
+        out.print(Text(f"extracted to {report.extracted_to}"))
 
 
 @bundle.command("inspect")
@@ -154,23 +182,28 @@ def inspect(bundle_path: str, as_json: bool) -> None:
     """Show a bundle's manifest (NOT verified: use `bundle verify` before deploying)."""
     from trtbuild.bundle.archive import read_manifest_unverified
 
-    doc = read_manifest_unverified(bundle_path)
+    doc = read_manifest_unverified(bundle_path)  # size-, depth- and schema-checked, not signature-checked
     if as_json:
         emit_json(doc)
         return
-    table = Table(title=f"{Path(bundle_path).name} (signature not checked)")
+    # untrusted text: shown as plain text (no rich markup, control characters stripped)
+    table = Table(title=Text(f"{Path(bundle_path).name} (signature not checked)"))
     table.add_column("field")
     table.add_column("value")
-    model = doc.get("model", {})
-    table.add_row("schema", str(doc.get("schema")))
-    table.add_row("model", f"{model.get('name')} {model.get('version')}")
-    table.add_row("target / precision", f"{doc.get('target')} / {doc.get('precision')}")
-    table.add_row("requires", json.dumps(doc.get("requires")))
-    for key in ("fidelity", "profile"):
-        if doc.get(key):
-            table.add_row(key, json.dumps(doc[key]))
-    for rel, entry in sorted(doc.get("files", {}).items()):
-        table.add_row(rel, f"{entry['size']} B  sha256 {entry['sha256'][:16]}…")
+    model = doc["model"]
+    rows = [
+        ("schema", str(doc["schema"])),
+        ("model", f"{model['name']} {model['version']}"),
+        ("target / precision", f"{doc['target']} / {doc['precision']}"),
+        ("requires", json.dumps(doc["requires"])),
+    ]
+    rows += [(key, json.dumps(doc[key])) for key in ("fidelity", "profile") if doc.get(key)]
+    rows += [
+        (rel, f"{entry['size']} B  sha256 {entry['sha256'][:16]}…")
+        for rel, entry in sorted(doc["files"].items())
+    ]
+    for field, value in rows:
+        table.add_row(Text(field), Text(value))
     out.print(table)
 
 

@@ -12,6 +12,7 @@ from export.inputs import InputSpec, fmt_shape, parse_shape
 from trtbuild.console import emit_json, out, progress
 from trtbuild.errors import TrtbuildError
 from trtbuild.plan import HARDWARE_COMPAT, BuildPlan, make_plan, model_dir
+from trtbuild.plan_graphs import write_plan_graph
 from trtbuild.targets import PRECISIONS, TARGETS
 from trtbuild.trt_versions import strongly_typed_only
 from trtbuild.trtexec import save_plan_files
@@ -26,8 +27,14 @@ def targets_cmd(as_json: bool) -> None:
         emit_json(rows)
         return
     table = Table(title="trtbuild targets")
+    # Ids are what users type: never cut them (rich would shrink them to `xavie…` at 80 columns, in CI or
+    # piped). The short fact columns keep their width too; the prose columns wrap instead.
+    fixed = {"target": max(len(r["id"]) for r in rows), "arch": 5, "JetPack": 7, "DLA": 3}
     for col in ("target", "device", "arch", "JetPack", "TensorRT", "precisions", "DLA", "workspace", "note"):
-        table.add_column(col)
+        if col in fixed:
+            table.add_column(col, no_wrap=True, min_width=fixed[col])
+        else:
+            table.add_column(col, overflow="fold")
     for r in rows:
         table.add_row(
             r["id"],
@@ -143,10 +150,7 @@ def plan_from_options(model: str, **kw: Any) -> BuildPlan:
         fp16_onnx=fp16_onnx,
         out_root=kw["out_root"],
     )
-    if needs_graph and not Path(plan.onnx).is_file():
-        from export.fp16 import convert_fp16
-
-        convert_fp16(model, plan.onnx)
+    write_plan_graph(plan)  # the FP16 graph, or the Q/DQ graph with FP16 float parts, when derived
     return plan
 
 

@@ -9,8 +9,10 @@ from rich.table import Table
 
 from calibrators import cache
 from calibrators.collect import DEFAULT_BATCH_SIZE
+from calibrators.fallback import DEFAULT_MAX_FLOAT_COMPUTE
 from calibrators.fidelity import parse_min_fidelity
 from calibrators.methods import DEFAULT_METHOD, METHODS
+from calibrators.ort_cpu import WEIGHT_CHOICES
 from calibrators.preprocess import Preprocess
 from calibrators.qdq import ACTIVATION_TYPES
 from calibrators.quantize import (
@@ -22,6 +24,7 @@ from calibrators.quantize import (
 )
 from trtbuild import console
 from trtbuild.cli.data_options import data_option, preprocess_options
+from trtbuild.core.cpu import CPU_KINDS
 
 
 def _float_table(result: QuantizeResult) -> Table:
@@ -50,8 +53,23 @@ def _float_table(result: QuantizeResult) -> Table:
 )
 @click.option(
     "--min-fidelity",
-    default=None,
-    help="Gate: '99%', '0.99' or 'top1=0.99,cosine=0.99' (default: 99% top-1 agreement / 0.99 cosine).",
+    multiple=True,
+    help="Gate (repeatable): '99%', '0.99', 'top1=0.98,cosine=0.995', or per output "
+    "'NAME:METRIC=VALUE[,...]' with metrics top1, cosine, sqnr (dB), kl, err (max error/range). "
+    "Default: 99% top-1 for classification/probability outputs, cosine 0.99 for the others.",
+)
+@click.option(
+    "--output-kind",
+    multiple=True,
+    help="What an output is, NAME=classification|probability|regression|embedding (repeatable); "
+    "decides how the gate judges it (default: from the graph and the values, shown in the table).",
+)
+@click.option(
+    "--max-float-compute",
+    type=float,
+    default=DEFAULT_MAX_FLOAT_COMPUTE,
+    show_default=True,
+    help="Auto-fallback stops rather than keep more than this share of the Conv/Gemm/MatMul compute float.",
 )
 @click.option(
     "--auto-fallback", is_flag=True, help="Keep the fewest most sensitive layers in float to meet the gate."
@@ -71,6 +89,22 @@ def _float_table(result: QuantizeResult) -> Table:
     default="int8",
     show_default=True,
     help="int8: symmetric, for TensorRT. uint8: asymmetric, for ONNX Runtime CPU deployment.",
+)
+@click.option(
+    "--ort-cpu",
+    "ort_cpu_kind",
+    type=click.Choice(["auto", *CPU_KINDS]),
+    default="auto",
+    show_default=True,
+    help="uint8 only: the CPU the ORT graph will run on (auto: this one); decides the weight format.",
+)
+@click.option(
+    "--ort-weights",
+    type=click.Choice(list(WEIGHT_CHOICES)),
+    default="auto",
+    show_default=True,
+    help="uint8 only: int8, int7 (ORT's reduce-range) or uint8 weights; auto avoids the u8 x s8 saturation "
+    "of x86 CPUs without VNNI.",
 )
 @click.option(
     "--bias-correction/--no-bias-correction",
@@ -95,12 +129,16 @@ def quantize_command(
     method: str,
     samples: int | None,
     holdout: int,
-    min_fidelity: str | None,
+    min_fidelity: tuple[str, ...],
+    output_kind: tuple[str, ...],
+    max_float_compute: float,
     auto_fallback: bool,
     fallback_strategy: str,
     exclude: tuple[str, ...],
     exclude_op_type: tuple[str, ...],
     activation_type: str,
+    ort_cpu_kind: str,
+    ort_weights: str,
     bias_correction: bool,
     trt_version: str,
     out_dir: Path | None,
@@ -113,7 +151,7 @@ def quantize_command(
     """Quantize MODEL.onnx to INT8 Q/DQ with a held-out fidelity gate; writes the Q/DQ ONNX, the TensorRT
     calibration cache, the ranges JSON and the fidelity report (nothing if the gate fails)."""
     cache.header(trt_version)  # bad inputs fail before the data pass
-    threshold = parse_min_fidelity(min_fidelity)
+    threshold = parse_min_fidelity(list(min_fidelity) or None)
     try:
         result = quantize(
             model,
@@ -123,12 +161,16 @@ def quantize_command(
             samples=samples,
             holdout=holdout,
             min_fidelity=threshold,
+            output_kind=output_kind,
+            max_float_compute=max_float_compute,
             auto_fallback=auto_fallback,
             fallback_strategy=fallback_strategy,
             exclude=exclude,
             exclude_op_types=exclude_op_type,
             trt_version=trt_version,
             activation_type=activation_type,
+            ort_cpu_kind=ort_cpu_kind,
+            ort_weights=ort_weights,
             bias_correction=bias_correction,
             preprocess=preprocess,
             batch_size=batch_size,
@@ -149,11 +191,15 @@ def quantize_command(
         console.out.print(result.fallback.table())
     if result.plan.excluded:
         console.out.print(_float_table(result))
+    float_share = "" if result.fallback is None else f" ({result.fallback.float_compute:.0%} of the compute)"
     console.out.print(
         f"{len(result.plan.quantized_nodes)} layers INT8 ({activation_type}), "
-        f"{len(result.plan.excluded)} float; {result.calibration_samples} calibration / "
+        f"{len(result.plan.excluded)} float{float_share}; {result.calibration_samples} calibration / "
         f"{result.holdout_samples} held-out samples, method {method}"
     )
+    if result.ort_cpu_target is not None:
+        target = result.ort_cpu_target
+        console.out.print(f"ORT CPU graph: {target.weight_format} weights for {target.cpu.describe()}")
     for label, path in (
         ("onnx", result.onnx_path),
         ("cache", result.cache_path),

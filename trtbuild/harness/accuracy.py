@@ -14,6 +14,7 @@ from typing import Any
 
 import numpy as np
 
+from trtbuild.core import metrics
 from trtbuild.harness.runner import Feed, Runner
 
 
@@ -30,18 +31,14 @@ class AccuracyResult:
     cosine: float  # min over samples of cos(reference, candidate), outputs flattened per sample
     top1_agreement: float | None  # for (N, classes) outputs: share of samples with the same argmax
     passed: bool  # Polygraphy's verdict at the tolerances given
+    semantics: str = "reference"  # how an ONNX candidate was run (trtbuild/core/ort.py)
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
 
 
 def _cosines(a: np.ndarray, b: np.ndarray) -> np.ndarray:
-    a = a.reshape(a.shape[0], -1).astype(np.float64) if a.ndim > 1 else a.reshape(1, -1).astype(np.float64)
-    b = b.reshape(a.shape).astype(np.float64)
-    num = (a * b).sum(axis=1)
-    den = np.linalg.norm(a, axis=1) * np.linalg.norm(b, axis=1)
-    same = np.all(a == b, axis=1)  # cos is 1 for identical vectors even when both are zero
-    return np.where(same, 1.0, num / np.maximum(den, 1e-30))
+    return metrics.cosine_per_sample(a, b)
 
 
 def polygraphy_adapter(runner: Runner, output_names: Sequence[str] | None = None) -> Any:
@@ -87,21 +84,24 @@ def compare_onnx(
     """Run the ONNX reference (ONNX Runtime CPU) and the candidate on ``feeds`` through Polygraphy's
     Comparator and compare every output. The candidate is an ONNX path (run on ORT CPU too) or one of
     our runners (a TensorRT engine, a PyTorch model), wrapped for Polygraphy."""
+    import onnx
     import onnxruntime
-    from polygraphy.backend.onnxrt import OnnxrtRunner, SessionFromOnnx
+    from polygraphy.backend.onnxrt import OnnxrtRunner
     from polygraphy.comparator import Comparator, CompareFunc
     from polygraphy.logger import G_LOGGER
 
+    from trtbuild.core import ort as ort_core
+
     onnxruntime.set_default_logger_severity(3)  # ORT's graph-cleanup chatter is not the user's problem
-    providers = ["CPUExecutionProvider"]
-    ref_runner = OnnxrtRunner(SessionFromOnnx(str(reference), providers=providers), name="reference")
+    ref_runner = OnnxrtRunner(lambda: ort_core.cpu_session(Path(reference)), name="reference")
+    semantics = ort_core.REFERENCE
     if isinstance(candidate, Runner):
-        ref_names = [
-            o.name for o in onnxruntime.InferenceSession(str(reference), providers=providers).get_outputs()
-        ]
+        ref_names = [o.name for o in ort_core.cpu_session(Path(reference)).get_outputs()]
         cand_runner = polygraphy_adapter(candidate, ref_names)
     else:
-        cand_runner = OnnxrtRunner(SessionFromOnnx(str(candidate), providers=providers), name="candidate")
+        # A TensorRT Q/DQ graph is judged by its reference semantics, an ORT-CPU graph by ORT's real kernels.
+        semantics = ort_core.semantics_for(onnx.load(str(candidate), load_external_data=False))
+        cand_runner = OnnxrtRunner(lambda: ort_core.cpu_session(Path(candidate), semantics), name="candidate")
     # Polygraphy logs every comparison to stdout; keep ours (tables, --json) clean.
     with G_LOGGER.verbosity(G_LOGGER.CRITICAL), contextlib.redirect_stdout(io.StringIO()):
         run_results = Comparator.run([ref_runner, cand_runner], data_loader=list(feeds))
@@ -140,4 +140,5 @@ def compare_onnx(
         cosine=float(min(cosines)) if cosines else float("nan"),
         top1_agreement=agree / total if total else None,
         passed=bool(verdicts),
+        semantics=semantics,
     )

@@ -8,6 +8,7 @@ from typing import Any
 
 import numpy as np
 
+from export.inputs import check_tensor_size
 from trtbuild.errors import TrtbuildError
 from trtbuild.harness.runner import Feed, TensorInfo
 
@@ -42,6 +43,10 @@ def _concrete_shape(info: TensorInfo, batch: int) -> tuple[int, ...]:
                 "pass real inputs with --data (an .npz named by input)",
             )
         out.append(d)
+    # A declared (or --batch) shape no machine can hold is one error line, not a MemoryError.
+    check_tensor_size(
+        f"input '{info.name}' at batch {batch}", out, info.dtype, fix="profile a smaller --batch"
+    )
     return tuple(out)
 
 

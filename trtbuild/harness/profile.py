@@ -369,5 +369,13 @@ def _add_accuracy(
     for cand in candidates:
         target: Path | Runner = cand.path if cand.runtime == "ort" else make_runner(cand)
         results[cand.name] = compare_onnx(base.path, target, feeds)
+        if cand.runtime == "ort":
+            import onnx
+
+            from calibrators.ort_cpu import saturation_warning
+
+            warning = saturation_warning(onnx.load(str(cand.path), load_external_data=False))
+            if warning:
+                report.warnings.append(f"{cand.name}: {warning}")
     for row in report.candidates:
         row.accuracy = results.get(row.name)

@@ -1,0 +1,117 @@
+"""Serving handoffs as signed bundles: `bundle create --target triton-<gpu>` packs a Triton model repository,
+and `--deepstream` makes a Jetson bundle carry its nvinfer and deepstream-app configs; both verify like every
+other bundle and extract to exactly the files the configs name."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+from cli_helpers import run_cli
+from google.protobuf import text_format
+from test_triton import _model_config_pb2
+
+from trtbuild.bundle import load_public_key, verify_bundle
+
+
+@pytest.fixture(scope="module")
+def keypair(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
+    from trtbuild.bundle import generate_keypair
+
+    folder = tmp_path_factory.mktemp("keys")
+    return generate_keypair(folder / "fleet.pem")
+
+
+def _create(args: list[str], capsys: pytest.CaptureFixture[str]) -> list[Path]:
+    code, stdout, err = run_cli(["bundle", "create", *args, "--json"], capsys)
+    assert code == 0, err
+    return [Path(p) for p in json.loads(stdout)["bundles"]]
+
+
+def test_triton_bundle_carries_a_model_repository(
+    effnet_onnx: Path, keypair: tuple[Path, Path], tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    private, public = keypair
+    [path] = _create(
+        [
+            "--model",
+            str(effnet_onnx),
+            "--target",
+            "triton-h100",
+            "--precision",
+            "fp16",
+            "--key",
+            str(private),
+            "--out",
+            str(tmp_path / "bundles"),
+        ],
+        capsys,
+    )
+    report = verify_bundle(path, load_public_key(str(public)), extract_to=tmp_path / "x", device="skip")
+    assert report.manifest.target == "triton-h100"
+    assert (
+        report.manifest.requires["serving"] == "triton"
+        and report.manifest.requires["device"] == "NVIDIA H100"
+    )
+    configs = list((tmp_path / "x").rglob("config.pbtxt"))
+    assert len(configs) == 1
+    config = text_format.Parse(configs[0].read_text(), _model_config_pb2().ModelConfig())
+    assert config.platform == "tensorrt_plan" and config.input[0].name == "images"
+
+
+def test_jetson_bundle_with_deepstream_configs(
+    effnet_onnx: Path, keypair: tuple[Path, Path], tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    private, public = keypair
+    [path] = _create(
+        [
+            "--model",
+            str(effnet_onnx),
+            "--target",
+            "orin-jp6.2",
+            "--precision",
+            "fp16",
+            "--deepstream",
+            "--key",
+            str(private),
+            "--out",
+            str(tmp_path / "bundles"),
+        ],
+        capsys,
+    )
+    report = verify_bundle(path, load_public_key(str(public)), extract_to=tmp_path / "x", device="orin-jp6.2")
+    assert report.manifest.requires["kind"] == "jetson"
+    extracted = {p.name for p in (tmp_path / "x").rglob("*") if p.is_file()}
+    assert {"config_infer_primary.txt", "deepstream_app_config.txt", "build.sh"} <= extracted
+    infer = next((tmp_path / "x").rglob("config_infer_primary.txt")).read_text()
+    onnx_file = next(
+        line.split("=", 1)[1].strip() for line in infer.splitlines() if line.startswith("onnx-file")
+    )
+    assert onnx_file in extracted  # the config names a file the bundle carries
+
+
+def test_bad_triton_targets_are_one_line(
+    effnet_onnx: Path, keypair: tuple[Path, Path], tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    for target, expected in (("triton-orin-jp6.2", "data-center"), ("triton-nope", "unknown target")):
+        code, _, err = run_cli(
+            [
+                "bundle",
+                "create",
+                "--model",
+                str(effnet_onnx),
+                "--target",
+                target,
+                "--precision",
+                "fp16",
+                "--key",
+                str(keypair[0]),
+                "--out",
+                str(tmp_path / "b"),
+            ],
+            capsys,
+        )
+        lines = [line for line in err.splitlines() if line.strip()]
+        assert code == 2 and len(lines) == 1 and expected in lines[0].lower(), err
+        assert not (tmp_path / "b").exists() or not list((tmp_path / "b").glob("*.tar.gz"))

@@ -1,0 +1,209 @@
+"""The release repository (publisher side), with python-tuf's Metadata API: root, targets, snapshot and
+timestamp roles with expiries and threshold signatures. The state lives in the registry itself, so any
+machine with the keys can publish."""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Sequence
+from dataclasses import dataclass
+from datetime import datetime, timedelta, timezone
+from pathlib import Path
+from typing import Any
+
+from securesystemslib.signer import CryptoSigner
+from tuf.api.exceptions import UnsignedMetadataError
+from tuf.api.metadata import (
+    Metadata,
+    MetaFile,
+    Role,
+    Root,
+    Snapshot,
+    TargetFile,
+    Targets,
+    Timestamp,
+)
+
+from trtbuild.errors import TrtbuildError
+from trtbuild.fleet import metadata_store, oci
+from trtbuild.fleet.keys import public
+
+EXPIRY = {
+    "root": timedelta(days=365),
+    "targets": timedelta(days=90),
+    "snapshot": timedelta(days=7),
+    "timestamp": timedelta(days=1),  # devices refuse a frozen view after a day: run `fleet refresh` daily
+}
+
+
+@dataclass
+class RoleKeys:
+    root: Sequence[CryptoSigner]
+    targets: CryptoSigner | None
+    online: CryptoSigner  # snapshot and timestamp
+
+
+def _now() -> datetime:
+    return datetime.now(timezone.utc).replace(microsecond=0)
+
+
+def _sign(md: Metadata[Any], signers: Sequence[CryptoSigner]) -> bytes:
+    md.signatures.clear()
+    for s in signers:
+        md.sign(s, append=True)
+    return md.to_bytes()
+
+
+def init_repository(reg: oci.Registry, keys: RoleKeys, root_out: Path, root_threshold: int = 1) -> Path:
+    """Create version 1 of every role in an empty registry repository; write the devices' trust anchor."""
+    from trtbuild import atomic
+
+    if metadata_store.fetch(reg, "root", 1) is not None:
+        raise TrtbuildError(
+            f"{reg.host}/{reg.repo} already holds release metadata", "publish into it instead"
+        )
+    if not 1 <= root_threshold <= len(keys.root):
+        raise TrtbuildError(
+            f"root threshold {root_threshold} needs at least that many root keys ({len(keys.root)} given)",
+            "pass more --root-key or a lower --root-threshold",
+        )
+    assert keys.targets is not None
+    now = _now()
+    root = Metadata(Root(expires=now + EXPIRY["root"], consistent_snapshot=True))
+    for s in keys.root:
+        root.signed.add_key(public(s), "root")
+    root.signed.roles["root"] = Role([public(s).keyid for s in keys.root], root_threshold)
+    root.signed.add_key(public(keys.targets), "targets")
+    root.signed.add_key(public(keys.online), "snapshot")
+    root.signed.add_key(public(keys.online), "timestamp")
+    root_bytes = _sign(root, keys.root)
+    targets = Metadata(Targets(expires=now + EXPIRY["targets"]))
+    targets_bytes = _sign(targets, [keys.targets])
+    metadata_store.push(reg, "root", root_bytes, 1)
+    metadata_store.push(reg, "targets", targets_bytes, 1)
+    _push_snapshot_and_timestamp(reg, keys.online, targets.signed.version, targets_bytes, None, None)
+    atomic.write_bytes(root_out, root_bytes)
+    return root_out
+
+
+def _push_snapshot_and_timestamp(
+    reg: oci.Registry,
+    online: CryptoSigner,
+    targets_version: int,
+    targets_bytes: bytes,
+    snapshot_version: int | None,
+    timestamp_version: int | None,
+    timestamp_ttl: timedelta = EXPIRY["timestamp"],
+) -> None:
+    now = _now()
+    snapshot = Metadata(Snapshot(version=(snapshot_version or 0) + 1, expires=now + EXPIRY["snapshot"]))
+    snapshot.signed.meta["targets.json"] = MetaFile.from_data(targets_version, targets_bytes, ["sha256"])
+    snapshot_bytes = _sign(snapshot, [online])
+    metadata_store.push(reg, "snapshot", snapshot_bytes, snapshot.signed.version)
+    _push_timestamp(reg, online, snapshot.signed.version, snapshot_bytes, timestamp_version, timestamp_ttl)
+
+
+def _push_timestamp(
+    reg: oci.Registry,
+    online: CryptoSigner,
+    snapshot_version: int,
+    snapshot_bytes: bytes,
+    timestamp_version: int | None,
+    ttl: timedelta,
+) -> None:
+    timestamp = Metadata(Timestamp(version=(timestamp_version or 0) + 1, expires=_now() + ttl))
+    timestamp.signed.snapshot_meta = MetaFile.from_data(snapshot_version, snapshot_bytes, ["sha256"])
+    metadata_store.push(reg, "timestamp", _sign(timestamp, [online]), None)
+
+
+@dataclass
+class Current:
+    root: Metadata[Root]
+    timestamp: Metadata[Timestamp]
+    snapshot_bytes: bytes
+    snapshot: Metadata[Snapshot]
+    targets: Metadata[Targets]
+    targets_bytes: bytes
+
+
+def _load(reg: oci.Registry, role: str, version: int | None) -> bytes:
+    data = metadata_store.fetch(reg, role, version)
+    if data is None:
+        raise TrtbuildError(
+            f"{reg.host}/{reg.repo} has no {role} metadata{'' if version is None else f' v{version}'}",
+            "run `trtbuild fleet init` for this repository first",
+        )
+    return data
+
+
+def load_current(reg: oci.Registry) -> Current:
+    """The newest metadata in the registry, each role checked against the keys root delegates to it."""
+    version = 1
+    root: Metadata[Root] = Metadata[Root].from_bytes(_load(reg, "root", 1))
+    while (data := metadata_store.fetch(reg, "root", version + 1)) is not None:
+        root = Metadata[Root].from_bytes(data)
+        version += 1
+    timestamp = Metadata[Timestamp].from_bytes(_load(reg, "timestamp", None))
+    snapshot_bytes = _load(reg, "snapshot", timestamp.signed.snapshot_meta.version)
+    snapshot = Metadata[Snapshot].from_bytes(snapshot_bytes)
+    targets_bytes = _load(reg, "targets", snapshot.signed.meta["targets.json"].version)
+    targets = Metadata[Targets].from_bytes(targets_bytes)
+    try:
+        for role, md in (("timestamp", timestamp), ("snapshot", snapshot), ("targets", targets)):
+            root.verify_delegate(role, md)
+    except UnsignedMetadataError as exc:
+        raise TrtbuildError(
+            f"the registry's release metadata is not validly signed ({exc})", "check it"
+        ) from exc
+    return Current(root, timestamp, snapshot_bytes, snapshot, targets, targets_bytes)
+
+
+def target_path(model: str, target: str, precision: str, file_name: str) -> str:
+    return f"{model}/{target}/{precision}/{file_name}"
+
+
+def add_targets(
+    reg: oci.Registry,
+    keys: RoleKeys,
+    entries: Sequence[tuple[str, Path, dict[str, Any]]],
+    timestamp_ttl: timedelta = EXPIRY["timestamp"],
+) -> int:
+    """Add (path, local file, custom) targets in one new targets version; return that version."""
+    if keys.targets is None:
+        raise TrtbuildError("publishing needs the targets key", "pass --targets-key (kept offline)")
+    cur = load_current(reg)
+    targets = cur.targets
+    for path, local, custom in entries:
+        info = TargetFile.from_file(path, os.fspath(local), ["sha256"])
+        info.unrecognized_fields["custom"] = custom
+        targets.signed.targets[path] = info
+    targets.signed.version += 1
+    targets.signed.expires = _now() + EXPIRY["targets"]
+    targets_bytes = _sign(targets, [keys.targets])
+    metadata_store.push(reg, "targets", targets_bytes, targets.signed.version)
+    _push_snapshot_and_timestamp(
+        reg,
+        keys.online,
+        targets.signed.version,
+        targets_bytes,
+        cur.snapshot.signed.version,
+        cur.timestamp.signed.version,
+        timestamp_ttl,
+    )
+    return targets.signed.version
+
+
+def refresh(reg: oci.Registry, online: CryptoSigner, ttl: timedelta = EXPIRY["timestamp"]) -> int:
+    """Re-sign snapshot and timestamp (online key only) so devices keep trusting an unchanged release set;
+    return the new timestamp version. Run it more often than the timestamp expires (e.g. hourly)."""
+    cur = load_current(reg)
+    _push_snapshot_and_timestamp(
+        reg,
+        online,
+        cur.targets.signed.version,
+        cur.targets_bytes,
+        cur.snapshot.signed.version,
+        cur.timestamp.signed.version,
+        ttl,
+    )
+    return cur.timestamp.signed.version + 1
