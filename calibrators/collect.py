@@ -21,6 +21,7 @@ from calibrators.data import CalibrationData, ModelInput, model_inputs, open_dat
 from calibrators.histogram import TensorStats
 from calibrators.preprocess import Preprocess
 from trtbuild import console
+from trtbuild.core.onnx_file import load_model_file
 from trtbuild.errors import TrtbuildError
 
 DEFAULT_BATCH_SIZE = 8  # measured: as fast as 16 here, with ~40 % less peak memory
@@ -181,13 +182,7 @@ def _raise_first_error(pending: Sequence[Future[tuple[str, str] | None]], sample
 def load_model(model: str | Path | onnx.ModelProto) -> onnx.ModelProto:
     if isinstance(model, onnx.ModelProto):
         return model
-    path = Path(model)
-    if not path.is_file():
-        raise TrtbuildError(f"model file {path} does not exist", "pass the path of an .onnx file")
-    try:
-        return onnx.load(str(path))
-    except Exception as exc:
-        raise TrtbuildError(f"cannot read ONNX model {path}: {exc}", "pass a valid .onnx file") from exc
+    return load_model_file(model)
 
 
 def collect(

@@ -247,7 +247,7 @@ def auto_fallback(
         reference = fidelity.run_batches(fidelity.session(model), holdout)
     planner = _Planner(model, ranges, options, semantics, kinds or fidelity.decide_kinds(model, reference))
     plan = planner.plan()
-    costs = layer_cost.layer_macs(model, {k: tuple(np.asarray(v).shape) for k, v in holdout[0].items()})
+    costs = layer_cost.layer_macs(model, holdout[0])
     baseline = _error(planner, plan, holdout, reference, threshold)
     base_share = layer_cost.float_share(costs, plan.quantized_nodes)
     if baseline.passed:

@@ -1,8 +1,9 @@
 """Multiply-accumulates per Conv/ConvTranspose/Gemm/MatMul layer, so "how much of the model stays float"
 is measured in compute, not in a count of layers (a 3-channel stem and a 1280-channel head are not equal).
 
-Shapes come from ONNX shape inference with the graph inputs fixed to one real batch's shapes; a layer
-whose shapes cannot be inferred counts its weight size (one MAC per weight, as for a 1x1 output).
+Shapes come from ONNX shape inference with the graph inputs fixed to one real batch's shapes, and where
+that cannot tell (pads or shapes computed by Constant/Shape nodes, as exports write them) from one run of
+that batch with the missing tensors as extra outputs; a layer still unknown counts its weight size.
 """
 
 from __future__ import annotations
@@ -12,6 +13,8 @@ from collections.abc import Mapping
 import numpy as np
 import onnx
 from onnx import helper, shape_inference
+
+from trtbuild.core import ort as ort_core
 
 COMPUTE_OPS = ("Conv", "ConvTranspose", "Gemm", "MatMul")
 
@@ -30,7 +33,7 @@ def _with_input_shapes(model: onnx.ModelProto, shapes: Mapping[str, tuple[int, .
 
 def _shapes(model: onnx.ModelProto) -> dict[str, list[int]]:
     try:
-        inferred = shape_inference.infer_shapes(model, strict_mode=False)
+        inferred = shape_inference.infer_shapes(model, strict_mode=False, data_prop=True)
     except Exception:  # a graph ONNX cannot infer: fall back to weight sizes
         return {}
     known: dict[str, list[int]] = {}
@@ -43,9 +46,36 @@ def _shapes(model: onnx.ModelProto) -> dict[str, list[int]]:
     return known
 
 
-def layer_macs(model: onnx.ModelProto, input_shapes: Mapping[str, tuple[int, ...]]) -> dict[str, float]:
-    """MACs of every compute layer (by node name) for inputs of ``input_shapes``."""
-    shapes = _shapes(_with_input_shapes(model, input_shapes))
+def _measured_shapes(
+    model: onnx.ModelProto, feeds: Mapping[str, np.ndarray], names: list[str]
+) -> dict[str, list[int]]:
+    """Shapes of ``names`` from one run of ``feeds`` (the tensors added as extra graph outputs)."""
+    probe = onnx.ModelProto()
+    probe.CopyFrom(model)
+    present = {o.name for o in probe.graph.output}
+    probe.graph.output.extend(helper.make_empty_tensor_value_info(n) for n in names if n not in present)
+    try:
+        session = ort_core.cpu_session(probe)
+        values = session.run(names, dict(feeds))
+    except Exception:  # a graph ORT cannot run with extra outputs: weight sizes stand in
+        return {}
+    return {n: list(np.asarray(v).shape) for n, v in zip(names, values, strict=True)}
+
+
+def layer_macs(model: onnx.ModelProto, feeds: Mapping[str, np.ndarray]) -> dict[str, float]:
+    """MACs of every compute layer (by node name) for the batch ``feeds``."""
+    shapes = _shapes(_with_input_shapes(model, {k: tuple(np.asarray(v).shape) for k, v in feeds.items()}))
+    wanted = sorted(
+        {
+            t
+            for n in model.graph.node
+            if n.op_type in COMPUTE_OPS and n.name
+            for t in (n.input[0], n.output[0])
+            if t not in shapes
+        }
+    )
+    if wanted:
+        shapes.update(_measured_shapes(model, feeds, wanted))
     costs: dict[str, float] = {}
     for node in model.graph.node:
         if node.op_type not in COMPUTE_OPS or not node.name:

@@ -459,13 +459,11 @@ def _opt_level(tgt: Target, version: TrtVersion, opt_level: int | None) -> int |
 def _input_specs(onnx_path: str | os.PathLike[str], shapes: Sequence[InputSpec] | None) -> list[InputSpec]:
     """Explicit shapes win; else the export sidecar; else the graph (static third-party ONNX)."""
     from export.meta import graph_inputs, model_input_specs
+    from trtbuild.core.onnx_file import load_model_file
 
-    if not Path(onnx_path).is_file():
-        raise TrtbuildError(f"ONNX file '{onnx_path}' does not exist", "check the path")
+    model = load_model_file(onnx_path, external_data=False)  # one line for empty/truncated/invalid files
     specs = list(shapes) if shapes is not None else model_input_specs(onnx_path)
-    import onnx
-
-    graph = {v.name: v for v in graph_inputs(onnx.load(str(onnx_path), load_external_data=False))}
+    graph = {v.name: v for v in graph_inputs(model)}
     names = [s.name for s in specs]
     if sorted(names) != sorted(graph):
         raise TrtbuildError(

@@ -16,6 +16,7 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 from calibrators.ranges import RangeSet
 from trtbuild import atomic
 from trtbuild.bundle.archive import create_bundle
+from trtbuild.core.onnx_file import load_model_file
 from trtbuild.errors import TrtbuildError
 
 QUALCOMM_TARGETS = ("snpe", "qairt")  # the converter the handoff is written for
@@ -128,8 +129,7 @@ def create_bundles(
     from export.triton import export_triton
 
     src = Path(model_path)
-    if not src.is_file():
-        raise TrtbuildError(f"model '{src}' does not exist", "pass the FP32 ONNX from `trtbuild export`")
+    load_model_file(src, external_data=False)  # empty, truncated or invalid: one line, nothing written
     name = model_name or src.name.split(".")[0]
     for target in targets:  # refuse a bad combination before any bundle is written
         for precision in precisions:

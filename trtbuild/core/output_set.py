@@ -39,6 +39,8 @@ def writer_lock(folder: str | os.PathLike[str]) -> Iterator[Path]:
     root = Path(folder)
     created = [p for p in (root, *root.parents) if not p.exists()]
     lock_path = root / LOCK_NAME
+    made_lock = not lock_path.exists()
+    locked = False
     try:
         root.mkdir(parents=True, exist_ok=True)
         fd = os.open(lock_path, os.O_RDWR | os.O_CREAT, 0o644)
@@ -56,14 +58,16 @@ def writer_lock(folder: str | os.PathLike[str]) -> Iterator[Path]:
                 f"another trtbuild run (pid {holder}) is writing to {root}",
                 "wait for it to finish, or write to another --out-dir",
             ) from exc
+        locked = True
         os.ftruncate(fd, 0)
         os.pwrite(fd, str(os.getpid()).encode(), 0)
         yield root
     finally:
-        os.close(fd)  # releases the lock; the lock file stays in a folder that holds a result
-        if created and not any(p.name != LOCK_NAME for p in root.iterdir()):
-            # We made this folder and the run wrote nothing: leave nothing behind.
+        if made_lock and locked:  # leave no trace of our lock in the user's folder (unlinked while held)
             lock_path.unlink(missing_ok=True)
+        os.close(fd)
+        if created and not any(root.iterdir()):
+            # We made this folder and the run wrote nothing: leave nothing behind.
             for folder_made in created:
                 with contextlib.suppress(OSError):
                     folder_made.rmdir()

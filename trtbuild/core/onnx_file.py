@@ -1,0 +1,53 @@
+"""The one checked way a command reads a model file: one error line for a missing, unreadable, truncated,
+empty or invalid ONNX file, before any work starts (plan, bundle create, calibrate and quantize use it;
+`prepare` adds its own preparation on top)."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import onnx
+
+from trtbuild.errors import TrtbuildError
+
+_CHECKER_LIMIT = 2**31 - 1  # onnx.checker cannot take an in-memory model over protobuf's 2 GB
+
+
+def _first_line(exc: BaseException) -> str:
+    lines = [line.strip() for line in str(exc).splitlines() if line.strip()]
+    return (lines[0] if lines else type(exc).__name__)[:200]
+
+
+def load_model_file(
+    path: str | os.PathLike[str], *, external_data: bool = True, label: str = "model"
+) -> onnx.ModelProto:
+    """Read and check ``path``; raise :class:`TrtbuildError` naming the problem and the fix."""
+    file = Path(path)
+    if file.is_dir():
+        raise TrtbuildError(
+            f"{label} '{file}' is a folder, not an .onnx file", "pass the path of the .onnx file"
+        )
+    if not file.is_file():
+        raise TrtbuildError(f"{label} '{file}' does not exist", "check the path")
+    try:
+        model = onnx.load(str(file), load_external_data=external_data)
+    except Exception as exc:  # protobuf's DecodeError, OSError for missing external data, ...
+        raise TrtbuildError(
+            f"{label} '{file}' is not a readable ONNX file ({type(exc).__name__}: {_first_line(exc)})",
+            "pass a complete .onnx file (and its .data file if it has external data)",
+        ) from exc
+    if not model.graph.node or not model.graph.output:
+        raise TrtbuildError(
+            f"{label} '{file}' holds no graph (no nodes or no outputs: an empty or truncated file?)",
+            "re-export the model",
+        )
+    try:
+        if model.ByteSize() < _CHECKER_LIMIT:
+            onnx.checker.check_model(model)
+    except Exception as exc:
+        raise TrtbuildError(
+            f"{label} '{file}' is not a valid ONNX graph ({_first_line(exc)})",
+            "re-export it, or run `trtbuild prepare` and fix what the checker names",
+        ) from exc
+    return model
