@@ -68,3 +68,32 @@ def test_bad_models_are_one_line_and_write_nothing(
         else:
             assert code == 2 and len(lines) == 1 and expected in lines[0].lower(), (case, err)
         assert not out.exists() or not any(out.rglob("*")), case
+
+
+@pytest.mark.parametrize("command", ["calibrate", "quantize", "plan", "export", "prepare"])
+def test_an_output_path_under_a_file_is_one_line_before_any_work(
+    command: str, effnet_onnx: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    blocker = tmp_path / "a_file"
+    blocker.write_text("not a folder")
+    model, data = str(effnet_onnx), str(tmp_path)
+    args = {
+        "calibrate": ["calibrate", model, "--data", data, "--out-dir", str(blocker / "out")],
+        "quantize": ["quantize", model, "--data", data, "--out-dir", str(blocker / "out")],
+        "plan": ["plan", model, "--target", "h100", "--precision", "fp32", "--out", str(blocker / "out")],
+        "export": [
+            "export",
+            "trtbuild.examples:efficientnet_lite0",
+            "--input",
+            "images:1x3x224x224",
+            "--out",
+            str(blocker / "m.onnx"),
+        ],
+        "prepare": ["prepare", model, "--out", str(blocker / "m.onnx")],
+    }[command]
+    code, stdout, err = run_cli(args, capsys)
+    lines = [line for line in err.splitlines() if line.strip()]
+    assert code == 2 and len(lines) == 1 and "is a file, not a folder" in lines[0] and "--out" in lines[0], (
+        err
+    )
+    assert blocker.read_text() == "not a folder"

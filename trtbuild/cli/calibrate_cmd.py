@@ -85,6 +85,10 @@ def calibrate_command(
     """Calibrate MODEL.onnx on --data: per-tensor INT8 ranges (JSON) and a TensorRT calibration cache."""
     import onnx
 
+    from trtbuild.core.output_set import check_writable_folder
+
+    check_writable_folder(out_dir or model.parent, "--out-dir")  # before the data pass, not after it
+
     from calibrators.collect import load_model, tensors_to_collect
 
     if not no_cache:

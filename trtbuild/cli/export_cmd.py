@@ -100,7 +100,10 @@ def export_command(
     verified ONNX file with an .export.json sidecar. An .onnx SOURCE is prepared and checked against
     itself (--input then declares its min/opt/max shapes for later stages)."""
     from export.pipeline import export_model
+    from trtbuild.core.output_set import check_writable_folder
 
+    if out_path is not None:
+        check_writable_folder(Path(out_path).parent, "--out")
     result = export_model(
         source,
         list(inputs),
@@ -165,7 +168,9 @@ def prepare_command(
     """Prepare an existing ONNX file: checker, opset >= 13, Constant weights -> initializers, onnxslim,
     shape inference, stable names; then check it still matches the original in ONNX Runtime."""
     from export.pipeline import prepare_onnx
+    from trtbuild.core.output_set import check_writable_folder
 
+    check_writable_folder(Path(out_path).parent, "--out")
     result = prepare_onnx(
         onnx_in,
         out_path,

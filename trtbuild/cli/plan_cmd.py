@@ -10,6 +10,7 @@ from rich.table import Table
 
 from export.inputs import InputSpec, fmt_shape, parse_shape
 from trtbuild.console import emit_json, out, progress
+from trtbuild.core.output_set import check_writable_folder
 from trtbuild.errors import TrtbuildError
 from trtbuild.plan import HARDWARE_COMPAT, BuildPlan, make_plan, model_dir
 from trtbuild.plan_graphs import write_plan_graph
@@ -117,6 +118,7 @@ def plan_from_options(model: str, **kw: Any) -> BuildPlan:
     """Make the plan; on TensorRT 11 FP16, convert the FP16 graph first when none was given."""
     from trtbuild.targets import get_target
 
+    check_writable_folder(kw["out_root"], "--out")
     shapes = [_parse_shape_option(s) for s in kw.pop("shapes")] or None
     fp16_onnx = kw.pop("fp16_onnx")
     if fp16_onnx is not None and not Path(fp16_onnx).is_file():

@@ -36,7 +36,7 @@ def writer_lock(folder: str | os.PathLike[str]) -> Iterator[Path]:
     """Hold the folder's writer lock for the block; a second writer gets a one-line error."""
     import fcntl
 
-    root = Path(folder)
+    root = check_writable_folder(folder, "--out-dir")
     created = [p for p in (root, *root.parents) if not p.exists()]
     lock_path = root / LOCK_NAME
     made_lock = not lock_path.exists()
@@ -93,3 +93,19 @@ def verify(manifest_path: str | os.PathLike[str]) -> list[str]:
         elif sha256_file(member) != entry.get("sha256"):
             problems.append(f"{role}: {member.name} is not the file this report describes (sha256 differs)")
     return problems
+
+
+def check_writable_folder(folder: str | os.PathLike[str], option: str = "--out") -> Path:
+    """Refuse, before any work, a destination folder that cannot be created or written: its nearest
+    existing ancestor must be a writable folder (not a file)."""
+    root = Path(folder)
+    probe = root
+    while not probe.exists() and probe != probe.parent:
+        probe = probe.parent
+    if not probe.is_dir():
+        raise TrtbuildError(
+            f"cannot write to {root}: {probe} is a file, not a folder", f"pass another {option}"
+        )
+    if not os.access(probe, os.W_OK | os.X_OK):
+        raise TrtbuildError(f"cannot write to {root}: {probe} is not writable", f"pass a writable {option}")
+    return root
