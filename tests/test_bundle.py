@@ -151,7 +151,8 @@ def test_verify_and_extract_on_the_stated_device(
     result = _verify_cli(bundles[0], keys[1], "--device", "orin-jp6.1", "--extract", str(dest), "--json")
     assert result.returncode == 0, result.stderr
     report = json.loads(result.stdout)
-    assert report["ok"] and report["files_checked"] == len(list(dest.iterdir()))
+    assert report["ok"] and report["files_checked"] == len([p for p in dest.rglob("*") if p.is_file()])
+    assert (dest / "smoke" / "index.json").is_file() or any((dest / "smoke").iterdir())  # the smoke record
     assert report["device_check"] == "stated device 'orin-jp6.1' matches target"
     assert (dest / effnet_onnx.name).read_bytes() == effnet_onnx.read_bytes()
     assert os.access(dest / "build.sh", os.X_OK)

@@ -89,6 +89,12 @@ def test_jetson_bundle_with_deepstream_configs(
         line.split("=", 1)[1].strip() for line in infer.splitlines() if line.startswith("onnx-file")
     )
     assert onnx_file in extracted  # the config names a file the bundle carries
+    # The bundle carries its smoke record (signed with it); the device agent's check passes on it.
+    from trtbuild.fleet.smoke import run_smoke
+
+    payload = next((tmp_path / "x").rglob("smoke")).parent
+    checked = run_smoke(payload, report.manifest)
+    assert "not run" not in checked, checked
 
 
 def test_bad_triton_targets_are_one_line(

@@ -97,6 +97,25 @@ def _check_combination(target: str, precision: str, ranges: RangeSet | None, cal
     check_precision(precision)
 
 
+def _record_smoke(folder: Path, graph: Path, plan: Any) -> None:
+    """One seeded input at the plan's optimum shapes and the graph's ONNX Runtime outputs, recorded in the
+    bundle (so signed with it): the device agent re-runs it before switching (trtbuild/fleet/smoke.py)."""
+    import numpy as np
+
+    from trtbuild.fleet.smoke import write_smoke_record
+
+    rng = np.random.default_rng(0)
+    feeds = {
+        spec.name: (
+            rng.integers(0, 8, spec.opt_shape).astype(spec.np_dtype)
+            if np.issubdtype(spec.np_dtype, np.integer)
+            else rng.standard_normal(spec.opt_shape).astype(spec.np_dtype)
+        )
+        for spec in plan.inputs
+    }
+    write_smoke_record(graph, folder, feeds)
+
+
 def create_bundles(
     model_path: str | os.PathLike[str],
     targets: Sequence[str],
@@ -129,6 +148,8 @@ def create_bundles(
     from export.triton import export_triton
 
     src = Path(model_path)
+    if Path(out_dir).is_dir():  # what killed runs left is cleaned up even when this run's input is bad
+        atomic.clean_stale(Path(out_dir) / WORK_LABEL)
     load_model_file(src, external_data=False)  # empty, truncated or invalid: one line, nothing written
     name = model_name or src.name.split(".")[0]
     for target in targets:  # refuse a bad combination before any bundle is written
@@ -184,6 +205,7 @@ def create_bundles(
                         else export_jetson(src, target, precision, folder, **graphs)
                     )
                     requires, io_spec = jb.requires(), {**_onnx_io(src), "profile": jb.io_spec()["inputs"]}
+                    _record_smoke(jb.folder, jb.folder / jb.plan.onnx, jb.plan)
                 path, _ = create_bundle(
                     folder,
                     out / bundle_file_name(name, model_version, target, precision),
