@@ -46,15 +46,15 @@ class OutputKind:
     log_probabilities: bool = False  # LogSoftmax output: exponentiate before top-1/KL
 
 
-def _producer_op(model: onnx.ModelProto, name: str) -> tuple[str | None, str | None]:
-    """(op type of the node that really computes ``name``, skipping reshapes/casts/bias adds, its name)."""
+def _producer_op(model: onnx.ModelProto, name: str) -> str | None:
+    """The op type of the node that really computes ``name``, skipping reshapes, casts and bias adds."""
     producer = {o: n for n in model.graph.node for o in n.output}
     node = producer.get(name)
     for _ in range(6):
         if node is None or node.op_type not in _PASS_THROUGH:
             break
         node = producer.get(node.input[0])
-    return (node.op_type, node.name) if node is not None else (None, None)
+    return node.op_type if node is not None else None
 
 
 def _is_division_by_norm(model: onnx.ModelProto, name: str) -> bool:
@@ -73,12 +73,12 @@ def _is_division_by_norm(model: onnx.ModelProto, name: str) -> bool:
 
 
 def decide(
-    model: onnx.ModelProto, name: str, reference: np.ndarray | None, override: str | None = None
+    model: onnx.ModelProto | None, name: str, reference: np.ndarray | None, override: str | None = None
 ) -> OutputKind:
-    """The kind of output ``name``, from the user, the graph and the FP32 reference values."""
+    """The kind of output ``name``, from the user, the graph (None: values alone) and the FP32 values."""
     if override is not None:
         return OutputKind(override, "set by --output-kind")
-    op, _ = _producer_op(model, name)
+    op = None if model is None else _producer_op(model, name)
     if op in _PROBABILITY_OPS:
         return OutputKind("probability", f"{op} output", log_probabilities=op == "LogSoftmax")
     ref = None if reference is None else np.asarray(reference, np.float64)
@@ -86,7 +86,7 @@ def decide(
     in_unit_interval = two_d and ref is not None and ref.min() >= 0 and ref.max() <= 1
     if in_unit_interval and ref is not None and np.allclose(ref.sum(axis=1), 1.0, atol=1e-3):
         return OutputKind("probability", "rows in [0, 1] summing to 1")
-    if _is_division_by_norm(model, name) or op in _EMBEDDING_OPS:
+    if (model is not None and _is_division_by_norm(model, name)) or op in _EMBEDDING_OPS:
         return OutputKind("embedding", f"{'L2-normalised' if op == 'Div' else op} vector")
     if two_d and ref is not None:
         columns = ref.shape[1]

@@ -92,15 +92,6 @@ def has_qdq(model: onnx.ModelProto) -> bool:
     return any(n.op_type in ("QuantizeLinear", "DequantizeLinear") for n in model.graph.node)
 
 
-def qdq_scale_type(model: onnx.ModelProto) -> int | None:
-    """The element type of the Q/DQ scales (FLOAT or FLOAT16), or None for a graph without Q/DQ."""
-    inits = {i.name: i.data_type for i in model.graph.initializer}
-    for node in model.graph.node:
-        if node.op_type in ("QuantizeLinear", "DequantizeLinear") and node.input[1] in inits:
-            return inits[node.input[1]]
-    return None
-
-
 def _opset_for_fp16_qdq(model: onnx.ModelProto) -> onnx.ModelProto:
     opset = next((o.version for o in model.opset_import if o.domain in ("", "ai.onnx")), QDQ_FP16_OPSET)
     if not has_qdq(model) or opset >= QDQ_FP16_OPSET:

@@ -6,7 +6,6 @@ ONNX without a sidecar still gets input specs, read from the graph.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 from collections.abc import Mapping
@@ -20,6 +19,7 @@ import onnx
 from export.inputs import InputSpec
 from trtbuild import __version__
 from trtbuild.atomic import write_text
+from trtbuild.core.hashing import sha256_file as file_sha256
 from trtbuild.errors import TrtbuildError
 
 SIDECAR_SUFFIX = ".export.json"
@@ -101,14 +101,6 @@ def meta_path(onnx_path: str | os.PathLike[str]) -> Path:
     """`engines/m/m.onnx` -> `engines/m/m.export.json`."""
     path = Path(onnx_path)
     return path.with_name(path.stem + SIDECAR_SUFFIX)
-
-
-def file_sha256(path: str | os.PathLike[str]) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as fh:
-        for chunk in iter(lambda: fh.read(1 << 20), b""):
-            digest.update(chunk)
-    return digest.hexdigest()
 
 
 def write_export_meta(meta: ExportMeta, onnx_path: str | os.PathLike[str]) -> Path:

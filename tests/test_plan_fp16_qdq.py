@@ -13,10 +13,10 @@ import onnx
 import pytest
 
 from calibrators.quantize import quantize
-from export.fp16 import qdq_scale_type
 from trtbuild import examples
 from trtbuild.core import metrics
 from trtbuild.core import ort as ort_core
+from trtbuild.core.onnx_file import qdq_scale_type
 from trtbuild.plan import fp16_qdq_path, make_plan
 from trtbuild.plan_graphs import write_plan_graph
 from trtbuild.trtexec import command_line

@@ -155,12 +155,9 @@ def _qdq_float_is_fp32(qdq_onnx: str | os.PathLike[str]) -> bool:
     """True unless the Q/DQ graph's scales (and so its float parts) are FP16 already."""
     import onnx
 
-    model = onnx.load(str(qdq_onnx), load_external_data=False)
-    inits = {i.name: i.data_type for i in model.graph.initializer}
-    for node in model.graph.node:
-        if node.op_type == "DequantizeLinear" and len(node.input) > 1 and node.input[1] in inits:
-            return inits[node.input[1]] != onnx.TensorProto.FLOAT16
-    return True
+    from trtbuild.core.onnx_file import qdq_scale_type
+
+    return qdq_scale_type(onnx.load(str(qdq_onnx), load_external_data=False)) != onnx.TensorProto.FLOAT16
 
 
 def make_plan(

@@ -42,7 +42,7 @@ def write_plan_graph(plan: BuildPlan, base: Path | None = None, seed: int = 0) -
     from export.fp16 import convert_fp16, verify_fp16
 
     convert_fp16(source, graph)
-    feeds, batch = _seeded_inputs(plan, seed)
+    feeds, batch = seeded_inputs(plan, seed)
     check = verify_fp16(source, graph, feeds, min_cosine=MIN_COSINE, batch=batch)
     if not check.passed:
         graph.unlink(missing_ok=True)
@@ -54,7 +54,7 @@ def write_plan_graph(plan: BuildPlan, base: Path | None = None, seed: int = 0) -
     return graph
 
 
-def _seeded_inputs(plan: BuildPlan, seed: int, runs: int = 4) -> tuple[dict[str, np.ndarray], int]:
+def seeded_inputs(plan: BuildPlan, seed: int, runs: int = 4) -> tuple[dict[str, np.ndarray], int]:
     """``runs`` batches of each input's optimum shape (standard-normal floats, integers in [0, 8)), and
     that batch size: a graph with a fixed batch only takes batches of it."""
     rng = np.random.default_rng(seed)

@@ -12,7 +12,6 @@ conformance test checks each TensorRT name it uses against the 11.x bindings.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import struct
@@ -22,6 +21,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from trtbuild.atomic import write_bytes
+from trtbuild.core.hashing import sha256_file as file_sha256
 from trtbuild.engine_meta import EngineMeta, TensorInfo, load_meta, write_meta
 from trtbuild.errors import TensorRTUnavailable, TrtbuildError
 from trtbuild.hardware import tensorrt_available, tensorrt_version
@@ -240,14 +240,6 @@ def gpu_identity() -> tuple[str, str]:
         raise TrtbuildError(f"no usable CUDA GPU ({err})", "build on a machine with an NVIDIA GPU")
     name = props.name.split(b"\0", 1)[0].decode() if isinstance(props.name, bytes) else str(props.name)
     return name, f"{props.major}.{props.minor}"
-
-
-def file_sha256(path: str | os.PathLike[str]) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as fh:
-        for chunk in iter(lambda: fh.read(1 << 20), b""):
-            digest.update(chunk)
-    return digest.hexdigest()
 
 
 # ---- TensorRT <= 10.x only (removed in 11.0) -------------------------------------------------------

@@ -42,6 +42,7 @@ from trtbuild.bundle.manifest import (
     parse_manifest_bytes,
     shown,
 )
+from trtbuild.core.hashing import sha256_file
 from trtbuild.errors import TrtbuildError
 
 _CHUNK = 1 << 20
@@ -67,14 +68,6 @@ class Limits:
     manifest_bytes: int = MAX_MANIFEST_BYTES
     header_bytes: int = MAX_HEADER_BYTES
     name_bytes: int = MAX_PATH_BYTES
-
-
-def sha256_file(path: Path) -> str:
-    digest = hashlib.sha256()
-    with path.open("rb") as fh:
-        while chunk := fh.read(_CHUNK):
-            digest.update(chunk)
-    return digest.hexdigest()
 
 
 def collect_files(folder: Path) -> dict[str, Path]:

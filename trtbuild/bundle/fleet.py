@@ -100,19 +100,10 @@ def _check_combination(target: str, precision: str, ranges: RangeSet | None, cal
 def _record_smoke(folder: Path, graph: Path, plan: Any) -> None:
     """One seeded input at the plan's optimum shapes and the graph's ONNX Runtime outputs, recorded in the
     bundle (so signed with it): the device agent re-runs it before switching (trtbuild/fleet/smoke.py)."""
-    import numpy as np
-
     from trtbuild.fleet.smoke import write_smoke_record
+    from trtbuild.plan_graphs import seeded_inputs
 
-    rng = np.random.default_rng(0)
-    feeds = {
-        spec.name: (
-            rng.integers(0, 8, spec.opt_shape).astype(spec.np_dtype)
-            if np.issubdtype(spec.np_dtype, np.integer)
-            else rng.standard_normal(spec.opt_shape).astype(spec.np_dtype)
-        )
-        for spec in plan.inputs
-    }
+    feeds, _ = seeded_inputs(plan, seed=0, runs=1)
     write_smoke_record(graph, folder, feeds)
 
 

@@ -52,3 +52,13 @@ def load_model_file(
             "re-export it, or run `trtbuild prepare` and fix what the checker names",
         )
     return model
+
+
+def qdq_scale_type(model: onnx.ModelProto) -> int | None:
+    """The element type of a Q/DQ graph's scales (FLOAT, or FLOAT16 when its float parts are FP16), or
+    None for a graph without Q/DQ."""
+    inits = {i.name: i.data_type for i in model.graph.initializer}
+    for node in model.graph.node:
+        if node.op_type in ("QuantizeLinear", "DequantizeLinear") and node.input[1] in inits:
+            return inits[node.input[1]]
+    return None

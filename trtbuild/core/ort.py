@@ -94,9 +94,8 @@ def semantics_for(model: onnx.ModelProto) -> str:
     target = metadata(model).get(META_TARGET)
     if target is not None:
         return ORT_CPU if target == ORT_CPU else REFERENCE
+    zero_point_types = {i.name: i.data_type for i in model.graph.initializer}
     for node in model.graph.node:
-        if node.op_type == "QuantizeLinear" and len(node.input) >= 3:
-            for init in model.graph.initializer:
-                if init.name == node.input[2]:
-                    return ORT_CPU if init.data_type == onnx.TensorProto.UINT8 else REFERENCE
+        if node.op_type == "QuantizeLinear" and len(node.input) >= 3 and node.input[2] in zero_point_types:
+            return ORT_CPU if zero_point_types[node.input[2]] == onnx.TensorProto.UINT8 else REFERENCE
     return REFERENCE

@@ -11,24 +11,16 @@ files with the first's (an advisory ``flock`` on ``.trtbuild.lock``, released wh
 from __future__ import annotations
 
 import contextlib
-import hashlib
 import json
 import os
 from collections.abc import Iterator, Mapping
 from pathlib import Path
 
+from trtbuild.core.hashing import sha256_file
 from trtbuild.errors import TrtbuildError
 
 LOCK_NAME = ".trtbuild.lock"
 MANIFEST_KEY = "artifacts"  # key in the manifest JSON: role -> {"file": name, "sha256": hex}
-
-
-def sha256_file(path: str | os.PathLike[str], chunk: int = 1 << 20) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as handle:
-        for block in iter(lambda: handle.read(chunk), b""):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 @contextlib.contextmanager
