@@ -42,7 +42,7 @@ def main() -> int:
     from rich.console import Console
     from rich.table import Table
 
-    from trtbuild.errors import TrtbuildError
+    from trtbuild.core.errors import TrtbuildError
     from trtbuild.harness.cuda_backend import get_backend
 
     console = Console()

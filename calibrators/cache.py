@@ -20,9 +20,9 @@ from collections.abc import Mapping
 from pathlib import Path
 
 from calibrators.ranges import TensorRange
-from trtbuild import atomic
-from trtbuild.errors import TrtbuildError
-from trtbuild.trt_versions import calibration_cache_version_tag, known_version
+from trtbuild.core import atomic
+from trtbuild.core.errors import TrtbuildError
+from trtbuild.core.trt_versions import calibration_cache_version_tag, known_version
 
 ALGORITHM = "EntropyCalibration2"
 _HEADER = re.compile(r"^TRT-(\d+)-(\w+)$")

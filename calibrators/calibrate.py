@@ -19,8 +19,8 @@ from calibrators.data import CalibrationData, model_inputs, open_data
 from calibrators.methods import DEFAULT_METHOD, DEFAULT_PERCENTILE, METHODS, amax_for
 from calibrators.preprocess import Preprocess
 from calibrators.ranges import RangeSet, TensorRange
-from trtbuild import console
-from trtbuild.errors import TrtbuildError
+from trtbuild.core import console
+from trtbuild.core.errors import TrtbuildError
 
 __all__ = [
     "METHODS",

@@ -20,9 +20,9 @@ import onnx
 from calibrators.data import CalibrationData, ModelInput, model_inputs, open_data
 from calibrators.histogram import TensorStats
 from calibrators.preprocess import Preprocess
-from trtbuild import console
+from trtbuild.core import console
+from trtbuild.core.errors import TrtbuildError
 from trtbuild.core.onnx_file import load_model_file
-from trtbuild.errors import TrtbuildError
 
 DEFAULT_BATCH_SIZE = 8  # measured: as fast as 16 here, with ~40 % less peak memory
 _FLOAT_TYPES = {

@@ -21,9 +21,9 @@ import numpy as np
 import onnx
 
 from calibrators.preprocess import IMAGE_SUFFIXES, Preprocess
-from export.inputs import check_tensor_size, format_bytes
-from trtbuild.console import warn
-from trtbuild.errors import TrtbuildError
+from trtbuild.core.console import warn
+from trtbuild.core.errors import TrtbuildError
+from trtbuild.core.inputs import check_tensor_size, format_bytes
 
 Sample = dict[str, np.ndarray]
 # what a damaged .npy/.npz raises while it is read: bad CRC, bad deflate data, a truncated member, an

@@ -23,9 +23,11 @@ import numpy as np
 import onnx
 from onnx import numpy_helper
 
+from calibrators import qdq_rules
+from calibrators import weights as wq
 from calibrators.ranges import RangeSet
-from trtbuild import atomic
-from trtbuild.errors import TrtbuildError
+from trtbuild.core import atomic
+from trtbuild.core.errors import TrtbuildError
 
 FORMATS = ("0.6.1", "1.0.0")
 BITWIDTH = 8
@@ -77,21 +79,6 @@ def symmetric(amax: float) -> Encoding:
     return Encoding((float(scale),), (_SYM_OFFSET,), symmetric=True)
 
 
-def weight_axis(op_type: str, attrs: Mapping[str, Any], input_index: int, ndim: int) -> int | None:
-    """Output-channel axis of a weight, or None when the op's weights are not quantized per channel."""
-    if input_index != 1:
-        return None
-    if op_type == "Conv":
-        return 0
-    if op_type == "ConvTranspose":
-        return 1
-    if op_type == "Gemm":
-        return 0 if attrs.get("transB", 0) else 1
-    if op_type == "MatMul" and ndim >= 2:
-        return ndim - 1
-    return None
-
-
 def weight_encodings(model: onnx.ModelProto) -> dict[str, Encoding]:
     """Per-channel symmetric int8 encodings for Conv/ConvTranspose/Gemm/MatMul weight initializers."""
     inits = {t.name: t for t in model.graph.initializer}
@@ -101,12 +88,10 @@ def weight_encodings(model: onnx.ModelProto) -> dict[str, Encoding]:
             continue
         weight = numpy_helper.to_array(inits[node.input[1]])
         attrs = {a.name: onnx.helper.get_attribute_value(a) for a in node.attribute}
-        axis = weight_axis(node.op_type, attrs, 1, weight.ndim)
+        axis = qdq_rules.weight_axis(node.op_type, attrs, weight.ndim)
         if axis is None or weight.dtype.kind != "f":
             continue
-        reduce_axes = tuple(i for i in range(weight.ndim) if i != axis)
-        amax = np.abs(weight.astype(np.float32)).max(axis=reduce_axes)
-        scales = np.where(amax > 0, amax / 127.0, 1e-8)
+        scales = wq.per_channel_scales(weight, axis)  # the scales the Q/DQ graph stores
         result[node.input[1]] = Encoding(
             tuple(float(s) for s in scales), (_SYM_OFFSET,) * len(scales), symmetric=True, axis=axis
         )

@@ -11,7 +11,6 @@
 
 from __future__ import annotations
 
-import re
 import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field, replace
@@ -24,9 +23,9 @@ from rich.table import Table
 from calibrators import fidelity, layer_cost
 from calibrators.fidelity import Feeds, FidelityReport, FidelityThreshold
 from calibrators.output_kinds import OutputKind
-from calibrators.qdq import Exclusion, GraphCache, QdqOptions, QdqPlan, apply_qdq, plan_qdq
+from calibrators.qdq import GraphCache, QdqOptions, QdqPlan, apply_qdq, plan_qdq
 from calibrators.ranges import TensorRange
-from trtbuild.errors import TrtbuildError
+from trtbuild.core.errors import TrtbuildError
 
 FALLBACK_REASON = "kept in float by auto-fallback (sensitivity analysis)"
 DEFAULT_MAX_FLOAT_COMPUTE = 0.5  # never hand back a "quantized" model that is mostly float
@@ -116,15 +115,9 @@ class _Planner:
         self.semantics = semantics or fidelity.semantics_for_activations(options.activation_type)
 
     def plan(self, float_layers: Sequence[str] = ()) -> QdqPlan:
-        options = replace(
-            self.options, exclude_nodes=(*self.options.exclude_nodes, *(re.escape(n) for n in float_layers))
-        )
-        plan = plan_qdq(self.cache, self.ranges, options)
-        chosen = set(float_layers)
-        plan.excluded = [
-            Exclusion(e.node, e.op_type, FALLBACK_REASON) if e.node in chosen else e for e in plan.excluded
-        ]
-        return plan
+        kept = tuple((n, FALLBACK_REASON) for n in float_layers)
+        options = replace(self.options, keep_float=(*self.options.keep_float, *kept))
+        return plan_qdq(self.cache, self.ranges, options)
 
 
 def _error(

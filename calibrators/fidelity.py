@@ -31,7 +31,7 @@ from calibrators.fidelity_spec import (
 from calibrators.output_kinds import OutputKind
 from trtbuild.core import metrics
 from trtbuild.core import ort as ort_core
-from trtbuild.errors import TrtbuildError
+from trtbuild.core.errors import TrtbuildError
 
 Feeds = Mapping[str, np.ndarray]
 __all__ = [

@@ -16,7 +16,7 @@ import re
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 
-from trtbuild.errors import TrtbuildError
+from trtbuild.core.errors import TrtbuildError
 
 # metric -> (direction, description); "min": the value must be at least the bound, "max": at most.
 METRICS: dict[str, tuple[str, str]] = {

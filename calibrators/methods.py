@@ -10,7 +10,7 @@ from collections.abc import Callable
 import numpy as np
 
 from calibrators.histogram import TRT_BINS, TensorStats
-from trtbuild.errors import TrtbuildError
+from trtbuild.core.errors import TrtbuildError
 
 QUANT_LEVELS = 128  # 8-bit signed: 127 levels + zero per side, as TensorRT quantizes |x|
 START_BIN = 128  # smallest candidate threshold, in histogram bins

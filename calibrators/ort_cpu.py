@@ -20,7 +20,7 @@ from onnx import numpy_helper
 from calibrators.weights import WEIGHT_FORMATS
 from trtbuild.core import cpu as cpu_info
 from trtbuild.core import ort as ort_core
-from trtbuild.errors import TrtbuildError
+from trtbuild.core.errors import TrtbuildError
 
 WEIGHT_CHOICES = ("auto", *WEIGHT_FORMATS)
 

@@ -23,7 +23,7 @@ from dataclasses import dataclass
 import numpy as np
 import onnx
 
-from trtbuild.errors import TrtbuildError
+from trtbuild.core.errors import TrtbuildError
 
 KINDS = ("classification", "probability", "regression", "embedding")
 MIN_CLASSES = 10

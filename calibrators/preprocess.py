@@ -8,7 +8,7 @@ from typing import Any
 
 import numpy as np
 
-from trtbuild.errors import TrtbuildError
+from trtbuild.core.errors import TrtbuildError
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)

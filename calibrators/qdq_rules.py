@@ -46,6 +46,17 @@ WEIGHTED_OPS: dict[str, WeightedRule] = {
     "MatMul": WeightedRule(activation_inputs=(0,), weight_input=1),
 }
 
+
+def weight_axis(op_type: str, attrs: dict[str, int], weight_rank: int) -> int | None:
+    """Per-channel axis of a weighted op's weight (input 1), or None when the op has no per-channel weight.
+
+    The one place this is decided: Q/DQ placement, the AIMET/QNN encodings and reports all ask here."""
+    rule = WEIGHTED_OPS.get(op_type)
+    if rule is None or rule.weight_input is None or (op_type == "MatMul" and weight_rank < 2):
+        return None
+    return rule.weight_axis(attrs, weight_rank, op_type)
+
+
 ROLES: dict[str, Role] = {
     **{op: Role.WEIGHTED for op in WEIGHTED_OPS},
     "Concat": Role.SHARED_SCALE,

@@ -8,7 +8,6 @@ fidelity gate passes, so a failed run leaves no half-finished output folder behi
 from __future__ import annotations
 
 import json
-import re
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -29,11 +28,10 @@ from calibrators.methods import DEFAULT_METHOD
 from calibrators.preprocess import Preprocess
 from calibrators.qdq import QdqOptions, QdqPlan, apply_qdq, plan_qdq
 from calibrators.ranges import RangeSet
-from trtbuild import atomic
-from trtbuild.console import warn
+from trtbuild.core import atomic, output_set
 from trtbuild.core import ort as ort_core
-from trtbuild.core import output_set
-from trtbuild.errors import TrtbuildError
+from trtbuild.core.console import warn
+from trtbuild.core.errors import TrtbuildError
 
 DEFAULT_HOLDOUT = 32
 DEFAULT_TRT_VERSION = "10.13"
@@ -286,10 +284,8 @@ def write_variant(
     is exact on ``ort_cpu_kind`` (recorded in the graph's metadata and returned)."""
     model = _upgrade_opset(load_model(model_path))
     target = ort_cpu.choose(ort_cpu_kind, ort_weights)
-    kept_float = tuple(re.escape(e.node) for e in result.plan.excluded)
-    options = QdqOptions(
-        activation_type="uint8", exclude_nodes=kept_float, weight_format=target.weight_format
-    )
+    kept_float = tuple((e.node, e.reason) for e in result.plan.excluded)
+    options = QdqOptions(activation_type="uint8", keep_float=kept_float, weight_format=target.weight_format)
     variant = apply_qdq(model, plan_qdq(model, result.ranges, options))
     ort_core.set_metadata(variant, target.metadata())
     return atomic.write_bytes(out_path, variant.SerializeToString()), target

@@ -9,8 +9,8 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-from trtbuild import atomic
-from trtbuild.errors import TrtbuildError
+from trtbuild.core import atomic
+from trtbuild.core.errors import TrtbuildError
 
 RANGES_SCHEMA = 1
 

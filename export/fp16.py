@@ -21,9 +21,9 @@ import numpy as np
 import onnx
 from onnxconverter_common import float16
 
-from trtbuild.atomic import atomic_path
 from trtbuild.core import metrics
-from trtbuild.errors import TrtbuildError
+from trtbuild.core.atomic import atomic_path
+from trtbuild.core.errors import TrtbuildError
 
 # Kept in FP32 on top of the converter's defaults (which already block index/coordinate ops such as
 # Resize, Range, TopK, NonMaxSuppression, RoiAlign, CumSum: FP16 represents integers exactly only up to

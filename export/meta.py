@@ -16,11 +16,11 @@ from typing import Any
 
 import onnx
 
-from export.inputs import InputSpec
 from trtbuild import __version__
-from trtbuild.atomic import write_text
+from trtbuild.core.atomic import write_text
+from trtbuild.core.errors import TrtbuildError
 from trtbuild.core.hashing import sha256_file as file_sha256
-from trtbuild.errors import TrtbuildError
+from trtbuild.core.inputs import InputSpec
 
 SIDECAR_SUFFIX = ".export.json"
 FORMAT_VERSION = 1

@@ -16,7 +16,6 @@ from typing import Any
 
 import numpy as np
 
-from export.inputs import InputSpec, fmt_shape, parse_input_spec, parse_shape
 from export.meta import (
     DEFAULT_MAX_BATCH,
     ExportMeta,
@@ -49,8 +48,9 @@ from export.verify import (
     torch_runner,
     verify,
 )
-from trtbuild.console import progress
-from trtbuild.errors import TrtbuildError
+from trtbuild.core.console import progress
+from trtbuild.core.errors import TrtbuildError
+from trtbuild.core.inputs import InputSpec, fmt_shape, parse_input_spec, parse_shape
 
 ENGINES_DIR = Path("engines")
 DEFAULT_OPSET = 17

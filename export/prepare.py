@@ -20,7 +20,7 @@ import numpy as np
 import onnx
 from onnx import numpy_helper
 
-from trtbuild.errors import TrtbuildError
+from trtbuild.core.errors import TrtbuildError
 
 MIN_OPSET = 13
 UPGRADE_OPSET = 17  # what an older third-party graph is upgraded to unless asked otherwise

@@ -23,9 +23,9 @@ from typing import Any
 import numpy as np
 import onnx
 
-from export.inputs import InputSpec
-from trtbuild.console import warn
-from trtbuild.errors import TrtbuildError
+from trtbuild.core.console import warn
+from trtbuild.core.errors import TrtbuildError
+from trtbuild.core.inputs import InputSpec
 
 DYNAMO_NATIVE_OPSET = 18
 BATCH_DIM = "batch"

@@ -16,8 +16,8 @@ from typing import Any
 
 import numpy as np
 
-from export.inputs import InputSpec, fmt_shape
-from trtbuild.errors import TrtbuildError
+from trtbuild.core.errors import TrtbuildError
+from trtbuild.core.inputs import InputSpec, fmt_shape
 
 Feeds = dict[str, np.ndarray]
 Runner = Callable[[Feeds], list[np.ndarray]]

@@ -16,10 +16,10 @@ from cryptography.hazmat.primitives import serialization
 from hypothesis import HealthCheck, event, given, settings
 from hypothesis import strategies as st
 
-from trtbuild import atomic
 from trtbuild.bundle import signing
 from trtbuild.cli import main
-from trtbuild.errors import TrtbuildError
+from trtbuild.core import atomic
+from trtbuild.core.errors import TrtbuildError
 
 
 def run_cli(capsys: pytest.CaptureFixture[str], *args: object) -> tuple[int, str, str]:

@@ -30,7 +30,7 @@ from trtbuild.bundle.archive import Limits, create_bundle, read_bundle, read_man
 from trtbuild.bundle.manifest import FileEntry, Manifest
 from trtbuild.bundle.verify import verify_bundle
 from trtbuild.cli import main
-from trtbuild.errors import TrtbuildError
+from trtbuild.core.errors import TrtbuildError
 
 Members = list[tuple[tarfile.TarInfo, bytes]]
 
@@ -165,7 +165,7 @@ def _peak_rss_mb(bundle: Path, pub: Path) -> float:
         "import resource, sys\n"
         "from trtbuild.bundle.signing import load_public_key\n"
         "from trtbuild.bundle.archive import read_bundle\n"
-        "from trtbuild.errors import TrtbuildError\n"
+        "from trtbuild.core.errors import TrtbuildError\n"
         "try:\n"
         f"    read_bundle({str(bundle)!r}, load_public_key({str(pub)!r}))\n"
         "except TrtbuildError as exc:\n"

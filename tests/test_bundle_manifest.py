@@ -33,7 +33,7 @@ from trtbuild.bundle.manifest import (
     parse_manifest_bytes,
 )
 from trtbuild.cli import main
-from trtbuild.errors import TrtbuildError
+from trtbuild.core.errors import TrtbuildError
 
 FILES = {"a.txt": b"hello", "sub/b.bin": b"\x00\x01"}
 

@@ -10,7 +10,7 @@ import pytest
 
 from calibrators import cache
 from calibrators.ranges import RangeSet, TensorRange
-from trtbuild.errors import TrtbuildError
+from trtbuild.core.errors import TrtbuildError
 
 
 @pytest.mark.parametrize(

@@ -18,7 +18,7 @@ from calibrators.data import model_inputs, open_data
 from calibrators.preprocess import Preprocess
 from calibrators.ranges import RangeSet
 from trtbuild import examples
-from trtbuild.errors import TrtbuildError
+from trtbuild.core.errors import TrtbuildError
 
 
 @pytest.fixture(scope="module")

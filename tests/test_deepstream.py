@@ -23,12 +23,12 @@ from calibrators.cache import read_cache_with_header
 from calibrators.calibrate import calibrate
 from calibrators.preprocess import Preprocess
 from calibrators.ranges import RangeSet
-from export.deepstream import DeepStreamBundle, export_deepstream
-from export.deepstream_keys import APP_KEYS, CLASS_ATTRS_KEYS, property_keys
 from export.meta import graph_outputs
 from trtbuild import examples
 from trtbuild.bundle import generate_keypair, load_public_key, verify_bundle
 from trtbuild.core import ort as ort_core
+from trtbuild.ship.deepstream import DeepStreamBundle, export_deepstream
+from trtbuild.ship.deepstream_keys import APP_KEYS, CLASS_ATTRS_KEYS, property_keys
 
 SYSTEM_PYTHON = "/usr/bin/python3"
 # nvinfer reads these with typed GLib getters; a value they cannot parse fails the pipeline at start.

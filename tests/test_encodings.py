@@ -16,8 +16,8 @@ from calibrators import encodings as enc
 from calibrators.calibrate import calibrate
 from calibrators.encodings import qualcomm_activation_tensors
 from calibrators.ranges import RangeSet, TensorRange
-from export.qualcomm import prepare_onnx
-from trtbuild.errors import TrtbuildError
+from trtbuild.core.errors import TrtbuildError
+from trtbuild.ship.qualcomm import prepare_onnx
 
 
 @pytest.fixture(scope="module")

@@ -22,7 +22,7 @@ import pytest
 from calibrators import encodings as enc
 from calibrators.calibrate import calibrate
 from calibrators.encodings import qualcomm_activation_tensors
-from export.qualcomm import QualcommHandoff, export_qualcomm
+from trtbuild.ship.qualcomm import QualcommHandoff, export_qualcomm
 
 ROOT = Path(__file__).resolve().parents[1]
 AIMET_PYTHON = Path(os.environ.get("TRTBUILD_AIMET_PYTHON", ROOT / ".venv-aimet" / "bin" / "python"))
@@ -124,7 +124,7 @@ def test_aimet_rejects_nothing_we_validate_but_we_reject_a_wrong_signed_offset(
     """The reason for our own validator: AIMET's loader takes a positive offset without a word."""
     import json
 
-    from trtbuild.errors import TrtbuildError
+    from trtbuild.core.errors import TrtbuildError
 
     doc = json.loads(handoff.encodings.read_text())
     doc["activation_encodings"][0]["offset"] = [abs(doc["activation_encodings"][0]["offset"][0]) + 1]

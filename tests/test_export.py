@@ -13,7 +13,7 @@ import torch
 from export.meta import load_export_meta, meta_path, model_input_specs
 from export.pipeline import ExportResult, export_model
 from trtbuild import examples
-from trtbuild.errors import TrtbuildError
+from trtbuild.core.errors import TrtbuildError
 
 IMAGE_TEXT = str(Path(__file__).parent / "models" / "image_text.py")
 

@@ -18,7 +18,7 @@ from calibrators.fidelity import (
     parse_min_fidelity,
 )
 from calibrators.output_kinds import OutputKind
-from trtbuild.errors import TrtbuildError
+from trtbuild.core.errors import TrtbuildError
 
 LOGITS = OutputKind("classification", "test")
 

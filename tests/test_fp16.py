@@ -12,7 +12,7 @@ from onnx import TensorProto, helper, numpy_helper
 from onnxconverter_common import float16
 
 from export.fp16 import FP16_BLOCK_LIST, convert_fp16, fp16_path, verify_fp16
-from trtbuild.errors import TrtbuildError
+from trtbuild.core.errors import TrtbuildError
 
 
 @pytest.fixture(scope="module")

@@ -8,7 +8,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from trtbuild.errors import TensorRTUnavailable, TrtbuildError
+from trtbuild.core.errors import TensorRTUnavailable, TrtbuildError
 from trtbuild.hardware import cuda_available, tensorrt_available
 from trtbuild.harness.cuda_backend import CudaBackend, get_backend
 

@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 import torch
 
-from trtbuild.errors import TrtbuildError
+from trtbuild.core.errors import TrtbuildError
 from trtbuild.harness.inputs import accuracy_feeds, make_feed
 from trtbuild.harness.measure import measure
 from trtbuild.harness.ort_runner import OrtRunner

@@ -18,9 +18,9 @@ from click.testing import CliRunner
 from calibrators.cache import read_cache_with_header
 from calibrators.calibrate import calibrate
 from calibrators.ranges import RangeSet
-from export.jetson import JetsonBundle, export_jetson
 from trtbuild.cli import cli
-from trtbuild.errors import TrtbuildError
+from trtbuild.core.errors import TrtbuildError
+from trtbuild.ship.jetson import JetsonBundle, export_jetson
 
 
 @pytest.fixture(scope="module")

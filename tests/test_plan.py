@@ -10,11 +10,11 @@ import onnx
 import pytest
 from onnx import TensorProto, helper
 
-from export.inputs import InputSpec
-from trtbuild.errors import TrtbuildError
+from trtbuild.core.errors import TrtbuildError
+from trtbuild.core.inputs import InputSpec
+from trtbuild.core.trt_versions import TrtVersion
 from trtbuild.plan import BuildPlan, make_plan
 from trtbuild.targets import PRECISIONS, TARGETS
-from trtbuild.trt_versions import TrtVersion
 from trtbuild.trtexec import render
 
 DATACENTER_VERSIONS = ("8.6", "10.3", "10.13", "11.4")

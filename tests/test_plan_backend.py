@@ -12,12 +12,12 @@ import pytest
 from onnx import TensorProto, helper
 
 from calibrators import cache as calib_cache
+from trtbuild.core.errors import TensorRTUnavailable, TrtbuildError
+from trtbuild.core.trt_versions import calibration_cache_version_tag
 from trtbuild.engine_meta import EngineMeta, TensorInfo, load_meta, sidecar_path, write_meta
-from trtbuild.errors import TensorRTUnavailable, TrtbuildError
 from trtbuild.hardware import tensorrt_available
 from trtbuild.plan import make_plan
 from trtbuild.trt_backend import build_engine, inspect_engine, render_calibration_cache
-from trtbuild.trt_versions import calibration_cache_version_tag
 
 
 @pytest.fixture(scope="module")

@@ -11,7 +11,7 @@ from onnx import TensorProto, helper, numpy_helper
 from calibrators import weights as wq
 from calibrators.qdq import QdqOptions, apply_qdq, plan_qdq, quantizable_activations
 from calibrators.ranges import RangeSet, TensorRange
-from trtbuild.errors import TrtbuildError
+from trtbuild.core.errors import TrtbuildError
 
 RNG = np.random.default_rng(0)
 F = TensorProto.FLOAT

@@ -26,7 +26,7 @@ from calibrators.qdq import QdqOptions, apply_qdq, plan_qdq, quantizable_activat
 from trtbuild import examples
 from trtbuild.core import cpu
 from trtbuild.core import ort as ort_core
-from trtbuild.errors import TrtbuildError
+from trtbuild.core.errors import TrtbuildError
 
 INTEGER_KERNELS = {"QLinearConv", "QLinearMatMul", "QGemm", "ConvInteger", "MatMulInteger", "QLinearAdd"}
 

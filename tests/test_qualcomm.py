@@ -18,9 +18,9 @@ from calibrators import encodings as enc
 from calibrators.calibrate import calibrate
 from calibrators.encodings import qualcomm_activation_tensors
 from calibrators.ranges import RangeSet, TensorRange
-from export.qualcomm import QualcommHandoff, export_qualcomm, prepare_onnx
 from trtbuild.cli import cli
-from trtbuild.errors import TrtbuildError
+from trtbuild.core.errors import TrtbuildError
+from trtbuild.ship.qualcomm import QualcommHandoff, export_qualcomm, prepare_onnx
 
 
 @pytest.fixture(scope="module")
@@ -234,7 +234,7 @@ def test_cli_export_snpe_and_bad_inputs(
 
 
 def test_simulated_fidelity_on_held_out_photos(snpe: QualcommHandoff, photo_batch: np.ndarray) -> None:
-    from export.qualcomm import simulated_fidelity
+    from trtbuild.ship.qualcomm import simulated_fidelity
 
     report = simulated_fidelity(snpe, photo_batch[20:28])
     assert report["samples"] == 8

@@ -23,12 +23,12 @@ from hypothesis import HealthCheck, event, given, settings
 from hypothesis import strategies as st
 from onnx import TensorProto, helper
 
-import export.inputs
+import trtbuild.core.inputs
 from calibrators.data import ModelInput, check_image_size, max_image_pixels, model_inputs, open_data
 from calibrators.preprocess import Preprocess
-from export.inputs import MAX_TENSOR_BYTES, InputSpec, format_bytes, parse_input_spec
 from trtbuild.cli import main
-from trtbuild.errors import TrtbuildError
+from trtbuild.core.errors import TrtbuildError
+from trtbuild.core.inputs import MAX_TENSOR_BYTES, InputSpec, format_bytes, parse_input_spec
 
 GIB_894 = "894.1 GiB"
 LIMIT = format_bytes(MAX_TENSOR_BYTES)
@@ -152,7 +152,7 @@ def test_npz_declaring_894_gib_is_refused_before_loading(tmp_path: Path) -> None
 
 
 def test_npy_sample_larger_than_the_limit_is_refused(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(export.inputs, "MAX_TENSOR_BYTES", 100_000)
+    monkeypatch.setattr(trtbuild.core.inputs, "MAX_TENSOR_BYTES", 100_000)
     array = np.zeros((2, 3, 224, 224), np.float32)  # 602 KB a sample, real and memory-mappable
     np.save(tmp_path / "big.npy", array)
     with pytest.raises(TrtbuildError, match=r"one sample of array 'images' .* 588.0 KiB .* 97.7 KiB limit"):
@@ -219,7 +219,7 @@ dims = st.one_of(st.integers(-3, 64), st.integers(0, 1 << 40), st.sampled_from([
 @given(
     shape=st.lists(dims, min_size=0, max_size=5),
     grow=st.lists(st.integers(0, 1 << 20), min_size=5, max_size=5),
-    dtype=st.sampled_from(sorted(export.inputs.DTYPES)),
+    dtype=st.sampled_from(sorted(trtbuild.core.inputs.DTYPES)),
 )
 def test_property_input_specs_are_valid_or_refused(shape: list[int], grow: list[int], dtype: str) -> None:
     opt = tuple(shape)
@@ -229,10 +229,13 @@ def test_property_input_specs_are_valid_or_refused(shape: list[int], grow: list[
     except TrtbuildError as exc:
         event("refused: negative" if "negative" in str(exc) else "refused: too large")
         assert "negative" in str(exc) or (LIMIT in str(exc) and "would take" in str(exc)), exc
-        assert any(d < 0 for d in opt) or export.inputs.tensor_bytes(top, dtype) > MAX_TENSOR_BYTES
+        assert any(d < 0 for d in opt) or trtbuild.core.inputs.tensor_bytes(top, dtype) > MAX_TENSOR_BYTES
         return
     event("accepted")
-    assert all(d >= 0 for d in spec.max) and export.inputs.tensor_bytes(spec.max, dtype) <= MAX_TENSOR_BYTES
+    assert (
+        all(d >= 0 for d in spec.max)
+        and trtbuild.core.inputs.tensor_bytes(spec.max, dtype) <= MAX_TENSOR_BYTES
+    )
 
 
 @settings(max_examples=300, deadline=None)
@@ -242,7 +245,7 @@ def test_property_input_spec_text_parses_or_is_refused(text: str) -> None:
         spec = parse_input_spec(text)
     except TrtbuildError:
         return
-    assert export.inputs.tensor_bytes(spec.opt_shape, spec.dtype) <= MAX_TENSOR_BYTES
+    assert trtbuild.core.inputs.tensor_bytes(spec.opt_shape, spec.dtype) <= MAX_TENSOR_BYTES
 
 
 @settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])

@@ -19,11 +19,11 @@ import pytest
 from hypothesis import HealthCheck, event, given, settings
 from hypothesis import strategies as st
 
-from trtbuild import atomic
 from trtbuild.bundle import signing
 from trtbuild.bundle.archive import create_bundle
-from trtbuild.bundle.fleet import WORK_LABEL, clean_legacy_work, create_bundles
+from trtbuild.ship.bundles import WORK_LABEL, clean_legacy_work, create_bundles
 from trtbuild.bundle.verify import verify_bundle
+from trtbuild.core import atomic
 
 REPO = Path(__file__).resolve().parents[1]
 OLD = STALE = atomic.STALE_AFTER_S + 60
@@ -83,7 +83,7 @@ verify_bundle(sys.argv[1], signing.load_public_key(sys.argv[2]), device="skip", 
 
 HOLD = """
 import sys, time
-from trtbuild import atomic
+from trtbuild.core import atomic
 with atomic.atomic_path(sys.argv[1], suffix=".partial") as tmp:
     tmp.write_bytes(b"half")
     print("ready", flush=True)
@@ -92,7 +92,7 @@ with atomic.atomic_path(sys.argv[1], suffix=".partial") as tmp:
 
 WORK = """
 import sys, time
-from trtbuild import atomic
+from trtbuild.core import atomic
 with atomic.staging_dir(sys.argv[1], sys.argv[2]) as work:
     (work / "payload").mkdir()
     (work / "payload" / "big.onnx").write_bytes(b"x" * 1_000_000)

@@ -14,7 +14,7 @@ from click.testing import CliRunner
 from onnx import TensorProto, helper
 
 from trtbuild.cli import cli, main
-from trtbuild.errors import TrtbuildError
+from trtbuild.core.errors import TrtbuildError
 from trtbuild.targets import TARGETS, get_target
 
 
@@ -89,7 +89,7 @@ def test_targets_cli_json_and_table() -> None:
 
 
 def test_trt_version_parsing_and_rules() -> None:
-    from trtbuild.trt_versions import TrtVersion, has, strongly_typed_only
+    from trtbuild.core.trt_versions import TrtVersion, has, strongly_typed_only
 
     assert (
         TrtVersion.parse("10.13.0.35") == TrtVersion(10, 13, 0) and str(TrtVersion.parse("8.5.2")) == "8.5.2"

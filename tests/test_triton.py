@@ -24,9 +24,9 @@ from calibrators.cache import read_cache_with_header
 from calibrators.calibrate import calibrate
 from calibrators.preprocess import Preprocess
 from calibrators.ranges import RangeSet
-from export.triton import TritonRepository, export_triton
 from trtbuild import examples
 from trtbuild.bundle import generate_keypair, load_private_key, load_public_key, verify_bundle
+from trtbuild.ship.triton import TritonRepository, export_triton
 
 
 def _model_config_pb2() -> ModuleType:
@@ -213,7 +213,7 @@ def test_ort_cpu_int8_repository_runs_with_the_configs_shapes(
 def test_two_input_transformer(pb2: ModuleType, tmp_path_factory: pytest.TempPathFactory) -> None:
     from test_quantize_models import build_minilm_onnx
 
-    from export.inputs import InputSpec
+    from trtbuild.core.inputs import InputSpec
 
     folder = tmp_path_factory.mktemp("minilm")
     path, samples = build_minilm_onnx(folder)

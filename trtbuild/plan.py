@@ -23,11 +23,11 @@ from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 from typing import Any
 
-from export.inputs import InputSpec
-from trtbuild.atomic import write_text
-from trtbuild.errors import TrtbuildError
+from trtbuild.core.atomic import write_text
+from trtbuild.core.errors import TrtbuildError
+from trtbuild.core.inputs import InputSpec
+from trtbuild.core.trt_versions import TrtVersion, has, known_version, strongly_typed_only
 from trtbuild.targets import Target, check_precision, get_target
-from trtbuild.trt_versions import TrtVersion, has, known_version, strongly_typed_only
 
 PLAN_FORMAT = 1
 HARDWARE_COMPAT = {"ampere_plus": "AMPERE_PLUS", "same_compute_capability": "SAME_COMPUTE_CAPABILITY"}

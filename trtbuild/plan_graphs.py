@@ -14,7 +14,7 @@ from pathlib import Path
 
 import numpy as np
 
-from trtbuild.errors import TrtbuildError
+from trtbuild.core.errors import TrtbuildError
 from trtbuild.plan import BuildPlan, fp16_qdq_source
 
 MIN_COSINE = 0.99  # FP16 float parts against FP32 ones, same Q/DQ: measured 0.9989 on EfficientNet-Lite0

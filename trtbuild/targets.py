@@ -10,8 +10,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
-from trtbuild.errors import TrtbuildError
-from trtbuild.trt_versions import TrtVersion, V, dla_supported, has, known_version
+from trtbuild.core.errors import TrtbuildError
+from trtbuild.core.trt_versions import TrtVersion, V, dla_supported, has, known_version
 
 PRECISIONS = ("fp32", "fp16", "bf16", "int8", "fp8")
 

@@ -20,13 +20,13 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from trtbuild.atomic import write_bytes
+from trtbuild.core.atomic import write_bytes
+from trtbuild.core.errors import TensorRTUnavailable, TrtbuildError
 from trtbuild.core.hashing import sha256_file as file_sha256
+from trtbuild.core.trt_versions import TrtVersion, calibration_cache_version_tag, has
 from trtbuild.engine_meta import EngineMeta, TensorInfo, load_meta, write_meta
-from trtbuild.errors import TensorRTUnavailable, TrtbuildError
 from trtbuild.hardware import tensorrt_available, tensorrt_version
 from trtbuild.plan import BuildPlan
-from trtbuild.trt_versions import TrtVersion, calibration_cache_version_tag, has
 
 if TYPE_CHECKING:
     import tensorrt as trt

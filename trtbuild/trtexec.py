@@ -6,10 +6,10 @@ import os
 import shlex
 from pathlib import Path
 
-from export.inputs import InputSpec, fmt_shape
-from trtbuild.atomic import atomic_path
+from trtbuild.core.atomic import atomic_path
+from trtbuild.core.inputs import InputSpec, fmt_shape
+from trtbuild.core.trt_versions import MEMPOOL_SUFFIX_SINCE, trtexec_flag_exists
 from trtbuild.plan import BuildPlan, plan_stem
-from trtbuild.trt_versions import MEMPOOL_SUFFIX_SINCE, trtexec_flag_exists
 
 _PRECISION_FLAGS = {"FP16": "--fp16", "INT8": "--int8", "BF16": "--bf16", "FP8": "--fp8"}
 _HW_COMPAT = {"AMPERE_PLUS": "ampere+", "SAME_COMPUTE_CAPABILITY": "sameComputeCapability"}

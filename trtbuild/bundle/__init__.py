@@ -2,7 +2,6 @@
 sha256 of every file, an Ed25519 signature over the canonical manifest bytes, and safe extraction."""
 
 from trtbuild.bundle.archive import create_bundle, read_bundle
-from trtbuild.bundle.fleet import create_bundles
 from trtbuild.bundle.manifest import SCHEMA_VERSION, Manifest
 from trtbuild.bundle.signing import generate_keypair, load_private_key, load_public_key
 from trtbuild.bundle.verify import VerifyReport, verify_bundle
@@ -12,7 +11,6 @@ __all__ = [
     "Manifest",
     "VerifyReport",
     "create_bundle",
-    "create_bundles",
     "generate_keypair",
     "load_private_key",
     "load_public_key",

@@ -27,7 +27,6 @@ from typing import IO, Any, BinaryIO
 
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
 
-from trtbuild import atomic
 from trtbuild.bundle import signing
 from trtbuild.bundle.manifest import (
     MANIFEST_NAME,
@@ -42,8 +41,9 @@ from trtbuild.bundle.manifest import (
     parse_manifest_bytes,
     shown,
 )
+from trtbuild.core import atomic
+from trtbuild.core.errors import TrtbuildError
 from trtbuild.core.hashing import sha256_file
-from trtbuild.errors import TrtbuildError
 
 _CHUNK = 1 << 20
 _IN_CHUNK = 64 << 10

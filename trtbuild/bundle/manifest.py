@@ -17,7 +17,7 @@ from datetime import datetime, timezone
 from typing import Any
 
 from trtbuild import __version__
-from trtbuild.errors import TrtbuildError
+from trtbuild.core.errors import TrtbuildError
 
 SCHEMA_VERSION = 1
 MANIFEST_NAME = "manifest.json"

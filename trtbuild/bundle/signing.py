@@ -17,8 +17,8 @@ from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
 
-from trtbuild import atomic
-from trtbuild.errors import TrtbuildError
+from trtbuild.core import atomic
+from trtbuild.core.errors import TrtbuildError
 
 SIGNING_ENV = "TRTBUILD_SIGNING_KEY"
 VERIFY_ENV = "TRTBUILD_VERIFY_KEY"
@@ -181,7 +181,7 @@ def load_private_key(source: str | os.PathLike[str] | None = None) -> Ed25519Pri
     path = _key_path(source, SIGNING_ENV)
     mode = readable_by_others(path) if path is not None else None
     if mode is not None:
-        from trtbuild.console import warn
+        from trtbuild.core.console import warn
 
         warn(f"private key {path} is readable by group/others (mode {mode:04o}): run `chmod 600 {path}`")
     return key

@@ -10,11 +10,11 @@ from typing import Any
 
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
 
-from trtbuild.atomic import atomic_dir
 from trtbuild.bundle.archive import Limits, read_bundle
 from trtbuild.bundle.device import Device, detect_device
 from trtbuild.bundle.manifest import Manifest
-from trtbuild.errors import TrtbuildError
+from trtbuild.core.atomic import atomic_dir
+from trtbuild.core.errors import TrtbuildError
 
 SKIP = "skip"
 

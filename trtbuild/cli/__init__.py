@@ -12,7 +12,7 @@ import sys
 import click
 
 from trtbuild import __version__
-from trtbuild.errors import TrtbuildError
+from trtbuild.core.errors import TrtbuildError
 
 # One module per concern; each exposes COMMANDS: list[click.Command].
 _COMMAND_MODULES = (

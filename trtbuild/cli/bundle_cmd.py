@@ -10,8 +10,8 @@ import click
 from rich.table import Table
 from rich.text import Text
 
-from trtbuild.console import emit_json, out
-from trtbuild.errors import TrtbuildError
+from trtbuild.core.console import emit_json, out
+from trtbuild.core.errors import TrtbuildError
 
 _REPORT_BYTES = 4 << 20  # a fidelity/profile report recorded in the manifest
 
@@ -110,7 +110,7 @@ def create(
     deepstream: bool,
 ) -> None:
     """Export and sign one bundle per target x precision."""
-    from trtbuild.bundle.fleet import create_bundles
+    from trtbuild.ship.bundles import create_bundles
     from trtbuild.bundle.signing import load_private_key
 
     private = load_private_key(key)  # fail before any export work
@@ -231,7 +231,7 @@ def export_jetson_cmd(
     as_json: bool,
 ) -> None:
     """Write a Jetson bundle folder: ONNX, calibration cache, build.sh, profile.sh, plan."""
-    from export.jetson import export_jetson
+    from trtbuild.ship.jetson import export_jetson
 
     result = export_jetson(
         onnx_path,
@@ -291,7 +291,7 @@ def export_snpe_cmd(
     as_json: bool,
 ) -> None:
     """Write the Qualcomm handoff: ONNX, AIMET encodings (0.6.1 + 1.0.0), raw inputs, convert.sh, .aimet."""
-    from export.qualcomm import export_qualcomm
+    from trtbuild.ship.qualcomm import export_qualcomm
 
     if samples < 1:
         raise TrtbuildError(f"--samples must be >= 1, got {samples}", "pass a positive number")

@@ -13,8 +13,8 @@ from calibrators.collect import DEFAULT_BATCH_SIZE, collect
 from calibrators.methods import DEFAULT_METHOD, DEFAULT_PERCENTILE, METHODS
 from calibrators.preprocess import Preprocess
 from calibrators.ranges import RangeSet
-from trtbuild import console
 from trtbuild.cli.data_options import data_option, preprocess_options
+from trtbuild.core import console
 
 
 def _table(ranges: RangeSet, rows: int) -> Table:

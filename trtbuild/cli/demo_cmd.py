@@ -7,7 +7,7 @@ from pathlib import Path
 import click
 from rich.table import Table
 
-from trtbuild import console
+from trtbuild.core import console
 
 
 @click.command("demo")

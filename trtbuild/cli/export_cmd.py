@@ -8,11 +8,11 @@ from pathlib import Path
 import click
 from rich.table import Table
 
-from export.inputs import fmt_shape
 from export.meta import ExportMeta
 from export.verify import DEFAULT_ATOL, DEFAULT_INT_HIGH, DEFAULT_RTOL, VerifyResult
-from trtbuild.console import emit_json, out
-from trtbuild.errors import TrtbuildError
+from trtbuild.core.console import emit_json, out
+from trtbuild.core.errors import TrtbuildError
+from trtbuild.core.inputs import fmt_shape
 
 
 def _named_shapes(values: Sequence[str], option: str) -> dict[str, str]:

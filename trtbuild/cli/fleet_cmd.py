@@ -10,7 +10,7 @@ from typing import TYPE_CHECKING, Any, TypeVar
 import click
 from rich.table import Table
 
-from trtbuild.console import emit_json, out
+from trtbuild.core.console import emit_json, out
 
 if TYPE_CHECKING:
     from trtbuild.fleet.oci import Registry

@@ -8,14 +8,14 @@ from typing import Any
 import click
 from rich.table import Table
 
-from export.inputs import InputSpec, fmt_shape, parse_shape
-from trtbuild.console import emit_json, out, progress
+from trtbuild.core.console import emit_json, out, progress
+from trtbuild.core.errors import TrtbuildError
+from trtbuild.core.inputs import InputSpec, fmt_shape, parse_shape
 from trtbuild.core.output_set import check_writable_folder
-from trtbuild.errors import TrtbuildError
+from trtbuild.core.trt_versions import strongly_typed_only
 from trtbuild.plan import HARDWARE_COMPAT, BuildPlan, make_plan, model_dir
 from trtbuild.plan_graphs import write_plan_graph
 from trtbuild.targets import PRECISIONS, TARGETS
-from trtbuild.trt_versions import strongly_typed_only
 from trtbuild.trtexec import save_plan_files
 
 

@@ -6,8 +6,8 @@ from pathlib import Path
 
 import click
 
-from trtbuild import console
-from trtbuild.errors import TrtbuildError
+from trtbuild.core import console
+from trtbuild.core.errors import TrtbuildError
 from trtbuild.harness.cuda_backend import BACKENDS
 from trtbuild.harness.profile import DEVICES, RUNTIMES, profile_models
 from trtbuild.harness.runner import TensorInfo
@@ -18,7 +18,7 @@ def _torch_inputs(specs: tuple[str, ...]) -> list[TensorInfo] | None:
         return None
     import numpy as np
 
-    from export.inputs import parse_input_spec
+    from trtbuild.core.inputs import parse_input_spec
 
     infos = []
     for text in specs:

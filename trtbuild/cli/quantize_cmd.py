@@ -22,8 +22,8 @@ from calibrators.quantize import (
     QuantizeResult,
     quantize,
 )
-from trtbuild import console
 from trtbuild.cli.data_options import data_option, preprocess_options
+from trtbuild.core import console
 from trtbuild.core.cpu import CPU_KINDS
 
 

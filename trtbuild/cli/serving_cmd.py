@@ -9,8 +9,8 @@ import click
 
 from calibrators.preprocess import Preprocess
 from trtbuild.cli.data_options import preprocess_options
-from trtbuild.console import emit_json, out
-from trtbuild.errors import TrtbuildError
+from trtbuild.core.console import emit_json, out
+from trtbuild.core.errors import TrtbuildError
 
 
 def _ints(text: str | None, what: str) -> list[int]:
@@ -125,8 +125,8 @@ def export_triton_cmd(
     preprocess: Preprocess,
 ) -> None:
     """Write a Triton model repository folder (config.pbtxt, version folder, build script, warmup)."""
-    from export.serving_bundle import sign_folder
-    from export.triton import export_triton
+    from trtbuild.ship.serving_bundle import sign_folder
+    from trtbuild.ship.triton import export_triton
 
     key = _key(sign_key) if sign_key else None  # fail before any export work
     result = export_triton(
@@ -229,8 +229,8 @@ def export_deepstream_cmd(
     Pass the image options (--mean/--std/--scale/--layout) you calibrated with: net-scale-factor and
     offsets are derived from them.
     """
-    from export.deepstream import export_deepstream
-    from export.serving_bundle import sign_folder
+    from trtbuild.ship.deepstream import export_deepstream
+    from trtbuild.ship.serving_bundle import sign_folder
 
     key = _key(sign_key) if sign_key else None
     result = export_deepstream(

@@ -15,7 +15,7 @@ import platform
 from dataclasses import dataclass
 from pathlib import Path
 
-from trtbuild.errors import TrtbuildError
+from trtbuild.core.errors import TrtbuildError
 
 # Flags (as /proc/cpuinfo spells them) that give ORT an int8 path with int32 accumulation.
 _NON_SATURATING_FLAGS = ("avx512_vnni", "avx_vnni", "amx_int8")

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import onnx
 
-from trtbuild.errors import TrtbuildError
+from trtbuild.core.errors import TrtbuildError
 
 
 def _first_line(exc: BaseException) -> str:

@@ -16,8 +16,8 @@ import os
 from collections.abc import Iterator, Mapping
 from pathlib import Path
 
+from trtbuild.core.errors import TrtbuildError
 from trtbuild.core.hashing import sha256_file
-from trtbuild.errors import TrtbuildError
 
 LOCK_NAME = ".trtbuild.lock"
 MANIFEST_KEY = "artifacts"  # key in the manifest JSON: role -> {"file": name, "sha256": hex}

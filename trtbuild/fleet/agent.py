@@ -17,11 +17,11 @@ from tuf.api import exceptions
 from tuf.api.metadata import Metadata, Root, TargetFile
 from tuf.ngclient import Updater, UpdaterConfig
 
-from trtbuild import atomic
 from trtbuild.bundle.device import detect_device
 from trtbuild.bundle.manifest import Manifest
 from trtbuild.bundle.verify import check_device, verify_bundle
-from trtbuild.errors import TrtbuildError
+from trtbuild.core import atomic
+from trtbuild.core.errors import TrtbuildError
 from trtbuild.fleet import install, oci
 from trtbuild.fleet import state as state_mod
 from trtbuild.fleet.fetcher import META_BASE, TARGET_BASE, OciFetcher

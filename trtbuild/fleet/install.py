@@ -18,7 +18,7 @@ import signal
 from collections.abc import Iterator
 from pathlib import Path
 
-from trtbuild.errors import TrtbuildError
+from trtbuild.core.errors import TrtbuildError
 from trtbuild.fleet import state as state_mod
 
 VERSIONS = "versions"

@@ -7,7 +7,7 @@ from __future__ import annotations
 import tempfile
 from pathlib import Path
 
-from trtbuild.errors import TrtbuildError
+from trtbuild.core.errors import TrtbuildError
 from trtbuild.fleet import oci
 
 ROLES = ("root", "targets", "snapshot", "timestamp")

@@ -20,7 +20,7 @@ import oras.provider
 import requests
 from requests.adapters import HTTPAdapter
 
-from trtbuild.errors import TrtbuildError
+from trtbuild.core.errors import TrtbuildError
 
 BUNDLE_MEDIA_TYPE = "application/vnd.trtbuild.bundle.v1.tar+gzip"
 BUNDLE_CONFIG_MEDIA_TYPE = "application/vnd.trtbuild.bundle.config.v1+json"  # the artifact type

@@ -24,7 +24,7 @@ from tuf.api.metadata import (
     Timestamp,
 )
 
-from trtbuild.errors import TrtbuildError
+from trtbuild.core.errors import TrtbuildError
 from trtbuild.fleet import metadata_store, oci
 from trtbuild.fleet.keys import public
 
@@ -56,7 +56,7 @@ def _sign(md: Metadata[Any], signers: Sequence[CryptoSigner]) -> bytes:
 
 def init_repository(reg: oci.Registry, keys: RoleKeys, root_out: Path, root_threshold: int = 1) -> Path:
     """Create version 1 of every role in an empty registry repository; write the devices' trust anchor."""
-    from trtbuild import atomic
+    from trtbuild.core import atomic
 
     if metadata_store.fetch(reg, "root", 1) is not None:
         raise TrtbuildError(

@@ -15,7 +15,7 @@ from typing import Any
 import numpy as np
 
 from trtbuild.bundle.manifest import Manifest
-from trtbuild.errors import TrtbuildError
+from trtbuild.core.errors import TrtbuildError
 
 SMOKE_DIR = "smoke"
 SMOKE_INDEX = "smoke.json"

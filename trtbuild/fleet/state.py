@@ -10,7 +10,7 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
-from trtbuild import atomic
+from trtbuild.core import atomic
 
 STATE = "state.json"
 MAX_EVENTS = 100

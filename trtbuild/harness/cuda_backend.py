@@ -7,7 +7,7 @@ from typing import Any, Protocol, runtime_checkable
 
 import numpy as np
 
-from trtbuild.errors import TrtbuildError
+from trtbuild.core.errors import TrtbuildError
 
 BACKENDS = ("cuda-python", "pycuda")
 

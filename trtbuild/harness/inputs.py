@@ -8,8 +8,8 @@ from typing import Any
 
 import numpy as np
 
-from export.inputs import check_tensor_size
-from trtbuild.errors import TrtbuildError
+from trtbuild.core.errors import TrtbuildError
+from trtbuild.core.inputs import check_tensor_size
 from trtbuild.harness.runner import Feed, TensorInfo
 
 

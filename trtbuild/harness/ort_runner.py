@@ -8,7 +8,7 @@ from typing import Any
 
 import numpy as np
 
-from trtbuild.errors import TrtbuildError
+from trtbuild.core.errors import TrtbuildError
 from trtbuild.harness.runner import Feed, IterationTiming, Runner, TensorInfo
 
 PROVIDERS = {

@@ -7,7 +7,7 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
-from trtbuild.atomic import atomic_path
+from trtbuild.core.atomic import atomic_path
 
 if TYPE_CHECKING:
     from trtbuild.harness.report import ProfileReport

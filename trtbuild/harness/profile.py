@@ -11,8 +11,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from trtbuild import console
-from trtbuild.errors import TrtbuildError
+from trtbuild.core import console
+from trtbuild.core.errors import TrtbuildError
 from trtbuild.harness.accuracy import AccuracyResult, compare_onnx
 from trtbuild.harness.cuda_backend import BACKENDS
 from trtbuild.harness.inputs import accuracy_feeds, make_feed

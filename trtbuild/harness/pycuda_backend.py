@@ -10,7 +10,7 @@ from typing import Any
 
 import numpy as np
 
-from trtbuild.errors import TrtbuildError
+from trtbuild.core.errors import TrtbuildError
 from trtbuild.harness.cuda_backend import no_gpu_error
 
 

@@ -12,7 +12,7 @@ from typing import Any
 from rich.console import Console
 from rich.table import Table
 
-from trtbuild.atomic import write_text
+from trtbuild.core.atomic import write_text
 from trtbuild.harness.accuracy import AccuracyResult
 from trtbuild.harness.stats import LatencyStats
 
@@ -127,7 +127,7 @@ class ProfileReport:
     def print(self, out: Console | None = None) -> None:
         """Print the tables and warnings. Piped or in CI, rich would squeeze 17 columns into 80, so a
         non-terminal gets a wide console; a terminal keeps its own width."""
-        from trtbuild import console
+        from trtbuild.core import console
 
         for w in self.warnings:
             console.warn(w)

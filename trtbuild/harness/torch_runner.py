@@ -9,7 +9,7 @@ from typing import Any
 
 import numpy as np
 
-from trtbuild.errors import TrtbuildError
+from trtbuild.core.errors import TrtbuildError
 from trtbuild.harness.cuda_backend import CudaBackend, get_backend
 from trtbuild.harness.runner import Feed, IterationTiming, Runner, TensorInfo
 

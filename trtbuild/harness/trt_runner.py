@@ -10,7 +10,7 @@ from typing import Any
 
 import numpy as np
 
-from trtbuild.errors import TensorRTUnavailable, TrtbuildError
+from trtbuild.core.errors import TensorRTUnavailable, TrtbuildError
 from trtbuild.hardware import tensorrt_available
 from trtbuild.harness.cuda_backend import CudaBackend, get_backend
 from trtbuild.harness.runner import Feed, IterationTiming, Runner, TensorInfo

@@ -14,10 +14,10 @@ import onnx
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
 from calibrators.ranges import RangeSet
-from trtbuild import atomic
 from trtbuild.bundle.archive import create_bundle
+from trtbuild.core import atomic
+from trtbuild.core.errors import TrtbuildError
 from trtbuild.core.onnx_file import load_model_file
-from trtbuild.errors import TrtbuildError
 
 QUALCOMM_TARGETS = ("snpe", "qairt")  # the converter the handoff is written for
 TRITON_PREFIX = "triton-"  # triton-<data-center GPU> or triton-ort-cpu: a Triton model repository
@@ -127,16 +127,17 @@ def create_bundles(
 ) -> list[Path]:
     """One signed ``.tar.gz`` per target x precision in ``out_dir``; returns their paths.
 
-    Jetson targets (see `trtbuild targets`) get :func:`export.jetson.export_jetson` (with ``deepstream``,
-    :func:`export.deepstream.export_deepstream`: the same folder plus the nvinfer and deepstream-app
+    Jetson targets (see `trtbuild targets`) get :func:`trtbuild.ship.jetson.export_jetson` (with
+    ``deepstream``,
+    :func:`trtbuild.ship.deepstream.export_deepstream`: the same folder plus the nvinfer and deepstream-app
     configs); ``snpe``/``qairt`` get the Qualcomm handoff (INT8 only; needs ``ranges`` and
     ``calibration``); ``triton-<gpu>``/``triton-ort-cpu`` get a Triton model repository
-    (:func:`export.triton.export_triton`).
+    (:func:`trtbuild.ship.triton.export_triton`).
     """
-    from export.deepstream import export_deepstream
-    from export.jetson import export_jetson
-    from export.qualcomm import export_qualcomm
-    from export.triton import export_triton
+    from trtbuild.ship.deepstream import export_deepstream
+    from trtbuild.ship.jetson import export_jetson
+    from trtbuild.ship.qualcomm import export_qualcomm
+    from trtbuild.ship.triton import export_triton
 
     src = Path(model_path)
     if Path(out_dir).is_dir():  # what killed runs left is cleaned up even when this run's input is bad

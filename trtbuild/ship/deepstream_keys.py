@@ -6,7 +6,7 @@ key we write against these lists instead of trusting that a typo would fail on t
 
 from __future__ import annotations
 
-from trtbuild.errors import TrtbuildError
+from trtbuild.core.errors import TrtbuildError
 
 # JetPack -> DeepStream release built for it (DeepStream's Jetson install guide / release notes).
 DEEPSTREAM_FOR_JETPACK = {"5.1": "6.2", "6.0": "7.0", "6.1": "7.1", "6.2": "7.1", "7.x": "8.0"}

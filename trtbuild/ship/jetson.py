@@ -21,15 +21,15 @@ from typing import Any
 
 from calibrators import cache as calib_cache
 from calibrators.ranges import RangeSet
-from export.inputs import InputSpec, fmt_shape
 from export.meta import meta_path
 from trtbuild import trtexec
-from trtbuild.atomic import atomic_dir
-from trtbuild.errors import TrtbuildError
+from trtbuild.core.atomic import atomic_dir
+from trtbuild.core.errors import TrtbuildError
+from trtbuild.core.inputs import InputSpec, fmt_shape
+from trtbuild.core.trt_versions import V
 from trtbuild.plan import BuildPlan, make_plan
 from trtbuild.plan_graphs import write_plan_graph
 from trtbuild.targets import Target, get_target
-from trtbuild.trt_versions import V
 
 ENGINE = "model.engine"
 TIMING_CACHE = "timing.cache"

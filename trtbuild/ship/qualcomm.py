@@ -28,9 +28,9 @@ from onnx import TensorProto, helper
 
 from calibrators import encodings as enc
 from calibrators.ranges import RangeSet
-from export import qualcomm_scripts
-from trtbuild.atomic import atomic_dir
-from trtbuild.errors import TrtbuildError
+from trtbuild.core.atomic import atomic_dir
+from trtbuild.core.errors import TrtbuildError
+from trtbuild.ship import qualcomm_scripts
 
 MAX_OPSET = 21
 CONVERTERS = ("snpe", "qairt")  # snpe: legacy snpe-onnx-to-dlc (NHWC raw inputs); qairt keeps the ONNX layout

@@ -11,9 +11,9 @@ import re
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 
-from export.inputs import InputSpec, fmt_shape
 from export.meta import Dim, OutputInfo
-from trtbuild.errors import TrtbuildError
+from trtbuild.core.errors import TrtbuildError
+from trtbuild.core.inputs import InputSpec, fmt_shape
 
 # numpy dtype name -> Triton DataType (model_config.proto)
 TRITON_DTYPES = {

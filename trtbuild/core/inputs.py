@@ -11,7 +11,7 @@ from typing import Any
 
 import numpy as np
 
-from trtbuild.errors import TrtbuildError
+from trtbuild.core.errors import TrtbuildError
 
 DTYPES: dict[str, np.dtype[Any]] = {
     "float32": np.dtype("float32"),

@@ -26,10 +26,16 @@ import onnx
 from calibrators import cache as calib_cache
 from calibrators.preprocess import Preprocess
 from calibrators.ranges import RangeSet
-from export.inputs import InputSpec
-from export.jetson import _copy_onnx
 from export.meta import graph_inputs, graph_outputs, model_input_specs
-from export.triton_config import (
+from trtbuild import trtexec
+from trtbuild.core.atomic import atomic_dir
+from trtbuild.core.errors import TrtbuildError
+from trtbuild.core.inputs import InputSpec
+from trtbuild.core.trt_versions import V
+from trtbuild.plan import BuildPlan, make_plan
+from trtbuild.plan_graphs import write_plan_graph
+from trtbuild.ship.jetson import _copy_onnx
+from trtbuild.ship.triton_config import (
     DEFAULT_QUEUE_DELAY_US,
     Batching,
     TritonConfig,
@@ -38,13 +44,7 @@ from export.triton_config import (
     check_model_name,
     preferred_sizes,
 )
-from trtbuild import trtexec
-from trtbuild.atomic import atomic_dir
-from trtbuild.errors import TrtbuildError
-from trtbuild.plan import BuildPlan, make_plan
-from trtbuild.plan_graphs import write_plan_graph
 from trtbuild.targets import get_target
-from trtbuild.trt_versions import V
 
 ORT_CPU = "ort-cpu"  # the target id of the ONNX Runtime CPU repository
 BUILD_DIR = "trtbuild"  # non-numeric, so Triton does not take it for a version folder

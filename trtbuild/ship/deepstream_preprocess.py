@@ -19,7 +19,7 @@ import onnx
 from onnx import helper, numpy_helper
 
 from calibrators.preprocess import Preprocess
-from trtbuild.errors import TrtbuildError
+from trtbuild.core.errors import TrtbuildError
 
 RAW_SUFFIX = "__nvinfer"  # the new graph input: what nvinfer feeds
 

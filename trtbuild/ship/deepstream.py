@@ -1,10 +1,10 @@
-"""DeepStream handoff for Jetson: the Jetson bundle folder (export.jetson) plus the `nvinfer` config, a labels
-file and a minimal `deepstream-app` pipeline that runs the model on a file source.
+"""DeepStream handoff for Jetson: the Jetson bundle folder (trtbuild.ship.jetson) plus the `nvinfer` config,
+a labels file and a minimal `deepstream-app` pipeline that runs the model on a file source.
 
 All paths in the configs are relative to the folder (nvinfer and deepstream-app resolve them against the
 config file), so the folder can be copied anywhere. `build.sh` builds `model.engine`, the file
 `model-engine-file` names; without it nvinfer builds its own engine from `onnx-file` (and the calibration
-cache for implicit INT8). The pixel math is the calibration's (see export.deepstream_preprocess); the
+cache for implicit INT8). The pixel math is the calibration's (see trtbuild.ship.deepstream_preprocess); the
 geometry is nvinfer's (the frame scaled to the network size), not the calibration's resize + center crop.
 """
 
@@ -21,19 +21,24 @@ import onnx
 
 from calibrators.preprocess import Preprocess
 from calibrators.ranges import RangeSet, TensorRange
-from export.deepstream_keys import (
+from export.meta import OutputInfo, graph_outputs, model_input_specs
+from trtbuild.core.atomic import atomic_dir
+from trtbuild.core.errors import TrtbuildError
+from trtbuild.core.inputs import InputSpec, fmt_shape
+from trtbuild.ship.deepstream_keys import (
     COLOR_FORMAT,
     INPUT_ORDER,
     NETWORK_MODE,
     NETWORK_TYPE,
     deepstream_version,
 )
-from export.deepstream_preprocess import RAW_SUFFIX, NvinferPreprocess, fold_channel_scale, nvinfer_preprocess
-from export.inputs import InputSpec, fmt_shape
-from export.jetson import CALIB_CACHE, ENGINE, JetsonBundle, export_jetson
-from export.meta import OutputInfo, graph_outputs, model_input_specs
-from trtbuild.atomic import atomic_dir
-from trtbuild.errors import TrtbuildError
+from trtbuild.ship.deepstream_preprocess import (
+    RAW_SUFFIX,
+    NvinferPreprocess,
+    fold_channel_scale,
+    nvinfer_preprocess,
+)
+from trtbuild.ship.jetson import CALIB_CACHE, ENGINE, JetsonBundle, export_jetson
 from trtbuild.targets import check_precision, get_target
 
 INFER_CONFIG = "config_infer_primary.txt"

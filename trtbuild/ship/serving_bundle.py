@@ -16,7 +16,7 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
 from export.meta import graph_inputs, graph_outputs
 from trtbuild.bundle.archive import create_bundle
-from trtbuild.bundle.fleet import bundle_file_name
+from trtbuild.ship.bundles import bundle_file_name
 
 
 def sign_folder(

@@ -1,0 +1,127 @@
+"""The Q/DQ plan as data: options in, a plan out, printable and diffable before any graph is rewritten."""
+
+from __future__ import annotations
+
+import re
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+from calibrators import qdq_rules as rules
+from calibrators import weights as wq
+from trtbuild.errors import TrtbuildError
+
+ACTIVATION_TYPES = ("int8", "uint8")
+
+
+@dataclass(frozen=True)
+class QdqOptions:
+    """What to quantize and how. Patterns are regexes matched in full against node names."""
+
+    activation_type: str = "int8"  # int8: symmetric, zero point 0 (TensorRT); uint8: asymmetric (ORT CPU)
+    exclude_nodes: tuple[str, ...] = ()
+    exclude_op_types: tuple[str, ...] = ()
+    # Layers the tool itself keeps float (auto-fallback, the ORT-CPU variant copying the TensorRT graph's
+    # exclusions): exact node names with their reasons, never mixed into the user's regexes.
+    keep_float: tuple[tuple[str, str], ...] = ()
+    attention_max_seq: int = rules.ATTENTION_MAX_SEQ
+    tiny_conv_min_channels: int = rules.TINY_CONV_MIN_CHANNELS
+    tiny_conv_min_fan_in: int = rules.TINY_CONV_MIN_FAN_IN
+    huge_range: float = rules.HUGE_RANGE
+    # Subtract E[(W_q - W) x] from each quantized layer's float bias (needs the channel means that
+    # compute_ranges stores with the ranges; a no-op without them). See calibrators/bias_correction.py.
+    bias_correction: bool = True
+    # How weights are stored: int8 (TensorRT, VNNI CPUs), or int7/uint8 for ORT's x86 kernels on CPUs
+    # whose u8 x s8 multiply-add saturates (calibrators/weights.py, trtbuild/core/cpu.py).
+    weight_format: str = "int8"
+
+    def __post_init__(self) -> None:
+        if self.activation_type not in ACTIVATION_TYPES:
+            raise TrtbuildError(
+                f"unknown activation type '{self.activation_type}'",
+                f"use one of {', '.join(ACTIVATION_TYPES)}",
+            )
+        if self.weight_format not in wq.WEIGHT_FORMATS:
+            raise TrtbuildError(
+                f"unknown weight format '{self.weight_format}'", f"use one of {', '.join(wq.WEIGHT_FORMATS)}"
+            )
+        if self.weight_format != "int8" and self.activation_type == "int8":
+            raise TrtbuildError(
+                f"weight format '{self.weight_format}' is for ONNX Runtime CPU graphs (uint8 activations); "
+                "TensorRT takes symmetric int8 weights only",
+                "use weight_format='int8' with int8 activations",
+            )
+        for pattern in self.exclude_nodes:
+            try:
+                re.compile(pattern)
+            except re.error as exc:
+                raise TrtbuildError(
+                    f"--exclude '{pattern}' is not a valid regex ({exc})", "fix the pattern"
+                ) from exc
+
+
+@dataclass(frozen=True)
+class Exclusion:
+    """A node kept in float, and why."""
+
+    node: str
+    op_type: str
+    reason: str
+
+
+@dataclass(frozen=True)
+class ActivationQdq:
+    """One Q/DQ pair on an activation tensor, read by the listed (node, input index) consumers."""
+
+    tensor: str
+    consumers: tuple[tuple[str, int], ...]
+    group: str  # tensors with the same group share one scale (Concat/pooling); else the tensor's own name
+    scale: float
+    zero_point: int
+    dtype: str  # "int8" or "uint8"
+
+
+@dataclass(frozen=True)
+class WeightQdq:
+    """A per-channel symmetric INT8 weight (DequantizeLinear only; the initializer is stored as int8)."""
+
+    tensor: str
+    consumers: tuple[tuple[str, int], ...]
+    axis: int
+    scales: tuple[float, ...]
+    bias: str | None = None  # a bias quantized to int32 (uint8 activations only, for ORT's fused kernels)
+    corrected_bias: str | None = None  # the consumer's bias that gets ``bias_shift`` subtracted
+    bias_shift: tuple[float, ...] | None = None  # E[(W_q - W) x] per output channel on the calibration data
+    weight_format: str = "int8"  # storage: int8 (±127), int7 (±63 in int8) or uint8 (zero point 128)
+
+
+@dataclass
+class QdqPlan:
+    """Everything apply_qdq will do, as data: print it, save it, diff it before anything heavy runs."""
+
+    activation_type: str
+    activations: dict[str, ActivationQdq] = field(default_factory=dict)
+    weights: dict[str, WeightQdq] = field(default_factory=dict)
+    excluded: list[Exclusion] = field(default_factory=list)
+    quantized_nodes: list[str] = field(default_factory=list)
+    node_types: dict[str, str] = field(default_factory=dict)  # quantized node -> op type, for reports
+
+    @property
+    def groups(self) -> dict[str, list[str]]:
+        """Shared-scale groups with more than one tensor: group id -> member tensors."""
+        out: dict[str, list[str]] = {}
+        for act in self.activations.values():
+            out.setdefault(act.group, []).append(act.tensor)
+        return {g: members for g, members in out.items() if len(members) > 1}
+
+    def excluded_nodes(self) -> dict[str, str]:
+        return {e.node: e.reason for e in self.excluded}
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "activation_type": self.activation_type,
+            "activations": {k: asdict(v) for k, v in self.activations.items()},
+            "weights": {k: {**asdict(v), "scales": list(v.scales)} for k, v in self.weights.items()},
+            "groups": self.groups,
+            "excluded": [asdict(e) for e in self.excluded],
+            "quantized_nodes": list(self.quantized_nodes),
+        }

@@ -1,0 +1,1 @@
+"""Shipping: Jetson, Qualcomm, Triton and DeepStream handoffs, built above the planner."""
