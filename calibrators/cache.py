@@ -53,16 +53,23 @@ def hex_scale(text: str) -> float:
     return float(struct.unpack(">f", bytes.fromhex(text))[0])
 
 
-def cache_text(ranges: Mapping[str, TensorRange], trt_version: str = "10.13") -> str:
-    lines = [header(trt_version)]
-    for name, tensor_range in ranges.items():
+def render(scales: Mapping[str, float], version_tag: str | int) -> str:
+    """The cache text: ``TRT-<tag>-EntropyCalibration2``, then ``<tensor>: <hex>`` per tensor, hex being the
+    big-endian float32 bits of the scale (amax / 127). The one codec: files we write and the bytes the
+    TensorRT backend serves to a calibrator both come from here."""
+    lines = [f"TRT-{version_tag}-{ALGORITHM}"]
+    for name, scale in scales.items():
         if ": " in name or "\n" in name:
             raise TrtbuildError(
                 f"tensor name {name!r} cannot be written to a calibration cache",
                 "rename the tensor in the ONNX model",
             )
-        lines.append(f"{name}: {scale_hex(tensor_range.amax / 127.0)}")
+        lines.append(f"{name}: {scale_hex(float(scale))}")
     return "\n".join(lines) + "\n"
+
+
+def cache_text(ranges: Mapping[str, TensorRange], trt_version: str = "10.13") -> str:
+    return render({name: r.amax / 127.0 for name, r in ranges.items()}, version_int(trt_version))
 
 
 def write_cache(ranges: Mapping[str, TensorRange], path: str | Path, trt_version: str = "10.13") -> Path:

@@ -16,7 +16,7 @@ from calibrators.graph_index import GraphIndex, check_qdq_opset, ensure_node_nam
 from calibrators.qdq_select import select_qdq
 from calibrators.qdq_types import ActivationQdq, Exclusion, QdqOptions, QdqPlan, WeightQdq
 from calibrators.ranges import TensorRange
-from trtbuild.errors import TrtbuildError
+from trtbuild.core.errors import TrtbuildError
 
 
 def _activation_scale(members: Sequence[TensorRange], activation_type: str) -> tuple[float, int]:

@@ -21,11 +21,11 @@ from calibrators.encodings import qualcomm_activation_tensors
 from trtbuild.bundle import archive, signing
 from trtbuild.bundle.archive import Limits, create_bundle, read_bundle
 from trtbuild.bundle.device import detect_device, jetpack_from_l4t
-from trtbuild.ship.bundles import create_bundles
 from trtbuild.bundle.manifest import FileEntry, Manifest
 from trtbuild.bundle.verify import check_device, verify_bundle
 from trtbuild.cli import cli
 from trtbuild.core.errors import TrtbuildError
+from trtbuild.ship.bundles import create_bundles
 
 
 @pytest.fixture(scope="module")

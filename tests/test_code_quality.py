@@ -27,9 +27,7 @@ def test_mypy_is_clean() -> None:
 
 def test_layers_import_one_way() -> None:
     """The import-linter contract in pyproject.toml (docs/architecture.md) holds on the whole tree."""
-    result = _run(
-        sys.executable, "-c", "from importlinter.cli import lint_imports_command as c; c()"
-    )
+    result = _run(sys.executable, "-c", "from importlinter.cli import lint_imports_command as c; c()")
     assert result.returncode == 0, result.stdout + result.stderr
     assert "0 broken" in result.stdout
 

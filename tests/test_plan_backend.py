@@ -17,7 +17,7 @@ from trtbuild.core.trt_versions import calibration_cache_version_tag
 from trtbuild.engine_meta import EngineMeta, TensorInfo, load_meta, sidecar_path, write_meta
 from trtbuild.hardware import tensorrt_available
 from trtbuild.plan import make_plan
-from trtbuild.trt_backend import build_engine, inspect_engine, render_calibration_cache
+from trtbuild.trt_backend import build_engine, inspect_engine, served_calibration_cache
 
 
 @pytest.fixture(scope="module")
@@ -43,7 +43,9 @@ def test_cache_served_to_tensorrt_matches_the_calibrators_format(
     tmp_path: Path, version: str, tag: str
 ) -> None:
     scales = {"images": 0.9963 / 127, "/features/conv/Conv_output_0": 3.25 / 127}
-    data = render_calibration_cache(scales, version)
+    written = tmp_path / "written.cache"  # a cache as `trtbuild calibrate` writes it for another version
+    written.write_text(calib_cache.render(scales, calib_cache.version_int("10.13")))
+    data = served_calibration_cache(written, version)
     assert data.splitlines()[0].decode() == f"TRT-{tag}-EntropyCalibration2" == calib_cache.header(version)
     assert calibration_cache_version_tag(version) == tag
     path = tmp_path / "served.cache"
@@ -55,9 +57,9 @@ def test_cache_served_to_tensorrt_matches_the_calibrators_format(
 
 
 def test_design_example_hex() -> None:
-    assert render_calibration_cache(
-        {"t": struct.unpack(">f", bytes.fromhex("3c008912"))[0]}, "8.5.2"
-    ).endswith(b"t: 3c008912\n")
+    assert calib_cache.render({"t": struct.unpack(">f", bytes.fromhex("3c008912"))[0]}, 8502).endswith(
+        "t: 3c008912\n"
+    )
 
 
 def test_engine_sidecar_round_trip(tmp_path: Path, model: Path) -> None:

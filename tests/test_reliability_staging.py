@@ -21,9 +21,9 @@ from hypothesis import strategies as st
 
 from trtbuild.bundle import signing
 from trtbuild.bundle.archive import create_bundle
-from trtbuild.ship.bundles import WORK_LABEL, clean_legacy_work, create_bundles
 from trtbuild.bundle.verify import verify_bundle
 from trtbuild.core import atomic
+from trtbuild.ship.bundles import WORK_LABEL, clean_legacy_work, create_bundles
 
 REPO = Path(__file__).resolve().parents[1]
 OLD = STALE = atomic.STALE_AFTER_S + 60

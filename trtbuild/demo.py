@@ -231,8 +231,8 @@ class Demo:
     def ship(self) -> StageResult:
         from calibrators.calibrate import calibrate
         from calibrators.encodings import qualcomm_activation_tensors
+        from trtbuild.ship.bundles import create_bundles
         from trtbuild.bundle import (
-            create_bundles,
             generate_keypair,
             load_private_key,
             load_public_key,

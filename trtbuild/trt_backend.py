@@ -14,9 +14,7 @@ from __future__ import annotations
 
 import json
 import os
-import struct
 import time
-from collections.abc import Mapping
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -263,12 +261,13 @@ def _legacy_device_memory(engine: trt.ICudaEngine) -> int:
     return int(engine.device_memory_size)
 
 
-def render_calibration_cache(scales: Mapping[str, float], version: TrtVersion | str) -> bytes:
-    """TensorRT's calibration cache text: a header naming the TensorRT version, then `<tensor>: <hex>`, hex
-    is the big-endian float32 bits of the scale (amax / 127)."""
-    lines = [f"TRT-{calibration_cache_version_tag(version)}-EntropyCalibration2"]
-    lines += [f"{name}: {struct.pack('>f', float(scale)).hex()}" for name, scale in scales.items()]
-    return ("\n".join(lines) + "\n").encode()
+def served_calibration_cache(path: str | os.PathLike[str], version: TrtVersion | str) -> bytes:
+    """Our cache file as the installed TensorRT expects it back from a calibrator: the same scales under
+    that version's header (calibrators/cache.py is the one codec)."""
+    from calibrators import cache as calib_cache
+
+    scales = calib_cache.read_cache(Path(path))
+    return calib_cache.render(scales, calibration_cache_version_tag(version)).encode()
 
 
 def _legacy_attach_calibrator(
@@ -276,11 +275,8 @@ def _legacy_attach_calibrator(
 ) -> None:
     """Implicit INT8: our calibration cache served through IInt8EntropyCalibrator2, so TensorRT takes every
     scale from the cache and never asks for a batch (it would get None and stop)."""
-    from calibrators.cache import read_cache
-
     assert plan.calib_cache is not None
-    scales: Mapping[str, float] = read_cache(plan.calib_cache)
-    config.int8_calibrator = _legacy_cache_calibrator(render_calibration_cache(scales, running))
+    config.int8_calibrator = _legacy_cache_calibrator(served_calibration_cache(plan.calib_cache, running))
     if plan.dynamic:
         config.set_calibration_profile(profile)
 

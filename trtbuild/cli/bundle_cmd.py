@@ -110,8 +110,8 @@ def create(
     deepstream: bool,
 ) -> None:
     """Export and sign one bundle per target x precision."""
-    from trtbuild.ship.bundles import create_bundles
     from trtbuild.bundle.signing import load_private_key
+    from trtbuild.ship.bundles import create_bundles
 
     private = load_private_key(key)  # fail before any export work
     paths = create_bundles(
