@@ -231,13 +231,13 @@ class Demo:
     def ship(self) -> StageResult:
         from calibrators.calibrate import calibrate
         from calibrators.encodings import qualcomm_activation_tensors
-        from trtbuild.ship.bundles import create_bundles
         from trtbuild.bundle import (
             generate_keypair,
             load_private_key,
             load_public_key,
             verify_bundle,
         )
+        from trtbuild.ship.bundles import create_bundles
 
         # Qualcomm HTP quantizes every activation, so the edge ranges cover all of them (the Jetson cache
         # gets the same superset, as TensorRT's own calibrator would write it).
