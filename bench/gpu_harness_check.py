@@ -152,7 +152,7 @@ def main() -> int:
 
     # 4. a conv net: our TorchRunner's compute split vs torch.cuda.Event around the forward
     from trtbuild.harness.measure import measure
-    from trtbuild.harness.runner import TensorInfo
+    from trtbuild.harness.runner import RunnerTensor
     from trtbuild.harness.torch_runner import TorchRunner
 
     torch.manual_seed(0)
@@ -165,7 +165,7 @@ def main() -> int:
     net = torch.nn.Sequential(*layers).eval()
     batch = 64
     feed = {"x": np.random.default_rng(0).standard_normal((batch, 3, 224, 224)).astype(np.float32)}
-    info = [TensorInfo("x", np.dtype(np.float32), ("batch", 3, 224, 224))]
+    info = [RunnerTensor("x", np.dtype(np.float32), ("batch", 3, 224, 224))]
     results = {}
     for graph in (False, True):
         runner = TorchRunner(net, info, device="cuda", cuda_graph=graph, cuda_backend=args.cuda_backend)

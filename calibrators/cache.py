@@ -21,6 +21,7 @@ from pathlib import Path
 
 from calibrators.ranges import TensorRange
 from trtbuild.core import atomic
+from trtbuild.core.defaults import DEFAULT_TRT_VERSION
 from trtbuild.core.errors import TrtbuildError
 from trtbuild.core.trt_versions import calibration_cache_version_tag, known_version
 
@@ -68,11 +69,13 @@ def render(scales: Mapping[str, float], version_tag: str | int) -> str:
     return "\n".join(lines) + "\n"
 
 
-def cache_text(ranges: Mapping[str, TensorRange], trt_version: str = "10.13") -> str:
+def cache_text(ranges: Mapping[str, TensorRange], trt_version: str = DEFAULT_TRT_VERSION) -> str:
     return render({name: r.amax / 127.0 for name, r in ranges.items()}, version_int(trt_version))
 
 
-def write_cache(ranges: Mapping[str, TensorRange], path: str | Path, trt_version: str = "10.13") -> Path:
+def write_cache(
+    ranges: Mapping[str, TensorRange], path: str | Path, trt_version: str = DEFAULT_TRT_VERSION
+) -> Path:
     """Write the cache atomically for the given TensorRT version."""
     return atomic.write_text(path, cache_text(ranges, trt_version))
 

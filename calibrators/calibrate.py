@@ -7,6 +7,7 @@ ranges = calibrate("model.onnx", "photos/", "percentile")  # or both steps at on
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -19,8 +20,9 @@ from calibrators.data import CalibrationData, model_inputs, open_data
 from calibrators.methods import DEFAULT_METHOD, DEFAULT_PERCENTILE, METHODS, amax_for
 from calibrators.preprocess import Preprocess
 from calibrators.ranges import RangeSet, TensorRange
-from trtbuild.core import console
 from trtbuild.core.errors import TrtbuildError
+
+log = logging.getLogger(__name__)
 
 __all__ = [
     "METHODS",
@@ -65,7 +67,7 @@ def compute_ranges(
             constant.append(name)
         ranges.add(TensorRange(name=name, amax=amax, min=stats.min, max=stats.max))
     if constant:
-        console.warn(
+        log.warning(
             f"{len(constant)} tensor(s) were all zeros on the calibration data (amax 0): "
             f"{', '.join(constant[:3])}"
         )

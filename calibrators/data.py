@@ -8,6 +8,7 @@ seeded subset, ``split`` carves disjoint calibration and held-out parts.
 from __future__ import annotations
 
 import dataclasses
+import logging
 import struct
 import zipfile
 import zlib
@@ -21,9 +22,10 @@ import numpy as np
 import onnx
 
 from calibrators.preprocess import IMAGE_SUFFIXES, Preprocess
-from trtbuild.core.console import warn
 from trtbuild.core.errors import TrtbuildError
 from trtbuild.core.inputs import check_tensor_size, format_bytes
+
+log = logging.getLogger(__name__)
 
 Sample = dict[str, np.ndarray]
 # what a damaged .npy/.npz raises while it is read: bad CRC, bad deflate data, a truncated member, an
@@ -403,7 +405,7 @@ class CalibrationData:
             return CalibrationData(self.source, self.inputs, skip=self.skip, limit=count)
         if count >= len(self.indices):
             if count > len(self.indices):
-                warn(
+                log.warning(
                     f"asked for {count} calibration samples but the data has only "
                     f"{len(self.indices)}; using all"
                 )
@@ -461,7 +463,7 @@ class CalibrationData:
                 f"no calibration samples in {self.source.describe()}", "pass data with at least one sample"
             )
         if self.limit is not None and taken < self.limit and self.indices is None:
-            warn(f"asked for {self.limit} samples but the data stream gave only {taken}")
+            log.warning(f"asked for {self.limit} samples but the data stream gave only {taken}")
 
     def batches(self, batch_size: int) -> Iterator[Sample]:
         """Samples concatenated into batches of ``batch_size`` (the model's static batch if it has one)."""
@@ -483,7 +485,9 @@ class CalibrationData:
                 pending = []
         if pending:
             if static:
-                warn(f"the model has a static batch of {size}: the last {len(pending)} samples were left out")
+                log.warning(
+                    f"the model has a static batch of {size}: the last {len(pending)} samples were left out"
+                )
             else:
                 yield _stack(pending)
 

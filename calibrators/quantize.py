@@ -8,6 +8,7 @@ fidelity gate passes, so a failed run leaves no half-finished output folder behi
 from __future__ import annotations
 
 import json
+import logging
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -30,11 +31,12 @@ from calibrators.qdq import QdqOptions, QdqPlan, apply_qdq, plan_qdq
 from calibrators.ranges import RangeSet
 from trtbuild.core import atomic, output_set
 from trtbuild.core import ort as ort_core
-from trtbuild.core.console import warn
+from trtbuild.core.defaults import DEFAULT_TRT_VERSION
 from trtbuild.core.errors import TrtbuildError
 
+log = logging.getLogger(__name__)
+
 DEFAULT_HOLDOUT = 32
-DEFAULT_TRT_VERSION = "10.13"
 
 
 class FidelityGateError(TrtbuildError):
@@ -251,7 +253,7 @@ def _upgrade_opset(model: onnx.ModelProto, target: int = 13) -> onnx.ModelProto:
             f"the model uses opset {opset} and could not be converted to opset {target} ({exc})",
             "re-export it with opset_version=17",
         ) from exc
-    warn(f"converted the model from opset {opset} to {target} for per-channel Q/DQ")
+    log.warning(f"converted the model from opset {opset} to {target} for per-channel Q/DQ")
     return converted
 
 

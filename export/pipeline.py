@@ -49,10 +49,11 @@ from export.verify import (
     verify,
 )
 from trtbuild.core.console import progress
+from trtbuild.core.defaults import EXPORT_ATOL, EXPORT_RTOL, OUTPUT_ROOT
 from trtbuild.core.errors import TrtbuildError
 from trtbuild.core.inputs import InputSpec, fmt_shape, parse_input_spec, parse_shape
 
-ENGINES_DIR = Path("engines")
+ENGINES_DIR = OUTPUT_ROOT
 DEFAULT_OPSET = 17
 VerifyData = Mapping[str, np.ndarray] | np.ndarray | str | os.PathLike[str] | None
 
@@ -267,8 +268,8 @@ def prepare_onnx(
     max_batch: int = DEFAULT_MAX_BATCH,
     dim_values: Mapping[str, int] | None = None,
     verify_inputs: VerifyData = None,
-    atol: float = 1e-5,
-    rtol: float = 1e-4,
+    atol: float = EXPORT_ATOL,
+    rtol: float = EXPORT_RTOL,
     seed: int = 0,
     int_high: int = DEFAULT_INT_HIGH,
     external_threshold: int = EXTERNAL_DATA_THRESHOLD,

@@ -23,9 +23,10 @@ from typing import Any
 import numpy as np
 import onnx
 
-from trtbuild.core.console import warn
 from trtbuild.core.errors import TrtbuildError
 from trtbuild.core.inputs import InputSpec
+
+log = logging.getLogger(__name__)
 
 DYNAMO_NATIVE_OPSET = 18
 BATCH_DIM = "batch"
@@ -73,7 +74,7 @@ def export_torch(
         return TorchExport(proto, "dynamo", time.perf_counter() - start, None)
     except Exception as exc:
         reason = _summary(exc)
-    warn(f"the dynamo exporter failed ({reason}); falling back to the TorchScript exporter")
+    log.warning(f"the dynamo exporter failed ({reason}); falling back to the TorchScript exporter")
     start = time.perf_counter()
     try:
         proto = _export_torchscript(model, specs, args, output_names, opset)

@@ -7,6 +7,7 @@ never by a public key), and a private key readable by others is warned about whe
 
 from __future__ import annotations
 
+import logging
 import os
 import stat
 from pathlib import Path
@@ -188,15 +189,15 @@ def test_keys_in_new_folders_and_no_parents_left_on_failure(
 
 
 def test_a_private_key_readable_by_others_is_warned_about(
-    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
 ) -> None:
     priv, _ = signing.generate_keypair(tmp_path / "fleet.pem")
     signing.load_private_key(priv)
-    assert "readable by group/others" not in capsys.readouterr().err
+    assert "readable by group/others" not in caplog.text
     priv.chmod(0o644)
-    signing.load_private_key(priv)
-    err = capsys.readouterr().err
-    assert "readable by group/others (mode 0644)" in err and "chmod 600" in err
+    with caplog.at_level(logging.WARNING, logger="trtbuild"):
+        signing.load_private_key(priv)
+    assert "readable by group/others (mode 0644)" in caplog.text and "chmod 600" in caplog.text
 
 
 # ---- property: any mix of existing files, paths and --force ----------------------------------------------

@@ -17,12 +17,12 @@ from calibrators.calibrate import calibrate
 from calibrators.encodings import qualcomm_activation_tensors
 from calibrators.ranges import RangeSet, TensorRange
 from trtbuild.core.errors import TrtbuildError
-from trtbuild.ship.qualcomm import prepare_onnx
+from trtbuild.ship.qualcomm import qualcomm_ready_onnx
 
 
 @pytest.fixture(scope="module")
 def static_model(effnet_onnx: Path) -> onnx.ModelProto:
-    model, _ = prepare_onnx(onnx.load(str(effnet_onnx)))
+    model, _ = qualcomm_ready_onnx(onnx.load(str(effnet_onnx)))
     return model
 
 

@@ -10,9 +10,9 @@ import pytest
 
 from trtbuild.harness.accuracy import compare_onnx
 from trtbuild.harness.inputs import accuracy_feeds
-from trtbuild.harness.runner import Feed, TensorInfo
+from trtbuild.harness.runner import Feed, RunnerTensor
 
-IMAGES = [TensorInfo("images", np.dtype(np.float32), ("batch", 3, 224, 224))]
+IMAGES = [RunnerTensor("images", np.dtype(np.float32), ("batch", 3, 224, 224))]
 
 
 @pytest.fixture(scope="module")

@@ -126,10 +126,10 @@ def test_pinned_roundtrip(backend: CudaBackend) -> None:
 @pytest.mark.gpu
 def test_torch_runner_cuda_split(effnet_model: object, photo_batch: np.ndarray) -> None:
     from trtbuild.harness.measure import measure
-    from trtbuild.harness.runner import TensorInfo
+    from trtbuild.harness.runner import RunnerTensor
     from trtbuild.harness.torch_runner import TorchRunner
 
-    info = [TensorInfo("images", np.dtype(np.float32), ("batch", 3, 224, 224))]
+    info = [RunnerTensor("images", np.dtype(np.float32), ("batch", 3, 224, 224))]
     for graph in (False, True):
         with TorchRunner(effnet_model, info, device="cuda", cuda_graph=graph) as runner:
             m = measure(runner, {"images": photo_batch[:8]}, batch=8, warmup_s=0.5, iterations=30)

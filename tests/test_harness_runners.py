@@ -13,10 +13,10 @@ from trtbuild.core.errors import TrtbuildError
 from trtbuild.harness.inputs import accuracy_feeds, make_feed
 from trtbuild.harness.measure import measure
 from trtbuild.harness.ort_runner import OrtRunner
-from trtbuild.harness.runner import TensorInfo
+from trtbuild.harness.runner import RunnerTensor
 from trtbuild.harness.torch_runner import TorchRunner
 
-IMAGES = [TensorInfo("images", np.dtype(np.float32), ("batch", 3, 224, 224))]
+IMAGES = [RunnerTensor("images", np.dtype(np.float32), ("batch", 3, 224, 224))]
 
 
 def test_ort_measurement_is_sane(effnet_onnx: Path) -> None:
@@ -60,7 +60,7 @@ def test_torchscript_file_runner(tmp_path: Path) -> None:
     net = torch.nn.Sequential(torch.nn.Conv2d(3, 4, 3), torch.nn.ReLU()).eval()
     path = tmp_path / "net.pt"
     torch.jit.save(torch.jit.trace(net, torch.randn(1, 3, 32, 32)), str(path))
-    info = [TensorInfo("x", np.dtype(np.float32), ("batch", 3, 32, 32))]
+    info = [RunnerTensor("x", np.dtype(np.float32), ("batch", 3, 32, 32))]
     feed = make_feed(info, batch=2)
     with TorchRunner(path, info) as runner:
         out = runner.infer(feed)["output0"]
@@ -73,7 +73,7 @@ def test_feed_uses_real_photos_never_zeros() -> None:
     assert x.shape == (3, 3, 224, 224) and x.dtype == np.float32
     assert np.abs(x).mean() > 0.1 and not np.array_equal(x[0], x[1])
     np.testing.assert_array_equal(make_feed(IMAGES, batch=3, seed=4)["images"], x)  # seeded, reproducible
-    ids = make_feed([TensorInfo("ids", np.dtype(np.int64), ("batch", 16))], batch=2)["ids"]
+    ids = make_feed([RunnerTensor("ids", np.dtype(np.int64), ("batch", 16))], batch=2)["ids"]
     assert ids.dtype == np.int64 and ids.min() >= 1
 
 

@@ -20,7 +20,7 @@ from calibrators.encodings import qualcomm_activation_tensors
 from calibrators.ranges import RangeSet, TensorRange
 from trtbuild.cli import cli
 from trtbuild.core.errors import TrtbuildError
-from trtbuild.ship.qualcomm import QualcommHandoff, export_qualcomm, prepare_onnx
+from trtbuild.ship.qualcomm import QualcommHandoff, export_qualcomm, qualcomm_ready_onnx
 
 
 @pytest.fixture(scope="module")
@@ -161,12 +161,12 @@ def test_int64_inputs_are_cast_and_multi_input_lists_use_name_paths(tmp_path: Pa
         Path(p.split(":=")[1]).is_file() for p in line
     )
     with pytest.raises(TrtbuildError, match="int64"):
-        prepare_onnx(onnx.load(str(path)), cast_int64=False)
+        qualcomm_ready_onnx(onnx.load(str(path)), cast_int64=False)
 
 
 def test_refuses_new_opsets_and_quantized_graphs(tmp_path: Path) -> None:
     with pytest.raises(TrtbuildError, match="opset 22"):
-        prepare_onnx(onnx.load(str(_two_input_model(tmp_path, opset=22))))
+        qualcomm_ready_onnx(onnx.load(str(_two_input_model(tmp_path, opset=22))))
     graph = helper.make_graph(
         [helper.make_node("DynamicQuantizeLinear", ["x"], ["q", "s", "z"])],
         "g",
@@ -174,7 +174,7 @@ def test_refuses_new_opsets_and_quantized_graphs(tmp_path: Path) -> None:
         [helper.make_tensor_value_info("q", TensorProto.UINT8, [1, 4])],
     )
     with pytest.raises(TrtbuildError, match="DynamicQuantizeLinear"):
-        prepare_onnx(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]))
+        qualcomm_ready_onnx(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]))
 
 
 def test_cli_export_snpe_and_bad_inputs(

@@ -17,6 +17,7 @@ from typing import Any
 
 from trtbuild import examples
 from trtbuild.core import console
+from trtbuild.core.defaults import OUTPUT_ROOT
 
 MODEL_NAME = "efficientnet_lite0"
 CALIBRATION_PHOTOS = 64
@@ -279,7 +280,7 @@ class Demo:
 
 
 def run_demo(
-    out_root: str | Path = "engines", *, quiet: bool = False, profile_iterations: int = 50
+    out_root: str | Path = OUTPUT_ROOT, *, quiet: bool = False, profile_iterations: int = 50
 ) -> DemoResult:
     """Run every stage on EfficientNet-Lite0 + real photos; artifacts go to OUT_ROOT/efficientnet_lite0."""
     examples.efficientnet_lite0()  # fail early, with the install hint, if the examples extra is missing

@@ -24,6 +24,7 @@ from pathlib import Path
 from typing import Any
 
 from trtbuild.core.atomic import write_text
+from trtbuild.core.defaults import OUTPUT_ROOT
 from trtbuild.core.errors import TrtbuildError
 from trtbuild.core.inputs import InputSpec
 from trtbuild.core.trt_versions import TrtVersion, has, known_version, strongly_typed_only
@@ -121,7 +122,7 @@ def plan_stem(plan_or_target: BuildPlan | str, precision: str = "", trt_version:
     return f"{plan_or_target}-{precision}-trt{TrtVersion.parse(trt_version).short}"
 
 
-def model_dir(onnx_path: str | os.PathLike[str], out_root: str | os.PathLike[str] = "engines") -> Path:
+def model_dir(onnx_path: str | os.PathLike[str], out_root: str | os.PathLike[str] = OUTPUT_ROOT) -> Path:
     """`engines/<model>/`; an ONNX already inside such a folder keeps it."""
     onnx_path = Path(onnx_path)
     stem = model_name(onnx_path)
@@ -179,7 +180,7 @@ def make_plan(
     qdq_onnx: str | os.PathLike[str] | None = None,
     fp16_onnx: str | os.PathLike[str] | None = None,
     engine_path: str | os.PathLike[str] | None = None,
-    out_root: str | os.PathLike[str] = "engines",
+    out_root: str | os.PathLike[str] = OUTPUT_ROOT,
 ) -> BuildPlan:
     """Decide the whole build. Raises TrtbuildError with a one-line reason for any invalid combination."""
     tgt = target if isinstance(target, Target) else get_target(target)

@@ -10,6 +10,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
+from trtbuild.core.defaults import DEFAULT_TRT_VERSION
 from trtbuild.core.errors import TrtbuildError
 from trtbuild.core.trt_versions import TrtVersion, V, dla_supported, has, known_version
 
@@ -112,10 +113,10 @@ _JET = "jetson"
 TARGETS: dict[str, Target] = {
     t.id: t
     for t in (
-        Target("a100", "NVIDIA A100", _DC, (8, 0), "10.13", note="no FP8"),
-        Target("h100", "NVIDIA H100", _DC, (9, 0), "10.13"),
-        Target("l4", "NVIDIA L4", _DC, (8, 9), "10.13"),
-        Target("l40s", "NVIDIA L40S", _DC, (8, 9), "10.13"),
+        Target("a100", "NVIDIA A100", _DC, (8, 0), DEFAULT_TRT_VERSION, note="no FP8"),
+        Target("h100", "NVIDIA H100", _DC, (9, 0), DEFAULT_TRT_VERSION),
+        Target("l4", "NVIDIA L4", _DC, (8, 9), DEFAULT_TRT_VERSION),
+        Target("l40s", "NVIDIA L40S", _DC, (8, 9), DEFAULT_TRT_VERSION),
         Target(
             "xavier-jp5",
             "Jetson AGX Xavier (JetPack 5.1)",

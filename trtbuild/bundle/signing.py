@@ -10,6 +10,7 @@ import base64
 import binascii
 import hashlib
 import json
+import logging
 import os
 from pathlib import Path
 
@@ -19,6 +20,8 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey,
 
 from trtbuild.core import atomic
 from trtbuild.core.errors import TrtbuildError
+
+log = logging.getLogger(__name__)
 
 SIGNING_ENV = "TRTBUILD_SIGNING_KEY"
 VERIFY_ENV = "TRTBUILD_VERIFY_KEY"
@@ -181,9 +184,9 @@ def load_private_key(source: str | os.PathLike[str] | None = None) -> Ed25519Pri
     path = _key_path(source, SIGNING_ENV)
     mode = readable_by_others(path) if path is not None else None
     if mode is not None:
-        from trtbuild.core.console import warn
-
-        warn(f"private key {path} is readable by group/others (mode {mode:04o}): run `chmod 600 {path}`")
+        log.warning(
+            f"private key {path} is readable by group/others (mode {mode:04o}): run `chmod 600 {path}`"
+        )
     return key
 
 

@@ -12,6 +12,7 @@ import sys
 import click
 
 from trtbuild import __version__
+from trtbuild.core import log
 from trtbuild.core.errors import TrtbuildError
 
 # One module per concern; each exposes COMMANDS: list[click.Command].
@@ -31,11 +32,9 @@ _COMMAND_MODULES = (
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
 @click.version_option(__version__, prog_name="trtbuild")
 @click.option("--debug", is_flag=True, help="Show full tracebacks instead of one-line errors.")
-@click.pass_context
-def cli(ctx: click.Context, debug: bool) -> None:
+def cli(debug: bool) -> None:
     """Export, calibrate, quantize, build, profile and ship models for TensorRT and edge devices."""
-    ctx.ensure_object(dict)
-    ctx.obj["debug"] = debug
+    # --debug is read by main() before click runs (it decides how errors are shown).
 
 
 for _name in _COMMAND_MODULES:
@@ -47,6 +46,7 @@ def main(argv: list[str] | None = None) -> None:
     """Console entry point: user errors become `error: ...` on stderr and exit code 2."""
     args = sys.argv[1:] if argv is None else argv
     debug = "--debug" in args
+    log.show_on_console()  # the library logs; the command line shows its warnings as `warning:` lines
     try:
         cli.main(args=args, prog_name="trtbuild", standalone_mode=False)
     except click.exceptions.Abort:

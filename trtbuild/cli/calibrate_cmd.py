@@ -15,6 +15,7 @@ from calibrators.preprocess import Preprocess
 from calibrators.ranges import RangeSet
 from trtbuild.cli.data_options import data_option, preprocess_options
 from trtbuild.core import console
+from trtbuild.core.defaults import DEFAULT_TRT_VERSION
 
 
 def _table(ranges: RangeSet, rows: int) -> Table:
@@ -50,7 +51,7 @@ def _table(ranges: RangeSet, rows: int) -> Table:
 )
 @click.option(
     "--trt-version",
-    default="10.13",
+    default=DEFAULT_TRT_VERSION,
     show_default=True,
     help="TensorRT version the cache header is written for (8.5 .. 10.x).",
 )

@@ -8,6 +8,7 @@ import click
 from rich.table import Table
 
 from trtbuild.core import console
+from trtbuild.core.defaults import OUTPUT_ROOT
 
 
 @click.command("demo")
@@ -15,7 +16,7 @@ from trtbuild.core import console
     "--out",
     "out_root",
     type=click.Path(file_okay=False, path_type=Path),
-    default=Path("engines"),
+    default=OUTPUT_ROOT,
     show_default=True,
     help="Output root; artifacts go to OUT/efficientnet_lite0/.",
 )

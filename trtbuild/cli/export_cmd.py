@@ -11,6 +11,7 @@ from rich.table import Table
 from export.meta import ExportMeta
 from export.verify import DEFAULT_ATOL, DEFAULT_INT_HIGH, DEFAULT_RTOL, VerifyResult
 from trtbuild.core.console import emit_json, out
+from trtbuild.core.defaults import EXPORT_ATOL, EXPORT_RTOL
 from trtbuild.core.errors import TrtbuildError
 from trtbuild.core.inputs import fmt_shape
 
@@ -151,8 +152,8 @@ def export_command(
 )
 @click.option("--no-verify", is_flag=True, help="Skip comparing the prepared graph with the original in ORT.")
 @click.option("--no-simplify", is_flag=True, help="Skip onnxslim simplification.")
-@click.option("--atol", default=1e-5, show_default=True, help="Absolute tolerance vs the original.")
-@click.option("--rtol", default=1e-4, show_default=True, help="Relative tolerance vs the original.")
+@click.option("--atol", default=EXPORT_ATOL, show_default=True, help="Absolute tolerance vs the original.")
+@click.option("--rtol", default=EXPORT_RTOL, show_default=True, help="Relative tolerance vs the original.")
 @click.option("--json", "as_json", is_flag=True, help="Print the result as JSON.")
 def prepare_command(
     onnx_in: str,

@@ -9,6 +9,7 @@ import click
 from rich.table import Table
 
 from trtbuild.core.console import emit_json, out, progress
+from trtbuild.core.defaults import DEFAULT_TRT_VERSION, OUTPUT_ROOT
 from trtbuild.core.errors import TrtbuildError
 from trtbuild.core.inputs import InputSpec, fmt_shape, parse_shape
 from trtbuild.core.output_set import check_writable_folder
@@ -71,7 +72,9 @@ def _plan_options(fn: Any) -> Any:
     options = [
         click.option("--target", "-t", required=True, help="Target id (see `trtbuild targets`)."),
         click.option("--precision", "-p", required=True, help=f"One of {', '.join(PRECISIONS)}."),
-        click.option("--trt-version", help="TensorRT version (data-center targets; default 10.13)."),
+        click.option(
+            "--trt-version", help=f"TensorRT version (data-center targets; default {DEFAULT_TRT_VERSION})."
+        ),
         click.option(
             "--shape",
             "shapes",
@@ -102,7 +105,7 @@ def _plan_options(fn: Any) -> Any:
         click.option(
             "--out",
             "out_root",
-            default="engines",
+            default=str(OUTPUT_ROOT),
             show_default=True,
             type=click.Path(file_okay=False),
             help="Output root; files go to <out>/<model>/.",
@@ -222,7 +225,7 @@ def plan_cmd(model: str, as_json: bool, **kw: Any) -> None:
 @click.option(
     "--out",
     "out_root",
-    default="engines",
+    default=str(OUTPUT_ROOT),
     show_default=True,
     type=click.Path(file_okay=False),
     help="Output root (when MODEL is an ONNX file).",

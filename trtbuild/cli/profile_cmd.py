@@ -10,10 +10,10 @@ from trtbuild.core import console
 from trtbuild.core.errors import TrtbuildError
 from trtbuild.harness.cuda_backend import BACKENDS
 from trtbuild.harness.profile import DEVICES, RUNTIMES, profile_models
-from trtbuild.harness.runner import TensorInfo
+from trtbuild.harness.runner import RunnerTensor
 
 
-def _torch_inputs(specs: tuple[str, ...]) -> list[TensorInfo] | None:
+def _torch_inputs(specs: tuple[str, ...]) -> list[RunnerTensor] | None:
     if not specs:
         return None
     import numpy as np
@@ -23,7 +23,7 @@ def _torch_inputs(specs: tuple[str, ...]) -> list[TensorInfo] | None:
     infos = []
     for text in specs:
         spec = parse_input_spec(text)
-        infos.append(TensorInfo(spec.name, np.dtype(spec.dtype), ("batch", *spec.opt_shape[1:])))
+        infos.append(RunnerTensor(spec.name, np.dtype(spec.dtype), ("batch", *spec.opt_shape[1:])))
     return infos
 
 

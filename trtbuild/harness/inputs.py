@@ -10,7 +10,7 @@ import numpy as np
 
 from trtbuild.core.errors import TrtbuildError
 from trtbuild.core.inputs import check_tensor_size
-from trtbuild.harness.runner import Feed, TensorInfo
+from trtbuild.harness.runner import Feed, RunnerTensor
 
 
 def load_data(path: str | Path) -> dict[str, np.ndarray] | np.ndarray:
@@ -31,7 +31,7 @@ def load_data(path: str | Path) -> dict[str, np.ndarray] | np.ndarray:
     raise TrtbuildError(f"data file {path} is not .npy or .npz", "save inputs with numpy.save or numpy.savez")
 
 
-def _concrete_shape(info: TensorInfo, batch: int) -> tuple[int, ...]:
+def _concrete_shape(info: RunnerTensor, batch: int) -> tuple[int, ...]:
     dims = list(info.shape)
     if not dims:
         return ()
@@ -57,7 +57,7 @@ def _take_batch(array: np.ndarray, name: str, batch: int, dtype: np.dtype[Any]) 
     return np.ascontiguousarray(np.concatenate([array] * reps)[:batch].astype(dtype, copy=False))
 
 
-def _is_image(info: TensorInfo, shape: tuple[int, ...]) -> bool:
+def _is_image(info: RunnerTensor, shape: tuple[int, ...]) -> bool:
     return (
         len(shape) == 4
         and shape[1] == 3
@@ -77,7 +77,7 @@ def _photos(shape: tuple[int, ...], batch: int, seed: int) -> np.ndarray | None:
         return None
 
 
-def seeded_random(info: TensorInfo, shape: tuple[int, ...], seed: int) -> np.ndarray:
+def seeded_random(info: RunnerTensor, shape: tuple[int, ...], seed: int) -> np.ndarray:
     rng = np.random.default_rng(seed)
     if info.dtype.kind == "f":
         return rng.standard_normal(shape).astype(info.dtype)
@@ -87,7 +87,7 @@ def seeded_random(info: TensorInfo, shape: tuple[int, ...], seed: int) -> np.nda
 
 
 def make_feed(
-    inputs: list[TensorInfo],
+    inputs: list[RunnerTensor],
     batch: int,
     data: str | Path | dict[str, np.ndarray] | None = None,
     seed: int = 0,
@@ -122,7 +122,7 @@ def make_feed(
 
 
 def accuracy_feeds(
-    inputs: list[TensorInfo], samples: int, data: str | Path | None = None, seed: int = 1, chunk: int = 8
+    inputs: list[RunnerTensor], samples: int, data: str | Path | None = None, seed: int = 1, chunk: int = 8
 ) -> list[Feed]:
     """``samples`` distinct samples in feeds of up to ``chunk``: consecutive rows of ``data``, else fresh
     photo crops / random draws per feed (different seeds, so no sample repeats)."""

@@ -27,10 +27,10 @@ def _child(runtime: str, path: str, feed: Feed, threads: int | None, runs: int, 
         else:
             import torch  # noqa: F401
 
-            from trtbuild.harness.runner import TensorInfo
+            from trtbuild.harness.runner import RunnerTensor
             from trtbuild.harness.torch_runner import TorchRunner
 
-            infos = [TensorInfo(k, v.dtype, v.shape) for k, v in feed.items()]
+            infos = [RunnerTensor(k, v.dtype, v.shape) for k, v in feed.items()]
             runner = TorchRunner(path, infos, threads=threads)
         tracker = PeakRssTracker()
         tracker.start()

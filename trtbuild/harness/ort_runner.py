@@ -9,7 +9,7 @@ from typing import Any
 import numpy as np
 
 from trtbuild.core.errors import TrtbuildError
-from trtbuild.harness.runner import Feed, IterationTiming, Runner, TensorInfo
+from trtbuild.harness.runner import Feed, IterationTiming, Runner, RunnerTensor
 
 PROVIDERS = {
     "cpu": ["CPUExecutionProvider"],
@@ -70,9 +70,9 @@ class OrtRunner(Runner):
                 "check the file is a valid ONNX model (trtbuild export writes one)",
             ) from exc
 
-    def input_info(self) -> list[TensorInfo]:
+    def input_info(self) -> list[RunnerTensor]:
         return [
-            TensorInfo(i.name, np.dtype(_ORT_TYPES.get(i.type, np.float32)), tuple(i.shape))
+            RunnerTensor(i.name, np.dtype(_ORT_TYPES.get(i.type, np.float32)), tuple(i.shape))
             for i in self.session.get_inputs()
         ]
 

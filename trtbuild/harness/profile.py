@@ -3,6 +3,7 @@ then profiles each (model, batch) in turn and compares every candidate's outputs
 
 from __future__ import annotations
 
+import logging
 import os
 import platform
 from collections.abc import Callable, Sequence
@@ -19,9 +20,11 @@ from trtbuild.harness.inputs import accuracy_feeds, make_feed
 from trtbuild.harness.measure import measure
 from trtbuild.harness.memory_probe import probe_peak_rss
 from trtbuild.harness.report import CandidateResult, ProfileReport
-from trtbuild.harness.runner import Runner, TensorInfo
+from trtbuild.harness.runner import Runner, RunnerTensor
 from trtbuild.harness.torch_runner import TORCH_SUFFIXES
 from trtbuild.harness.trt_runner import ENGINE_SUFFIXES, require_tensorrt
+
+log = logging.getLogger(__name__)
 
 RUNTIMES = ("auto", "ort", "torch", "trt")
 DEVICES = ("cpu", "cuda")
@@ -106,7 +109,7 @@ def _make_runner(
     threads: int | None,
     cuda_backend: str,
     cuda_graph: bool,
-    torch_inputs: list[TensorInfo] | None,
+    torch_inputs: list[RunnerTensor] | None,
 ) -> Runner:
     if cand.runtime == "ort":
         from trtbuild.harness.ort_runner import OrtRunner
@@ -168,7 +171,7 @@ def profile_models(
     baseline: str | Path | None = None,
     accuracy: bool = True,
     accuracy_samples: int = 16,
-    torch_inputs: list[TensorInfo] | None = None,
+    torch_inputs: list[RunnerTensor] | None = None,
     seed: int = 0,
     show_progress: bool = True,
 ) -> ProfileReport:
@@ -279,7 +282,7 @@ def _profile_one(
     threads: int | None,
     cuda_backend: str,
     cuda_graph: bool,
-    torch_inputs: list[TensorInfo] | None,
+    torch_inputs: list[RunnerTensor] | None,
     data: str | Path | None,
     seed: int,
     iterations: int,
@@ -310,7 +313,7 @@ def _profile_one(
         else:
             m.peak_host_bytes = peak
     for w in m.warnings:
-        console.warn(w)
+        log.warning(w)
     return CandidateResult(
         name=cand.name,
         model=str(cand.path),

@@ -14,7 +14,7 @@ Feed = dict[str, np.ndarray]
 
 
 @dataclass(frozen=True)
-class TensorInfo:
+class RunnerTensor:
     name: str
     dtype: np.dtype[Any]
     shape: tuple[int | str | None, ...]  # str / None marks a dynamic dimension
@@ -52,7 +52,7 @@ class Runner(abc.ABC):
     def activate(self) -> None: ...
 
     @abc.abstractmethod
-    def input_info(self) -> list[TensorInfo]: ...
+    def input_info(self) -> list[RunnerTensor]: ...
 
     @abc.abstractmethod
     def infer(self, feed: Feed) -> dict[str, np.ndarray]:

@@ -11,7 +11,7 @@ import numpy as np
 
 from trtbuild.core.errors import TrtbuildError
 from trtbuild.harness.cuda_backend import CudaBackend, get_backend
-from trtbuild.harness.runner import Feed, IterationTiming, Runner, TensorInfo
+from trtbuild.harness.runner import Feed, IterationTiming, Runner, RunnerTensor
 
 TORCH_SUFFIXES = (".pt", ".pth", ".pt2", ".ts")
 
@@ -51,7 +51,7 @@ class TorchRunner(Runner):
     def __init__(
         self,
         model: Any,
-        inputs: list[TensorInfo],
+        inputs: list[RunnerTensor],
         device: str = "cpu",
         cuda_graph: bool = False,
         threads: int | None = None,
@@ -103,7 +103,7 @@ class TorchRunner(Runner):
             model = model.to("cuda")
         self.module = model.eval() if hasattr(model, "eval") else model
 
-    def input_info(self) -> list[TensorInfo]:
+    def input_info(self) -> list[RunnerTensor]:
         return list(self.inputs)
 
     def _host_tensors(self, feed: Feed) -> list[Any]:

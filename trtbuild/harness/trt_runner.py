@@ -13,7 +13,7 @@ import numpy as np
 from trtbuild.core.errors import TensorRTUnavailable, TrtbuildError
 from trtbuild.hardware import tensorrt_available
 from trtbuild.harness.cuda_backend import CudaBackend, get_backend
-from trtbuild.harness.runner import Feed, IterationTiming, Runner, TensorInfo
+from trtbuild.harness.runner import Feed, IterationTiming, Runner, RunnerTensor
 
 ENGINE_SUFFIXES = (".engine", ".plan", ".trt")
 
@@ -102,11 +102,11 @@ class TrtRunner(Runner):
         self._shapes = None
 
     # -- shapes and buffers -----------------------------------------------------------------------
-    def input_info(self) -> list[TensorInfo]:
+    def input_info(self) -> list[RunnerTensor]:
         infos = []
         for n in self.input_names:
             shape = tuple(d if d >= 0 else None for d in self.engine.get_tensor_shape(n))
-            infos.append(TensorInfo(n, _nptype(self.trt, self.engine.get_tensor_dtype(n)), shape))
+            infos.append(RunnerTensor(n, _nptype(self.trt, self.engine.get_tensor_dtype(n)), shape))
         return infos
 
     def _bind(self, feed: Feed) -> None:

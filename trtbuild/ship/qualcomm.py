@@ -68,7 +68,7 @@ def _opset(model: onnx.ModelProto) -> int:
     return max((o.version for o in model.opset_import if o.domain in ("", "ai.onnx")), default=0)
 
 
-def prepare_onnx(model: onnx.ModelProto, cast_int64: bool = True) -> tuple[onnx.ModelProto, list[str]]:
+def qualcomm_ready_onnx(model: onnx.ModelProto, cast_int64: bool = True) -> tuple[onnx.ModelProto, list[str]]:
     """A copy of ``model`` the Qualcomm converters accept, and notes on what changed.
 
     Batch (axis 0) becomes 1; any other symbolic dim is refused (the converters need static shapes);
@@ -235,7 +235,7 @@ def export_qualcomm(
         src = onnx.load(str(model_path))
     except Exception as exc:
         raise TrtbuildError(f"cannot read ONNX model {model_path}: {exc}", "pass a valid .onnx file") from exc
-    model, notes = prepare_onnx(src, cast_int64)
+    model, notes = qualcomm_ready_onnx(src, cast_int64)
     shapes = static_input_shapes(model)
     samples = _load_samples(calibration, model, shapes, max_samples)
     encodings = enc.build_encodings(model, ranges, activation_symmetric)
