@@ -15,8 +15,11 @@ from __future__ import annotations
 import json
 import os
 import time
+from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
+
+import numpy as np
 
 from trtbuild.core.atomic import write_bytes
 from trtbuild.core.errors import TensorRTUnavailable, TrtbuildError
@@ -227,6 +230,96 @@ def inspect_engine(engine_path: str | os.PathLike[str]) -> dict[str, Any]:
     info = json.loads(inspector.get_engine_information(trt.LayerInformationFormat.JSON))
     result["layers"] = info.get("Layers", info)
     return result
+
+
+# ---- running an engine: the harness's TensorRT calls (harness/trt_runner.py owns the CUDA side) ----
+
+
+@dataclass
+class LoadedEngine:
+    """A deserialized engine with one execution context; the logger and runtime must outlive the engine."""
+
+    logger: trt.Logger
+    runtime: trt.Runtime
+    engine: trt.ICudaEngine
+    context: trt.IExecutionContext
+    inputs: list[str]
+    outputs: list[str]
+
+
+def require_runtime(what: str) -> None:
+    """Raise TensorRTUnavailable (naming ``what``) where TensorRT cannot be imported."""
+    if not tensorrt_available():
+        raise TensorRTUnavailable(
+            f"{what} needs TensorRT, which is not installed here (only its type stubs are, if anything)",
+            "run it on the GPU machine it was built for, or profile the ONNX model with --runtime ort",
+        )
+
+
+def load_engine(engine_path: Path) -> LoadedEngine:
+    """Deserialize ``engine_path`` and create its execution context."""
+    require_runtime(f"the engine {engine_path.name}")
+    import tensorrt as trt
+
+    logger = trt.Logger(trt.Logger.WARNING)
+    runtime = trt.Runtime(logger)
+    engine = runtime.deserialize_cuda_engine(engine_path.read_bytes())
+    if engine is None:
+        raise TrtbuildError(
+            f"TensorRT {trt.__version__} could not load {engine_path}",
+            "engines only load on the TensorRT version and GPU they were built for: rebuild it here",
+        )
+    context = engine.create_execution_context()
+    names = [engine.get_tensor_name(i) for i in range(engine.num_io_tensors)]
+    is_input = {n: engine.get_tensor_mode(n) == trt.TensorIOMode.INPUT for n in names}
+    inputs = [n for n in names if is_input[n]]
+    outputs = [n for n in names if not is_input[n]]
+    return LoadedEngine(logger, runtime, engine, context, inputs, outputs)
+
+
+# Host dtypes by DataType member name: trt.nptype lives in TensorRT's Python wrapper and DataType.itemsize is
+# gone from the 11.x bindings, so neither is used. Types numpy lacks move as raw bytes of their storage size.
+_NUMPY_DTYPES = {
+    "FLOAT": "float32", "HALF": "float16", "INT8": "int8", "INT32": "int32", "INT64": "int64",
+    "BOOL": "bool", "UINT8": "uint8", "BF16": "V2", "FP8": "V1", "INT4": "V1", "FP4": "V1", "E8M0": "V1",
+}  # fmt: skip
+
+
+def tensor_numpy_dtype(engine: trt.ICudaEngine, name: str) -> np.dtype[Any]:
+    """The host dtype of an I/O tensor (bf16 / fp8 / int4 / fp4 as raw bytes)."""
+    return np.dtype(_NUMPY_DTYPES.get(engine.get_tensor_dtype(name).name, "V1"))
+
+
+def engine_tensor_shape(engine: trt.ICudaEngine, name: str) -> tuple[int, ...]:
+    """The engine's declared shape (-1 for a dynamic dimension)."""
+    dims = engine.get_tensor_shape(name)
+    return tuple(dims[i] for i in range(len(dims)))
+
+
+def set_input_shape(
+    context: trt.IExecutionContext, engine: trt.ICudaEngine, name: str, shape: tuple[int, ...]
+) -> None:
+    """Bind one input shape; a shape outside the optimization profile is a user error naming the range."""
+    if not context.set_input_shape(name, shape):
+        lo, _, hi = engine.get_tensor_profile_shape(name, 0)
+        raise TrtbuildError(
+            f"input '{name}' shape {shape} is outside the engine's profile ({tuple(lo)} to {tuple(hi)})",
+            "profile a batch inside the built range",
+        )
+
+
+def bound_shape(context: trt.IExecutionContext, name: str) -> tuple[int, ...]:
+    """A tensor's shape once the inputs are bound (-1 where it is data-dependent)."""
+    dims = context.get_tensor_shape(name)
+    return tuple(dims[i] for i in range(len(dims)))
+
+
+def set_tensor_address(context: trt.IExecutionContext, name: str, address: int) -> None:
+    context.set_tensor_address(name, address)
+
+
+def enqueue(context: trt.IExecutionContext, stream_handle: int) -> bool:
+    return bool(context.execute_async_v3(stream_handle))
 
 
 def gpu_identity() -> tuple[str, str]:

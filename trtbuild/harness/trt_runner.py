@@ -1,6 +1,6 @@
 """TensorRT engine runner (TensorRT >= 8.5 name-based API: set_input_shape / set_tensor_address /
-execute_async_v3), with optional CUDA-graph capture and dynamic shapes. TensorRT is imported lazily:
-it cannot be installed on most machines this code is developed on."""
+execute_async_v3), with optional CUDA-graph capture and dynamic shapes. Its TensorRT calls live in
+trtbuild/trt_backend.py (imported lazily there: TensorRT is missing on most machines we work on)."""
 
 from __future__ import annotations
 
@@ -10,30 +10,16 @@ from typing import Any
 
 import numpy as np
 
-from trtbuild.core.errors import TensorRTUnavailable, TrtbuildError
-from trtbuild.hardware import tensorrt_available
+from trtbuild import trt_backend as backend
+from trtbuild.core.errors import TrtbuildError
 from trtbuild.harness.cuda_backend import CudaBackend, get_backend
 from trtbuild.harness.runner import Feed, IterationTiming, Runner, RunnerTensor
 
 ENGINE_SUFFIXES = (".engine", ".plan", ".trt")
 
-
-def require_tensorrt(what: str) -> Any:
-    if not tensorrt_available():
-        raise TensorRTUnavailable(
-            f"{what} needs TensorRT, which is not installed here (only its type stubs are, if anything)",
-            "run it on the GPU machine it was built for, or profile the ONNX model with --runtime ort",
-        )
-    import tensorrt as trt
-
-    return trt
-
-
-def _nptype(trt: Any, dtype: Any) -> np.dtype[Any]:
-    try:
-        return np.dtype(trt.nptype(dtype))
-    except TypeError:  # bf16 / fp8 / int4 have no numpy type: move them as raw bytes of the right size
-        return np.dtype(f"V{max(1, int(getattr(dtype, 'itemsize', 1)))}")
+# Every TensorRT call goes through trtbuild/trt_backend.py, so mypy checks it against tensorrt-stubs and the
+# conformance test checks its names against TensorRT 11 (tests/test_trt_conformance.py).
+require_tensorrt = backend.require_runtime
 
 
 class TrtRunner(Runner):
@@ -57,22 +43,12 @@ class TrtRunner(Runner):
 
     # -- lifecycle --------------------------------------------------------------------------------
     def activate(self) -> None:
-        trt = self.trt = require_tensorrt(f"the engine {self.engine_path.name}")
+        backend.require_runtime(f"the engine {self.engine_path.name}")  # before any CUDA work
         self.be: CudaBackend = get_backend(self.backend_name)
         free_before, _ = self.be.mem_info()
-        self._logger = trt.Logger(trt.Logger.WARNING)
-        self._runtime = trt.Runtime(self._logger)
-        self.engine = self._runtime.deserialize_cuda_engine(self.engine_path.read_bytes())
-        if self.engine is None:
-            raise TrtbuildError(
-                f"TensorRT {trt.__version__} could not load {self.engine_path}",
-                "engines only load on the TensorRT version and GPU they were built for: rebuild it here",
-            )
-        self.context = self.engine.create_execution_context()
-        names = [self.engine.get_tensor_name(i) for i in range(self.engine.num_io_tensors)]
-        is_input = {n: self.engine.get_tensor_mode(n) == trt.TensorIOMode.INPUT for n in names}
-        self.input_names = [n for n in names if is_input[n]]
-        self.output_names = [n for n in names if not is_input[n]]
+        self.loaded = backend.load_engine(self.engine_path)
+        self.input_names = list(self.loaded.inputs)
+        self.output_names = list(self.loaded.outputs)
         self.stream = self.be.stream_create()
         self.events = [self.be.event_create() for _ in range(4)]
         self._free_before = free_before
@@ -85,8 +61,7 @@ class TrtRunner(Runner):
         for event in self.events:
             self.be.event_destroy(event)
         self.be.stream_destroy(self.stream)
-        self.context = None
-        self.engine = None
+        del self.loaded
         close = getattr(self.be, "close", None)  # pycuda: pop the context pushed at creation
         if close is not None:
             close()
@@ -105,8 +80,9 @@ class TrtRunner(Runner):
     def input_info(self) -> list[RunnerTensor]:
         infos = []
         for n in self.input_names:
-            shape = tuple(d if d >= 0 else None for d in self.engine.get_tensor_shape(n))
-            infos.append(RunnerTensor(n, _nptype(self.trt, self.engine.get_tensor_dtype(n)), shape))
+            engine = self.loaded.engine
+            shape = tuple(d if d >= 0 else None for d in backend.engine_tensor_shape(engine, n))
+            infos.append(RunnerTensor(n, backend.tensor_numpy_dtype(engine, n), shape))
         return infos
 
     def _bind(self, feed: Feed) -> None:
@@ -116,22 +92,17 @@ class TrtRunner(Runner):
             return
         self._release_buffers()
         for n, shape in zip(self.input_names, shapes, strict=True):
-            if not self.context.set_input_shape(n, shape):
-                lo, _, hi = self.engine.get_tensor_profile_shape(n, 0)
-                raise TrtbuildError(
-                    f"input '{n}' shape {shape} is outside the engine's profile ({tuple(lo)} to {tuple(hi)})",
-                    "profile a batch inside the built range",
-                )
+            backend.set_input_shape(self.loaded.context, self.loaded.engine, n, shape)
         for n in self.input_names + self.output_names:
-            shape = tuple(self.context.get_tensor_shape(n))
+            shape = backend.bound_shape(self.loaded.context, n)
             if any(d < 0 for d in shape):
                 raise TrtbuildError(
                     f"output '{n}' has a data-dependent shape {shape}",
                     "profile this engine with trtexec; data-dependent outputs are not supported",
                 )
-            host = self.be.pinned_empty(shape, _nptype(self.trt, self.engine.get_tensor_dtype(n)))
+            host = self.be.pinned_empty(shape, backend.tensor_numpy_dtype(self.loaded.engine, n))
             dev = self.be.malloc(host.nbytes)
-            self.context.set_tensor_address(n, self.be.ptr(dev))
+            backend.set_tensor_address(self.loaded.context, n, self.be.ptr(dev))
             self._buffers[n] = (dev, host)
         self._shapes = shapes
         handle = self.be.stream_handle(self.stream)
@@ -146,7 +117,7 @@ class TrtRunner(Runner):
                 self._graph = self.be.graph_capture_end(self.stream)
 
     def _enqueue(self, handle: int) -> None:
-        if not self.context.execute_async_v3(handle):
+        if not backend.enqueue(self.loaded.context, handle):
             raise RuntimeError(f"TensorRT execute_async_v3 failed for {self.engine_path.name}")
 
     # -- running ----------------------------------------------------------------------------------
