@@ -3,32 +3,40 @@
 collection = collect("model.onnx", "photos/")            # one pass over the data
 entropy = compute_ranges(collection, "entropy")          # methods read the same statistics
 ranges = calibrate("model.onnx", "photos/", "percentile")  # or both steps at once
+files = calibrate_to_files("model.onnx", "photos/", CalibrationSettings(method="entropy"))  # + JSON and cache
 """
 
 from __future__ import annotations
 
 import logging
 from collections.abc import Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import onnx
 
+from calibrators import cache
 from calibrators.bias_correction import CHANNEL_MEANS_KEY, channel_means
-from calibrators.collect import DEFAULT_BATCH_SIZE, Collection, collect, load_model
+from calibrators.collect import DEFAULT_BATCH_SIZE, Collection, collect, load_model, tensors_to_collect
 from calibrators.data import CalibrationData, model_inputs, open_data
 from calibrators.methods import DEFAULT_METHOD, DEFAULT_PERCENTILE, METHODS, amax_for
 from calibrators.preprocess import Preprocess
 from calibrators.ranges import RangeSet, TensorRange
+from trtbuild.core.defaults import DEFAULT_TRT_VERSION
 from trtbuild.core.errors import TrtbuildError
+from trtbuild.core.output_set import check_writable_folder
 
 log = logging.getLogger(__name__)
 
 __all__ = [
     "METHODS",
     "CalibrationData",
+    "CalibrationFiles",
+    "CalibrationSettings",
     "Collection",
     "calibrate",
+    "calibrate_to_files",
     "calibration_data",
     "collect",
     "compute_ranges",
@@ -103,3 +111,80 @@ def calibrate(
         show_progress=show_progress,
     )
     return compute_ranges(collection, method, percentile=percentile)
+
+
+@dataclass(frozen=True)
+class CalibrationSettings:
+    """Every choice of one calibration run, with its default; `trtbuild calibrate` fills it from its flags."""
+
+    method: str = DEFAULT_METHOD
+    percentile: float = DEFAULT_PERCENTILE
+    samples: int | None = None  # a seeded random subset of the data; None: all of it
+    seed: int = 0
+    batch_size: int = DEFAULT_BATCH_SIZE
+    threads: int | None = None  # ONNX Runtime intra-op threads; None: all cores
+    exclude_nodes: tuple[str, ...] = ()  # regexes of node names kept float (their inputs are not measured)
+    exclude_op_types: tuple[str, ...] = ()
+    preprocess: Preprocess | None = None
+
+    def __post_init__(self) -> None:
+        if self.method not in METHODS:
+            raise TrtbuildError(
+                f"unknown calibration method '{self.method}'", f"use one of {', '.join(METHODS)}"
+            )
+
+
+@dataclass(frozen=True)
+class CalibrationFiles:
+    """What :func:`calibrate_to_files` measured and wrote."""
+
+    ranges: RangeSet
+    ranges_path: Path
+    cache_path: Path | None
+    cache_header: str | None
+    samples: int
+    seconds: float
+
+
+def calibrate_to_files(
+    model_path: str | Path,
+    data: Any,
+    settings: CalibrationSettings | None = None,
+    *,
+    out_dir: str | Path | None = None,
+    trt_version: str | None = DEFAULT_TRT_VERSION,
+    show_progress: bool = True,
+) -> CalibrationFiles:
+    """Calibrate and write ``<model>.ranges.json`` and, unless ``trt_version`` is None, the TensorRT
+    calibration cache ``<model>.calib.cache`` for that version, next to the model or in ``out_dir``.
+
+    Everything that can be refused (folder, TensorRT version, method) is checked before the data pass."""
+    settings = settings or CalibrationSettings()
+    model_path = Path(model_path)
+    folder = Path(out_dir) if out_dir is not None else model_path.parent
+    check_writable_folder(folder, "--out-dir")
+    header = cache.header(trt_version) if trt_version is not None else None
+    proto = load_model(model_path)
+    excluded = settings.exclude_nodes or settings.exclude_op_types
+    tensors = (
+        tensors_to_collect(proto, settings.exclude_nodes, settings.exclude_op_types) if excluded else None
+    )
+    collection = collect(
+        proto,
+        data,
+        tensors=tensors,
+        batch_size=settings.batch_size,
+        threads=settings.threads,
+        samples=settings.samples,
+        seed=settings.seed,
+        preprocess=settings.preprocess,
+        show_progress=show_progress,
+    )
+    ranges = compute_ranges(collection, settings.method, percentile=settings.percentile)
+    ranges.meta["model"] = str(model_path)
+    stem = model_path.name.removesuffix(".onnx")
+    ranges_path = ranges.save(folder / f"{stem}.ranges.json")
+    cache_path = None
+    if trt_version is not None:
+        cache_path = cache.write_cache(ranges, folder / f"{stem}.calib.cache", trt_version)
+    return CalibrationFiles(ranges, ranges_path, cache_path, header, collection.samples, collection.seconds)

@@ -338,3 +338,25 @@ def test_preprocess_layouts_and_dtypes(photo_dir: Path) -> None:
         Preprocess().for_input_shape((1, 224, 224, 3))
     with pytest.raises(TrtbuildError, match="not square"):
         Preprocess().for_input_shape((1, 3, 224, 160))
+
+
+def test_calibrate_to_files_is_the_api_behind_the_command(
+    effnet_onnx: Path, tmp_path: Path, photo_batch: np.ndarray
+) -> None:
+    """The CLI is a thin layer: the API writes the same artifacts and refuses bad settings before any work."""
+    from calibrators.calibrate import CalibrationSettings, calibrate_to_files
+    from trtbuild.core.errors import TrtbuildError
+
+    with pytest.raises(TrtbuildError, match="unknown calibration method"):
+        CalibrationSettings(method="nope")
+    out = tmp_path / "out"
+    with pytest.raises(TrtbuildError, match="8.10"):
+        calibrate_to_files(effnet_onnx, photo_batch[:4], out_dir=out, trt_version="8.10")
+    assert not out.exists()
+    settings = CalibrationSettings(method="minmax", exclude_op_types=("Gemm",))
+    files = calibrate_to_files(effnet_onnx, photo_batch[:4], settings, out_dir=out, trt_version="8.6.2")
+    assert files.ranges_path.is_file() and files.cache_path is not None and files.cache_path.is_file()
+    assert files.cache_header == "TRT-8602-EntropyCalibration2" and files.samples == 4
+    assert files.cache_path.read_text().splitlines()[0] == files.cache_header
+    gemm_inputs = {n.input[0] for n in onnx.load(str(effnet_onnx)).graph.node if n.op_type == "Gemm"}
+    assert gemm_inputs and not gemm_inputs & set(files.ranges)

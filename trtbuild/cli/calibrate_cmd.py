@@ -7,9 +7,8 @@ from pathlib import Path
 import click
 from rich.table import Table
 
-from calibrators import cache
-from calibrators.calibrate import compute_ranges
-from calibrators.collect import DEFAULT_BATCH_SIZE, collect
+from calibrators.calibrate import CalibrationSettings, calibrate_to_files
+from calibrators.collect import DEFAULT_BATCH_SIZE
 from calibrators.methods import DEFAULT_METHOD, DEFAULT_PERCENTILE, METHODS
 from calibrators.preprocess import Preprocess
 from calibrators.ranges import RangeSet
@@ -63,7 +62,13 @@ def _table(ranges: RangeSet, rows: int) -> Table:
     help="Where to write <model>.ranges.json and <model>.calib.cache (default: the model's folder).",
 )
 @click.option("--exclude", multiple=True, help="Regex of node names to keep in float (not calibrated).")
-@click.option("--exclude-op", multiple=True, help="Op type to keep in float (not calibrated).")
+@click.option(
+    "--exclude-op-type",
+    "--exclude-op",
+    "exclude_op_types",
+    multiple=True,
+    help="Op type to keep in float (not calibrated; --exclude-op is the old name).",
+)
 @preprocess_options
 @click.option("--json", "as_json", is_flag=True, help="Print a JSON summary on stdout.")
 def calibrate_command(
@@ -79,49 +84,36 @@ def calibrate_command(
     no_cache: bool,
     out_dir: Path | None,
     exclude: tuple[str, ...],
-    exclude_op: tuple[str, ...],
+    exclude_op_types: tuple[str, ...],
     preprocess: Preprocess,
     as_json: bool,
 ) -> None:
     """Calibrate MODEL.onnx on --data: per-tensor INT8 ranges (JSON) and a TensorRT calibration cache."""
-    import onnx
-
-    from trtbuild.core.output_set import check_writable_folder
-
-    check_writable_folder(out_dir or model.parent, "--out-dir")  # before the data pass, not after it
-
-    from calibrators.collect import load_model, tensors_to_collect
-
-    if not no_cache:
-        cache.header(trt_version)  # a bad version fails now, not after the data pass
-    proto: onnx.ModelProto = load_model(model)
-    tensors = tensors_to_collect(proto, exclude, exclude_op) if (exclude or exclude_op) else None
-    collection = collect(
-        proto,
-        data_path,
-        tensors=tensors,
-        batch_size=batch_size,
-        threads=threads,
+    settings = CalibrationSettings(
+        method=method,
+        percentile=percentile,
         samples=samples,
         seed=seed,
+        batch_size=batch_size,
+        threads=threads,
+        exclude_nodes=exclude,
+        exclude_op_types=exclude_op_types,
         preprocess=preprocess,
     )
-    ranges = compute_ranges(collection, method, percentile=percentile)
-    ranges.meta["model"] = str(model)
-    folder = out_dir or model.parent
-    stem = model.name.removesuffix(".onnx")
-    ranges_path = ranges.save(folder / f"{stem}.ranges.json")
-    cache_path = None if no_cache else cache.write_cache(ranges, folder / f"{stem}.calib.cache", trt_version)
+    files = calibrate_to_files(
+        model, data_path, settings, out_dir=out_dir, trt_version=None if no_cache else trt_version
+    )
+    ranges = files.ranges
     if as_json:
         ordered = sorted(ranges.values(), key=lambda r: r.amax, reverse=True)
         console.emit_json(
             {
-                "ranges": str(ranges_path),
-                "cache": None if cache_path is None else str(cache_path),
-                "cache_header": None if no_cache else cache.header(trt_version),
+                "ranges": str(files.ranges_path),
+                "cache": None if files.cache_path is None else str(files.cache_path),
+                "cache_header": files.cache_header,
                 "method": method,
-                "samples": collection.samples,
-                "seconds": round(collection.seconds, 3),
+                "samples": files.samples,
+                "seconds": round(files.seconds, 3),
                 "tensors": len(ranges),
                 "widest": [{"name": r.name, "amax": r.amax} for r in ordered[:5]],
                 "narrowest": [{"name": r.name, "amax": r.amax} for r in ordered[-5:]],
@@ -129,10 +121,10 @@ def calibrate_command(
         )
         return
     console.out.print(_table(ranges, 5))
-    console.out.print(f"{collection.samples} samples, {len(ranges)} tensors, {collection.seconds:.1f} s")
-    console.out.print(f"ranges: {ranges_path}")
-    if cache_path is not None:
-        console.out.print(f"cache:  {cache_path} ({cache.header(trt_version)})")
+    console.out.print(f"{files.samples} samples, {len(ranges)} tensors, {files.seconds:.1f} s")
+    console.out.print(f"ranges: {files.ranges_path}")
+    if files.cache_path is not None:
+        console.out.print(f"cache:  {files.cache_path} ({files.cache_header})")
 
 
 COMMANDS: list[click.Command] = [calibrate_command]
