@@ -178,3 +178,32 @@ def test_inspect_shows_sidecar_without_tensorrt(
     assert info["sidecar"]["gpu_name"] == "NVIDIA A100-SXM4-80GB" and info["layers"] is None
     code, out, _ = run(["inspect", str(engine)], capsys)
     assert code == 0 and "NVIDIA A100-SXM4-80GB" in out and "TensorRT is not installed" in out
+
+
+def test_plan_settings_api_derives_the_fp16_graph(tmp_path: Path) -> None:
+    """`plan` and `build` share one settings object; a strongly typed FP16 plan (TensorRT 11) gets its FP16
+    graph converted by the API, not by the command."""
+    import numpy as np
+    import onnx
+    from onnx import TensorProto, helper, numpy_helper
+
+    from trtbuild.plan import PlanSettings
+    from trtbuild.plan_graphs import plan_model
+
+    w = numpy_helper.from_array(np.ones((4, 3, 3, 3), np.float32), "w")
+    graph = helper.make_graph(
+        [helper.make_node("Conv", ["x", "w"], ["y"], pads=[1, 1, 1, 1])],
+        "g",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 3, 8, 8])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 4, 8, 8])],
+        [w],
+    )
+    model = tmp_path / "conv.onnx"
+    onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]), str(model))
+    plan = plan_model(
+        model, PlanSettings(target="h100", precision="fp16", trt_version="11.4", out_root=str(tmp_path))
+    )
+    assert plan.strongly_typed and plan.onnx.endswith(".fp16.onnx") and Path(plan.onnx).is_file()
+    fp16 = onnx.load(plan.onnx)
+    assert fp16.graph.input[0].type.tensor_type.elem_type in (TensorProto.FLOAT, TensorProto.FLOAT16)
+    assert any(i.data_type == TensorProto.FLOAT16 for i in fp16.graph.initializer)

@@ -161,6 +161,28 @@ def _qdq_float_is_fp32(qdq_onnx: str | os.PathLike[str]) -> bool:
     return qdq_scale_type(onnx.load(str(qdq_onnx), load_external_data=False)) != onnx.TensorProto.FLOAT16
 
 
+@dataclass(frozen=True)
+class PlanSettings:
+    """Every choice of one build plan, with its default; `trtbuild plan` and `build` fill it from flags."""
+
+    target: str
+    precision: str
+    trt_version: str | None = None  # None: the target's default (data-center targets: DEFAULT_TRT_VERSION)
+    shapes: tuple[InputSpec, ...] = ()  # empty: the export sidecar, else the graph
+    workspace_mib: int | None = None
+    opt_level: int | None = None
+    timing_cache: str | None = None
+    hardware_compat: str = "none"
+    version_compat: bool = False
+    sparsity: bool = False
+    dla_core: int | None = None
+    gpu_fallback: bool = True
+    calib_cache: str | None = None
+    qdq_onnx: str | None = None
+    fp16_onnx: str | None = None  # None: derived (converted) where the plan needs one
+    out_root: str = str(OUTPUT_ROOT)
+
+
 def make_plan(
     onnx_path: str | os.PathLike[str],
     target: str | Target,

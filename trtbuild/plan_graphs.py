@@ -15,7 +15,10 @@ from pathlib import Path
 import numpy as np
 
 from trtbuild.core.errors import TrtbuildError
-from trtbuild.plan import BuildPlan, fp16_qdq_source
+from trtbuild.core.output_set import check_writable_folder
+from trtbuild.core.trt_versions import strongly_typed_only
+from trtbuild.plan import BuildPlan, PlanSettings, fp16_qdq_source, make_plan, model_dir
+from trtbuild.targets import get_target
 
 MIN_COSINE = 0.99  # FP16 float parts against FP32 ones, same Q/DQ: measured 0.9989 on EfficientNet-Lite0
 
@@ -67,3 +70,43 @@ def seeded_inputs(plan: BuildPlan, seed: int, runs: int = 4) -> tuple[dict[str, 
         else:
             feeds[spec.name] = rng.standard_normal(shape).astype(spec.np_dtype)
     return feeds, batch
+
+
+def plan_model(model: str | Path, settings: PlanSettings) -> BuildPlan:
+    """Make the plan and write the graph it derives: a strongly typed FP16 build (TensorRT 11) gets the
+    FP16 graph converted here when none was given; a strongly typed INT8 build gets the Q/DQ graph with FP16
+    float parts (see :func:`write_plan_graph`)."""
+    check_writable_folder(settings.out_root, "--out")
+    fp16_onnx = settings.fp16_onnx
+    if fp16_onnx is not None and not Path(fp16_onnx).is_file():
+        raise TrtbuildError(f"FP16 graph '{fp16_onnx}' does not exist", "check the path, or omit --fp16-onnx")
+    target = get_target(settings.target)
+    if (
+        settings.precision.lower() == "fp16"
+        and fp16_onnx is None
+        and strongly_typed_only(target.resolve_trt(settings.trt_version))
+    ):
+        from export.fp16 import fp16_path
+
+        fp16_onnx = str(fp16_path(model_dir(model, settings.out_root) / Path(model).name))
+    plan = make_plan(
+        model,
+        target,
+        settings.precision,
+        trt_version=settings.trt_version,
+        shapes=list(settings.shapes) or None,
+        workspace_mib=settings.workspace_mib,
+        opt_level=settings.opt_level,
+        timing_cache=settings.timing_cache,
+        hardware_compat=settings.hardware_compat,
+        version_compat=settings.version_compat,
+        sparsity=settings.sparsity,
+        dla_core=settings.dla_core,
+        gpu_fallback=settings.gpu_fallback,
+        calib_cache=settings.calib_cache,
+        qdq_onnx=settings.qdq_onnx,
+        fp16_onnx=fp16_onnx,
+        out_root=settings.out_root,
+    )
+    write_plan_graph(plan)  # the FP16 graph, or the Q/DQ graph with FP16 float parts, when derived
+    return plan

@@ -12,10 +12,8 @@ from trtbuild.core.console import emit_json, out, progress
 from trtbuild.core.defaults import DEFAULT_TRT_VERSION, OUTPUT_ROOT
 from trtbuild.core.errors import TrtbuildError
 from trtbuild.core.inputs import InputSpec, fmt_shape, parse_shape
-from trtbuild.core.output_set import check_writable_folder
-from trtbuild.core.trt_versions import strongly_typed_only
-from trtbuild.plan import HARDWARE_COMPAT, BuildPlan, make_plan, model_dir
-from trtbuild.plan_graphs import write_plan_graph
+from trtbuild.plan import HARDWARE_COMPAT, BuildPlan, PlanSettings
+from trtbuild.plan_graphs import plan_model
 from trtbuild.targets import PRECISIONS, TARGETS
 from trtbuild.trtexec import save_plan_files
 
@@ -118,30 +116,12 @@ def _plan_options(fn: Any) -> Any:
 
 
 def plan_from_options(model: str, **kw: Any) -> BuildPlan:
-    """Make the plan; on TensorRT 11 FP16, convert the FP16 graph first when none was given."""
-    from trtbuild.targets import get_target
-
-    check_writable_folder(kw["out_root"], "--out")
-    shapes = [_parse_shape_option(s) for s in kw.pop("shapes")] or None
-    fp16_onnx = kw.pop("fp16_onnx")
-    if fp16_onnx is not None and not Path(fp16_onnx).is_file():
-        raise TrtbuildError(f"FP16 graph '{fp16_onnx}' does not exist", "check the path, or omit --fp16-onnx")
-    tgt = get_target(kw["target"])
-    needs_graph = (
-        kw["precision"].lower() == "fp16"
-        and fp16_onnx is None
-        and strongly_typed_only(tgt.resolve_trt(kw["trt_version"]))
-    )
-    if needs_graph:
-        from export.fp16 import fp16_path
-
-        fp16_onnx = str(fp16_path(Path(model_dir(model, kw["out_root"])) / Path(model).name))
-    plan = make_plan(
-        model,
-        tgt,
-        kw["precision"],
+    """The plan for the flags of `trtbuild plan` (names as in :class:`PlanSettings`)."""
+    settings = PlanSettings(
+        target=kw["target"],
+        precision=kw["precision"],
         trt_version=kw["trt_version"],
-        shapes=shapes,
+        shapes=tuple(_parse_shape_option(s) for s in kw["shapes"]),
         workspace_mib=kw["workspace_mib"],
         opt_level=kw["opt_level"],
         timing_cache=kw["timing_cache"],
@@ -152,11 +132,10 @@ def plan_from_options(model: str, **kw: Any) -> BuildPlan:
         gpu_fallback=not kw["no_gpu_fallback"],
         calib_cache=kw["calib_cache"],
         qdq_onnx=kw["qdq_onnx"],
-        fp16_onnx=fp16_onnx,
+        fp16_onnx=kw["fp16_onnx"],
         out_root=kw["out_root"],
     )
-    write_plan_graph(plan)  # the FP16 graph, or the Q/DQ graph with FP16 float parts, when derived
-    return plan
+    return plan_model(model, settings)
 
 
 def print_plan(plan: BuildPlan, plan_path: Path | None, script_path: Path | None) -> None:
@@ -253,25 +232,7 @@ def build_cmd(
                 "pass them, or give a saved .plan.json from `trtbuild plan`",
             )
         # Every other plan option at its default; use `trtbuild plan` + build PLAN.json for the rest.
-        plan = plan_from_options(
-            model_or_plan,
-            target=target,
-            precision=precision,
-            trt_version=None,
-            shapes=(),
-            workspace_mib=None,
-            opt_level=None,
-            timing_cache=None,
-            hardware_compat="none",
-            version_compat=False,
-            sparsity=False,
-            dla_core=None,
-            no_gpu_fallback=False,
-            calib_cache=None,
-            qdq_onnx=None,
-            fp16_onnx=None,
-            out_root=out_root,
-        )
+        plan = plan_model(model_or_plan, PlanSettings(target=target, precision=precision, out_root=out_root))
         plan_path, script_path = save_plan_files(plan)
     with progress(transient=True) as bar:  # TensorRT gives no fraction-done; a spinner with elapsed time
         bar.add_task(f"building {Path(plan.engine).name}", total=None)
