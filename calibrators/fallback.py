@@ -3,7 +3,8 @@
 1. Sensitivity, two strategies. "drop_one" (one run per layer): keep only that layer in float and measure
    how much the fidelity error (KL for classifiers, 1 - cosine otherwise) drops. "local" (one FP32 and one
    INT8 run): the relative noise each layer adds between its input and its output. "auto" (default) uses
-   drop_one when one run per layer fits the time budget, else local.
+   drop_one when its work (one run per layer, counted in multiply-adds) fits the budget, else local. The
+   choice is made from the model, never from a wall clock, so a loaded machine gives the same result.
 2. Greedy by sensitivity with verification: keep the top-k most sensitive layers in float, for the smallest
    k that passes on the full held-out split (doubling k, then bisecting), each candidate verified
    by a real run.
@@ -11,7 +12,6 @@
 
 from __future__ import annotations
 
-import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from typing import Any
@@ -29,6 +29,9 @@ from trtbuild.core.errors import TrtbuildError
 
 FALLBACK_REASON = "kept in float by auto-fallback (sensitivity analysis)"
 DEFAULT_MAX_FLOAT_COMPUTE = 0.5  # never hand back a "quantized" model that is mostly float
+# drop_one sensitivity when one run per layer costs at most this many multiply-adds: about a minute of
+# reference-semantics ORT on two cores. Counted, not timed, so the strategy never depends on machine load.
+DROP_ONE_BUDGET_MACS = 3e11
 
 
 @dataclass(frozen=True)
@@ -225,7 +228,7 @@ def auto_fallback(
     reference: dict[str, np.ndarray] | None = None,
     sensitivity_samples: int = 8,
     strategy: str = "auto",
-    sensitivity_budget_s: float = 60.0,
+    sensitivity_budget_macs: float = DROP_ONE_BUDGET_MACS,
     on_layer: Callable[[str], None] | None = None,
     semantics: str | None = None,
     kinds: Mapping[str, OutputKind] | None = None,
@@ -253,11 +256,10 @@ def auto_fallback(
     if strategy not in ("auto", "local", "drop_one"):
         raise TrtbuildError(f"unknown sensitivity strategy '{strategy}'", "use 'auto', 'local' or 'drop_one'")
     if strategy == "auto":
-        # drop_one measures each layer exactly but costs one run per layer: use it when that fits the budget.
-        start = time.perf_counter()
-        _error(planner, planner.plan(), sens_batches, _slice_reference(reference, n), threshold)
-        one_run = time.perf_counter() - start
-        strategy = "drop_one" if one_run * len(plan.quantized_nodes) <= sensitivity_budget_s else "local"
+        # drop_one measures each layer exactly but costs one run per layer: use it when that work fits.
+        per_sample = sum(costs.values()) / max(1, _batch_rows(holdout[0]))
+        work = per_sample * n * len(plan.quantized_nodes)
+        strategy = "drop_one" if work <= sensitivity_budget_macs else "local"
     if strategy == "local":
         sens = local_sensitivity(planner, plan, sens_batches)
     else:
@@ -354,3 +356,9 @@ def _first_samples(batches: Sequence[Feeds], n: int) -> tuple[list[Feeds], int]:
         chosen.append(batch)
         count += int(np.asarray(next(iter(batch.values()))).shape[0])
     return chosen, count
+
+
+def _batch_rows(feeds: Feeds) -> int:
+    """Samples in one batch (the leading dimension of its first input)."""
+    first = next(iter(feeds.values()))
+    return int(first.shape[0]) if first.ndim else 1
