@@ -208,3 +208,26 @@ def test_fallback_stops_instead_of_returning_a_mostly_float_model(
     assert not (tmp_path / "out").exists() or not any((tmp_path / "out").iterdir())
     assert np.isfinite(fallback.final.score())
     assert onnx.load(str(face_onnx)).graph.output[1].name == "box"
+
+
+def test_sensitivity_strategy_does_not_depend_on_machine_load(
+    face_onnx: Path, crops: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """`auto` picks drop_one or local from the model's multiply-adds, never from a clock: on a machine so
+    loaded that every timed call seems to take 1000 s, a small model still gets the exact (drop_one) ranking.
+    (A timed choice made the demo pick 'local' under load and fail its gate with 22 layers float.)"""
+    import time
+
+    ticks = iter(range(0, 10**9, 1000))
+    monkeypatch.setattr(time, "perf_counter", lambda: float(next(ticks)))
+    args = _common(crops)
+    with pytest.raises(FidelityGateError) as caught:
+        quantize(
+            face_onnx,
+            args.pop("data"),
+            tmp_path / "out",
+            auto_fallback=True,
+            min_fidelity=["box:sqnr=80"],
+            **args,
+        )
+    assert caught.value.fallback is not None and caught.value.fallback.strategy == "drop_one"
