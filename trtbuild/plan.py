@@ -187,7 +187,7 @@ def make_plan(
     version = tgt.resolve_trt(trt_version)
     notes: list[str] = []
 
-    _check_precision_supported(tgt, prec, version)
+    check_precision_supported(tgt, prec, version)
     onnx, kind, strongly_typed, flags, cache = _choose_graph_and_flags(
         tgt, prec, version, onnx_path, calib_cache, qdq_onnx, fp16_onnx, dla_core is not None, notes
     )
@@ -245,7 +245,8 @@ def make_plan(
     )
 
 
-def _check_precision_supported(tgt: Target, prec: str, version: TrtVersion) -> None:
+def check_precision_supported(tgt: Target, prec: str, version: TrtVersion) -> None:
+    """Refuse a precision the GPU or the TensorRT version lacks (before any calibration work is spent)."""
     if prec not in tgt.precisions:
         why = (
             "BF16 needs sm80+ (Ampere or newer)"
@@ -356,7 +357,11 @@ def _choose_graph_and_flags(
         )
         return str(qdq_onnx), "qdq", False, [flag, "FP16"], None
     if prec == "fp8":
-        raise TrtbuildError("FP8 needs an FP8 Q/DQ graph", "pass --qdq-onnx with an FP8-quantized ONNX")
+        raise TrtbuildError(
+            "FP8 needs an FP8 Q/DQ graph",
+            "pass --data with calibration samples (trtbuild quantizes at FP8 itself), or --qdq-onnx with "
+            "the graph from `trtbuild quantize --precision fp8`",
+        )
     if calib_cache is not None:
         if typed_only:
             raise TrtbuildError(

@@ -13,9 +13,9 @@ from trtbuild.core.errors import TrtbuildError
 from trtbuild.core.inputs import InputSpec, fmt_shape, parse_shape
 from trtbuild.core.output_set import check_writable_folder
 from trtbuild.core.trt_versions import strongly_typed_only
-from trtbuild.plan import HARDWARE_COMPAT, BuildPlan, make_plan, model_dir
+from trtbuild.plan import HARDWARE_COMPAT, BuildPlan, check_precision_supported, make_plan, model_dir
 from trtbuild.plan_graphs import write_plan_graph
-from trtbuild.targets import PRECISIONS, TARGETS
+from trtbuild.targets import PRECISIONS, TARGETS, Target, check_precision
 from trtbuild.trtexec import save_plan_files
 
 
@@ -100,6 +100,18 @@ def _plan_options(fn: Any) -> Any:
         click.option("--qdq-onnx", type=click.Path(dir_okay=False), help="Q/DQ (explicitly quantized) ONNX."),
         click.option("--fp16-onnx", type=click.Path(dir_okay=False), help="FP16 graph (default: converted)."),
         click.option(
+            "--data",
+            "data_path",
+            type=click.Path(exists=True),
+            help="FP8 without --qdq-onnx: calibration data (as `trtbuild quantize --data`); the FP8 Q/DQ "
+            "graph is quantized from it, gated on held-out samples with auto-fallback.",
+        ),
+        click.option(
+            "--min-fidelity",
+            multiple=True,
+            help="With --data: the fidelity gate of the FP8 graph (as `trtbuild quantize`).",
+        ),
+        click.option(
             "--out",
             "out_root",
             default="engines",
@@ -133,6 +145,13 @@ def plan_from_options(model: str, **kw: Any) -> BuildPlan:
         from export.fp16 import fp16_path
 
         fp16_onnx = str(fp16_path(Path(model_dir(model, kw["out_root"])) / Path(model).name))
+    data_path, min_fidelity = kw.pop("data_path", None), kw.pop("min_fidelity", ())
+    if data_path is not None and kw["qdq_onnx"] is None:
+        kw["qdq_onnx"] = str(_quantize_fp8(model, tgt, kw, data_path, min_fidelity))
+    elif data_path is not None:
+        raise TrtbuildError(
+            "--data and --qdq-onnx were both given", "give one: --data quantizes at FP8 itself"
+        )
     plan = make_plan(
         model,
         tgt,
@@ -154,6 +173,32 @@ def plan_from_options(model: str, **kw: Any) -> BuildPlan:
     )
     write_plan_graph(plan)  # the FP16 graph, or the Q/DQ graph with FP16 float parts, when derived
     return plan
+
+
+def _quantize_fp8(
+    model: str, tgt: Target, kw: dict[str, Any], data_path: str, min_fidelity: tuple[str, ...]
+) -> Path:
+    """The FP8 Q/DQ graph of ``model`` from ``data_path``, in the plan's model folder (refused first on a
+    GPU or TensorRT without FP8, before the data pass)."""
+    from calibrators.quantize import quantize
+
+    precision = check_precision(kw["precision"])
+    if precision != "fp8":
+        raise TrtbuildError(
+            f"--data quantizes an FP8 graph; for {precision} it does not apply",
+            "drop --data (int8: pass --qdq-onnx from `trtbuild quantize`)",
+        )
+    check_precision_supported(tgt, precision, tgt.resolve_trt(kw["trt_version"]))
+    result = quantize(
+        model,
+        Path(data_path),
+        model_dir(model, kw["out_root"]),
+        activation_type="fp8",
+        min_fidelity=list(min_fidelity) or None,
+        auto_fallback=True,
+        show_progress=False,
+    )
+    return result.onnx_path
 
 
 def print_plan(plan: BuildPlan, plan_path: Path | None, script_path: Path | None) -> None:
