@@ -10,6 +10,7 @@ from pathlib import Path
 import numpy as np
 import onnx
 import pytest
+import torch
 from onnx import TensorProto, helper, numpy_helper
 
 from calibrators import fidelity, fp8
@@ -91,7 +92,7 @@ def test_mse_range_search_rounds_on_the_fp8_grid() -> None:
     assert int8_error(amax_int8) < int8_error(amax_fp8)
 
 
-def _conv_net(opset: int = 13) -> onnx.ModelProto:
+def _conv_net(opset: int = 13, batch: int | str = "n") -> onnx.ModelProto:
     """A third-party-like CNN: odd names, Constant-node weights, opset 13, a depthwise conv, a 7x7 conv,
     a narrow conv, a pool and a residual Add."""
     rng = np.random.default_rng(0)
@@ -117,15 +118,17 @@ def _conv_net(opset: int = 13) -> onnx.ModelProto:
         helper.make_node("Conv", ["e", "w7"], ["f"], pads=[3, 3, 3, 3], name="big kernel"),
         helper.make_node("Conv", ["f", "w_narrow"], ["out:0"], name="narrow"),
     ]
-    x = helper.make_tensor_value_info("in:0", TensorProto.FLOAT, ["n", 3, 16, 16])
-    y = helper.make_tensor_value_info("out:0", TensorProto.FLOAT, ["n", 8, 8, 8])
+    x = helper.make_tensor_value_info("in:0", TensorProto.FLOAT, [batch, 3, 16, 16])
+    y = helper.make_tensor_value_info("out:0", TensorProto.FLOAT, [batch, 8, 8, 8])
     return helper.make_model(
         helper.make_graph(nodes, "odd", [x], [y]), opset_imports=[helper.make_opsetid("", opset)]
     )
 
 
-def test_fp8_placement_follows_tensorrt_fp8_rules() -> None:
-    model = upgrade_opset(_conv_net(), fp8.FP8_OPSET)
+@pytest.mark.parametrize("opset", [12, 13])
+def test_fp8_placement_follows_tensorrt_fp8_rules(opset: int) -> None:
+    model = upgrade_opset(_conv_net(opset), fp8.FP8_OPSET)
+    assert model.opset_import[0].version == fp8.FP8_OPSET and model.ir_version >= 9
     ranges = {t: TensorRange(t, 4.0, -4.0, 4.0) for t in ("in:0", "a_r", "b_r", "c", "d", "e", "f")}
     plan = plan_qdq(model, ranges, QdqOptions(activation_type="fp8"))
     int8 = plan_qdq(model, ranges, QdqOptions(activation_type="int8"))
@@ -193,10 +196,10 @@ def test_quantize_fp8_minilm_beats_int8(minilm: tuple[Path, list], tmp_path: Pat
     assert fidelity.compare(reference, again).outputs[0].cosine == pytest.approx(cos["fp8"], abs=0.01)
 
 
-@pytest.fixture
-def conv_data(tmp_path: Path) -> tuple[Path, Path]:
+@pytest.fixture(params=["n", 1], ids=["dynamic-batch", "batch-1"])
+def conv_data(tmp_path: Path, request: pytest.FixtureRequest) -> tuple[Path, Path]:
     model = tmp_path / "net.onnx"
-    onnx.save(_conv_net(), str(model))
+    onnx.save(_conv_net(batch=request.param), str(model))
     data = tmp_path / "data.npz"
     x = np.random.default_rng(3).standard_normal((40, 3, 16, 16)).astype(np.float32)
     np.savez(data, **{"in:0": x})
@@ -255,3 +258,38 @@ def test_plan_fp8_quantizes_by_itself(
     assert (out / "net" / "net.fp8.onnx").is_file() and (out / "net" / "net.fidelity.json").is_file()
     x = np.random.default_rng(4).standard_normal((1, 3, 16, 16)).astype(np.float32)
     assert np.isfinite(ort_core.cpu_session(graph).run(None, {"in:0": x})[0]).all()
+
+
+@pytest.mark.slow  # about 2-5 minutes on 2 cores: an export and two quantize runs with a fallback search
+def test_fp8_auto_fallback_on_a_dynamo_export_with_batch_1(
+    effnet_model: torch.nn.Module, tmp_path: Path
+) -> None:
+    """The product's export (dynamo, fixed batch 1) of EfficientNet-Lite0 at FP8 on real photos: a gate a
+    quarter of the way from the plain FP8 graph to perfect makes auto-fallback keep a few layers FP16."""
+    from export.pipeline import export_model
+    from trtbuild import examples
+
+    photos = examples.write_photo_folder(tmp_path / "photos", 24, seed=3)
+    path = export_model(
+        effnet_model,
+        ["images:1x3x224x224"],
+        tmp_path / "effnet.onnx",
+        dynamic_batch=False,
+        output_names=["logits"],
+    ).onnx_path
+    common = {"samples": 8, "holdout": 16, "show_progress": False, "activation_type": "fp8"}
+    plain = quantize(path, photos, tmp_path / "plain", min_fidelity=0, **common)
+    base = plain.fidelity.outputs[0].cosine
+    assert plain.fidelity.semantics == ort_core.REFERENCE and 0.9 < base < 1.0
+    wanted = base + (1.0 - base) * 0.25
+    result = quantize(
+        path,
+        photos,
+        tmp_path / "out",
+        min_fidelity=[f"logits:cosine={wanted:.6f}"],
+        auto_fallback=True,
+        **common,
+    )
+    assert result.fallback is not None and not result.fallback.baseline.passed and result.passed
+    assert 1 <= len(result.fallback.kept_float) < len(result.plan.quantized_nodes) // 2
+    assert result.fidelity.outputs[0].cosine >= wanted and result.onnx_path.name == "effnet.fp8.onnx"
