@@ -80,7 +80,7 @@ def main() -> None:
         ):
             for method in methods:
                 start = time.perf_counter()
-                qmodel, layers = ours(model, collection, method, precision)
+                qmodel, count = ours(model, collection, method, precision)
                 name = (
                     OURS_FP8
                     if (precision, method) == ("fp8", DEFAULT_METHOD)
@@ -88,22 +88,21 @@ def main() -> None:
                     if precision == "int8"
                     else f"trtbuild FP8 {method}"
                 )
-                rows[name] = (qmodel, collect_s + time.perf_counter() - start, layers)
+                rows[name] = (qmodel, collect_s + time.perf_counter() - start, count)
         for method in bq.MODELOPT_METHODS:
             qmodel_or_why, seconds = modelopt_fp8(path, calib, tmp, method)
-            layers: int | str = "-"
+            q_nodes = "-"
             if not isinstance(qmodel_or_why, str):
-                layers = sum(n.op_type == "QuantizeLinear" for n in qmodel_or_why.graph.node)
-                layers = f"{layers} Q"
-            rows[f"{MODELOPT_FP8} {method} (fp32 high prec.)"] = (qmodel_or_why, seconds, layers)
+                q_nodes = f"{sum(n.op_type == 'QuantizeLinear' for n in qmodel_or_why.graph.node)} Q"
+            rows[f"{MODELOPT_FP8} {method} (fp32 high prec.)"] = (qmodel_or_why, seconds, q_nodes)
         scores: dict[str, tuple[str, float]] = {}
-        for name, (qmodel, seconds, layers) in rows.items():
-            if isinstance(qmodel, str):
+        for name, (result, seconds, layers) in rows.items():
+            if isinstance(result, str):
                 table.add_row(
-                    label, f"{len(calib)} / {len(held)}", name, str(layers), qmodel, "-", f"{seconds:.1f}"
+                    label, f"{len(calib)} / {len(held)}", name, str(layers), result, "-", f"{seconds:.1f}"
                 )
                 continue
-            test = fidelity.run_batches(fidelity.session(qmodel), held_batches)
+            test = fidelity.run_batches(fidelity.session(result), held_batches)
             report = fidelity.compare(reference, test, kinds=kinds)
             scores[name] = bq.score(report)
             sqnr = f"{report.outputs[0].sqnr_db:.1f}"

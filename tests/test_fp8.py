@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import onnx
@@ -202,7 +203,8 @@ def conv_data(tmp_path: Path, request: pytest.FixtureRequest) -> tuple[Path, Pat
     onnx.save(_conv_net(batch=request.param), str(model))
     data = tmp_path / "data.npz"
     x = np.random.default_rng(3).standard_normal((40, 3, 16, 16)).astype(np.float32)
-    np.savez(data, **{"in:0": x})
+    arrays: dict[str, Any] = {"in:0": x}  # Any: numpy's stub types **kwds like allow_pickle
+    np.savez(data, **arrays)
     return model, data
 
 
@@ -277,7 +279,7 @@ def test_fp8_auto_fallback_on_a_dynamo_export_with_batch_1(
         dynamic_batch=False,
         output_names=["logits"],
     ).onnx_path
-    common = {"samples": 8, "holdout": 16, "show_progress": False, "activation_type": "fp8"}
+    common: dict[str, Any] = {"samples": 8, "holdout": 16, "show_progress": False, "activation_type": "fp8"}
     plain = quantize(path, photos, tmp_path / "plain", min_fidelity=0, **common)
     base = plain.fidelity.outputs[0].cosine
     assert plain.fidelity.semantics == ort_core.REFERENCE and 0.9 < base < 1.0
