@@ -38,8 +38,9 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("model", type=Path, help="FP32 ONNX model")
     parser.add_argument("calib", type=Path, help=".npz with one array per model input (samples on axis 0)")
-    parser.add_argument("out", type=Path, help="where to write ModelOpt's INT8 Q/DQ ONNX")
+    parser.add_argument("out", type=Path, help="where to write ModelOpt's INT8 (or FP8) Q/DQ ONNX")
     parser.add_argument("--method", choices=("entropy", "max"), default="entropy")
+    parser.add_argument("--mode", choices=("int8", "fp8"), default="int8", help="ModelOpt's quantize_mode")
     args = parser.parse_args()
 
     # `tensorrt-stubs` makes `import tensorrt` succeed as an empty namespace package; ModelOpt takes that
@@ -67,7 +68,7 @@ def main() -> int:
     try:
         quantize(
             str(args.model),
-            quantize_mode="int8",
+            quantize_mode=args.mode,
             calibration_data=calibration,
             calibration_method=args.method,
             calibration_eps=["cpu"],  # no GPU / TensorRT here; the CPU provider is what the other rows use

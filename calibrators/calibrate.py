@@ -55,22 +55,29 @@ def calibration_data(
 
 
 def compute_ranges(
-    collection: Collection, method: str = DEFAULT_METHOD, *, percentile: float = DEFAULT_PERCENTILE
+    collection: Collection,
+    method: str = DEFAULT_METHOD,
+    *,
+    percentile: float = DEFAULT_PERCENTILE,
+    grid: str = "int8",
 ) -> RangeSet:
-    """Ranges for every collected tensor with one method (no data pass)."""
+    """Ranges for every collected tensor with one method (no data pass); ``grid`` is the number format
+    the ranges are for (int8, or fp8 where the MSE search rounds on the E4M3 grid)."""
     if method not in METHODS:
         raise TrtbuildError(f"unknown calibration method '{method}'", f"use one of {', '.join(METHODS)}")
     meta: dict[str, Any] = dict(collection.meta)
     meta.update({"collect_seconds": round(collection.seconds, 3)})
     if method == "percentile":
         meta["percentile"] = percentile
+    if grid != "int8":
+        meta["grid"] = grid
     means = channel_means(collection.stats)
     if means:  # what Q/DQ placement needs for bias correction (QdqOptions.bias_correction)
         meta[CHANNEL_MEANS_KEY] = means
     ranges = RangeSet(method=method, meta=meta)
     constant = []
     for name, stats in collection.stats.items():
-        amax = amax_for(stats, method, percentile)
+        amax = amax_for(stats, method, percentile, grid)
         if amax == 0.0:
             constant.append(name)
         ranges.add(TensorRange(name=name, amax=amax, min=stats.min, max=stats.max))

@@ -9,6 +9,7 @@ from collections.abc import Callable
 
 import numpy as np
 
+from calibrators.fp8 import quantization_mse_fp8
 from calibrators.histogram import TRT_BINS, TensorStats
 from trtbuild.core.errors import TrtbuildError
 
@@ -19,6 +20,9 @@ DEFAULT_PERCENTILE = 99.99
 # EfficientNet-Lite0 mse 21.5 dB vs entropy 15.3, MiniLM 14.4 vs 7.2, PP-OCR detector a tie. TensorRT's
 # entropy clips the saturated ReLU6 tails that feed the project convs, and those values matter most.
 DEFAULT_METHOD = "mse"
+# The grid a range is chosen for: only the MSE search depends on it (FP8's steps grow with the magnitude);
+# entropy, percentile and minmax read the distribution alone, as for INT8.
+GRIDS = ("int8", "fp8")
 
 
 def entropy_divergences(
@@ -127,14 +131,18 @@ def quantization_mse(counts: np.ndarray, centers: np.ndarray, amaxes: np.ndarray
     return errors
 
 
-def mse_amax(stats: TensorStats, bins: int = TRT_BINS, start_bin: int = START_BIN) -> float:
-    """The amax (a histogram edge from ``start_bin`` on) that minimizes the expected quantization MSE."""
+def mse_amax(
+    stats: TensorStats, bins: int = TRT_BINS, start_bin: int = START_BIN, grid: str = "int8"
+) -> float:
+    """The amax (a histogram edge from ``start_bin`` on) that minimizes the expected quantization MSE on
+    ``grid`` (int8: 127 uniform steps; fp8: the E4M3 grid scaled by amax/448)."""
     if stats.absmax == 0.0:
         return 0.0
     counts, edges = stats.trt_histogram(bins)
     centers = (edges[1:] + edges[:-1]) / 2
     candidates = edges[start_bin:]
-    errors = quantization_mse(counts, centers, candidates)
+    mse = quantization_mse_fp8 if grid == "fp8" else quantization_mse
+    errors = mse(counts, centers, candidates)
     return float(candidates[int(np.argmin(errors))])
 
 
@@ -146,9 +154,15 @@ METHODS: dict[str, Callable[..., float]] = {
 }
 
 
-def amax_for(stats: TensorStats, method: str, percentile: float = DEFAULT_PERCENTILE) -> float:
+def amax_for(
+    stats: TensorStats, method: str, percentile: float = DEFAULT_PERCENTILE, grid: str = "int8"
+) -> float:
     if method not in METHODS:
         raise TrtbuildError(f"unknown calibration method '{method}'", f"use one of {', '.join(METHODS)}")
+    if grid not in GRIDS:
+        raise TrtbuildError(f"unknown quantization grid '{grid}'", f"use one of {', '.join(GRIDS)}")
+    if method == "mse":
+        return mse_amax(stats, grid=grid)
     if method == "percentile":
         return percentile_amax(stats, percentile)
     return METHODS[method](stats)

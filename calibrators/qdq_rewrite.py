@@ -7,10 +7,24 @@ import onnx
 from onnx import TensorProto, helper, numpy_helper
 
 from calibrators import bias_correction as bc
+from calibrators import fp8
 from calibrators import weights as wq
 from calibrators.graph_index import GraphIndex, check_qdq_opset, copy_model, ensure_node_names
 from calibrators.qdq_scales import GraphCache
 from calibrators.qdq_types import QdqPlan, WeightQdq
+from trtbuild.core.errors import TrtbuildError
+
+_ELEM_TYPES = {"int8": TensorProto.INT8, "uint8": TensorProto.UINT8, wq.FP8: TensorProto.FLOAT8E4M3FN}
+
+
+def check_fp8_opset(model: onnx.ModelProto) -> None:
+    """FP8 Q/DQ (float8e4m3fn zero points) exists from opset 19 on."""
+    opset = next((o.version for o in model.opset_import if o.domain in ("", "ai.onnx")), 0)
+    if opset < fp8.FP8_OPSET:
+        raise TrtbuildError(
+            f"FP8 Q/DQ needs ONNX opset {fp8.FP8_OPSET}, the model uses {opset}",
+            "upgrade it first (calibrators.quantize.upgrade_opset), or re-export with opset_version=19",
+        )
 
 
 def apply_qdq(model: onnx.ModelProto | GraphCache, plan: QdqPlan, check: bool = True) -> onnx.ModelProto:
@@ -23,7 +37,9 @@ def apply_qdq(model: onnx.ModelProto | GraphCache, plan: QdqPlan, check: bool = 
         check_qdq_opset(model)
         g = GraphIndex(model)
     graph = model.graph
-    act_elem = TensorProto.INT8 if plan.activation_type == "int8" else TensorProto.UINT8
+    if plan.activation_type == wq.FP8:
+        check_fp8_opset(model)
+    act_elem = _ELEM_TYPES[plan.activation_type]
     new_inits: list[onnx.TensorProto] = []
     after: dict[str, list[onnx.NodeProto]] = {}  # producer tensor -> Q/DQ nodes to insert right after it
     head: list[onnx.NodeProto] = []  # Q/DQ of graph inputs and weight DQs go first
@@ -48,7 +64,7 @@ def apply_qdq(model: onnx.ModelProto | GraphCache, plan: QdqPlan, check: bool = 
     for w_name, wplan in plan.weights.items():
         w = g.constant(w_name)
         scales = np.asarray(wplan.scales, np.float32)
-        qw = wq.quantize_weight(w, scales, wplan.axis)
+        qw = wq.quantize_weight(w, scales, wplan.axis, wplan.weight_format)
         stored, zero_points = wq.stored_weight(qw, wplan.weight_format, scales.size)
         new_inits += [
             numpy_helper.from_array(stored, f"{w_name}_quantized"),

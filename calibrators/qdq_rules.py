@@ -107,3 +107,10 @@ TINY_CONV_MIN_CHANNELS = 4  # fewer output channels than this: a tiny conv, kept
 TINY_CONV_MIN_FAN_IN = 8  # fewer multiply-adds per output than this (C_in/group * kernel area): tiny
 ATTENTION_MAX_SEQ = 128  # activation x activation MatMuls on longer (or unknown) sequences stay float
 BOX_SCORE_RANGE_RATIO = 50.0  # Concat inputs whose ranges differ by more than this: boxes joined with scores
+# FP8 (docs/fp8.md): TensorRT runs FP8 in Conv and GEMM kernels only. ModelOpt 0.47's FP8 ONNX PTQ
+# (modelopt/onnx/quantization/fp8.py, graph_utils.find_nodes_from_convs_to_exclude) quantizes Conv, Gemm,
+# MatMul and residual Add, and keeps in FP16 the convs TensorRT has no fast FP8 kernel for: more than 32
+# kernel taps, or 16 or fewer channels per group in or out (this includes every depthwise conv).
+FP8_OPS = frozenset({"Conv", "Gemm", "MatMul", "Add"})
+FP8_MIN_CHANNELS = 16  # a conv with <= this many input (per group) or output channels stays FP16
+FP8_MAX_KERNEL_AREA = 32  # a conv with more kernel taps than this (7x7) stays FP16

@@ -20,9 +20,9 @@ from trtbuild.core.errors import TrtbuildError
 
 
 def _activation_scale(members: Sequence[TensorRange], activation_type: str) -> tuple[float, int]:
-    if activation_type == "int8":
+    if activation_type in ("int8", wq.FP8):  # symmetric: amax / 127, or amax / 448 on the E4M3 grid
         amax = max(r.amax for r in members)
-        return amax / 127.0, 0
+        return amax / wq.weight_qmax(activation_type), 0
     lo = min(r.clipped()[0] for r in members)
     hi = max(r.clipped()[1] for r in members)
     scale = (hi - lo) / 255.0
@@ -99,7 +99,9 @@ def plan_qdq(
         scales = wq.per_channel_scales(g.constant(w_name), axis, wq.weight_qmax(options.weight_format))
         use_bias = bias if options.activation_type == "uint8" and len(live) == 1 else None
         correction = (
-            _bias_correction(g, w_name, live, axis, scales, means) if options.bias_correction else None
+            _bias_correction(g, w_name, live, axis, scales, means, options.weight_format)
+            if options.bias_correction
+            else None
         )
         plan.weights[w_name] = WeightQdq(
             w_name,
@@ -123,6 +125,7 @@ def _bias_correction(
     axis: int,
     scales: np.ndarray,
     means: Mapping[str, Any],
+    weight_format: str = "int8",
 ) -> tuple[str, tuple[float, ...]] | None:
     """(bias name, shift) for a weight read by one node whose own constant bias can absorb the shift."""
     if len(consumers) != 1 or not means:
@@ -136,7 +139,7 @@ def _bias_correction(
     if len(g.consumers.get(bias, [])) != 1 or float(attrs.get("beta", 1.0)) == 0.0:
         return None  # a shared bias (or one Gemm ignores) cannot take one layer's correction
     w = g.constant(w_name).astype(np.float32)
-    error = wq.dequantize_weight(wq.quantize_weight(w, scales, axis), scales, axis) - w
+    error = wq.dequantize_weight(wq.quantize_weight(w, scales, axis, weight_format), scales, axis) - w
     shift = bc.output_shift(error, np.asarray(mean, np.float64), node.op_type, attrs)
     b = g.constant(bias)
     if shift is None or b.ndim != 1 or b.size != shift.size or not np.all(np.isfinite(shift)):

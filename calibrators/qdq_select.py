@@ -15,8 +15,9 @@ from onnx import helper
 
 from calibrators import qdq_rules as rules
 from calibrators.graph_index import GraphIndex, ensure_node_names
-from calibrators.qdq_types import ACTIVATION_TYPES, Exclusion, QdqOptions
+from calibrators.qdq_types import QDQ_TYPES, Exclusion, QdqOptions
 from calibrators.ranges import TensorRange
+from calibrators.weights import FP8
 
 
 def _mask_path(g: GraphIndex, magnitude: float) -> set[str]:
@@ -97,8 +98,30 @@ def _user_exclusion(node: onnx.NodeProto, options: QdqOptions) -> str | None:
     return None
 
 
+def _fp8_exclusion(g: GraphIndex, node: onnx.NodeProto) -> str | None:
+    """Why a weighted node TensorRT would not run in FP8 stays FP16 (rules.FP8_*; docs/fp8.md), or None."""
+    if node.op_type not in rules.FP8_OPS:
+        return f"{node.op_type} has no FP8 kernel in TensorRT (FP8 runs Conv/Gemm/MatMul only)"
+    if node.op_type != "Conv" or not g.is_constant(node.input[1]):
+        return None
+    w_shape = list(g.constant(node.input[1]).shape)
+    taps = int(np.prod(w_shape[2:])) if len(w_shape) > 2 else 1
+    if taps > rules.FP8_MAX_KERNEL_AREA:
+        return f"FP8 conv kernels take up to {rules.FP8_MAX_KERNEL_AREA} taps, this one has {taps}"
+    if min(w_shape[0], w_shape[1]) <= rules.FP8_MIN_CHANNELS:
+        return (
+            f"small-channel conv for FP8 ({w_shape[1]} in per group / {w_shape[0]} out <= "
+            f"{rules.FP8_MIN_CHANNELS}: depthwise or narrow, faster in FP16)"
+        )
+    return None
+
+
 def _weighted_exclusion(g: GraphIndex, node: onnx.NodeProto, options: QdqOptions) -> str | None:
     """Why a Conv/Gemm/MatMul stays float (tiny conv, GEMV, attention score MatMul), or None."""
+    if options.activation_type == FP8:
+        why = _fp8_exclusion(g, node)
+        if why is not None:
+            return why
     rule = rules.WEIGHTED_OPS[node.op_type]
     weight_name = node.input[rule.weight_input] if rule.weight_input is not None else ""
     if node.op_type == "MatMul" and not g.is_constant(weight_name):
@@ -269,7 +292,8 @@ def select_qdq(
             acts.setdefault(node.input[i], []).append((node.name, i))
 
     # 3. Concat/pooling (reverse order, so chains cascade): inputs share the quantized output's scale.
-    for node in reversed(g.nodes):
+    # Not for FP8: TensorRT has no FP8 pooling/concat, so there they stay FP16 (ModelOpt does the same).
+    for node in reversed(g.nodes if options.activation_type != FP8 else []):
         if rules.ROLES.get(node.op_type) is not rules.Role.SHARED_SCALE or not node.output:
             continue
         out = node.output[0]
@@ -307,12 +331,13 @@ def quantizable_activations(
 ) -> list[str]:
     """The activation tensors that will get Q/DQ, in graph order: what calibration must measure.
 
-    The union over both activation types (uint8 also quantizes residual branches), so one set of ranges
-    serves the TensorRT (int8) and the ORT CPU (uint8) graph.
+    The union over the Q/DQ types (uint8 also quantizes residual branches; FP8 keeps other convs float, so
+    a residual's skip side can differ), so one set of ranges serves the TensorRT (int8, fp8) and the ORT
+    CPU (uint8) graph.
     """
     named = ensure_node_names(model)
     wanted: set[str] = set()
-    for activation_type in ACTIVATION_TYPES:
+    for activation_type in QDQ_TYPES:
         options = QdqOptions(
             activation_type=activation_type,
             exclude_nodes=tuple(exclude_nodes),

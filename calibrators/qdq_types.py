@@ -10,14 +10,17 @@ from calibrators import qdq_rules as rules
 from calibrators import weights as wq
 from trtbuild.core.errors import TrtbuildError
 
-ACTIVATION_TYPES = ("int8", "uint8")
+ACTIVATION_TYPES = ("int8", "uint8")  # integer Q/DQ: TensorRT INT8, ORT CPU uint8
+QDQ_TYPES = (*ACTIVATION_TYPES, wq.FP8)  # plus float8e4m3fn (TensorRT FP8 on sm89+, docs/fp8.md)
 
 
 @dataclass(frozen=True)
 class QdqOptions:
     """What to quantize and how. Patterns are regexes matched in full against node names."""
 
-    activation_type: str = "int8"  # int8: symmetric, zero point 0 (TensorRT); uint8: asymmetric (ORT CPU)
+    # int8: symmetric, zero point 0 (TensorRT); uint8: asymmetric (ORT CPU); fp8: E4M3, scale amax/448
+    # (TensorRT FP8; weights then fp8 too, placement per docs/fp8.md)
+    activation_type: str = "int8"
     exclude_nodes: tuple[str, ...] = ()
     exclude_op_types: tuple[str, ...] = ()
     # Layers the tool itself keeps float (auto-fallback, the ORT-CPU variant copying the TensorRT graph's
@@ -35,12 +38,20 @@ class QdqOptions:
     weight_format: str = "int8"
 
     def __post_init__(self) -> None:
-        if self.activation_type not in ACTIVATION_TYPES:
+        if self.activation_type not in QDQ_TYPES:
             raise TrtbuildError(
                 f"unknown activation type '{self.activation_type}'",
-                f"use one of {', '.join(ACTIVATION_TYPES)}",
+                f"use one of {', '.join(QDQ_TYPES)}",
             )
-        if self.weight_format not in wq.WEIGHT_FORMATS:
+        if self.activation_type == wq.FP8 and self.weight_format in ("int8", wq.FP8):
+            object.__setattr__(self, "weight_format", wq.FP8)  # FP8 layers take FP8 weights (frozen class)
+        elif self.activation_type == wq.FP8 or self.weight_format == wq.FP8:
+            raise TrtbuildError(
+                f"weight format '{self.weight_format}' with {self.activation_type} activations: "
+                "TensorRT's FP8 layers take FP8 weights and FP8 activations together",
+                "use activation_type='fp8' (weights follow)",
+            )
+        if self.weight_format not in (*wq.WEIGHT_FORMATS, wq.FP8):
             raise TrtbuildError(
                 f"unknown weight format '{self.weight_format}'", f"use one of {', '.join(wq.WEIGHT_FORMATS)}"
             )
@@ -77,7 +88,7 @@ class ActivationQdq:
     group: str  # tensors with the same group share one scale (Concat/pooling); else the tensor's own name
     scale: float
     zero_point: int
-    dtype: str  # "int8" or "uint8"
+    dtype: str  # "int8", "uint8" or "fp8" (float8e4m3fn, zero point 0)
 
 
 @dataclass(frozen=True)
@@ -91,7 +102,7 @@ class WeightQdq:
     bias: str | None = None  # a bias quantized to int32 (uint8 activations only, for ORT's fused kernels)
     corrected_bias: str | None = None  # the consumer's bias that gets ``bias_shift`` subtracted
     bias_shift: tuple[float, ...] | None = None  # E[(W_q - W) x] per output channel on the calibration data
-    weight_format: str = "int8"  # storage: int8 (±127), int7 (±63 in int8) or uint8 (zero point 128)
+    weight_format: str = "int8"  # storage: int8 (±127), int7 (±63 in int8), uint8 (zero point 128), fp8
 
 
 @dataclass

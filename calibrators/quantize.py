@@ -17,7 +17,7 @@ from typing import Any
 import onnx
 
 from calibrators import fallback as fallback_search
-from calibrators import fidelity, ort_cpu, output_kinds
+from calibrators import fidelity, fp8, ort_cpu, output_kinds
 from calibrators.cache import write_cache
 from calibrators.calibrate import compute_ranges
 from calibrators.collect import DEFAULT_BATCH_SIZE, collect, load_model, tensors_to_collect
@@ -29,6 +29,7 @@ from calibrators.methods import DEFAULT_METHOD
 from calibrators.preprocess import Preprocess
 from calibrators.qdq import QdqOptions, QdqPlan, apply_qdq, plan_qdq
 from calibrators.ranges import RangeSet
+from calibrators.weights import FP8
 from trtbuild.core import atomic, output_set
 from trtbuild.core import ort as ort_core
 from trtbuild.core.defaults import DEFAULT_TRT_VERSION
@@ -42,7 +43,9 @@ DEFAULT_HOLDOUT = 32
 class FidelityGateError(TrtbuildError):
     """The INT8 model is below the fidelity threshold (and auto-fallback was off or could not reach it)."""
 
-    def __init__(self, report: FidelityReport, fallback: FallbackResult | None = None) -> None:
+    def __init__(
+        self, report: FidelityReport, fallback: FallbackResult | None = None, precision: str = "INT8"
+    ) -> None:
         self.report = report
         self.fallback = fallback
         if fallback is not None and fallback.stopped:
@@ -57,7 +60,7 @@ class FidelityGateError(TrtbuildError):
             f"{o.name} ({o.kind}): {', '.join(o.failures(report.threshold))}" for o in report.failing()
         )
         super().__init__(
-            f"INT8 fidelity below the gate on {report.samples} held-out samples ({report.semantics} "
+            f"{precision} fidelity below the gate on {report.samples} held-out samples ({report.semantics} "
             f"semantics): {failing}; nothing was written",
             fix,
         )
@@ -140,7 +143,8 @@ def quantize(
     ``max_float_compute``: auto-fallback never keeps more than this share of the compute in float.
     ``fallback_strategy``: how auto-fallback ranks layers: "auto", "drop_one" (exact) or "local" (one pass).
     ``bias_correction``: fold each quantized layer's mean weight-rounding error into its float bias.
-    ``activation_type``: int8 writes the TensorRT graph, judged by its reference Q/DQ semantics; uint8
+    ``activation_type``: int8 writes the TensorRT graph, judged by its reference Q/DQ semantics; fp8 the
+    TensorRT FP8 (E4M3) graph at opset 19, judged the same way (docs/fp8.md); uint8
     writes a graph for ONNX Runtime's CPU kernels on ``ort_cpu_kind`` (``auto``: this machine), with the
     weight format that does not saturate there (``ort_weights``, calibrators/ort_cpu.py), judged by what
     ORT really runs.
@@ -168,7 +172,8 @@ def quantize(
                 f"--max-float-compute {max_float_compute} is outside 0..1", "pass a share such as 0.5"
             )
         kind_overrides = output_kinds.parse_output_kinds(output_kind)
-        model = _upgrade_opset(load_model(model_path))
+        # FP8 Q/DQ needs opset 19 (float8 zero points); integer Q/DQ per channel needs 13.
+        model = upgrade_opset(load_model(model_path), fp8.FP8_OPSET if activation_type == FP8 else 13)
         graph_outputs = [o.name for o in model.graph.output]
         check_outputs(threshold, graph_outputs)  # bad names fail before the data pass
         output_kinds.check_overrides(kind_overrides, graph_outputs)
@@ -192,7 +197,7 @@ def quantize(
             seed=seed,
             show_progress=show_progress,
         )
-        ranges = compute_ranges(collection, method)
+        ranges = compute_ranges(collection, method, grid=FP8 if activation_type == FP8 else "int8")
         ranges.meta.update({"holdout": holdout, "activation_type": activation_type})
 
         held_batches = list(held.batches(batch_size))
@@ -219,10 +224,11 @@ def quantize(
             )
             plan, qmodel, report = fallback.plan, fallback.model, fallback.final
         if not report.passed or (fallback is not None and not fallback.passed):
-            raise FidelityGateError(report, fallback)
+            raise FidelityGateError(report, fallback, "FP8" if activation_type == FP8 else "INT8")
 
         result = QuantizeResult(
-            onnx_path=Path(out_dir) / f"{Path(model_path).stem}.int8.onnx",
+            onnx_path=Path(out_dir)
+            / f"{Path(model_path).stem}.{'fp8' if activation_type == FP8 else 'int8'}.onnx",
             cache_path=Path(out_dir) / f"{Path(model_path).stem}.calib.cache",
             ranges_path=Path(out_dir) / f"{Path(model_path).stem}.ranges.json",
             report_path=Path(out_dir) / f"{Path(model_path).stem}.fidelity.json",
@@ -239,8 +245,8 @@ def quantize(
         return result
 
 
-def _upgrade_opset(model: onnx.ModelProto, target: int = 13) -> onnx.ModelProto:
-    """Per-channel Q/DQ needs opset 13: convert older third-party models (e.g. Paddle exports at 12)."""
+def upgrade_opset(model: onnx.ModelProto, target: int = 13) -> onnx.ModelProto:
+    """Per-channel Q/DQ needs opset 13 (FP8 Q/DQ 19): convert older models (e.g. Paddle exports at 12)."""
     opset = next((o.version for o in model.opset_import if o.domain in ("", "ai.onnx")), target)
     if opset >= target:
         return model
@@ -253,6 +259,9 @@ def _upgrade_opset(model: onnx.ModelProto, target: int = 13) -> onnx.ModelProto:
             f"the model uses opset {opset} and could not be converted to opset {target} ({exc})",
             "re-export it with opset_version=17",
         ) from exc
+    if target >= fp8.FP8_OPSET:
+        converted.ir_version = max(converted.ir_version, 9)  # opset 19 needs IR version 9 (float8 types)
+        return converted  # FP8 always needs the upgrade: nothing to warn about
     log.warning(f"converted the model from opset {opset} to {target} for per-channel Q/DQ")
     return converted
 
@@ -284,7 +293,7 @@ def write_variant(
     """The same model quantized from the same ranges with uint8 activations for ONNX Runtime CPU deployment
     next to the int8 TensorRT graph, keeping the layers the gate kept in float, with the weight format that
     is exact on ``ort_cpu_kind`` (recorded in the graph's metadata and returned)."""
-    model = _upgrade_opset(load_model(model_path))
+    model = upgrade_opset(load_model(model_path))
     target = ort_cpu.choose(ort_cpu_kind, ort_weights)
     kept_float = tuple((e.node, e.reason) for e in result.plan.excluded)
     options = QdqOptions(activation_type="uint8", keep_float=kept_float, weight_format=target.weight_format)

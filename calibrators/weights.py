@@ -6,24 +6,28 @@ storage formats ONNX Runtime's x86 kernels need on CPUs without VNNI (docs/ort-c
   AVX2's VPMADDUBSW sums into, so it cannot saturate; costs one bit of weight resolution.
 - ``uint8``: the int8 grid shifted by 128 (values 1..255, zero point 128): ORT then runs its u8 x u8
   kernels, which widen to int16 before multiplying (VPMADDWD) and cannot saturate either; full resolution.
+- ``fp8``: float8e4m3fn, scale max|w| / 448 per channel, saturating (TensorRT FP8, calibrators/fp8.py).
 """
 
 from __future__ import annotations
 
 import numpy as np
 
+from calibrators import fp8
+
 INT8_MAX = 127
-WEIGHT_FORMATS = ("int8", "int7", "uint8")
-_QMAX = {"int8": 127, "int7": 63, "uint8": 127}
+WEIGHT_FORMATS = ("int8", "int7", "uint8")  # the integer formats (ORT CPU's --ort-weights choices)
+FP8 = "fp8"
+_QMAX: dict[str, float] = {"int8": 127, "int7": 63, "uint8": 127, "fp8": fp8.E4M3_MAX}
 UINT8_ZERO_POINT = 128
 
 
-def weight_qmax(weight_format: str) -> int:
+def weight_qmax(weight_format: str) -> float:
     """Largest quantized magnitude of a weight format (its grid is -qmax..qmax around the zero point)."""
     return _QMAX[weight_format]
 
 
-def per_channel_scales(weight: np.ndarray, axis: int, qmax: int = INT8_MAX) -> np.ndarray:
+def per_channel_scales(weight: np.ndarray, axis: int, qmax: float = INT8_MAX) -> np.ndarray:
     """max|w| / qmax per slice along ``axis`` (float32); an all-zero channel gets scale 1 (quantizes to 0)."""
     w = np.asarray(weight, dtype=np.float32)
     reduce_axes = tuple(i for i in range(w.ndim) if i != axis)
@@ -38,15 +42,21 @@ def _broadcast(scales: np.ndarray, ndim: int, axis: int) -> np.ndarray:
     return scales.reshape(shape)
 
 
-def quantize_weight(weight: np.ndarray, scales: np.ndarray, axis: int) -> np.ndarray:
-    """round(w / scale) clipped to ±127, as int8."""
+def quantize_weight(
+    weight: np.ndarray, scales: np.ndarray, axis: int, weight_format: str = "int8"
+) -> np.ndarray:
+    """round(w / scale) clipped to ±127, as int8; for ``fp8`` w / scale on the E4M3 grid, as float8."""
     w = np.asarray(weight, dtype=np.float32)
+    if weight_format == "fp8":
+        return fp8.to_fp8(w / _broadcast(np.asarray(scales, np.float32), w.ndim, axis))
     q = np.rint(w / _broadcast(np.asarray(scales, np.float32), w.ndim, axis))
     return np.clip(q, -INT8_MAX, INT8_MAX).astype(np.int8)
 
 
 def stored_weight(q: np.ndarray, weight_format: str, channels: int) -> tuple[np.ndarray, np.ndarray]:
     """(stored values, per-channel zero points) of the symmetric grid ``q`` in ``weight_format``."""
+    if weight_format == "fp8":
+        return q, fp8.fp8_zeros(channels)
     if weight_format == "uint8":
         stored = (q.astype(np.int16) + UINT8_ZERO_POINT).astype(np.uint8)
         return stored, np.full(channels, UINT8_ZERO_POINT, np.uint8)

@@ -359,3 +359,24 @@ def test_only_the_backend_imports_tensorrt() -> None:
                 if isinstance(node, ast.ImportFrom) and (node.module or "").split(".")[0] == "tensorrt":
                     offenders.append(str(path.relative_to(REPO)))
     assert not offenders, offenders
+
+
+def test_fp8_names_exist_in_trt11(trt11: bytes, plans_for_11: list) -> None:
+    """An FP8 plan is a strongly typed build of a Q/DQ graph whose float8e4m3fn tensors TensorRT types as
+    DataType.FP8 (calibrators/fp8.py, docs/fp8.md): that member, with the E4M3 layout the graph uses, is in
+    the 10.13 stubs and in the 11.4 bindings; the FP8 builder flag is gone in 11 and FP8 plans never use
+    it."""
+    _, bindings = _installed_stubs()
+    text = (bindings / "tensorrt.pyi").read_text()
+    block = text[text.index("class DataType:") :]
+    block = block[: block.index('"""', block.index('"""') + 3)]
+    doc = re.search(
+        r"FP8 :\s+(Signed 8-bit floating point with 1 sign bit, 4 exponent bits, 3 mantissa)", block
+    )
+    assert doc, "DataType.FP8 (E4M3) is missing from the 10.13 stubs"
+    assert exported(trt11, "FP8") and doc[1].encode() in trt11  # the member and its docstring survive in 11
+    assert "FP8" in trt_backend.LEGACY_PRECISION_FLAGS  # the flag: 10.x only (checked absent above)
+    fp8_plans = [p for p in plans_for_11 if p.precision == "fp8"]
+    fp8_targets = {t for t, v in TARGETS.items() if "fp8" in v.precisions and not v.trt_versions}
+    assert fp8_targets and {p.target for p in fp8_plans} == fp8_targets  # H100, L4, L40S
+    assert all(p.strongly_typed and "FP8" not in p.builder_flags for p in fp8_plans)

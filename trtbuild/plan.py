@@ -180,6 +180,8 @@ class PlanSettings:
     calib_cache: str | None = None
     qdq_onnx: str | None = None
     fp16_onnx: str | None = None  # None: derived (converted) where the plan needs one
+    data: str | None = None  # FP8 without qdq_onnx: calibration data the FP8 Q/DQ graph is quantized from
+    min_fidelity: tuple[str, ...] = ()  # with data: the FP8 graph's fidelity gate (as `trtbuild quantize`)
     out_root: str = str(OUTPUT_ROOT)
 
 
@@ -210,7 +212,7 @@ def make_plan(
     version = tgt.resolve_trt(trt_version)
     notes: list[str] = []
 
-    _check_precision_supported(tgt, prec, version)
+    check_precision_supported(tgt, prec, version)
     onnx, kind, strongly_typed, flags, cache = _choose_graph_and_flags(
         tgt, prec, version, onnx_path, calib_cache, qdq_onnx, fp16_onnx, dla_core is not None, notes
     )
@@ -268,7 +270,8 @@ def make_plan(
     )
 
 
-def _check_precision_supported(tgt: Target, prec: str, version: TrtVersion) -> None:
+def check_precision_supported(tgt: Target, prec: str, version: TrtVersion) -> None:
+    """Refuse a precision the GPU or the TensorRT version lacks (before any calibration work is spent)."""
     if prec not in tgt.precisions:
         why = (
             "BF16 needs sm80+ (Ampere or newer)"
@@ -379,7 +382,11 @@ def _choose_graph_and_flags(
         )
         return str(qdq_onnx), "qdq", False, [flag, "FP16"], None
     if prec == "fp8":
-        raise TrtbuildError("FP8 needs an FP8 Q/DQ graph", "pass --qdq-onnx with an FP8-quantized ONNX")
+        raise TrtbuildError(
+            "FP8 needs an FP8 Q/DQ graph",
+            "pass --data with calibration samples (trtbuild quantizes at FP8 itself), or --qdq-onnx with "
+            "the graph from `trtbuild quantize --precision fp8`",
+        )
     if calib_cache is not None:
         if typed_only:
             raise TrtbuildError(

@@ -17,8 +17,15 @@ import numpy as np
 from trtbuild.core.errors import TrtbuildError
 from trtbuild.core.output_set import check_writable_folder
 from trtbuild.core.trt_versions import strongly_typed_only
-from trtbuild.plan import BuildPlan, PlanSettings, fp16_qdq_source, make_plan, model_dir
-from trtbuild.targets import get_target
+from trtbuild.plan import (
+    BuildPlan,
+    PlanSettings,
+    check_precision_supported,
+    fp16_qdq_source,
+    make_plan,
+    model_dir,
+)
+from trtbuild.targets import Target, check_precision, get_target
 
 MIN_COSINE = 0.99  # FP16 float parts against FP32 ones, same Q/DQ: measured 0.9989 on EfficientNet-Lite0
 
@@ -81,6 +88,13 @@ def plan_model(model: str | Path, settings: PlanSettings) -> BuildPlan:
     if fp16_onnx is not None and not Path(fp16_onnx).is_file():
         raise TrtbuildError(f"FP16 graph '{fp16_onnx}' does not exist", "check the path, or omit --fp16-onnx")
     target = get_target(settings.target)
+    qdq_onnx = settings.qdq_onnx
+    if settings.data is not None:
+        if qdq_onnx is not None:
+            raise TrtbuildError(
+                "--data and --qdq-onnx were both given", "give one: --data quantizes at FP8 itself"
+            )
+        qdq_onnx = str(_quantize_fp8(model, target, settings))
     if (
         settings.precision.lower() == "fp16"
         and fp16_onnx is None
@@ -104,9 +118,33 @@ def plan_model(model: str | Path, settings: PlanSettings) -> BuildPlan:
         dla_core=settings.dla_core,
         gpu_fallback=settings.gpu_fallback,
         calib_cache=settings.calib_cache,
-        qdq_onnx=settings.qdq_onnx,
+        qdq_onnx=qdq_onnx,
         fp16_onnx=fp16_onnx,
         out_root=settings.out_root,
     )
     write_plan_graph(plan)  # the FP16 graph, or the Q/DQ graph with FP16 float parts, when derived
     return plan
+
+
+def _quantize_fp8(model: str | Path, target: Target, settings: PlanSettings) -> Path:
+    """The FP8 Q/DQ graph of ``model`` from ``settings.data``, in the plan's model folder (refused first on a
+    GPU or TensorRT without FP8, before the data pass)."""
+    from calibrators.quantize import quantize
+
+    precision = check_precision(settings.precision)
+    if precision != "fp8":
+        raise TrtbuildError(
+            f"--data quantizes an FP8 graph; for {precision} it does not apply",
+            "drop --data (int8: pass --qdq-onnx from `trtbuild quantize`)",
+        )
+    check_precision_supported(target, precision, target.resolve_trt(settings.trt_version))
+    result = quantize(
+        model,
+        Path(settings.data or ""),
+        model_dir(model, settings.out_root),
+        activation_type="fp8",
+        min_fidelity=list(settings.min_fidelity) or None,
+        auto_fallback=True,
+        show_progress=False,
+    )
+    return result.onnx_path

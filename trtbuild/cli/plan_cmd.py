@@ -101,6 +101,18 @@ def _plan_options(fn: Any) -> Any:
         click.option("--qdq-onnx", type=click.Path(dir_okay=False), help="Q/DQ (explicitly quantized) ONNX."),
         click.option("--fp16-onnx", type=click.Path(dir_okay=False), help="FP16 graph (default: converted)."),
         click.option(
+            "--data",
+            "data_path",
+            type=click.Path(exists=True),
+            help="FP8 without --qdq-onnx: calibration data (as `trtbuild quantize --data`); the FP8 Q/DQ "
+            "graph is quantized from it, gated on held-out samples with auto-fallback.",
+        ),
+        click.option(
+            "--min-fidelity",
+            multiple=True,
+            help="With --data: the fidelity gate of the FP8 graph (as `trtbuild quantize`).",
+        ),
+        click.option(
             "--out",
             "out_root",
             default=str(OUTPUT_ROOT),
@@ -133,6 +145,8 @@ def plan_from_options(model: str, **kw: Any) -> BuildPlan:
         calib_cache=kw["calib_cache"],
         qdq_onnx=kw["qdq_onnx"],
         fp16_onnx=kw["fp16_onnx"],
+        data=kw["data_path"],
+        min_fidelity=tuple(kw["min_fidelity"]),
         out_root=kw["out_root"],
     )
     return plan_model(model, settings)

@@ -25,6 +25,7 @@ from calibrators.quantize import (
 from trtbuild.cli.data_options import data_option, preprocess_options
 from trtbuild.core import console
 from trtbuild.core.cpu import CPU_KINDS
+from trtbuild.core.errors import TrtbuildError
 
 
 def _float_table(result: QuantizeResult) -> Table:
@@ -84,6 +85,13 @@ def _float_table(result: QuantizeResult) -> Table:
 @click.option("--exclude", multiple=True, help="Regex of node names to keep in float (repeatable).")
 @click.option("--exclude-op-type", multiple=True, help="Op type to keep in float (repeatable).")
 @click.option(
+    "--precision",
+    type=click.Choice(["int8", "fp8"]),
+    default="int8",
+    show_default=True,
+    help="int8, or fp8: E4M3 Q/DQ (opset 19) for TensorRT on sm89+ GPUs (H100, L4, L40S, Thor); docs/fp8.md.",
+)
+@click.option(
     "--activation-type",
     type=click.Choice(ACTIVATION_TYPES),
     default="int8",
@@ -136,6 +144,7 @@ def quantize_command(
     fallback_strategy: str,
     exclude: tuple[str, ...],
     exclude_op_type: tuple[str, ...],
+    precision: str,
     activation_type: str,
     ort_cpu_kind: str,
     ort_weights: str,
@@ -148,10 +157,20 @@ def quantize_command(
     preprocess: Preprocess,
     as_json: bool,
 ) -> None:
-    """Quantize MODEL.onnx to INT8 Q/DQ with a held-out fidelity gate; writes the Q/DQ ONNX, the TensorRT
-    calibration cache, the ranges JSON and the fidelity report (nothing if the gate fails)."""
+    """Quantize MODEL.onnx to INT8 (or --precision fp8) Q/DQ with a held-out fidelity gate; writes the Q/DQ
+    ONNX, the TensorRT calibration cache, the ranges JSON and the fidelity report (nothing if the gate
+    fails)."""
     cache.header(trt_version)  # bad inputs fail before the data pass
+    if precision == "fp8":
+        if activation_type != "int8":
+            raise TrtbuildError(
+                f"--precision fp8 with --activation-type {activation_type}: FP8 graphs are for TensorRT, "
+                "uint8 ones for ONNX Runtime CPU",
+                "drop --activation-type (FP8 activations and weights are both E4M3)",
+            )
+        activation_type = "fp8"
     threshold = parse_min_fidelity(list(min_fidelity) or None)
+    title = f"{precision.upper()} fidelity vs FP32 (held-out samples)"
     try:
         result = quantize(
             model,
@@ -179,21 +198,21 @@ def quantize_command(
             show_progress=not as_json,
         )
     except FidelityGateError as exc:
-        console.err.print(exc.report.table())
+        console.err.print(exc.report.table(title))
         if exc.fallback is not None:
             console.err.print(exc.fallback.table())
         raise
     if as_json:
         console.emit_json(result.to_json())
         return
-    console.out.print(result.fidelity.table())
+    console.out.print(result.fidelity.table(title))
     if result.fallback is not None:
         console.out.print(result.fallback.table())
     if result.plan.excluded:
         console.out.print(_float_table(result))
     float_share = "" if result.fallback is None else f" ({result.fallback.float_compute:.0%} of the compute)"
     console.out.print(
-        f"{len(result.plan.quantized_nodes)} layers INT8 ({activation_type}), "
+        f"{len(result.plan.quantized_nodes)} layers {precision.upper()} ({activation_type}), "
         f"{len(result.plan.excluded)} float{float_share}; {result.calibration_samples} calibration / "
         f"{result.holdout_samples} held-out samples, method {method}"
     )
