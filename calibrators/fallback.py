@@ -4,9 +4,10 @@
    how much the fidelity error (KL for classifiers, 1 - cosine otherwise) drops. "local" (one FP32 and one
    INT8 run): the relative noise each layer adds between its input and its output. "auto" (default) uses
    drop_one when one run per layer fits the time budget, else local.
-2. Greedy by sensitivity with verification: keep the top-k most sensitive layers in float, for the smallest
-   k that passes on the full held-out split (doubling k, then bisecting), each candidate verified
-   by a real run.
+2. Greedy with verification: rank layers (calibrators/fallback_ranking.py: by gain per MAC by default, or
+   by gain alone), keep the top-k in float for the smallest k that passes on the full held-out split
+   (doubling k, then bisecting), then try to put the most expensive kept layers back in INT8; every
+   candidate is verified by a real run.
 """
 
 from __future__ import annotations
@@ -21,7 +22,7 @@ import numpy as np
 import onnx
 from rich.table import Table
 
-from calibrators import fidelity, layer_cost
+from calibrators import fallback_ranking, fidelity, layer_cost
 from calibrators.fidelity import Feeds, FidelityReport, FidelityThreshold
 from calibrators.output_kinds import OutputKind
 from calibrators.qdq import Exclusion, GraphCache, QdqOptions, QdqPlan, apply_qdq, plan_qdq
@@ -54,6 +55,8 @@ class FallbackResult:
     strategy: str = ""  # how sensitivity was measured: "local" or "drop_one"
     float_compute: float = 0.0  # share of the model's Conv/Gemm/MatMul MACs left in float
     stopped: str | None = None  # why the search stopped short of the gate (the float-compute limit)
+    ranking: str = fallback_ranking.DEFAULT_RANKING  # "cost" (gain per MAC) or "sensitivity" (gain)
+    layer_macs: dict[str, float] = field(default_factory=dict)  # every compute layer's MACs
 
     @property
     def passed(self) -> bool:
@@ -75,6 +78,7 @@ class FallbackResult:
             "trials": self.trials,
             "strategy": self.strategy,
             "float_compute": self.float_compute,
+            "ranking": self.ranking,
             "stopped": self.stopped,
             "sensitivities": [s.__dict__ for s in self.sensitivities],
         }
@@ -83,16 +87,18 @@ class FallbackResult:
         kept = set(self.kept_float)
         table = Table(
             title=f"Auto-fallback: {len(kept)} layer(s) kept in float "
-            f"(error {self.baseline.score():.4g} -> {self.final.score():.4g}, {self.strategy} sensitivity); "
-            "most sensitive layers"
+            f"(error {self.baseline.score():.4g} -> {self.final.score():.4g}, {self.strategy} sensitivity, "
+            f"{self.ranking} ranking), {self.float_compute:.1%} of the compute float; most sensitive layers"
         )
-        for col in ("layer", "op", "error if float", "gain", "kept float"):
+        total = sum(self.layer_macs.values()) or 1.0
+        for col in ("layer", "op", "error if float", "gain", "compute", "kept float"):
             table.add_column(col, justify="left" if col in ("layer", "op") else "right")
         shown = [s for s in self.sensitivities if s.node in kept]
         shown += [s for s in self.sensitivities if s.node not in kept][: max(0, top - len(shown))]
         for s in shown:
             err = "-" if s.error_if_float is None else f"{s.error_if_float:.4g}"
-            table.add_row(s.node, s.op_type, err, f"{s.gain:+.4g}", "yes" if s.node in kept else "")
+            share = f"{self.layer_macs[s.node] / total:.2%}" if s.node in self.layer_macs else "-"
+            table.add_row(s.node, s.op_type, err, f"{s.gain:+.4g}", share, "yes" if s.node in kept else "")
         return table
 
 
@@ -237,12 +243,18 @@ def auto_fallback(
     semantics: str | None = None,
     kinds: Mapping[str, OutputKind] | None = None,
     max_float_compute: float = DEFAULT_MAX_FLOAT_COMPUTE,
+    ranking: str = fallback_ranking.DEFAULT_RANKING,
+    prune_trials: int = 3,
 ) -> FallbackResult:
     """Keep the fewest most-sensitive layers in float so the model passes ``threshold`` on ``holdout``.
     ``semantics``: how candidates are run (default: from the activation type, as the gate does);
     ``kinds``: each output's kind (default: decided from the graph and the FP32 outputs).
     ``max_float_compute``: never return a model with more than this share of its Conv/Gemm/MatMul MACs in
-    float; when the gate needs more, stop and say which outputs and layers drive it (``stopped``)."""
+    float; when the gate needs more, stop and say which outputs and layers drive it (``stopped``).
+    ``ranking``: "cost" tries layers by sensitivity gain per MAC (fewest MACs float), "sensitivity" by
+    gain alone; ``prune_trials``: how many of the most expensive kept layers to try back in INT8."""
+    if ranking not in fallback_ranking.RANKINGS:
+        raise TrtbuildError(f"unknown fallback ranking '{ranking}'", "use 'cost' or 'sensitivity'")
     if reference is None:
         reference = fidelity.run_batches(fidelity.session(model), holdout)
     planner = _Planner(model, ranges, options, semantics, kinds or fidelity.decide_kinds(model, reference))
@@ -252,7 +264,15 @@ def auto_fallback(
     base_share = layer_cost.float_share(costs, plan.quantized_nodes)
     if baseline.passed:
         return FallbackResult(
-            [], [], baseline, baseline, plan, apply_qdq(model, plan), float_compute=base_share
+            [],
+            [],
+            baseline,
+            baseline,
+            plan,
+            apply_qdq(model, plan),
+            float_compute=base_share,
+            ranking=ranking,
+            layer_macs=costs,
         )
 
     planner.focus = {o.name for o in baseline.failing()}
@@ -281,7 +301,7 @@ def auto_fallback(
             planner.focus,
         )
 
-    order = [s.node for s in sens]
+    order = fallback_ranking.order(sens, costs, ranking)
     quantized = set(plan.quantized_nodes)
 
     def share(k: int) -> float:
@@ -323,19 +343,56 @@ def auto_fallback(
             else:
                 lo = mid
         k = hi
-    final_plan = planner.plan(order[:k])
+    kept, final = list(order[:k]), verify(k)
+    if stopped is None and final.passed:
+        kept, final = _prune(planner, kept, final, holdout, reference, threshold, costs, prune_trials, trials)
+    final_plan = planner.plan(kept)
     return FallbackResult(
-        order[:k],
+        kept,
         sens,
         baseline,
-        verify(k),
+        final,
         final_plan,
         apply_qdq(model, final_plan),
         trials,
         strategy,
-        share(k),
+        layer_cost.float_share(costs, quantized - set(kept)),
         stopped,
+        ranking,
+        costs,
     )
+
+
+def _prune(
+    planner: _Planner,
+    kept: list[str],
+    final: FidelityReport,
+    holdout: Sequence[Feeds],
+    reference: dict[str, np.ndarray],
+    threshold: FidelityThreshold,
+    costs: Mapping[str, float],
+    limit: int,
+    trials: list[dict[str, Any]],
+) -> tuple[list[str], FidelityReport]:
+    """Put the most expensive kept-float layers back in INT8 one at a time while the gate still passes:
+    the prefix search is greedy, and a big layer taken early may not be needed once cheaper ones are float."""
+    quantized = set(planner.plan().quantized_nodes)
+    for node in fallback_ranking.prune_order(kept, costs, limit if len(kept) > 1 else 0):
+        trial = [n for n in kept if n != node]
+        report = _error(planner, planner.plan(trial), holdout, reference, threshold)
+        share = layer_cost.float_share(costs, quantized - set(trial))
+        trials.append(
+            {
+                "float_layers": len(trial),
+                "passed": report.passed,
+                "error": report.score(planner.focus),
+                "float_compute": share,
+                "requantized": node,
+            }
+        )
+        if report.passed:
+            kept, final = trial, report
+    return kept, final
 
 
 def _stop_reason(report: FidelityReport, k: int, share: float, limit: float, leading: Sequence[str]) -> str:
