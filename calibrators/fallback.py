@@ -301,51 +301,32 @@ def auto_fallback(
             planner.focus,
         )
 
-    order = fallback_ranking.order(sens, costs, ranking)
-    quantized = set(plan.quantized_nodes)
-
-    def share(k: int) -> float:
-        return layer_cost.float_share(costs, quantized - set(order[:k]))
-
-    # The most layers the search may keep float: beyond it the model would be mostly float.
-    limit = max((k for k in range(len(order) + 1) if share(k) <= max_float_compute), default=0)
-    trials: list[dict[str, Any]] = []
-    cache: dict[int, FidelityReport] = {}
-
-    def verify(k: int) -> FidelityReport:
-        if k not in cache:
-            report = _error(planner, planner.plan(order[:k]), holdout, reference, threshold)
-            cache[k] = report
-            trials.append(
-                {
-                    "float_layers": k,
-                    "passed": report.passed,
-                    "error": report.score(planner.focus),
-                    "float_compute": share(k),
-                }
-            )
-        return cache[k]
-
-    # Doubling, then bisection between the last failing and the first passing k, within the limit.
-    lo, hi = 0, min(1, limit)
-    while hi < limit and not verify(hi).passed:
-        lo, hi = hi, min(hi * 2, limit)
+    verify = _Verifier(planner, holdout, reference, threshold, costs, set(plan.quantized_nodes), baseline)
+    # The requested order first; with "cost", the plain gain order is then searched within the MACs that
+    # found (a discrete gate such as top-1 can be met by one big layer sooner than by many cheap ones), and
+    # whichever passing set keeps fewer MACs float wins.
+    orders = [fallback_ranking.order(sens, costs, ranking)]
+    if ranking == "cost":
+        orders.append(fallback_ranking.order(sens, costs, "sensitivity"))
+    best: list[str] | None = None
+    budget = max_float_compute
+    first: tuple[list[str], int, int] | None = None
+    for order in orders:
+        k, passed, limit = _search(verify, order, budget)
+        if passed:
+            best, budget = order[:k], verify.share(order[:k]) - 1e-9
+        elif first is None:
+            first = (order, k, limit)
     stopped = None
-    if not verify(hi).passed:
-        k = hi  # the limit (or every layer) in float does not pass: report the best allowed
+    if best is None:
+        assert first is not None
+        order, k, limit = first
+        best = order[:k]  # the limit (or every layer) in float does not pass: report the best allowed
         if limit < len(order):
-            stopped = _stop_reason(verify(k), k, share(k), max_float_compute, order[:5])
-    else:
-        while hi - lo > 1:
-            mid = (lo + hi) // 2
-            if verify(mid).passed:
-                hi = mid
-            else:
-                lo = mid
-        k = hi
-    kept, final = list(order[:k]), verify(k)
+            stopped = _stop_reason(verify(best), k, verify.share(best), max_float_compute, order[:5])
+    kept, final = list(best), verify(best)
     if stopped is None and final.passed:
-        kept, final = _prune(planner, kept, final, holdout, reference, threshold, costs, prune_trials, trials)
+        kept, final = _prune(verify, kept, costs, prune_trials)
     final_plan = planner.plan(kept)
     return FallbackResult(
         kept,
@@ -354,42 +335,80 @@ def auto_fallback(
         final,
         final_plan,
         apply_qdq(model, final_plan),
-        trials,
+        verify.trials,
         strategy,
-        layer_cost.float_share(costs, quantized - set(kept)),
+        verify.share(kept),
         stopped,
         ranking,
         costs,
     )
 
 
+class _Verifier:
+    """Runs a candidate set of float layers on the full held-out split, once per distinct set."""
+
+    def __init__(
+        self,
+        planner: _Planner,
+        holdout: Sequence[Feeds],
+        reference: dict[str, np.ndarray],
+        threshold: FidelityThreshold,
+        costs: Mapping[str, float],
+        quantized: set[str],
+        baseline: FidelityReport,
+    ) -> None:
+        self.planner, self.holdout, self.reference, self.threshold = planner, holdout, reference, threshold
+        self.costs, self.quantized = costs, quantized
+        self.cache: dict[frozenset[str], FidelityReport] = {frozenset(): baseline}
+        self.trials: list[dict[str, Any]] = []
+
+    def share(self, layers: Sequence[str]) -> float:
+        return layer_cost.float_share(self.costs, self.quantized - set(layers))
+
+    def __call__(self, layers: Sequence[str]) -> FidelityReport:
+        key = frozenset(layers)
+        if key not in self.cache:
+            p = self.planner
+            report = _error(p, p.plan(list(layers)), self.holdout, self.reference, self.threshold)
+            self.cache[key] = report
+            self.trials.append(
+                {
+                    "float_layers": len(key),
+                    "passed": report.passed,
+                    "error": report.score(p.focus),
+                    "float_compute": self.share(layers),
+                }
+            )
+        return self.cache[key]
+
+
+def _search(verify: _Verifier, order: Sequence[str], max_share: float) -> tuple[int, bool, int]:
+    """(k, passed, limit): the shortest prefix of ``order`` that passes, keeping at most ``max_share`` of
+    the MACs float (``limit``: the longest such prefix); doubling, then bisection."""
+    limit = max((k for k in range(len(order) + 1) if verify.share(order[:k]) <= max_share), default=0)
+    lo, hi = 0, min(1, limit)
+    while hi < limit and not verify(order[:hi]).passed:
+        lo, hi = hi, min(hi * 2, limit)
+    if not verify(order[:hi]).passed:
+        return hi, False, limit
+    while hi - lo > 1:
+        mid = (lo + hi) // 2
+        if verify(order[:mid]).passed:
+            hi = mid
+        else:
+            lo = mid
+    return hi, True, limit
+
+
 def _prune(
-    planner: _Planner,
-    kept: list[str],
-    final: FidelityReport,
-    holdout: Sequence[Feeds],
-    reference: dict[str, np.ndarray],
-    threshold: FidelityThreshold,
-    costs: Mapping[str, float],
-    limit: int,
-    trials: list[dict[str, Any]],
+    verify: _Verifier, kept: list[str], costs: Mapping[str, float], limit: int
 ) -> tuple[list[str], FidelityReport]:
     """Put the most expensive kept-float layers back in INT8 one at a time while the gate still passes:
     the prefix search is greedy, and a big layer taken early may not be needed once cheaper ones are float."""
-    quantized = set(planner.plan().quantized_nodes)
+    final = verify(kept)
     for node in fallback_ranking.prune_order(kept, costs, limit if len(kept) > 1 else 0):
         trial = [n for n in kept if n != node]
-        report = _error(planner, planner.plan(trial), holdout, reference, threshold)
-        share = layer_cost.float_share(costs, quantized - set(trial))
-        trials.append(
-            {
-                "float_layers": len(trial),
-                "passed": report.passed,
-                "error": report.score(planner.focus),
-                "float_compute": share,
-                "requantized": node,
-            }
-        )
+        report = verify(trial)
         if report.passed:
             kept, final = trial, report
     return kept, final

@@ -4,6 +4,8 @@ Keeping a layer float costs its multiply-accumulates (calibrators/layer_cost.py)
 depthwise 3x3 that removes a third of the error for 1% of the MACs is a better buy than a pointwise
 conv that removes half of it for 10%. The "cost" ranking sorts layers whose float copy helps by gain per
 MAC; layers that do not help go last, most helpful first, so the search can still reach them.
+auto_fallback also searches the gain order within the MACs the cost order needed and keeps the cheaper
+passing set (calibrators/fallback.py).
 """
 
 from __future__ import annotations
