@@ -5,9 +5,10 @@
    INT8 run): the relative noise each layer adds between its input and its output. "auto" (default) uses
    drop_one when its work (one run per layer, counted in multiply-adds) fits the budget, else local. The
    choice is made from the model, never from a wall clock, so a loaded machine gives the same result.
-2. Greedy by sensitivity with verification: keep the top-k most sensitive layers in float, for the smallest
-   k that passes on the full held-out split (doubling k, then bisecting), each candidate verified
-   by a real run.
+2. Greedy with verification: rank layers (calibrators/fallback_ranking.py: by gain per MAC by default, or
+   by gain alone), keep the top-k in float for the smallest k that passes on the full held-out split
+   (doubling k, then bisecting), then try to put the most expensive kept layers back in INT8; every
+   candidate is verified by a real run.
 """
 
 from __future__ import annotations
@@ -20,7 +21,7 @@ import numpy as np
 import onnx
 from rich.table import Table
 
-from calibrators import fidelity, layer_cost
+from calibrators import fallback_ranking, fidelity, layer_cost
 from calibrators.fidelity import Feeds, FidelityReport, FidelityThreshold
 from calibrators.output_kinds import OutputKind
 from calibrators.qdq import GraphCache, QdqOptions, QdqPlan, apply_qdq, plan_qdq
@@ -56,6 +57,8 @@ class FallbackResult:
     strategy: str = ""  # how sensitivity was measured: "local" or "drop_one"
     float_compute: float = 0.0  # share of the model's Conv/Gemm/MatMul MACs left in float
     stopped: str | None = None  # why the search stopped short of the gate (the float-compute limit)
+    ranking: str = fallback_ranking.DEFAULT_RANKING  # "cost" (gain per MAC) or "sensitivity" (gain)
+    layer_macs: dict[str, float] = field(default_factory=dict)  # every compute layer's MACs
 
     @property
     def passed(self) -> bool:
@@ -77,6 +80,7 @@ class FallbackResult:
             "trials": self.trials,
             "strategy": self.strategy,
             "float_compute": self.float_compute,
+            "ranking": self.ranking,
             "stopped": self.stopped,
             "sensitivities": [s.__dict__ for s in self.sensitivities],
         }
@@ -85,16 +89,18 @@ class FallbackResult:
         kept = set(self.kept_float)
         table = Table(
             title=f"Auto-fallback: {len(kept)} layer(s) kept in float "
-            f"(error {self.baseline.score():.4g} -> {self.final.score():.4g}, {self.strategy} sensitivity); "
-            "most sensitive layers"
+            f"(error {self.baseline.score():.4g} -> {self.final.score():.4g}, {self.strategy} sensitivity, "
+            f"{self.ranking} ranking), {self.float_compute:.1%} of the compute float; most sensitive layers"
         )
-        for col in ("layer", "op", "error if float", "gain", "kept float"):
+        total = sum(self.layer_macs.values()) or 1.0
+        for col in ("layer", "op", "error if float", "gain", "compute", "kept float"):
             table.add_column(col, justify="left" if col in ("layer", "op") else "right")
         shown = [s for s in self.sensitivities if s.node in kept]
         shown += [s for s in self.sensitivities if s.node not in kept][: max(0, top - len(shown))]
         for s in shown:
             err = "-" if s.error_if_float is None else f"{s.error_if_float:.4g}"
-            table.add_row(s.node, s.op_type, err, f"{s.gain:+.4g}", "yes" if s.node in kept else "")
+            share = f"{self.layer_macs[s.node] / total:.2%}" if s.node in self.layer_macs else "-"
+            table.add_row(s.node, s.op_type, err, f"{s.gain:+.4g}", share, "yes" if s.node in kept else "")
         return table
 
 
@@ -233,12 +239,18 @@ def auto_fallback(
     semantics: str | None = None,
     kinds: Mapping[str, OutputKind] | None = None,
     max_float_compute: float = DEFAULT_MAX_FLOAT_COMPUTE,
+    ranking: str = fallback_ranking.DEFAULT_RANKING,
+    prune_trials: int = 3,
 ) -> FallbackResult:
     """Keep the fewest most-sensitive layers in float so the model passes ``threshold`` on ``holdout``.
     ``semantics``: how candidates are run (default: from the activation type, as the gate does);
     ``kinds``: each output's kind (default: decided from the graph and the FP32 outputs).
     ``max_float_compute``: never return a model with more than this share of its Conv/Gemm/MatMul MACs in
-    float; when the gate needs more, stop and say which outputs and layers drive it (``stopped``)."""
+    float; when the gate needs more, stop and say which outputs and layers drive it (``stopped``).
+    ``ranking``: "cost" tries layers by sensitivity gain per MAC (fewest MACs float), "sensitivity" by
+    gain alone; ``prune_trials``: how many of the most expensive kept layers to try back in INT8."""
+    if ranking not in fallback_ranking.RANKINGS:
+        raise TrtbuildError(f"unknown fallback ranking '{ranking}'", "use 'cost' or 'sensitivity'")
     if reference is None:
         reference = fidelity.run_batches(fidelity.session(model), holdout)
     planner = _Planner(model, ranges, options, semantics, kinds or fidelity.decide_kinds(model, reference))
@@ -248,7 +260,15 @@ def auto_fallback(
     base_share = layer_cost.float_share(costs, plan.quantized_nodes)
     if baseline.passed:
         return FallbackResult(
-            [], [], baseline, baseline, plan, apply_qdq(model, plan), float_compute=base_share
+            [],
+            [],
+            baseline,
+            baseline,
+            plan,
+            apply_qdq(model, plan),
+            float_compute=base_share,
+            ranking=ranking,
+            layer_macs=costs,
         )
 
     planner.focus = {o.name for o in baseline.failing()}
@@ -276,61 +296,117 @@ def auto_fallback(
             planner.focus,
         )
 
-    order = [s.node for s in sens]
-    quantized = set(plan.quantized_nodes)
-
-    def share(k: int) -> float:
-        return layer_cost.float_share(costs, quantized - set(order[:k]))
-
-    # The most layers the search may keep float: beyond it the model would be mostly float.
-    limit = max((k for k in range(len(order) + 1) if share(k) <= max_float_compute), default=0)
-    trials: list[dict[str, Any]] = []
-    cache: dict[int, FidelityReport] = {}
-
-    def verify(k: int) -> FidelityReport:
-        if k not in cache:
-            report = _error(planner, planner.plan(order[:k]), holdout, reference, threshold)
-            cache[k] = report
-            trials.append(
-                {
-                    "float_layers": k,
-                    "passed": report.passed,
-                    "error": report.score(planner.focus),
-                    "float_compute": share(k),
-                }
-            )
-        return cache[k]
-
-    # Doubling, then bisection between the last failing and the first passing k, within the limit.
-    lo, hi = 0, min(1, limit)
-    while hi < limit and not verify(hi).passed:
-        lo, hi = hi, min(hi * 2, limit)
+    verify = _Verifier(planner, holdout, reference, threshold, costs, set(plan.quantized_nodes), baseline)
+    # The requested order first; with "cost", the plain gain order is then searched within the MACs that
+    # found (a discrete gate such as top-1 can be met by one big layer sooner than by many cheap ones), and
+    # whichever passing set keeps fewer MACs float wins.
+    orders = [fallback_ranking.order(sens, costs, ranking)]
+    if ranking == "cost":
+        orders.append(fallback_ranking.order(sens, costs, "sensitivity"))
+    best: list[str] | None = None
+    budget = max_float_compute
+    first: tuple[list[str], int, int] | None = None
+    for order in orders:
+        k, passed, limit = _search(verify, order, budget)
+        if passed:
+            best, budget = order[:k], verify.share(order[:k]) - 1e-9
+        elif first is None:
+            first = (order, k, limit)
     stopped = None
-    if not verify(hi).passed:
-        k = hi  # the limit (or every layer) in float does not pass: report the best allowed
+    if best is None:
+        assert first is not None
+        order, k, limit = first
+        best = order[:k]  # the limit (or every layer) in float does not pass: report the best allowed
         if limit < len(order):
-            stopped = _stop_reason(verify(k), k, share(k), max_float_compute, order[:5])
-    else:
-        while hi - lo > 1:
-            mid = (lo + hi) // 2
-            if verify(mid).passed:
-                hi = mid
-            else:
-                lo = mid
-        k = hi
-    final_plan = planner.plan(order[:k])
+            stopped = _stop_reason(verify(best), k, verify.share(best), max_float_compute, order[:5])
+    kept, final = list(best), verify(best)
+    if stopped is None and final.passed:
+        kept, final = _prune(verify, kept, costs, prune_trials)
+    final_plan = planner.plan(kept)
     return FallbackResult(
-        order[:k],
+        kept,
         sens,
         baseline,
-        verify(k),
+        final,
         final_plan,
         apply_qdq(model, final_plan),
-        trials,
+        verify.trials,
         strategy,
-        share(k),
+        verify.share(kept),
         stopped,
+        ranking,
+        costs,
     )
+
+
+class _Verifier:
+    """Runs a candidate set of float layers on the full held-out split, once per distinct set."""
+
+    def __init__(
+        self,
+        planner: _Planner,
+        holdout: Sequence[Feeds],
+        reference: dict[str, np.ndarray],
+        threshold: FidelityThreshold,
+        costs: Mapping[str, float],
+        quantized: set[str],
+        baseline: FidelityReport,
+    ) -> None:
+        self.planner, self.holdout, self.reference, self.threshold = planner, holdout, reference, threshold
+        self.costs, self.quantized = costs, quantized
+        self.cache: dict[frozenset[str], FidelityReport] = {frozenset(): baseline}
+        self.trials: list[dict[str, Any]] = []
+
+    def share(self, layers: Sequence[str]) -> float:
+        return layer_cost.float_share(self.costs, self.quantized - set(layers))
+
+    def __call__(self, layers: Sequence[str]) -> FidelityReport:
+        key = frozenset(layers)
+        if key not in self.cache:
+            p = self.planner
+            report = _error(p, p.plan(list(layers)), self.holdout, self.reference, self.threshold)
+            self.cache[key] = report
+            self.trials.append(
+                {
+                    "float_layers": len(key),
+                    "passed": report.passed,
+                    "error": report.score(p.focus),
+                    "float_compute": self.share(layers),
+                }
+            )
+        return self.cache[key]
+
+
+def _search(verify: _Verifier, order: Sequence[str], max_share: float) -> tuple[int, bool, int]:
+    """(k, passed, limit): the shortest prefix of ``order`` that passes, keeping at most ``max_share`` of
+    the MACs float (``limit``: the longest such prefix); doubling, then bisection."""
+    limit = max((k for k in range(len(order) + 1) if verify.share(order[:k]) <= max_share), default=0)
+    lo, hi = 0, min(1, limit)
+    while hi < limit and not verify(order[:hi]).passed:
+        lo, hi = hi, min(hi * 2, limit)
+    if not verify(order[:hi]).passed:
+        return hi, False, limit
+    while hi - lo > 1:
+        mid = (lo + hi) // 2
+        if verify(order[:mid]).passed:
+            hi = mid
+        else:
+            lo = mid
+    return hi, True, limit
+
+
+def _prune(
+    verify: _Verifier, kept: list[str], costs: Mapping[str, float], limit: int
+) -> tuple[list[str], FidelityReport]:
+    """Put the most expensive kept-float layers back in INT8 one at a time while the gate still passes:
+    the prefix search is greedy, and a big layer taken early may not be needed once cheaper ones are float."""
+    final = verify(kept)
+    for node in fallback_ranking.prune_order(kept, costs, limit if len(kept) > 1 else 0):
+        trial = [n for n in kept if n != node]
+        report = verify(trial)
+        if report.passed:
+            kept, final = trial, report
+    return kept, final
 
 
 def _stop_reason(report: FidelityReport, k: int, share: float, limit: float, leading: Sequence[str]) -> str:

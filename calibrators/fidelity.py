@@ -18,7 +18,7 @@ import onnx
 import onnxruntime as ort
 from rich.table import Table
 
-from calibrators import output_kinds
+from calibrators import gate_stats, output_kinds
 from calibrators.fidelity_spec import (
     DEFAULT_THRESHOLD,
     METRICS,
@@ -61,6 +61,8 @@ class OutputFidelity:
     kind: str = "regression"  # calibrators/output_kinds.py
     kind_reason: str = ""
     err_over_range: float = 0.0  # max |fp32 - int8| / (max - min of fp32)
+    top1_interval: tuple[float, float] | None = None  # Wilson 95% interval of top-1 agreement
+    cosine_interval: tuple[float, float] | None = None  # t 95% interval of the mean cosine
 
     def measured(self, metric: str) -> float | None:
         return {
@@ -121,9 +123,15 @@ class FidelityReport:
             parts.append(f"{o.name} ({o.kind}): {', '.join(shown)}")
         return "; ".join(parts)
 
+    @property
+    def sample_warning(self) -> str | None:
+        """Set when the gate is decided on fewer samples than can support it (calibrators/gate_stats.py)."""
+        return gate_stats.small_sample_warning(self.samples)
+
     def to_json(self) -> dict[str, Any]:
         return {
             "samples": self.samples,
+            "sample_warning": self.sample_warning,
             "semantics": self.semantics,
             "semantics_description": ort_core.describe(self.semantics),
             "passed": self.passed,
@@ -143,24 +151,40 @@ class FidelityReport:
         why = [f"{o.name}: {o.kind} ({o.kind_reason})" for o in self.outputs if o.kind_reason]
         table = Table(
             title=f"{title}: {self.samples} samples",
-            caption="\n".join([*why, f"measured with {ort_core.describe(self.semantics)}"]),
+            caption="\n".join(
+                [
+                    *why,
+                    f"measured with {ort_core.describe(self.semantics)}; [..] = 95% interval",
+                    *([f"[yellow]{self.sample_warning}[/yellow]"] if self.sample_warning else []),
+                ]
+            ),
         )
-        for col in ("output", "kind", "gate", "top-1", "KL", "cosine", "min cos", "SQNR dB", "err/range", ""):
+        columns = ("output", "kind", "gate", "top-1", "KL", "cosine", "min cos", "SQNR dB", "err/range", "")
+        for col in columns:
             table.add_column(col, justify="left" if col in ("output", "kind", "gate") else "right")
         for o in self.outputs:
             table.add_row(
                 o.name,
                 o.kind,
                 ", ".join(_short_bound(m, b) for m, b in o.bounds(self.threshold).items()),
-                "-" if o.top1_agreement is None else f"{o.top1_agreement:.2%}",
+                "-"
+                if o.top1_agreement is None
+                else f"{o.top1_agreement:.2%} {_interval(o.top1_interval, True)}",
                 "-" if o.kl is None else f"{o.kl:.4f}",
-                f"{o.cosine:.5f}",
+                f"{o.cosine:.5f} {_interval(o.cosine_interval, False)}",
                 f"{o.min_cosine:.5f}",
                 f"{o.sqnr_db:.1f}",
                 f"{o.err_over_range:.2%}",
                 "[green]pass[/green]" if o.passes(self.threshold) else "[red]FAIL[/red]",
             )
         return table
+
+
+def _interval(bounds: tuple[float, float] | None, percent: bool) -> str:
+    if bounds is None:
+        return ""
+    lo, hi = bounds
+    return f"[{lo:.1%}, {hi:.1%}]" if percent else f"[{lo:.4f}, {hi:.4f}]"
 
 
 def _short_bound(metric: str, value: float) -> str:
@@ -181,8 +205,10 @@ def compare_output(
         kind = output_kinds.decide(None, name, ref)
     cos = metrics.cosine_per_sample(ref, test)
     top1 = kl = None
+    top1_interval = None
     if kind.kind in ("classification", "probability") and ref.ndim == 2 and ref.shape[1] >= 2:
         top1 = metrics.top1_agreement(ref, test)
+        top1_interval = gate_stats.wilson_interval(round(top1 * ref.shape[0]), ref.shape[0])
         if kind.kind == "classification":
             kl = metrics.kl_divergence(metrics.softmax(ref), metrics.softmax(test))
         elif kind.log_probabilities:
@@ -199,6 +225,8 @@ def compare_output(
         kind.kind,
         kind.reason,
         metrics.error_over_range(ref, test),
+        top1_interval,
+        gate_stats.mean_interval(cos),
     )
 
 

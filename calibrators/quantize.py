@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import logging
+import shutil
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -17,7 +18,17 @@ from typing import Any
 import onnx
 
 from calibrators import fallback as fallback_search
-from calibrators import fidelity, fp8, ort_cpu, output_kinds
+from calibrators import (
+    fallback_ranking,
+    fidelity,
+    fp8,
+    gate_stats,
+    layer_cost,
+    layer_report,
+    ort_cpu,
+    output_kinds,
+    report_html,
+)
 from calibrators.cache import write_cache
 from calibrators.calibrate import compute_ranges
 from calibrators.collect import DEFAULT_BATCH_SIZE, collect, load_model, tensors_to_collect
@@ -37,7 +48,7 @@ from trtbuild.core.errors import TrtbuildError
 
 log = logging.getLogger(__name__)
 
-DEFAULT_HOLDOUT = 32
+DEFAULT_HOLDOUT: int | None = None  # auto: sized to the data (calibrators/gate_stats.py, auto_holdout)
 
 
 class FidelityGateError(TrtbuildError):
@@ -79,6 +90,10 @@ class QuantizeResult:
     calibration_samples: int
     holdout_samples: int
     ort_cpu_target: ort_cpu.OrtCpuTarget | None = None  # uint8 graphs: the CPU and weight format chosen
+    float_compute: float = 0.0  # share of the Conv/Gemm/MatMul MACs left in float
+    layer_report: layer_report.LayerReport | None = None  # --report: per-layer SQNR
+    report_html_path: Path | None = None  # --report: the self-contained page (PNGs in report_png_dir)
+    report_png_dir: Path | None = None
 
     @property
     def passed(self) -> bool:
@@ -96,6 +111,7 @@ class QuantizeResult:
             "ort_cpu": None if self.ort_cpu_target is None else self.ort_cpu_target.to_json(),
             "calibration_samples": self.calibration_samples,
             "holdout_samples": self.holdout_samples,
+            "float_compute": self.float_compute,
             "quantized_layers": len(self.plan.quantized_nodes),
             "qdq_tensors": len(self.plan.activations),
             "float_layers": [
@@ -103,6 +119,13 @@ class QuantizeResult:
             ],
             "fidelity": self.fidelity.to_json(),
             "fallback": None if self.fallback is None else self.fallback.to_json(),
+            "layer_report": None
+            if self.layer_report is None
+            else {
+                "html": str(self.report_html_path),
+                "png_dir": str(self.report_png_dir),
+                **self.layer_report.to_json(),
+            },
         }
 
 
@@ -113,12 +136,14 @@ def quantize(
     *,
     method: str = DEFAULT_METHOD,
     samples: int | None = None,
-    holdout: int = DEFAULT_HOLDOUT,
+    holdout: int | None = DEFAULT_HOLDOUT,
     min_fidelity: str | float | Sequence[str] | FidelityThreshold | None = None,
     output_kind: Sequence[str] | Mapping[str, str] | None = None,
     auto_fallback: bool = False,
     fallback_strategy: str = "auto",
     max_float_compute: float = fallback_search.DEFAULT_MAX_FLOAT_COMPUTE,
+    fallback_rank: str = fallback_ranking.DEFAULT_RANKING,
+    write_report: bool = False,
     exclude: Sequence[str] = (),
     exclude_op_types: Sequence[str] = (),
     trt_version: str = DEFAULT_TRT_VERSION,
@@ -141,7 +166,12 @@ def quantize(
     'NAME:METRIC=VALUE', or several of them); ``output_kind``: 'NAME=KIND' overrides of what each output is
     (calibrators/output_kinds.py), which decides how it is judged.
     ``max_float_compute``: auto-fallback never keeps more than this share of the compute in float.
-    ``fallback_strategy``: how auto-fallback ranks layers: "auto", "drop_one" (exact) or "local" (one pass).
+    ``fallback_strategy``: how auto-fallback measures sensitivity: "auto", "drop_one" (exact) or "local".
+    ``fallback_rank``: the order it keeps layers float in: "cost" (sensitivity gain per MAC, fewest MACs
+    float) or "sensitivity" (gain alone).
+    ``holdout``: held-out samples for the gate; None sizes it to the data (gate_stats.auto_holdout).
+    ``write_report``: also write the per-layer accuracy report (calibrators/layer_report.py) as
+    ``<model>.int8.report.html`` with its PNGs in ``<model>.int8.report/``.
     ``bias_correction``: fold each quantized layer's mean weight-rounding error into its float bias.
     ``activation_type``: int8 writes the TensorRT graph, judged by its reference Q/DQ semantics; fp8 the
     TensorRT FP8 (E4M3) graph at opset 19, judged the same way (docs/fp8.md); uint8
@@ -171,6 +201,11 @@ def quantize(
             raise TrtbuildError(
                 f"--max-float-compute {max_float_compute} is outside 0..1", "pass a share such as 0.5"
             )
+        if fallback_rank not in fallback_ranking.RANKINGS:
+            raise TrtbuildError(
+                f"unknown fallback ranking '{fallback_rank}'",
+                f"use one of {', '.join(fallback_ranking.RANKINGS)}",
+            )
         kind_overrides = output_kinds.parse_output_kinds(output_kind)
         # FP8 Q/DQ needs opset 19 (float8 zero points); integer Q/DQ per channel needs 13.
         model = upgrade_opset(load_model(model_path), fp8.FP8_OPSET if activation_type == FP8 else 13)
@@ -186,6 +221,8 @@ def quantize(
                 "check the model and the --exclude/--exclude-op-type options",
             )
         all_data = open_data(data, model_inputs(model), preprocess)
+        if holdout is None:
+            holdout = gate_stats.auto_holdout(all_data.known_length(), samples)
         calib, held = all_data.split(holdout, seed)
         calib = calib.sample(samples, seed)
         collection = collect(
@@ -202,6 +239,9 @@ def quantize(
 
         held_batches = list(held.batches(batch_size))
         held_count = sum(int(next(iter(b.values())).shape[0]) for b in held_batches)
+        small = gate_stats.small_sample_warning(held_count)
+        if small:
+            log.warning(small)
         reference = fidelity.run_batches(fidelity.session(model, threads), held_batches)
         plan = plan_qdq(model, ranges, options)
         qmodel = apply_qdq(model, plan)
@@ -221,17 +261,28 @@ def quantize(
                 semantics=semantics,
                 kinds=kinds,
                 max_float_compute=max_float_compute,
+                ranking=fallback_rank,
             )
             plan, qmodel, report = fallback.plan, fallback.model, fallback.final
         if not report.passed or (fallback is not None and not fallback.passed):
             raise FidelityGateError(report, fallback, "FP8" if activation_type == FP8 else "INT8")
-
+        share = (
+            fallback.float_compute
+            if fallback is not None
+            else layer_cost.float_share(layer_cost.layer_macs(model, held_batches[0]), plan.quantized_nodes)
+        )
+        layers = (
+            layer_report.analyze(model, qmodel, plan, held_batches, collection.stats, threads=threads)
+            if write_report
+            else None
+        )
+        stem = Path(model_path).stem
+        tag = "fp8" if activation_type == FP8 else "int8"  # <model>.int8.onnx / <model>.fp8.onnx and friends
         result = QuantizeResult(
-            onnx_path=Path(out_dir)
-            / f"{Path(model_path).stem}.{'fp8' if activation_type == FP8 else 'int8'}.onnx",
-            cache_path=Path(out_dir) / f"{Path(model_path).stem}.calib.cache",
-            ranges_path=Path(out_dir) / f"{Path(model_path).stem}.ranges.json",
-            report_path=Path(out_dir) / f"{Path(model_path).stem}.fidelity.json",
+            onnx_path=Path(out_dir) / f"{stem}.{tag}.onnx",
+            cache_path=Path(out_dir) / f"{stem}.calib.cache",
+            ranges_path=Path(out_dir) / f"{stem}.ranges.json",
+            report_path=Path(out_dir) / f"{stem}.fidelity.json",
             ranges=ranges,
             plan=plan,
             fidelity=report,
@@ -239,6 +290,10 @@ def quantize(
             calibration_samples=collection.samples,
             holdout_samples=held_count,
             ort_cpu_target=target,
+            float_compute=share,
+            layer_report=layers,
+            report_html_path=Path(out_dir) / f"{stem}.{tag}.report.html" if layers else None,
+            report_png_dir=Path(out_dir) / f"{stem}.{tag}.report" if layers else None,
         )
         ort_core.set_metadata(qmodel, target.metadata() if target else ort_cpu.tensorrt_metadata())
         _write(result, qmodel, trt_version)
@@ -275,6 +330,26 @@ def _write(result: QuantizeResult, qmodel: onnx.ModelProto, trt_version: str) ->
     write_cache(result.ranges, result.cache_path, trt_version)
     result.ranges.save(result.ranges_path)
     members = {"onnx": result.onnx_path, "cache": result.cache_path, "ranges": result.ranges_path}
+    if result.layer_report is not None and result.report_html_path and result.report_png_dir:
+        rendered = report_html.render(
+            result.layer_report,
+            f"Per-layer accuracy: {result.onnx_path.name}",
+            {
+                "gate": f"{'passed' if result.passed else 'failed'} on {result.fidelity.samples} held-out "
+                f"samples: {result.fidelity.summary()}",
+                "float compute": f"{result.float_compute:.1%} of the Conv/Gemm/MatMul MACs kept float",
+            },
+        )
+        with atomic.atomic_dir(result.report_png_dir) as folder:
+            for name, data in rendered.pngs.items():
+                (folder / name).write_bytes(data)
+        atomic.write_text(result.report_html_path, rendered.html)
+        members["report_html"] = result.report_html_path
+    else:  # a page from an earlier run would describe another model
+        stale = result.onnx_path.with_name(result.onnx_path.stem + ".report")
+        stale.with_name(stale.name + ".html").unlink(missing_ok=True)
+        if stale.is_dir() and not stale.is_symlink():
+            shutil.rmtree(stale)
     report = {
         **result.to_json(),
         output_set.MANIFEST_KEY: output_set.manifest_entries(members),

@@ -10,7 +10,10 @@ from rich.table import Table
 from calibrators import cache
 from calibrators.collect import DEFAULT_BATCH_SIZE
 from calibrators.fallback import DEFAULT_MAX_FLOAT_COMPUTE
+from calibrators.fallback_ranking import DEFAULT_RANKING, RANKINGS
 from calibrators.fidelity import parse_min_fidelity
+from calibrators.gate_stats import MAX_AUTO_HOLDOUT, MIN_CALIBRATION
+from calibrators.layer_report import WORST
 from calibrators.methods import DEFAULT_METHOD, METHODS
 from calibrators.ort_cpu import WEIGHT_CHOICES
 from calibrators.preprocess import Preprocess
@@ -38,6 +41,27 @@ def _float_table(result: QuantizeResult) -> Table:
     return table
 
 
+def _worst_table(result: QuantizeResult) -> Table:
+    """The layers whose own quantization hurts most (the page has every layer and their histograms)."""
+    assert result.layer_report is not None
+    report = result.layer_report
+    table = Table(
+        title=f"Worst {WORST} layers by SQNR alone ({len(report.layers)} quantized, {report.samples} "
+        f"held-out samples, {report.seconds:.1f} s)"
+    )
+    for col in ("layer", "op", "SQNR alone dB", "cumulative dB", "input clipped"):
+        table.add_column(col, justify="left" if col in ("layer", "op") else "right", overflow="fold")
+    for la in report.worst(WORST):
+        table.add_row(
+            la.node,
+            la.op_type,
+            f"{la.sqnr_alone_db:.2f}",
+            f"{la.sqnr_cumulative_db:.2f}",
+            "-" if la.clipped is None else f"{la.clipped:.3%}",
+        )
+    return table
+
+
 @click.command("quantize")
 @click.argument("model", type=click.Path(path_type=Path))
 @data_option
@@ -49,8 +73,8 @@ def _float_table(result: QuantizeResult) -> Table:
     "--holdout",
     type=int,
     default=DEFAULT_HOLDOUT,
-    show_default=True,
-    help="Held-out samples for the fidelity gate.",
+    help=f"Held-out samples for the fidelity gate (default: all but {MIN_CALIBRATION} samples, at least half "
+    f"and at most {MAX_AUTO_HOLDOUT}; with --samples N, what N leaves; 32 for streamed data).",
 )
 @click.option(
     "--min-fidelity",
@@ -81,6 +105,21 @@ def _float_table(result: QuantizeResult) -> Table:
     default="auto",
     show_default=True,
     help="How --auto-fallback ranks layers: drop_one (exact, one run per layer), local (one pass), auto.",
+)
+@click.option(
+    "--fallback-rank",
+    type=click.Choice(list(RANKINGS)),
+    default=DEFAULT_RANKING,
+    show_default=True,
+    help="Order --auto-fallback keeps layers float in: cost (sensitivity gain per MAC: fewest MACs float) "
+    "or sensitivity (gain alone).",
+)
+@click.option(
+    "--report",
+    "write_report",
+    is_flag=True,
+    help="Also write the per-layer accuracy report (SQNR alone and cumulative, worst layers' histograms): "
+    "<model>.int8.report.html (self-contained) and its PNGs in <model>.int8.report/.",
 )
 @click.option("--exclude", multiple=True, help="Regex of node names to keep in float (repeatable).")
 @click.option("--exclude-op-type", multiple=True, help="Op type to keep in float (repeatable).")
@@ -136,12 +175,14 @@ def quantize_command(
     data_path: Path,
     method: str,
     samples: int | None,
-    holdout: int,
+    holdout: int | None,
     min_fidelity: tuple[str, ...],
     output_kind: tuple[str, ...],
     max_float_compute: float,
     auto_fallback: bool,
     fallback_strategy: str,
+    fallback_rank: str,
+    write_report: bool,
     exclude: tuple[str, ...],
     exclude_op_type: tuple[str, ...],
     precision: str,
@@ -184,6 +225,8 @@ def quantize_command(
             max_float_compute=max_float_compute,
             auto_fallback=auto_fallback,
             fallback_strategy=fallback_strategy,
+            fallback_rank=fallback_rank,
+            write_report=write_report,
             exclude=exclude,
             exclude_op_types=exclude_op_type,
             trt_version=trt_version,
@@ -210,10 +253,14 @@ def quantize_command(
         console.out.print(result.fallback.table())
     if result.plan.excluded:
         console.out.print(_float_table(result))
-    float_share = "" if result.fallback is None else f" ({result.fallback.float_compute:.0%} of the compute)"
+    if result.layer_report is not None:
+        console.out.print(_worst_table(result))
+        worst = ", ".join(la.node for la in result.layer_report.worst(WORST))
+        console.out.print(f"worst layers: {worst}", soft_wrap=True, highlight=False)
     console.out.print(
         f"{len(result.plan.quantized_nodes)} layers {precision.upper()} ({activation_type}), "
-        f"{len(result.plan.excluded)} float{float_share}; {result.calibration_samples} calibration / "
+        f"{len(result.plan.excluded)} float ({result.float_compute:.1%} of the compute); "
+        f"{result.calibration_samples} calibration / "
         f"{result.holdout_samples} held-out samples, method {method}"
     )
     if result.ort_cpu_target is not None:
@@ -224,8 +271,10 @@ def quantize_command(
         ("cache", result.cache_path),
         ("ranges", result.ranges_path),
         ("report", result.report_path),
+        ("layers", result.report_html_path),
     ):
-        console.out.print(f"{label:7s}{path}")
+        if path is not None:
+            console.out.print(f"{label:7s}{path}")
 
 
 COMMANDS: list[click.Command] = [quantize_command]
