@@ -8,7 +8,7 @@ from typing import Any
 
 from calibrators import qdq_rules as rules
 from calibrators import weights as wq
-from trtbuild.errors import TrtbuildError
+from trtbuild.core.errors import TrtbuildError
 
 ACTIVATION_TYPES = ("int8", "uint8")
 
