@@ -305,7 +305,7 @@ def main() -> None:
             fid.add_row(label, f"{len(calib)} / {len(held)}", name, metric(report), f"{seconds:.1f}")
         ratios.append(ratio_line(label, scores))
         ort_q = results["ORT quantize_static MinMax QDQ per-channel"][0]
-        if label.startswith("EfficientNet") and not isinstance(ort_q, str):
+        if not isinstance(ort_q, str):
             timed = latency_ms(
                 {"fp32": path, "ours": results[OURS_UINT8][0], "ort": ort_q},
                 held[0],

@@ -4,8 +4,8 @@ TensorRT graphs always store symmetric int8 weights. A graph with uint8 activati
 fused x86/ARM integer kernels, and on x86 CPUs without VNNI their u8 x s8 multiply-add saturates
 (trtbuild/core/cpu.py). ORT documents two remedies, both exact on such CPUs: 7-bit weights ("reduce
 range": ``int7``) or uint8 weights (its u8 x u8 kernels: ``uint8``). Measured on EfficientNet-Lite0 on an
-AVX2 EPYC (bench/bench_ort_cpu_weights.py): int7 runs 1.03x FP32 and loses 3.4 dB SQNR to the lost weight
-bit; uint8 is exact but 0.82x FP32. ``auto`` takes int7, the speed the graph exists for;
+AVX2 EPYC (bench/bench_ort_cpu_weights.py): int7 runs 1.42x FP32 and loses 3.4 dB SQNR to the lost weight
+bit; uint8 is exact but 1.06x FP32. ``auto`` takes int7, the speed the graph exists for;
 ``--ort-weights uint8`` trades it for the last bit. docs/ort-cpu-int8.md has the details.
 """
 

@@ -10,6 +10,7 @@ from calibrators import bias_correction as bc
 from calibrators import fp8
 from calibrators import weights as wq
 from calibrators.graph_index import GraphIndex, check_qdq_opset, copy_model, ensure_node_names
+from calibrators.qdq_fold_pads import fold_pads
 from calibrators.qdq_scales import GraphCache
 from calibrators.qdq_types import QdqPlan, WeightQdq
 from trtbuild.core.errors import TrtbuildError
@@ -129,6 +130,8 @@ def apply_qdq(model: onnx.ModelProto | GraphCache, plan: QdqPlan, check: bool = 
     added = [i for i in new_inits if i.name in still_used]  # e.g. a corrected float bias made int32
     del graph.initializer[:]
     graph.initializer.extend(keep + added)
+    if plan.activation_type == "uint8":
+        fold_pads(model)  # ORT has no integer Pad: a zero Pad before a conv becomes the conv's own pads
     if check:
         onnx.checker.check_model(model)
     return model

@@ -58,7 +58,7 @@ def plan_qdq(
     for t in sel.activations:
         r = ranges[t]
         reason = None
-        if r.amax > options.huge_range:
+        if r.amax > options.huge_range and not _conv_output_for_ort(g, t, options):
             reason = f"input '{t}' has range ±{r.amax:.3g} (a mask or overflow, not an INT8 range)"
         elif r.amax == 0.0 or (options.activation_type == "uint8" and r.clipped()[0] == r.clipped()[1]):
             reason = f"input '{t}' is constant zero on the calibration data"
@@ -116,6 +116,13 @@ def plan_qdq(
     plan.quantized_nodes = quantized_nodes
     plan.node_types = {n: g.by_name[n].op_type for n in quantized_nodes}
     return plan
+
+
+def _conv_output_for_ort(g: GraphIndex, tensor: str, options: QdqOptions) -> bool:
+    """A conv's raw output (e.g. before a BatchNormalization, ±1e4 in Paddle exports) is never a mask: the
+    ORT-CPU graph quantizes it anyway, since without that Q ORT runs the conv in float."""
+    node = g.producer.get(tensor)
+    return options.activation_type == "uint8" and node is not None and node.op_type == "Conv"
 
 
 def _bias_correction(

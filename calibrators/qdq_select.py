@@ -14,6 +14,7 @@ import onnx
 from onnx import helper
 
 from calibrators import qdq_rules as rules
+from calibrators import qdq_select_ort as ort_placement
 from calibrators.graph_index import GraphIndex, ensure_node_names
 from calibrators.qdq_types import QDQ_TYPES, Exclusion, QdqOptions
 from calibrators.ranges import TensorRange
@@ -286,10 +287,18 @@ def select_qdq(
         if not any(branch):
             continue
         skip = 1 if all(branch) else branch.index(False)
-        # ORT CPU (uint8) fuses only a fully quantized Add (QLinearAdd): there, quantize both inputs.
-        sides = (0, 1) if options.activation_type == "uint8" else (skip,)
+        # ORT CPU (uint8) fuses only a fully quantized Add (QLinearAdd: both inputs and the output); an Add
+        # whose output stays float (e.g. into a LayerNorm) would only get Q -> DQ overhead there.
+        sides: tuple[int, ...] = (skip,)
+        if options.activation_type == "uint8":
+            sides = (0, 1) if ort_placement.will_be_quantized(g, node.output[0], acts) else ()
         for i in sides:
             acts.setdefault(node.input[i], []).append((node.name, i))
+
+    # ORT CPU (uint8): Q/DQ on conv and pool outputs too, so ORT forms QLinearConv/QLinearAveragePool.
+    if options.activation_type == "uint8":
+        for name, why in ort_placement.add_output_qdq(g, acts, weights, quantized, excluded, mask).items():
+            exclude(g.by_name[name], why)
 
     # 3. Concat/pooling (reverse order, so chains cascade): inputs share the quantized output's scale.
     # Not for FP8: TensorRT has no FP8 pooling/concat, so there they stay FP16 (ModelOpt does the same).
@@ -302,9 +311,13 @@ def select_qdq(
         inputs = [(i, t) for i, t in enumerate(node.input) if g.is_float_activation(t) and t not in mask]
         if node.op_type != "Concat":
             inputs = inputs[:1]
+        own_scale = options.activation_type == "uint8" and node.op_type in ort_placement.OWN_SCALE_POOLS
         for i, t in inputs:
-            acts.setdefault(t, []).append((node.name, i))
-            uf.union(t, out)
+            readers = acts.setdefault(t, [])
+            if (node.name, i) not in readers:
+                readers.append((node.name, i))
+            if not own_scale:  # ORT's QLinear average pools requantize; TensorRT's share one scale
+                uf.union(t, out)
 
     groups = {t: uf.find(t) for t in acts}
     ordered = _graph_order(g, acts)

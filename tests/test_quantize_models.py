@@ -185,8 +185,10 @@ def test_detector_quantizes_runs_int8_and_meets_gate_with_fallback(
     so.log_severity_level = 3
     so.optimized_model_filepath = str(opt)
     ort.InferenceSession(u8.SerializeToString(), so, providers=["CPUExecutionProvider"])
-    # hard-swish (x * HardSigmoid(x)) after most convs blocks ORT's Conv->Q fusion; the rest fuse
-    assert Counter(n.op_type for n in onnx.load(str(opt)).graph.node)["QLinearConv"] >= 8
+    # The ORT-CPU placement quantizes conv outputs ahead of hard-swish/affine tails (qdq_select_ort.py), so
+    # the full convs fuse; depthwise convs feeding float tails stay float by rule.
+    fused = Counter(n.op_type for n in onnx.load(str(opt)).graph.node)
+    assert fused["QLinearConv"] >= 30, fused
 
 
 def test_transformer_mask_path_excluded_and_meets_gate(

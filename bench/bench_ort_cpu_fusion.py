@@ -1,0 +1,218 @@
+#!/usr/bin/env python3
+"""The ORT-CPU INT8 graph against FP32 and ONNX Runtime's own quantizer, on the three bench models:
+
+* which integer kernels ORT forms at its default optimisation level (QLinearConv, QLinearAdd, QGemm,
+  MatMulIntegerToFloat, ...), how many convs/matmuls are left in float, how many activation Q/DQ nodes
+  and unfused Q -> DQ pairs are left (pure overhead), from each session's optimized graph;
+* batch-1 latency at 1 and 2 threads, FP32 / ours / ORT's graph interleaved round by round so the shared
+  machine's noise hits all three alike: the median of the per-round ratios, and median ms;
+* fidelity vs FP32 as ORT's kernels really compute it on this CPU (held-out samples).
+
+ORT's graph: quantize_static, QDQ, per-channel, uint8 activations, int8 weights with reduce_range on CPUs
+whose u8 x s8 kernels saturate (as ORT's documentation advises; ours picks int7 there too), MinMax.
+docs/ort-cpu-int8.md and README.md quote it.
+
+    python3 bench/bench_ort_cpu_fusion.py [--repeats 9] [--iters 5]
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import sys
+import tempfile
+import time
+from collections import Counter
+from collections.abc import Callable
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+import numpy as np  # noqa: E402
+import onnx  # noqa: E402
+import onnxruntime as ort  # noqa: E402
+from bench_quantize import Sample, console, detector, effnet, minilm, ours, stack  # noqa: E402
+from rich.table import Table  # noqa: E402
+
+from calibrators import fidelity, ort_cpu  # noqa: E402
+from calibrators.methods import DEFAULT_METHOD  # noqa: E402
+from trtbuild.core import ort as ort_core  # noqa: E402
+
+INTEGER_KERNELS = (
+    "QLinearConv",
+    "QLinearMatMul",
+    "MatMulIntegerToFloat",
+    "QGemm",
+    "QLinearAdd",
+    "QLinearMul",
+    "QLinearGlobalAveragePool",
+    "QLinearConcat",
+    "QLinearSigmoid",
+    "QLinearSoftmax",
+)
+FLOAT_COMPUTE = ("Conv", "FusedConv", "MatMul", "FusedMatMul", "Gemm", "FusedGemm", "ConvTranspose")
+Model = onnx.ModelProto | Path
+
+
+def ort_quantized(path: Path, calib: list[Sample], tmp: Path) -> Path:
+    from onnxruntime.quantization import CalibrationDataReader, QuantFormat, QuantType, quantize_static
+
+    class Reader(CalibrationDataReader):
+        def __init__(self) -> None:
+            self.it = iter(calib)
+
+        def get_next(self) -> Sample | None:
+            return next(self.it, None)
+
+    out = tmp / f"{path.stem}.ort_qdq.onnx"
+    quantize_static(
+        str(path),
+        str(out),
+        Reader(),
+        quant_format=QuantFormat.QDQ,
+        per_channel=True,
+        activation_type=QuantType.QUInt8,
+        weight_type=QuantType.QInt8,
+        reduce_range=ort_cpu.choose().cpu.u8s8_saturates,
+    )
+    return out
+
+
+def session(model: Model, threads: int, optimized: Path | None = None) -> ort.InferenceSession:
+    options = ort.SessionOptions()
+    options.intra_op_num_threads = threads
+    options.log_severity_level = 3
+    if optimized is not None:
+        options.optimized_model_filepath = str(optimized)
+    source = model.SerializeToString() if isinstance(model, onnx.ModelProto) else str(model)
+    return ort.InferenceSession(source, options, providers=["CPUExecutionProvider"])
+
+
+def fusion(model: Model, tmp: Path, name: str) -> dict[str, object]:
+    """Counts over the graph ORT really runs (default optimisation level)."""
+    out = tmp / f"{name}.optimized.onnx"
+    session(model, 1, out)
+    graph = onnx.load(str(out)).graph
+    ops = Counter(n.op_type for n in graph.node)
+    inits = {i.name for i in graph.initializer}
+    readers: dict[str, list[str]] = {}
+    for node in graph.node:
+        for t in node.input:
+            readers.setdefault(t, []).append(node.op_type)
+    qdq = [
+        n
+        for n in graph.node
+        if n.op_type in ("QuantizeLinear", "DequantizeLinear") and n.input[0] not in inits
+    ]
+    pairs = [
+        n for n in qdq if n.op_type == "QuantizeLinear" and "DequantizeLinear" in readers.get(n.output[0], [])
+    ]
+    return {
+        "integer kernels": ", ".join(f"{k} {ops[k]}" for k in INTEGER_KERNELS if ops[k]),
+        "float conv/matmul": sum(ops[k] for k in FLOAT_COMPUTE),
+        "activation Q/DQ": len(qdq),
+        "unfused Q->DQ": len(pairs),
+        "Pad": ops["Pad"],
+    }
+
+
+def interleaved(models: dict[str, Model], feed: Sample, threads: int, repeats: int, iters: int) -> dict:
+    """Per round, each session runs ``iters`` times back to back; ratios are taken within a round."""
+    sessions = {k: session(m, threads) for k, m in models.items()}
+    for s in sessions.values():
+        s.run(None, feed)
+    rounds: dict[str, list[float]] = {k: [] for k in sessions}
+    for _ in range(repeats):
+        for k, s in sessions.items():
+            start = time.perf_counter()
+            for _ in range(iters):
+                s.run(None, feed)
+            rounds[k].append((time.perf_counter() - start) / iters * 1000)
+    ms = {k: statistics.median(v) for k, v in rounds.items()}
+    ratio = {
+        k: statistics.median(f / t for f, t in zip(rounds["FP32"], v, strict=True)) for k, v in rounds.items()
+    }
+    return {"ms": ms, "vs_fp32": ratio}
+
+
+def cosine(model: Model, batches: list[Sample], reference: dict[str, np.ndarray], kinds: object) -> str:
+    graph = model if isinstance(model, onnx.ModelProto) else onnx.load(str(model))
+    test = fidelity.run_batches(fidelity.session(graph, semantics=ort_core.ORT_CPU), batches)
+    out = fidelity.compare(reference, test, kinds=kinds).outputs[0]  # type: ignore[arg-type]
+    top1 = "" if out.top1_agreement is None else f", top-1 {out.top1_agreement:.1%}"
+    return f"cos {out.cosine:.4f}{top1}"
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--repeats", type=int, default=9)
+    parser.add_argument("--iters", type=int, default=5)
+    parser.add_argument("--models", default="effnet,minilm,det")
+    args = parser.parse_args()
+    tmp = Path(tempfile.mkdtemp(prefix="bench_ort_cpu_fusion_"))
+    builders: dict[str, tuple[str, Callable[[Path], tuple[Path, list[Sample], list[Sample]]]]] = {
+        "effnet": ("EfficientNet-Lite0", effnet),
+        "minilm": ("MiniLM-L6 (sentence emb.)", minilm),
+        "det": ("PP-OCRv4 det (DBNet)", detector),
+    }
+    target = ort_cpu.choose()
+    fused = Table(title="What ORT runs (default optimisation level): ours vs ORT quantize_static")
+    speed = Table(
+        title="Batch-1 latency, FP32 / ours / ORT's uint8 QDQ graph interleaved "
+        f"(median of {args.repeats} rounds x {args.iters} runs; speed-up = median per-round ratio)",
+        caption=f"{target.cpu.describe()}; ours uses {target.weight_format} weights ({DEFAULT_METHOD} "
+        "ranges); fidelity as ORT's kernels compute it here",
+    )
+    for col in (
+        "model",
+        "graph",
+        "integer kernels",
+        "float conv/matmul",
+        "activation Q/DQ",
+        "unfused Q->DQ",
+        "Pad",
+    ):
+        fused.add_column(col)
+    for col in (
+        "model",
+        "graph",
+        "1 thread ms",
+        "vs FP32",
+        "2 threads ms",
+        "vs FP32",
+        "fidelity (ORT kernels)",
+    ):
+        speed.add_column(col)
+    for key in args.models.split(","):
+        label, build = builders[key]
+        console.print(f"[bold]{label}[/bold] ...")
+        path, calib, held = build(tmp)
+        model = onnx.load(str(path))
+        graphs: dict[str, Model] = {
+            "FP32": path,
+            "ours (uint8)": ours(path, calib, DEFAULT_METHOD, "uint8")[0],
+            "ORT quantize_static": ort_quantized(path, calib, tmp),
+        }
+        batches = stack(held)
+        reference = fidelity.run_batches(fidelity.session(model), batches)
+        kinds = fidelity.decide_kinds(model, reference)
+        timed = {t: interleaved(graphs, held[0], t, args.repeats, args.iters) for t in (1, 2)}
+        for name, graph in graphs.items():
+            if name != "FP32":
+                counts = fusion(graph, tmp, f"{key}.{name.split()[0]}")
+                fused.add_row(label, name, *(str(v) for v in counts.values()))
+            speed.add_row(
+                label,
+                name,
+                f"{timed[1]['ms'][name]:.2f}",
+                f"{timed[1]['vs_fp32'][name]:.2f}x",
+                f"{timed[2]['ms'][name]:.2f}",
+                f"{timed[2]['vs_fp32'][name]:.2f}x",
+                "-" if name == "FP32" else cosine(graph, batches, reference, kinds),
+            )
+    console.print(fused)
+    console.print(speed)
+
+
+if __name__ == "__main__":
+    main()
