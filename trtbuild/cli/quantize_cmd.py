@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
 import click
 from rich.table import Table
@@ -11,6 +12,9 @@ from calibrators import cache
 from calibrators.collect import DEFAULT_BATCH_SIZE
 from calibrators.fallback import DEFAULT_MAX_FLOAT_COMPUTE
 from calibrators.fidelity import parse_min_fidelity
+from calibrators.int4 import ALGORITHMS as INT4_ALGORITHMS
+from calibrators.int4 import DEFAULT_ALGORITHM as INT4_DEFAULT
+from calibrators.int4 import DEFAULT_BLOCK_SIZE
 from calibrators.methods import DEFAULT_METHOD, METHODS
 from calibrators.ort_cpu import WEIGHT_CHOICES
 from calibrators.preprocess import Preprocess
@@ -25,6 +29,7 @@ from calibrators.quantize import (
 from trtbuild import console
 from trtbuild.cli.data_options import data_option, preprocess_options
 from trtbuild.core.cpu import CPU_KINDS
+from trtbuild.errors import TrtbuildError
 
 
 def _float_table(result: QuantizeResult) -> Table:
@@ -40,6 +45,28 @@ def _float_table(result: QuantizeResult) -> Table:
 @click.command("quantize")
 @click.argument("model", type=click.Path(path_type=Path))
 @data_option
+@click.option(
+    "--precision",
+    type=click.Choice(["int8", "int4-weights"]),
+    default="int8",
+    show_default=True,
+    help="int8: Q/DQ activations and weights. int4-weights: INT4 block-wise MatMul/Gemm weights only "
+    "(W4A16), activations stay float (docs/int4-weight-only.md).",
+)
+@click.option(
+    "--block-size",
+    type=int,
+    default=DEFAULT_BLOCK_SIZE,
+    show_default=True,
+    help="int4-weights: weights per scale along the reduction axis; must divide every layer's K.",
+)
+@click.option(
+    "--int4-algorithm",
+    type=click.Choice(list(INT4_ALGORITHMS)),
+    default=INT4_DEFAULT,
+    show_default=True,
+    help="int4-weights: awq (activation-aware scales + clip), gptq (Hessian error compensation), rtn.",
+)
 @click.option("--method", type=click.Choice(list(METHODS)), default=DEFAULT_METHOD, show_default=True)
 @click.option(
     "--samples", type=int, default=None, help="Calibrate on N samples (default: all but the held-out)."
@@ -126,6 +153,9 @@ def _float_table(result: QuantizeResult) -> Table:
 def quantize_command(
     model: Path,
     data_path: Path,
+    precision: str,
+    block_size: int,
+    int4_algorithm: str,
     method: str,
     samples: int | None,
     holdout: int,
@@ -152,6 +182,30 @@ def quantize_command(
     calibration cache, the ranges JSON and the fidelity report (nothing if the gate fails)."""
     cache.header(trt_version)  # bad inputs fail before the data pass
     threshold = parse_min_fidelity(list(min_fidelity) or None)
+    if precision == "int4-weights":
+        if auto_fallback or activation_type != "int8":
+            raise TrtbuildError(
+                "--auto-fallback and --activation-type apply to int8, not int4-weights",
+                "drop them, or use --exclude to keep sensitive layers float",
+            )
+        _quantize_int4(
+            model,
+            data_path,
+            out_dir or model.parent,
+            algorithm=int4_algorithm,
+            block_size=block_size,
+            samples=samples,
+            holdout=holdout,
+            min_fidelity=threshold,
+            output_kind=output_kind,
+            exclude=exclude,
+            preprocess=preprocess,
+            batch_size=batch_size,
+            threads=threads,
+            seed=seed,
+            as_json=as_json,
+        )
+        return
     try:
         result = quantize(
             model,
@@ -206,6 +260,29 @@ def quantize_command(
         ("ranges", result.ranges_path),
         ("report", result.report_path),
     ):
+        console.out.print(f"{label:7s}{path}")
+
+
+def _quantize_int4(model: Path, data_path: Path, out_dir: Path, as_json: bool, **options: Any) -> None:
+    from calibrators.int4.pipeline import Int4GateError, quantize_int4
+
+    try:
+        result = quantize_int4(model, data_path, out_dir, **options)
+    except Int4GateError as exc:
+        console.err.print(exc.report.table("INT4 weight-only fidelity vs FP32 (held-out samples)"))
+        raise
+    if as_json:
+        console.emit_json(result.to_json())
+        return
+    console.out.print(result.fidelity.table("INT4 weight-only fidelity vs FP32 (held-out samples)"))
+    ratio = result.int4_weight_bytes / max(1, result.fp32_weight_bytes)
+    console.out.print(
+        f"{len(result.layers)} MatMul/Gemm weights INT4 ({result.algorithm}, block {result.block_size}): "
+        f"{result.fp32_weight_bytes / 2**20:.1f} MiB FP32 -> {result.int4_weight_bytes / 2**20:.1f} MiB "
+        f"({ratio:.3f}x); {result.calibration_samples} calibration / {result.holdout_samples} held-out "
+        "samples"
+    )
+    for label, path in (("onnx", result.onnx_path), ("report", result.report_path)):
         console.out.print(f"{label:7s}{path}")
 
 
