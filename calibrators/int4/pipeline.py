@@ -204,8 +204,10 @@ def _quantize_layers(
                 }
             continue
         for layer, weight in zip(group, weights, strict=True):
-            use_gptq = algorithm == "gptq" and x is not None
-            quants[layer.node] = gptq.gptq(x, weight, block) if use_gptq else quantize_blocks(weight, block)
+            if algorithm == "gptq" and x is not None:
+                quants[layer.node] = gptq.gptq(x, weight, block)
+            else:
+                quants[layer.node] = quantize_blocks(weight, block)
             if x is not None:
                 gram = x.T @ x
                 rtn = quantize_blocks(weight, block).dequantized()
