@@ -167,6 +167,29 @@ def test_bad_block_size_and_no_matmul_are_one_line_errors(
         capsys,
     )
     assert code == 2 and err.count("error:") == 1 and "no MatMul/Gemm" in err and not out.exists()
+    code, stdout, _ = run_cli(
+        [
+            "quantize",
+            str(path),
+            "--data",
+            str(data),
+            "--precision",
+            "int4-weights",
+            "--int4-algorithm",
+            "rtn",
+            "--holdout",
+            "8",
+            "--min-fidelity",
+            "cosine=0.9",
+            "--out-dir",
+            str(out),
+            "--json",
+        ],
+        capsys,
+    )
+    summary = json.loads(stdout)
+    assert code == 0 and summary["precision"] == "int4-weights" and summary["algorithm"] == "rtn"
+    assert sorted(p.name for p in out.iterdir()) == ["minilm.int4.json", "minilm.int4.onnx"]
 
 
 def test_memory_plan_matches_files_and_plan_refuses(

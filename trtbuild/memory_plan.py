@@ -86,12 +86,34 @@ def weight_bytes(
 def _concrete(model: onnx.ModelProto, shapes: Mapping[str, Sequence[int]]) -> onnx.ModelProto:
     copy = onnx.ModelProto()
     copy.CopyFrom(model)
+    # Weights dequantized from constants have the constant's shape: give them as inputs of that shape, so
+    # shape inference never has to follow INT4/INT8 types (ONNX Runtime's symbolic inference cannot).
+    inits = {t.name: t for t in copy.graph.initializer}
+    keep = []
+    for node in copy.graph.node:
+        if node.op_type == "DequantizeLinear" and node.input[0] in inits:
+            scale = inits.get(node.input[1])
+            elem = scale.data_type if scale is not None else TensorProto.FLOAT
+            dims = list(inits[node.input[0]].dims)
+            copy.graph.input.append(onnx.helper.make_tensor_value_info(node.output[0], elem, dims))
+        else:
+            keep.append(node)
+    del copy.graph.node[:]
+    copy.graph.node.extend(keep)
     for value in copy.graph.input:
         if value.name in shapes:
             dims = value.type.tensor_type.shape.dim
             for dim, size in zip(dims, shapes[value.name], strict=False):
                 dim.Clear()
                 dim.dim_value = int(size)
+    try:  # ONNX Runtime's symbolic inference follows shape arithmetic (BERT's Slice/Expand/Where) ...
+        from onnxruntime.tools.symbolic_shape_infer import SymbolicShapeInference
+
+        inferred = SymbolicShapeInference.infer_shapes(copy, auto_merge=True)
+        if inferred is not None:
+            return inferred
+    except Exception:  # ... but refuses some graphs (unknown ops): then ONNX's own, best effort
+        pass
     return onnx.shape_inference.infer_shapes(copy, data_prop=True)
 
 
@@ -211,10 +233,12 @@ def plan_memory(
     precision: str,
     shapes: Mapping[str, Sequence[int]],
     workspace_mib: int | None = None,
+    activations_from: onnx.ModelProto | None = None,
 ) -> MemoryPlan:
-    """The memory plan of ``model`` built in ``precision`` for ``target`` at max ``shapes``."""
+    """The memory plan of ``model`` built in ``precision`` for ``target`` at max ``shapes``;
+    ``activations_from``: the float graph to take the activation peak from (same activations)."""
     activation_bytes = 4 if precision == "fp32" else 2
-    peak = activation_peak(model, shapes, activation_bytes)
+    peak = activation_peak(activations_from or model, shapes, activation_bytes)
     device, reserve = usable_bytes(target)
     return MemoryPlan(
         target=target.id,
@@ -245,14 +269,15 @@ _SIZED_AS = {"bf16": "fp16", "fp8": "int8"}
 
 def for_build_plan(plan: Any) -> MemoryPlan:
     """The memory plan of a :class:`trtbuild.plan.BuildPlan`: its source model at its max shapes (an INT4
-    plan counts the INT4 graph's own weights, whatever its block size)."""
+    plan counts the INT4 graph's own weights, whatever its block size, and the FP32 graph's activations:
+    the same tensors, and ONNX Runtime's shape inference follows the float graph better)."""
     from trtbuild.plan import fp16_qdq_source
     from trtbuild.targets import get_target
 
     precision = _SIZED_AS.get(plan.precision, plan.precision)
-    graph = plan.source_onnx
+    source = onnx.load(plan.source_onnx, load_external_data=False)  # sizes come from dims, not data
+    model = source
     if precision == "int4-weights":
-        graph = str(fp16_qdq_source(plan.onnx) or plan.onnx)
-    model = onnx.load(graph, load_external_data=False)  # sizes come from dims: weights need not be read
+        model = onnx.load(str(fp16_qdq_source(plan.onnx) or plan.onnx), load_external_data=False)
     shapes = {spec.name: spec.max for spec in plan.inputs}
-    return plan_memory(model, get_target(plan.target), precision, shapes, plan.workspace_mib)
+    return plan_memory(model, get_target(plan.target), precision, shapes, plan.workspace_mib, source)
