@@ -69,6 +69,7 @@ def test_rtn_writes_tensorrt_weight_only_pattern(minilm_rtn: dict) -> None:
     assert report["fidelity"]["samples"] == 8 and report["fidelity"]["semantics"] == "reference"
 
 
+@pytest.mark.slow  # two calibrated quantizations of MiniLM: 60-160 s on 2 busy cores
 def test_awq_and_gptq_beat_rtn_on_held_out_sentences(
     minilm: tuple[Path, list[dict[str, np.ndarray]]], minilm_rtn: dict, tmp_path: Path
 ) -> None:
