@@ -78,11 +78,24 @@ def convert_fp16(
             node_block_list=list(node_block_list),
         )
     _restore_float_outputs(model, converted)
+    _cast_to_declared_fp16(converted)
     out = Path(out_path) if out_path is not None else fp16_path(src)
     with atomic_path(out, suffix=".onnx") as tmp:
         onnx.save(converted, str(tmp))
         onnx.checker.check_model(str(tmp))
     return out
+
+
+def _cast_to_declared_fp16(model: onnx.ModelProto) -> None:
+    """The converter declares a converted Cast(to=FLOAT)'s output FP16 but leaves ``to`` at FLOAT (e.g.
+    BERT's attention-mask Cast), which ONNX Runtime refuses to load: make ``to`` what is declared."""
+    declared = {v.name: v.type.tensor_type.elem_type for v in model.graph.value_info}
+    for node in model.graph.node:
+        if node.op_type != "Cast" or declared.get(node.output[0]) != onnx.TensorProto.FLOAT16:
+            continue
+        for attr in node.attribute:
+            if attr.name == "to" and attr.i == onnx.TensorProto.FLOAT:
+                attr.i = onnx.TensorProto.FLOAT16
 
 
 QDQ_FP16_OPSET = 19  # QuantizeLinear/DequantizeLinear accept float16 inputs and scales from opset 19

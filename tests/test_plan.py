@@ -32,7 +32,7 @@ CASES = [
     for v in _versions(t)
     for p in PRECISIONS
     for s in SOURCES
-    if (s == "qdq" and p in ("int8", "fp8"))
+    if (s == "qdq" and p in ("int8", "fp8", "int4-weights"))
     or (s == "calib" and p == "int8")
     or (s == "fp16_graph" and p == "fp16")
     or s == "plain"
@@ -88,6 +88,8 @@ def expected(target_id: str, prec: str, ver: str, source: str) -> tuple[str, ...
         return "BF16 needs TensorRT 9.0+"
     if prec == "fp8" and v < TrtVersion(10, 0):
         return "FP8 needs TensorRT 10.0+"
+    if prec == "int4-weights":  # the stand-in Q/DQ file has no INT4 weights: refused as not an INT4 graph
+        return "INT4 weight-only needs TensorRT 10.0+" if v < TrtVersion(10, 0) else "INT4 weight-only graph"
     typed_only = v.major >= 11
     if prec == "fp32":
         return ("fp32", str(typed_only))

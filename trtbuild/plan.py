@@ -185,6 +185,13 @@ class PlanSettings:
     out_root: str = str(OUTPUT_ROOT)
 
 
+def _has_int4_weights(graph: str | os.PathLike[str]) -> bool:
+    import onnx
+
+    model = onnx.load(str(graph), load_external_data=False)
+    return any(t.data_type == onnx.TensorProto.INT4 for t in model.graph.initializer)
+
+
 def make_plan(
     onnx_path: str | os.PathLike[str],
     target: str | Target,
@@ -273,11 +280,10 @@ def make_plan(
 def check_precision_supported(tgt: Target, prec: str, version: TrtVersion) -> None:
     """Refuse a precision the GPU or the TensorRT version lacks (before any calibration work is spent)."""
     if prec not in tgt.precisions:
-        why = (
-            "BF16 needs sm80+ (Ampere or newer)"
-            if prec == "bf16"
-            else "FP8 needs sm89+ (Ada, Hopper or newer)"
-        )
+        why = {
+            "bf16": "BF16 needs sm80+ (Ampere or newer)",
+            "int4-weights": "TensorRT's INT4 weight-only GEMMs need sm80+ (Ampere or newer)",
+        }.get(prec, "FP8 needs sm89+ (Ada, Hopper or newer)")
         raise TrtbuildError(
             f"{tgt.name} ({tgt.sm_text}) cannot run {prec.upper()}: {why}",
             f"pick one of {', '.join(tgt.precisions)}",
@@ -289,6 +295,12 @@ def check_precision_supported(tgt: Target, prec: str, version: TrtVersion) -> No
     if prec == "fp8" and not has("fp8", version):
         raise TrtbuildError(
             f"FP8 needs TensorRT 10.0+, the plan is for {version}", "use int8 or a newer TensorRT"
+        )
+    if prec == "int4-weights" and not has("int4_weight_only", version):
+        raise TrtbuildError(
+            f"INT4 weight-only needs TensorRT 10.0+ (block-quantized INT4 DequantizeLinear), the plan is for "
+            f"{version}",
+            "use int8 or fp16, or a target whose TensorRT is 10.x (e.g. orin-jp6.1, thor)",
         )
 
 
@@ -315,8 +327,10 @@ def _choose_graph_and_flags(
             raise TrtbuildError(f"{label} '{given}' does not exist", "check the path")
     if calib_cache is not None and prec != "int8":
         raise TrtbuildError(f"a calibration cache only applies to int8, not {prec}", "drop --calib-cache")
-    if qdq_onnx is not None and prec not in ("int8", "fp8"):
-        raise TrtbuildError(f"a Q/DQ graph only applies to int8/fp8, not {prec}", "drop --qdq-onnx")
+    if qdq_onnx is not None and prec not in ("int8", "fp8", "int4-weights"):
+        raise TrtbuildError(
+            f"a Q/DQ graph only applies to int8/fp8/int4-weights, not {prec}", "drop --qdq-onnx"
+        )
     if fp16_onnx is not None and prec != "fp16":
         raise TrtbuildError(f"an FP16 graph only applies to fp16, not {prec}", "drop --fp16-onnx")
 
@@ -358,7 +372,12 @@ def _choose_graph_and_flags(
         notes.append("FP32 graph + BF16 builder flag")
         return str(onnx_path), "fp32", False, ["BF16"], None
 
-    # int8 / fp8
+    # int8 / fp8 / int4-weights
+    if prec == "int4-weights" and (qdq_onnx is None or not _has_int4_weights(qdq_onnx)):
+        raise TrtbuildError(
+            "int4-weights needs the INT4 weight-only graph",
+            "pass --qdq-onnx with the .int4.onnx from `trtbuild quantize --precision int4-weights`",
+        )
     if qdq_onnx is not None and calib_cache is not None:
         raise TrtbuildError(
             "both a Q/DQ graph and a calibration cache were given",

@@ -17,6 +17,7 @@ import numpy as np
 from trtbuild.core.errors import TrtbuildError
 from trtbuild.core.output_set import check_writable_folder
 from trtbuild.core.trt_versions import strongly_typed_only
+from trtbuild.memory_plan import check_fits, for_build_plan
 from trtbuild.plan import (
     BuildPlan,
     PlanSettings,
@@ -123,6 +124,7 @@ def plan_model(model: str | Path, settings: PlanSettings) -> BuildPlan:
         out_root=settings.out_root,
     )
     write_plan_graph(plan)  # the FP16 graph, or the Q/DQ graph with FP16 float parts, when derived
+    check_fits(for_build_plan(plan), plan.model)  # refuse an engine that cannot fit the device
     return plan
 
 

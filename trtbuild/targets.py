@@ -14,7 +14,7 @@ from trtbuild.core.defaults import DEFAULT_TRT_VERSION
 from trtbuild.core.errors import TrtbuildError
 from trtbuild.core.trt_versions import TrtVersion, V, dla_supported, has, known_version
 
-PRECISIONS = ("fp32", "fp16", "bf16", "int8", "fp8")
+PRECISIONS = ("fp32", "fp16", "bf16", "int8", "fp8", "int4-weights")
 
 
 @dataclass(frozen=True)
@@ -31,6 +31,7 @@ class Target:
     workspace_mib: int = 4096
     opt_level: int = 3
     note: str = ""
+    memory_gib: float = 0.0  # GPU memory; on Jetson the DRAM it shares with the OS (trtbuild/memory_plan.py)
 
     @property
     def sm_text(self) -> str:
@@ -42,13 +43,17 @@ class Target:
 
     @property
     def precisions(self) -> tuple[str, ...]:
-        """What the GPU can run: BF16 needs sm80+ (Ampere); FP8 needs sm89+ (Ada/Hopper and later)."""
+        """What the GPU can run: BF16 and INT4 weight-only need sm80+ (Ampere); FP8 sm89+ (Ada/Hopper)."""
         out = ["fp32", "fp16"]
         if self.sm >= (8, 0):
             out.append("bf16")
         out.append("int8")
         if self.sm >= (8, 9):
             out.append("fp8")
+        if self.sm >= (8, 0):
+            out.append(
+                "int4-weights"
+            )  # TensorRT's INT4 weight-only GEMMs: Ampere+ (docs/int4-weight-only.md)
         return tuple(out)
 
     @property
@@ -103,6 +108,7 @@ class Target:
             "sparsity": self.supports_sparsity,
             "workspace_mib": self.workspace_mib,
             "opt_level": self.opt_level if has("builder_optimization_level", self.default_trt) else None,
+            "memory_gib": self.memory_gib,
             "note": self.note,
         }
 
@@ -113,10 +119,12 @@ _JET = "jetson"
 TARGETS: dict[str, Target] = {
     t.id: t
     for t in (
-        Target("a100", "NVIDIA A100", _DC, (8, 0), DEFAULT_TRT_VERSION, note="no FP8"),
-        Target("h100", "NVIDIA H100", _DC, (9, 0), DEFAULT_TRT_VERSION),
-        Target("l4", "NVIDIA L4", _DC, (8, 9), DEFAULT_TRT_VERSION),
-        Target("l40s", "NVIDIA L40S", _DC, (8, 9), DEFAULT_TRT_VERSION),
+        Target(
+            "a100", "NVIDIA A100", _DC, (8, 0), DEFAULT_TRT_VERSION, note="no FP8; 80 GB part", memory_gib=80
+        ),
+        Target("h100", "NVIDIA H100", _DC, (9, 0), DEFAULT_TRT_VERSION, memory_gib=80),
+        Target("l4", "NVIDIA L4", _DC, (8, 9), DEFAULT_TRT_VERSION, memory_gib=24),
+        Target("l40s", "NVIDIA L40S", _DC, (8, 9), DEFAULT_TRT_VERSION, memory_gib=48),
         Target(
             "xavier-jp5",
             "Jetson AGX Xavier (JetPack 5.1)",
@@ -127,6 +135,7 @@ TARGETS: dict[str, Target] = {
             jetpack="5.1",
             dla_cores=2,
             workspace_mib=1024,
+            memory_gib=32,
             note="DLA v1; implicit INT8 from a calibration cache works",
         ),
         Target(
@@ -139,6 +148,7 @@ TARGETS: dict[str, Target] = {
             jetpack="6.0",
             dla_cores=2,
             workspace_mib=2048,
+            memory_gib=64,
             note="DLA v2 (Orin NX has 1 DLA, Orin Nano none)",
         ),
         Target(
@@ -151,6 +161,7 @@ TARGETS: dict[str, Target] = {
             jetpack="6.1",
             dla_cores=2,
             workspace_mib=2048,
+            memory_gib=64,
             note="calibrators deprecated but present",
         ),
         Target(
@@ -163,6 +174,7 @@ TARGETS: dict[str, Target] = {
             jetpack="6.2",
             dla_cores=2,
             workspace_mib=2048,
+            memory_gib=64,
             note="calibrators deprecated but present",
         ),
         # JetPack 7.0/7.1 (L4T R38) are Thor-only: Orin's first JetPack 7 is 7.2 (L4T R39.2, TensorRT 10.16).
@@ -176,6 +188,7 @@ TARGETS: dict[str, Target] = {
             jetpack="7.2",
             dla_cores=2,
             workspace_mib=2048,
+            memory_gib=64,
             note="no DLA in TensorRT 10.16 (10.7 was the last 10.x with it; back in 11.4.1, JetPack 7.2.2+)",
         ),
         Target(
@@ -187,6 +200,7 @@ TARGETS: dict[str, Target] = {
             ("10.13", "10.16"),
             jetpack="7.x",
             workspace_mib=4096,
+            memory_gib=128,
             note="no DLA; TensorRT 10.13 on JetPack 7.0/7.1 (L4T R38), 10.16 on 7.2 (L4T R39)",
         ),
     )

@@ -12,6 +12,9 @@ from trtbuild.core.console import emit_json, out, progress
 from trtbuild.core.defaults import DEFAULT_TRT_VERSION, OUTPUT_ROOT
 from trtbuild.core.errors import TrtbuildError
 from trtbuild.core.inputs import InputSpec, fmt_shape, parse_shape
+from trtbuild.core.trt_versions import has
+from trtbuild.memory_plan import PRECISIONS as MEMORY_PRECISIONS
+from trtbuild.memory_plan import MemoryPlan, for_build_plan, plan_memory
 from trtbuild.plan import HARDWARE_COMPAT, BuildPlan, PlanSettings
 from trtbuild.plan_graphs import plan_model
 from trtbuild.targets import PRECISIONS, TARGETS
@@ -19,9 +22,23 @@ from trtbuild.trtexec import save_plan_files
 
 
 @click.command("targets")
+@click.option(
+    "--model",
+    type=click.Path(dir_okay=False),
+    help="Show whether this ONNX model fits each target in each precision (memory plan).",
+)
+@click.option(
+    "--shape",
+    "shapes",
+    multiple=True,
+    help="With --model: name:MIN,OPT,MAX or name:SHAPE (default: the export sidecar, else the graph).",
+)
 @click.option("--json", "as_json", is_flag=True, help="Print the registry as JSON.")
-def targets_cmd(as_json: bool) -> None:
-    """List deployment targets: architecture, TensorRT versions, precisions, DLA, defaults."""
+def targets_cmd(model: str | None, shapes: tuple[str, ...], as_json: bool) -> None:
+    """List deployment targets: architecture, TensorRT versions, precisions, DLA, defaults, memory."""
+    if model is not None:
+        _targets_for_model(model, shapes, as_json)
+        return
     rows = [t.to_json() for t in TARGETS.values()]
     if as_json:
         emit_json(rows)
@@ -30,7 +47,19 @@ def targets_cmd(as_json: bool) -> None:
     # Ids are what users type: never cut them (rich would shrink them to `xavie…` at 80 columns, in CI or
     # piped). The short fact columns keep their width too; the prose columns wrap instead.
     fixed = {"target": max(len(r["id"]) for r in rows), "arch": 5, "JetPack": 7, "DLA": 3}
-    for col in ("target", "device", "arch", "JetPack", "TensorRT", "precisions", "DLA", "workspace", "note"):
+    cols = (
+        "target",
+        "device",
+        "arch",
+        "JetPack",
+        "TensorRT",
+        "precisions",
+        "DLA",
+        "memory",
+        "workspace",
+        "note",
+    )
+    for col in cols:
         if col in fixed:
             table.add_column(col, no_wrap=True, min_width=fixed[col])
         else:
@@ -44,9 +73,48 @@ def targets_cmd(as_json: bool) -> None:
             ", ".join(r["trt_versions"]),
             " ".join(r["precisions"]),
             str(r["dla_cores"]) if r["dla_cores"] else "no",
+            f"{r['memory_gib']:g} GiB",
             f"{r['workspace_mib']} MiB",
             r["note"],
         )
+    out.print(table)
+
+
+def _targets_for_model(model: str, shapes: tuple[str, ...], as_json: bool) -> None:
+    """Each target's memory plan for ``model`` in every precision it runs (trtbuild/memory_plan.py)."""
+    import onnx
+
+    from export.meta import model_input_specs
+    from trtbuild.core.onnx_file import load_model_file
+
+    load_model_file(model, external_data=False)  # one line for a missing/invalid file
+    specs = [_parse_shape_option(s) for s in shapes] or model_input_specs(model)
+    max_shapes = {spec.name: spec.max for spec in specs}
+    graph = onnx.load(model, load_external_data=False)
+    plans: list[MemoryPlan] = [
+        plan_memory(graph, target, precision, max_shapes)
+        for target in TARGETS.values()
+        for precision in MEMORY_PRECISIONS
+        if precision in target.precisions
+        and (precision != "int4-weights" or has("int4_weight_only", target.default_trt))
+    ]
+    if as_json:
+        emit_json([p.to_json() for p in plans])
+        return
+    table = Table(title=f"memory plan: {model} at max shapes {max_shapes}")
+    for col in ("target", "usable", *MEMORY_PRECISIONS):
+        table.add_column(col, no_wrap=col == "target")
+    for target in TARGETS.values():
+        own = {p.precision: p for p in plans if p.target == target.id}
+        usable = next(iter(own.values())).device_bytes / 2**30
+        cells = []
+        for precision in MEMORY_PRECISIONS:
+            p = own.get(precision)
+            cells.append(
+                "-" if p is None else f"{p.needed_bytes / 2**30:.2f} GiB " + ("fits" if p.fits else "NO")
+            )
+        table.add_row(target.id, f"{usable:.1f} GiB", *cells)
+    table.caption = "needed = weights + activation peak + the target's default workspace; - : not supported"
     out.print(table)
 
 
@@ -188,6 +256,7 @@ def print_plan(plan: BuildPlan, plan_path: Path | None, script_path: Path | None
         ),
         ("timing cache", plan.timing_cache),
         ("engine", plan.engine),
+        ("memory", for_build_plan(plan).describe()),
         *[("note", n) for n in plan.notes],
     ]
     for k, v in rows:
@@ -206,7 +275,14 @@ def plan_cmd(model: str, as_json: bool, **kw: Any) -> None:
     plan = plan_from_options(model, **kw)
     plan_path, script_path = save_plan_files(plan)
     if as_json:
-        emit_json({"plan": plan.to_json(), "plan_path": str(plan_path), "trtexec_script": str(script_path)})
+        emit_json(
+            {
+                "plan": plan.to_json(),
+                "plan_path": str(plan_path),
+                "trtexec_script": str(script_path),
+                "memory": for_build_plan(plan).to_json(),
+            }
+        )
     else:
         print_plan(plan, plan_path, script_path)
 

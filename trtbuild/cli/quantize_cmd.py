@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
 import click
 from rich.table import Table
@@ -13,6 +14,9 @@ from calibrators.fallback import DEFAULT_MAX_FLOAT_COMPUTE
 from calibrators.fallback_ranking import DEFAULT_RANKING, RANKINGS
 from calibrators.fidelity import parse_min_fidelity
 from calibrators.gate_stats import MAX_AUTO_HOLDOUT, MIN_CALIBRATION
+from calibrators.int4 import ALGORITHMS as INT4_ALGORITHMS
+from calibrators.int4 import DEFAULT_ALGORITHM as INT4_DEFAULT
+from calibrators.int4 import DEFAULT_BLOCK_SIZE
 from calibrators.layer_report import WORST
 from calibrators.methods import DEFAULT_METHOD, METHODS
 from calibrators.ort_cpu import WEIGHT_CHOICES
@@ -65,6 +69,29 @@ def _worst_table(result: QuantizeResult) -> Table:
 @click.command("quantize")
 @click.argument("model", type=click.Path(path_type=Path))
 @data_option
+@click.option(
+    "--precision",
+    type=click.Choice(["int8", "fp8", "int4-weights"]),
+    default="int8",
+    show_default=True,
+    help="int8: Q/DQ activations and weights. fp8: E4M3 Q/DQ (opset 19) for TensorRT on sm89+ GPUs "
+    "(docs/fp8.md). int4-weights: INT4 block-wise MatMul/Gemm weights only (W4A16), activations stay float "
+    "(docs/int4-weight-only.md).",
+)
+@click.option(
+    "--block-size",
+    type=int,
+    default=DEFAULT_BLOCK_SIZE,
+    show_default=True,
+    help="int4-weights: weights per scale along the reduction axis; must divide every layer's K.",
+)
+@click.option(
+    "--int4-algorithm",
+    type=click.Choice(list(INT4_ALGORITHMS)),
+    default=INT4_DEFAULT,
+    show_default=True,
+    help="int4-weights: awq (activation-aware scales + clip), gptq (Hessian error compensation), rtn.",
+)
 @click.option("--method", type=click.Choice(list(METHODS)), default=DEFAULT_METHOD, show_default=True)
 @click.option(
     "--samples", type=int, default=None, help="Calibrate on N samples (default: all but the held-out)."
@@ -124,13 +151,6 @@ def _worst_table(result: QuantizeResult) -> Table:
 @click.option("--exclude", multiple=True, help="Regex of node names to keep in float (repeatable).")
 @click.option("--exclude-op-type", multiple=True, help="Op type to keep in float (repeatable).")
 @click.option(
-    "--precision",
-    type=click.Choice(["int8", "fp8"]),
-    default="int8",
-    show_default=True,
-    help="int8, or fp8: E4M3 Q/DQ (opset 19) for TensorRT on sm89+ GPUs (H100, L4, L40S, Thor); docs/fp8.md.",
-)
-@click.option(
     "--activation-type",
     type=click.Choice(ACTIVATION_TYPES),
     default="int8",
@@ -173,6 +193,9 @@ def _worst_table(result: QuantizeResult) -> Table:
 def quantize_command(
     model: Path,
     data_path: Path,
+    precision: str,
+    block_size: int,
+    int4_algorithm: str,
     method: str,
     samples: int | None,
     holdout: int | None,
@@ -185,7 +208,6 @@ def quantize_command(
     write_report: bool,
     exclude: tuple[str, ...],
     exclude_op_type: tuple[str, ...],
-    precision: str,
     activation_type: str,
     ort_cpu_kind: str,
     ort_weights: str,
@@ -211,6 +233,30 @@ def quantize_command(
             )
         activation_type = "fp8"
     threshold = parse_min_fidelity(list(min_fidelity) or None)
+    if precision == "int4-weights":
+        if auto_fallback or activation_type != "int8":
+            raise TrtbuildError(
+                "--auto-fallback and --activation-type apply to int8, not int4-weights",
+                "drop them, or use --exclude to keep sensitive layers float",
+            )
+        _quantize_int4(
+            model,
+            data_path,
+            out_dir or model.parent,
+            algorithm=int4_algorithm,
+            block_size=block_size,
+            samples=samples,
+            holdout=holdout,
+            min_fidelity=threshold,
+            output_kind=output_kind,
+            exclude=exclude,
+            preprocess=preprocess,
+            batch_size=batch_size,
+            threads=threads,
+            seed=seed,
+            as_json=as_json,
+        )
+        return
     title = f"{precision.upper()} fidelity vs FP32 (held-out samples)"
     try:
         result = quantize(
@@ -275,6 +321,29 @@ def quantize_command(
     ):
         if path is not None:
             console.out.print(f"{label:7s}{path}")
+
+
+def _quantize_int4(model: Path, data_path: Path, out_dir: Path, as_json: bool, **options: Any) -> None:
+    from calibrators.int4.pipeline import Int4GateError, quantize_int4
+
+    try:
+        result = quantize_int4(model, data_path, out_dir, **options)
+    except Int4GateError as exc:
+        console.err.print(exc.report.table("INT4 weight-only fidelity vs FP32 (held-out samples)"))
+        raise
+    if as_json:
+        console.emit_json(result.to_json())
+        return
+    console.out.print(result.fidelity.table("INT4 weight-only fidelity vs FP32 (held-out samples)"))
+    ratio = result.int4_weight_bytes / max(1, result.fp32_weight_bytes)
+    console.out.print(
+        f"{len(result.layers)} MatMul/Gemm weights INT4 ({result.algorithm}, block {result.block_size}): "
+        f"{result.fp32_weight_bytes / 2**20:.1f} MiB FP32 -> {result.int4_weight_bytes / 2**20:.1f} MiB "
+        f"({ratio:.3f}x); {result.calibration_samples} calibration / {result.holdout_samples} held-out "
+        "samples"
+    )
+    for label, path in (("onnx", result.onnx_path), ("report", result.report_path)):
+        console.out.print(f"{label:7s}{path}")
 
 
 COMMANDS: list[click.Command] = [quantize_command]

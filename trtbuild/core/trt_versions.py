@@ -72,6 +72,7 @@ FEATURES: dict[str, Span] = {
     "int8_calibrator": _span("7.0", "11.0"),  # IInt8EntropyCalibrator2, config.int8_calibrator (depr. 10.1)
     "bf16": _span("9.0"),  # DataType.BF16 / BuilderFlag.BF16
     "fp8": _span("10.0"),  # FP8 Q/DQ conv+gemm are production-ready from 10.0 (8.6/9.x: preview, LLM-only)
+    "int4_weight_only": _span("10.0"),  # INT4 block-quantized DequantizeLinear into GEMM
     "builder_optimization_level": _span("8.6"),
     "hardware_compat_ampere_plus": _span("8.6"),
     "hardware_compat_same_compute_capability": _span("10.9"),

