@@ -21,7 +21,7 @@ from typing import Any
 import numpy as np
 import onnx
 
-from calibrators import fidelity, output_kinds
+from calibrators import fidelity, gate_stats, output_kinds
 from calibrators.collect import DEFAULT_BATCH_SIZE, instrument, load_model
 from calibrators.data import CalibrationData, model_inputs, open_data
 from calibrators.fidelity import FidelityReport, FidelityThreshold
@@ -39,7 +39,7 @@ log = logging.getLogger(__name__)
 
 ALGORITHMS = ("awq", "gptq", "rtn")
 DEFAULT_ALGORITHM = "awq"
-DEFAULT_HOLDOUT = 32
+DEFAULT_HOLDOUT: int | None = None  # auto: sized to the data, as INT8 (calibrators/gate_stats.py)
 MAX_ROWS = 2048  # calibration rows per activation: enough for AWQ/GPTQ statistics, bounded memory
 PRECISION = "int4-weights"
 
@@ -225,7 +225,7 @@ def quantize_int4(
     algorithm: str = DEFAULT_ALGORITHM,
     block_size: int = DEFAULT_BLOCK_SIZE,
     samples: int | None = None,
-    holdout: int = DEFAULT_HOLDOUT,
+    holdout: int | None = DEFAULT_HOLDOUT,
     min_fidelity: str | float | Sequence[str] | FidelityThreshold | None = None,
     output_kind: Sequence[str] | Mapping[str, str] | None = None,
     exclude: Sequence[str] = (),
@@ -265,6 +265,8 @@ def quantize_int4(
             )
         check_block_size(layers, block_size)
         all_data = open_data(data, model_inputs(model), preprocess)
+        if holdout is None:
+            holdout = gate_stats.auto_holdout(all_data.known_length(), samples)
         calib, held = all_data.split(holdout, seed)
         calib = calib.sample(samples, seed)
         activations = list(dict.fromkeys(layer.activation for layer in layers))
