@@ -4,7 +4,8 @@ top-1 agreement vs FP32 on the same held-out photo crops, the compressed size of
 (zlib -9: what a tar.gz bundle carries), eligible 2:4 layers and wall time.
 
 Run: python3 bench/bench_qat.py [--steps 30] [--train 128] [--holdout 64] [--out result.json]
-The ModelOpt torch QAT / sparsity row is not measured here; docs/qat-sparsity.md says why.
+ModelOpt's torch QAT (same crops, split, loss, optimizer and steps) runs from .venv-modelopt through
+bench/modelopt_qat.py; its row says "skipped" without that venv. ModelOpt's sparsity is not run.
 """
 
 from __future__ import annotations
@@ -39,6 +40,20 @@ def progress(stage: str, step: int, total: int, loss: float, evaluation: Any) ->
 
 def top1(report: Any) -> float:
     return float(report.outputs[0].top1_agreement)
+
+
+def modelopt_row(args: argparse.Namespace) -> dict[str, Any] | str:
+    import subprocess
+
+    python = Path(__file__).resolve().parents[1] / ".venv-modelopt" / "bin" / "python"
+    if not python.exists():
+        return "skipped: no .venv-modelopt (setup in README)"
+    script = Path(__file__).with_name("modelopt_qat.py")
+    cmd = [str(python), str(script), "--steps", str(args.steps), "--train", str(args.train)]
+    run = subprocess.run([*cmd, "--holdout", str(args.holdout)], capture_output=True, text=True)
+    if run.returncode != 0:
+        return f"failed: {run.stderr.strip().splitlines()[-1] if run.stderr.strip() else run.returncode}"
+    return dict(json.loads(run.stdout.strip().splitlines()[-1]))
 
 
 def main() -> None:
@@ -122,6 +137,7 @@ def main() -> None:
         },
     ]
     report = {
+        "modelopt": modelopt_row(args),
         "held_out": args.holdout,
         "train": args.train,
         "steps": args.steps,
