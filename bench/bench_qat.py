@@ -50,6 +50,7 @@ def modelopt_row(args: argparse.Namespace) -> dict[str, Any] | str:
         return "skipped: no .venv-modelopt (setup in README)"
     script = Path(__file__).with_name("modelopt_qat.py")
     cmd = [str(python), str(script), "--steps", str(args.steps), "--train", str(args.train)]
+    cmd += ["--threads", str(args.threads)]
     run = subprocess.run([*cmd, "--holdout", str(args.holdout)], capture_output=True, text=True)
     if run.returncode != 0:
         return f"failed: {run.stderr.strip().splitlines()[-1] if run.stderr.strip() else run.returncode}"
@@ -62,7 +63,11 @@ def main() -> None:
     parser.add_argument("--train", type=int, default=128)
     parser.add_argument("--holdout", type=int, default=64)
     parser.add_argument("--out", type=Path, default=None)
+    parser.add_argument("--threads", type=int, default=1, help="torch threads, for ours and ModelOpt alike")
     args = parser.parse_args()
+    import torch
+
+    torch.set_num_threads(args.threads)
     x = examples.normalize_imagenet(examples.photo_crops(args.train + args.holdout, seed=11))
     samples = [{"images": x[i : i + 1]} for i in range(len(x))]
     tmp = Path(tempfile.mkdtemp(prefix="bench-qat-"))

@@ -35,7 +35,9 @@ def main() -> None:
     parser.add_argument("--holdout", type=int, default=64)
     parser.add_argument("--batch-size", type=int, default=8)
     parser.add_argument("--lr", type=float, default=1e-5)
+    parser.add_argument("--threads", type=int, default=1)
     args = parser.parse_args()
+    torch.set_num_threads(args.threads)
     torch.manual_seed(0)
     x = torch.from_numpy(
         examples.normalize_imagenet(examples.photo_crops(args.train + args.holdout, seed=11))

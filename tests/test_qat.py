@@ -96,7 +96,8 @@ def _trainer(seed_model: torch.nn.Module, config: TrainConfig, on_step=None) -> 
 
 @pytest.fixture
 def one_thread() -> Iterator[None]:
-    """Tiny tensors: one torch thread is faster, and far faster on a busy machine."""
+    """One torch thread: faster for tiny tensors, and on a shared 2-core machine far faster for any size
+    (two threads wait on each other whenever one is descheduled)."""
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
     yield
@@ -281,7 +282,7 @@ def test_bad_input_is_one_line_and_writes_nothing(
 
 
 def test_effnet_qat_keeps_ptq_structure_and_fidelity(
-    effnet_model: torch.nn.Module, photo_batch: np.ndarray, tmp_path: Path
+    effnet_model: torch.nn.Module, photo_batch: np.ndarray, tmp_path: Path, one_thread: None
 ) -> None:
     """A few QAT steps on EfficientNet-Lite0: quantize's artifacts, PTQ's Q/DQ structure, no fidelity loss."""
     from calibrators.qat import qat
