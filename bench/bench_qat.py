@@ -123,7 +123,7 @@ def main() -> None:
         },
         {
             "model": f"INT8 QAT ({args.steps} steps)",
-            "top1": top1(q.quantized.fidelity),
+            "top1": top1(q.qat),
             "size_mib": compressed_mib(q.quantized.onnx_path),
             "seconds": qat_s,
         },
@@ -136,7 +136,7 @@ def main() -> None:
         {"model": "2:4 + INT8 PTQ (before QAT)", "top1": top1(s.ptq), "size_mib": None, "seconds": None},
         {
             "model": "2:4 + INT8 QAT",
-            "top1": top1(s.quantized.fidelity),
+            "top1": top1(s.qat),
             "size_mib": compressed_mib(s.quantized.onnx_path),
             "seconds": sparse_s,
         },

@@ -53,7 +53,9 @@ class QatResult:
     onnx_path: Path  # the fine-tuned FP32 ONNX (what `plan` and the bundles take as the model)
     quantized: QuantizeResult
     report_path: Path
-    ptq: FidelityReport  # the same placement with calibrated ranges, before training
+    ptq: FidelityReport  # the same placement with calibrated ranges, before training, vs the original FP32
+    qat: FidelityReport  # the QAT Q/DQ graph vs the original FP32 (quantize's report compares it with the
+    # fine-tuned FP32 graph it ships with)
     training: dict[str, TrainResult] = field(default_factory=dict)
     mapping: QuantMap | None = None
     pruning: list[PruneDecision] = field(default_factory=list)
@@ -66,7 +68,7 @@ class QatResult:
             "report": str(self.report_path),
             "quantize": self.quantized.to_json(),
             "ptq_fidelity": self.ptq.to_json(),
-            "qat_fidelity": self.quantized.fidelity.to_json(),
+            "qat_fidelity": self.qat.to_json(),
             "training": {k: v.to_json() for k, v in self.training.items()},
             "mapping": None if self.mapping is None else self.mapping.to_json(),
             "sparsity": None
@@ -328,6 +330,9 @@ def qat(
             show_progress=False,
             ranges=learned,
         )
+        qat_test = fidelity.run_batches(fidelity.session(str(quantized.onnx_path)), held_batches)
+        qat_report = fidelity.compare(reference, qat_test, kinds=kinds)
+        log.info("QAT fidelity vs the original FP32: %s", qat_report.summary())
         final_onnx = atomic.write_bytes(out / onnx_path.name, onnx_path.read_bytes())
         sidecar = onnx_path.with_suffix(".export.json")
         if sidecar.is_file():
@@ -337,6 +342,7 @@ def qat(
         quantized=quantized,
         report_path=out / f"{name}.qat.json",
         ptq=ptq,
+        qat=qat_report,
         training=result_training,
         mapping=qmap,
         pruning=decisions,

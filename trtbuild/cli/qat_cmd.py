@@ -131,11 +131,11 @@ def qat_command(
     if as_json:
         console.emit_json(result.to_json())
         return
-    table = Table(title=f"QAT {name}: held-out fidelity vs FP32")
+    table = Table(title=f"QAT {name}: held-out fidelity vs the original FP32")
     table.add_column("model")
     table.add_column("fidelity")
     table.add_row("PTQ (calibrated ranges)", result.ptq.summary())
-    table.add_row("QAT (learned ranges)", result.quantized.fidelity.summary())
+    table.add_row("QAT (learned ranges)", result.qat.summary())
     console.out.print(table)
     info = result.to_json()
     if info["sparsity"]:
