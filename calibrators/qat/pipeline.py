@@ -34,7 +34,7 @@ from calibrators.methods import DEFAULT_METHOD
 from calibrators.preprocess import Preprocess
 from calibrators.qat.fake_quant import ActivationQuantizer, QuantHooks
 from calibrators.qat.mapping import QuantMap, map_plan, weighted_modules
-from calibrators.qat.prune import PruneDecision, make_masks, plan_pruning
+from calibrators.qat.prune import PruneDecision, make_masks, plan_pruning, recalibrate_batchnorm
 from calibrators.qat.train import Evaluation, LossFn, TrainConfig, Trainer, TrainResult
 from calibrators.qdq import QdqOptions, apply_qdq, plan_qdq, quantizable_activations
 from calibrators.quantize import DEFAULT_HOLDOUT, DEFAULT_TRT_VERSION, QuantizeResult, quantize
@@ -263,6 +263,12 @@ def qat(
         masks: dict[str, torch.Tensor] = {}
         if sparsity is not None:
             masks = make_masks(model, decisions)
+            size = max(batch_size, 1)
+            feeds = [
+                [torch.from_numpy(np.concatenate([t[n] for t in train[i : i + size]])) for n in input_names]
+                for i in range(0, len(train), size)
+            ]
+            recalibrate_batchnorm(model, feeds)
             hooks = QuantHooks()
             modules = dict(model.named_modules())
             for module_name, mask in masks.items():
