@@ -156,6 +156,7 @@ def quantize(
     threads: int | None = None,
     seed: int = 0,
     show_progress: bool = True,
+    ranges: RangeSet | None = None,
 ) -> QuantizeResult:
     """Calibrate ``model_path`` on ``data`` (minus ``holdout`` held-out samples), write the INT8 artifacts
     into ``out_dir`` if the held-out fidelity meets ``min_fidelity``; raise :class:`FidelityGateError` if not.
@@ -178,6 +179,8 @@ def quantize(
     writes a graph for ONNX Runtime's CPU kernels on ``ort_cpu_kind`` (``auto``: this machine), with the
     weight format that does not saturate there (``ort_weights``, calibrators/ort_cpu.py), judged by what
     ORT really runs.
+    ``ranges``: use these activation ranges instead of calibrating (e.g. the ones QAT learned); the data
+    then only supplies the held-out samples of the gate.
     """
     with output_set.writer_lock(out_dir):  # one writer per folder, taken before any work
         threshold = (
@@ -225,16 +228,21 @@ def quantize(
             holdout = gate_stats.auto_holdout(all_data.known_length(), samples)
         calib, held = all_data.split(holdout, seed)
         calib = calib.sample(samples, seed)
-        collection = collect(
-            model,
-            calib,
-            tensors=tensors,
-            batch_size=batch_size,
-            threads=threads,
-            seed=seed,
-            show_progress=show_progress,
-        )
-        ranges = compute_ranges(collection, method, grid=FP8 if activation_type == FP8 else "int8")
+        calibrated = 0
+        stats: dict[str, Any] = {}  # histograms for the report's range plots (none with given ranges)
+        if ranges is None:
+            collection = collect(
+                model,
+                calib,
+                tensors=tensors,
+                batch_size=batch_size,
+                threads=threads,
+                seed=seed,
+                show_progress=show_progress,
+            )
+            ranges = compute_ranges(collection, method, grid=FP8 if activation_type == FP8 else "int8")
+            calibrated = collection.samples
+            stats = collection.stats
         ranges.meta.update({"holdout": holdout, "activation_type": activation_type})
 
         held_batches = list(held.batches(batch_size))
@@ -272,7 +280,7 @@ def quantize(
             else layer_cost.float_share(layer_cost.layer_macs(model, held_batches[0]), plan.quantized_nodes)
         )
         layers = (
-            layer_report.analyze(model, qmodel, plan, held_batches, collection.stats, threads=threads)
+            layer_report.analyze(model, qmodel, plan, held_batches, stats, threads=threads)
             if write_report
             else None
         )
@@ -287,7 +295,7 @@ def quantize(
             plan=plan,
             fidelity=report,
             fallback=fallback,
-            calibration_samples=collection.samples,
+            calibration_samples=calibrated,
             holdout_samples=held_count,
             ort_cpu_target=target,
             float_compute=share,

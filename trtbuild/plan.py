@@ -28,6 +28,7 @@ from trtbuild.core.defaults import OUTPUT_ROOT
 from trtbuild.core.errors import TrtbuildError
 from trtbuild.core.inputs import InputSpec
 from trtbuild.core.trt_versions import TrtVersion, has, known_version, strongly_typed_only
+from trtbuild.plan_sparsity import decide_sparsity
 from trtbuild.targets import Target, check_precision, get_target
 
 PLAN_FORMAT = 1
@@ -204,7 +205,7 @@ def make_plan(
     timing_cache: str | os.PathLike[str] | None = None,
     hardware_compat: str | None = None,
     version_compat: bool = False,
-    sparsity: bool = False,
+    sparsity: bool | None = None,
     dla_core: int | None = None,
     gpu_fallback: bool = True,
     calib_cache: str | os.PathLike[str] | None = None,
@@ -231,12 +232,9 @@ def make_plan(
                 f"version-compatible engines need TensorRT 8.6+, not {version}", "drop --version-compat"
             )
         flags.append("VERSION_COMPATIBLE")
+    # None: on by itself when the weights follow 2:4 (trtbuild/plan_sparsity.py)
+    sparsity = decide_sparsity(sparsity, tgt, [onnx, onnx_path], notes)
     if sparsity:
-        if not tgt.supports_sparsity:
-            raise TrtbuildError(
-                f"{tgt.name} ({tgt.sm_text}) has no structured-sparsity support (needs sm80+)",
-                "drop --sparsity",
-            )
         flags.append("SPARSE_WEIGHTS")
     level = _opt_level(tgt, version, opt_level)
     workspace = tgt.workspace_mib if workspace_mib is None else workspace_mib

@@ -20,6 +20,7 @@ _COMMAND_MODULES = (
     "trtbuild.cli.export_cmd",
     "trtbuild.cli.calibrate_cmd",
     "trtbuild.cli.quantize_cmd",
+    "trtbuild.cli.qat_cmd",
     "trtbuild.cli.plan_cmd",
     "trtbuild.cli.profile_cmd",
     "trtbuild.cli.bundle_cmd",

@@ -158,7 +158,11 @@ def _plan_options(fn: Any) -> Any:
             help="Engine portability across GPU architectures.",
         ),
         click.option("--version-compat", is_flag=True, help="Version-compatible engine (TensorRT 8.6+)."),
-        click.option("--sparsity", is_flag=True, help="Use 2:4 structured-sparse weights where present."),
+        click.option(
+            "--sparsity/--no-sparsity",
+            default=None,
+            help="2:4 sparse kernels [default: on when the weights follow 2:4 and the GPU has them].",
+        ),
         click.option("--dla-core", type=int, help="Run on this DLA core (Jetson Xavier/Orin)."),
         click.option(
             "--no-gpu-fallback", is_flag=True, help="With --dla-core: fail instead of falling back."

@@ -1,0 +1,165 @@
+"""QAT and 2:4 sparsity on EfficientNet-Lite0, side by side in one run on the same photos and threads:
+FP32 / our best PTQ INT8 (`quantize` defaults) / QAT INT8 / 2:4 FP32 (recovered) / 2:4 + INT8, with
+top-1 agreement vs FP32 on the same held-out photo crops, the compressed size of each deployable file
+(zlib -9: what a tar.gz bundle carries), eligible 2:4 layers and wall time.
+
+Run: python3 bench/bench_qat.py [--steps 30] [--train 128] [--holdout 64] [--out result.json]
+ModelOpt's torch QAT (same crops, split, loss, optimizer and steps) runs from .venv-modelopt through
+bench/modelopt_qat.py; its row says "skipped" without that venv. ModelOpt's sparsity is not run.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import tempfile
+import time
+import zlib
+from pathlib import Path
+from typing import Any
+
+import onnx
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from calibrators.quantize import quantize  # noqa: E402
+from calibrators.sparsity import analyze  # noqa: E402
+from trtbuild import examples  # noqa: E402
+from trtbuild.qat import qat  # noqa: E402
+
+
+def compressed_mib(path: Path) -> float:
+    return len(zlib.compress(path.read_bytes(), 9)) / 2**20
+
+
+def progress(stage: str, step: int, total: int, loss: float, evaluation: Any) -> None:
+    if evaluation is not None:
+        print(f"  {stage} {step}/{total} loss {loss:.4g} held-out {evaluation.summary}", file=sys.stderr)
+
+
+def top1(report: Any) -> float:
+    return float(report.outputs[0].top1_agreement)
+
+
+def modelopt_row(args: argparse.Namespace) -> dict[str, Any] | str:
+    import subprocess
+
+    python = Path(__file__).resolve().parents[1] / ".venv-modelopt" / "bin" / "python"
+    if not python.exists():
+        return "skipped: no .venv-modelopt (setup in README)"
+    script = Path(__file__).with_name("modelopt_qat.py")
+    cmd = [str(python), str(script), "--steps", str(args.steps), "--train", str(args.train)]
+    cmd += ["--threads", str(args.threads)]
+    run = subprocess.run([*cmd, "--holdout", str(args.holdout)], capture_output=True, text=True)
+    if run.returncode != 0:
+        return f"failed: {run.stderr.strip().splitlines()[-1] if run.stderr.strip() else run.returncode}"
+    return dict(json.loads(run.stdout.strip().splitlines()[-1]))
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--steps", type=int, default=30)
+    parser.add_argument("--train", type=int, default=128)
+    parser.add_argument("--holdout", type=int, default=64)
+    parser.add_argument("--out", type=Path, default=None)
+    parser.add_argument("--threads", type=int, default=1, help="torch threads, for ours and ModelOpt alike")
+    args = parser.parse_args()
+    import torch
+
+    torch.set_num_threads(args.threads)
+    x = examples.normalize_imagenet(examples.photo_crops(args.train + args.holdout, seed=11))
+    samples = [{"images": x[i : i + 1]} for i in range(len(x))]
+    tmp = Path(tempfile.mkdtemp(prefix="bench-qat-"))
+    common: dict[str, Any] = {
+        "inputs": ["images:1x3x224x224"],
+        "data": samples,
+        "holdout": args.holdout,
+        "output_names": ["logits"],
+        "min_fidelity": "0.5",
+        "eval_every": 10,
+        "batch_size": 8,
+        "dynamic_batch": True,
+        "steps": args.steps,
+        "on_step": progress,
+    }
+    start = time.perf_counter()
+    q = qat(examples.efficientnet_lite0(), out_dir=tmp / "qat", **common)
+    qat_s = time.perf_counter() - start
+    print(f"QAT done in {qat_s:.0f}s", file=sys.stderr)
+    # Our best PTQ: `quantize` with its defaults (MSE ranges, bias correction) on the original FP32 export
+    # (the teacher), on the same samples, split and seed -> the same held-out crops.
+    fp32 = tmp / "fp32" / "efficientnet_lite0.onnx"
+    from export.pipeline import export_model
+
+    export_model(
+        examples.efficientnet_lite0(),
+        ["images:1x3x224x224"],
+        fp32,
+        dynamic_batch=True,
+        output_names=["logits"],
+    )
+    start = time.perf_counter()
+    ptq = quantize(fp32, samples, tmp / "ptq", holdout=args.holdout, min_fidelity="0.5", show_progress=False)
+    ptq_s = time.perf_counter() - start
+    start = time.perf_counter()
+    s = qat(examples.efficientnet_lite0(), out_dir=tmp / "sparse", sparsity="2:4", **common)
+    sparse_s = time.perf_counter() - start
+    sp = analyze(onnx.load(str(s.onnx_path))).to_json()
+    sparse_fp32 = s.training["sparse"].history
+    rows = [
+        {"model": "FP32", "top1": 1.0, "size_mib": compressed_mib(fp32), "seconds": None},
+        {
+            "model": "INT8 PTQ (quantize defaults)",
+            "top1": top1(ptq.fidelity),
+            "size_mib": compressed_mib(ptq.onnx_path),
+            "seconds": ptq_s,
+        },
+        {
+            "model": "INT8 PTQ (QAT's start: MSE ranges, no bias corr.)",
+            "top1": top1(q.ptq),
+            "size_mib": None,
+            "seconds": None,
+        },
+        {
+            "model": f"INT8 QAT ({args.steps} steps)",
+            "top1": top1(q.qat),
+            "size_mib": compressed_mib(q.quantized.onnx_path),
+            "seconds": qat_s,
+        },
+        {
+            "model": "2:4 FP32 (recovered)",
+            "top1": sparse_fp32[-1].summary,
+            "size_mib": compressed_mib(s.onnx_path),
+            "seconds": None,
+        },
+        {"model": "2:4 + INT8 PTQ (before QAT)", "top1": top1(s.ptq), "size_mib": None, "seconds": None},
+        {
+            "model": "2:4 + INT8 QAT",
+            "top1": top1(s.qat),
+            "size_mib": compressed_mib(s.quantized.onnx_path),
+            "seconds": sparse_s,
+        },
+    ]
+    report = {
+        "modelopt": modelopt_row(args),
+        "held_out": args.holdout,
+        "train": args.train,
+        "steps": args.steps,
+        "rows": rows,
+        "eligible": {
+            k: sp[k] for k in ("eligible_layers", "weighted_layers", "eligible_weights", "total_weights")
+        },
+        "sparse_fp32_history": [(e.step, e.summary) for e in sparse_fp32],
+        "qat_history": [(e.step, e.summary) for e in q.training["qat"].history],
+        "sparse_qat_history": [(e.step, e.summary) for e in s.training["qat"].history],
+        "out": str(tmp),
+    }
+    text = json.dumps(report, indent=2, default=str)
+    print(text)
+    if args.out:
+        args.out.write_text(text + "\n")
+
+
+if __name__ == "__main__":
+    main()

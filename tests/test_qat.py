@@ -1,0 +1,324 @@
+"""QAT and 2:4 recovery training (trtbuild/qat/, `trtbuild qat`) on a tiny real conv net, plus one
+EfficientNet-Lite0 run: fake quantization equals the Q/DQ graph's arithmetic, the 2:4 rule, the mapping of
+the ONNX placement back to modules, exact resume, the artifacts (same structure as PTQ's), `plan` turning
+sparse kernels on by itself, and one-line errors that write nothing."""
+
+from __future__ import annotations
+
+import copy
+import json
+from collections.abc import Iterator
+from pathlib import Path
+
+import numpy as np
+import onnx
+import pytest
+import torch
+from cli_helpers import run_cli
+from qat_models import tiny_data, tiny_net
+
+from calibrators import weights as wq
+from calibrators.quantize import quantize
+from calibrators.sparsity import analyze, is_2to4
+from trtbuild.plan import make_plan
+from trtbuild.qat.fake_quant import (
+    ActivationQuantizer,
+    QuantHooks,
+    fake_quant_activation,
+    fake_quant_weight,
+)
+from trtbuild.qat.prune import mask_2to4, plan_pruning
+from trtbuild.qat.train import TrainConfig, Trainer
+from trtbuild.trtexec import command_line
+
+TINY = f"{Path(__file__).with_name('qat_models.py')}:tiny_net"
+ARTIFACTS = (".onnx", ".int8.onnx", ".calib.cache", ".ranges.json", ".fidelity.json", ".qat.json")
+
+
+def test_fake_quant_is_the_qdq_arithmetic() -> None:
+    """Per-channel weights round exactly like plan_qdq's int8 weights; activations like Q then DQ."""
+    w = torch.randn(8, 4, 3, 3, generator=torch.Generator().manual_seed(0))
+    scales = wq.per_channel_scales(w.numpy(), 0)
+    expected = wq.dequantize_weight(wq.quantize_weight(w.numpy(), scales, 0), scales, 0)
+    np.testing.assert_allclose(fake_quant_weight(w).numpy(), expected, rtol=1e-6, atol=1e-7)
+    x = torch.linspace(-3, 3, 601).reshape(1, -1)
+    step = torch.tensor(2.0 / 127)
+    q = np.clip(np.rint(x.numpy() / step.item()), -127, 127) * step.item()
+    np.testing.assert_allclose(fake_quant_activation(x, step).detach().numpy(), q, atol=1e-6)
+    # Gradients flow to both the input (inside the range only) and the step size.
+    x.requires_grad_(True)
+    s = torch.nn.Parameter(step.clone())
+    fake_quant_activation(x, s).sum().backward()
+    assert x.grad is not None and x.grad[0, 300] == 1 and x.grad[0, 0] == 0
+    assert s.grad is not None and s.grad != 0
+
+
+def test_mask_2to4_keeps_two_largest_along_input_channels() -> None:
+    w = torch.randn(16, 32, 3, 3, generator=torch.Generator().manual_seed(1))
+    mask = mask_2to4(w)
+    pruned = (w * mask).numpy()
+    assert is_2to4(pruned, axis=1) and not is_2to4(pruned, axis=0)
+    assert mask.sum().item() == w.numel() / 2
+    group = w[0, 0:4, 1, 1].abs()
+    kept = mask[0, 0:4, 1, 1].bool()
+    assert group[kept].min() >= group[~kept].max()
+    decisions = {d.module: d.reason for d in plan_pruning(tiny_net())}
+    assert decisions["pw.0"] is None and decisions["head"] is None
+    assert "depthwise" in (decisions["dw.0"] or "") and "multiple of 4" in (decisions["stem.0"] or "")
+
+
+def _trainer(seed_model: torch.nn.Module, config: TrainConfig, on_step=None) -> tuple[Trainer, QuantHooks]:  # type: ignore[no-untyped-def]
+    student = copy.deepcopy(seed_model)
+    teacher = copy.deepcopy(seed_model)
+    quantizers = [ActivationQuantizer("a", 3.0), ActivationQuantizer("b", 3.0)]
+    hooks = QuantHooks()
+    hooks.quantize_input(student.pw[0], quantizers[0])
+    hooks.quantize_input(student.expand, quantizers[1])
+    hooks.quantize_weight(student.pw[0])
+    hooks.quantize_weight(student.expand)
+    x = tiny_data(24, seed=2)
+    samples = [{"x": x[i : i + 1]} for i in range(24)]
+    trainer = Trainer(
+        student,
+        teacher,
+        [q.step for q in quantizers],
+        samples[:16],
+        [{"x": x[16:]}],
+        ["x"],
+        ["y"],
+        {},
+        config,
+        torch.device("cpu"),
+        on_step=on_step,
+    )
+    return trainer, hooks
+
+
+@pytest.fixture
+def one_thread() -> Iterator[None]:
+    """One torch thread: faster for tiny tensors, and on a shared 2-core machine far faster for any size
+    (two threads wait on each other whenever one is descheduled)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def test_resume_equals_uninterrupted_and_seed_repeats(tmp_path: Path, one_thread: None) -> None:
+    model = tiny_net()
+    config = TrainConfig(
+        steps=4, batch_size=4, lr=1e-3, eval_every=2, checkpoint_every=2, patience=10, seed=3
+    )
+
+    def last(path: Path) -> dict[str, torch.Tensor]:
+        """The trained state at the last step (student, step sizes, Adam moments)."""
+        state = torch.load(path, weights_only=False)
+        flat = {f"student.{k}": v for k, v in state["student"].items()}
+        flat.update({f"extra.{i}": v for i, v in enumerate(state["extra"])})
+        for i, moments in state["optimizer"]["state"].items():
+            flat.update({f"adam.{i}.{k}": v for k, v in moments.items()})
+        return flat
+
+    _trainer(model, config)[0].fit(tmp_path / "a.ckpt")
+    _trainer(model, config)[0].fit(tmp_path / "b.ckpt")
+    a, b = last(tmp_path / "a.ckpt"), last(tmp_path / "b.ckpt")
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    assert not torch.equal(a["student.pw.0.weight"], model.state_dict()["pw.0.weight"])  # it trained
+
+    class Interrupt(Exception):
+        pass
+
+    def stop(step: int, *_: object) -> None:
+        if step == 3:
+            raise Interrupt
+
+    with pytest.raises(Interrupt):
+        _trainer(model, config, on_step=stop)[0].fit(tmp_path / "c.ckpt")
+    result = _trainer(model, config)[0].fit(tmp_path / "c.ckpt", resume=True)
+    assert result.resumed_from == 2 and result.steps_run == 4
+    c = last(tmp_path / "c.ckpt")
+    assert all(torch.equal(a[k], c[k]) for k in a)
+    # The returned model is the best held-out one: step 0 (PTQ) unless training improved on it.
+    scores = {e.step: e.score for e in result.history}
+    assert scores[result.best_step] == min(scores.values())
+
+
+@pytest.fixture(scope="module")
+def sparse_run(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path, dict]:  # type: ignore[type-arg]
+    """`trtbuild qat --sparsity 2:4` on the tiny net, through the real CLI."""
+    root = tmp_path_factory.mktemp("qat")
+    data = root / "x.npy"
+    np.save(data, tiny_data(48, seed=1))
+    out = root / "out"
+    from trtbuild.cli import main
+
+    args = [
+        "qat",
+        TINY,
+        "--input",
+        "x:1x3x16x16",
+        "--dynamic-batch",
+        "--data",
+        str(data),
+        "--sparsity",
+        "2:4",
+        "--steps",
+        "6",
+        "--eval-every",
+        "3",
+        "--checkpoint-every",
+        "3",
+        "--holdout",
+        "16",
+        "--min-fidelity",
+        "0.5",
+        "--out-dir",
+        str(out),
+        "--json",
+    ]
+    import contextlib
+    import io
+
+    buffer = io.StringIO()
+    with contextlib.redirect_stdout(buffer), contextlib.suppress(SystemExit):
+        main(args)
+    return out, data, json.loads(buffer.getvalue())
+
+
+def test_sparse_qat_writes_quantize_artifacts(sparse_run: tuple[Path, Path, dict]) -> None:  # type: ignore[type-arg]
+    out, data, info = sparse_run
+    for suffix in ARTIFACTS:
+        assert (out / f"tiny_net{suffix}").is_file(), suffix
+    assert json.loads((out / "tiny_net.ranges.json").read_text())["method"] == "qat-lsq"
+    assert info["sparsity"]["pruned_layers"] == 3 and len(info["sparsity"]["skipped"]) == 2
+    assert info["mapping"]["quantized_modules"] >= 2
+    # The fine-tuned FP32 graph and its Q/DQ graph both keep the 2:4 pattern TensorRT checks.
+    for name in ("tiny_net.onnx", "tiny_net.int8.onnx"):
+        report = analyze(onnx.load(str(out / name)))
+        assert report.is_sparse_model and len(report.sparse) == 3, name
+    # Same structure as PTQ's: quantize on the same fine-tuned graph places the same Q/DQ nodes.
+    ptq = quantize(
+        out / "tiny_net.onnx",
+        data,
+        out.parent / "ptq",
+        holdout=16,
+        min_fidelity="0.5",
+        bias_correction=False,
+        show_progress=False,
+    )
+    qat_graph = onnx.load(str(out / "tiny_net.int8.onnx")).graph
+    ptq_graph = onnx.load(str(ptq.onnx_path)).graph
+    assert [n.op_type for n in qat_graph.node] == [n.op_type for n in ptq_graph.node]
+    assert json.loads((out / "tiny_net.fidelity.json").read_text())["plan"]["quantized_nodes"] == list(
+        ptq.plan.quantized_nodes
+    )
+
+
+def test_plan_turns_on_sparsity_for_a_2to4_model(sparse_run: tuple[Path, Path, dict], tmp_path: Path) -> None:  # type: ignore[type-arg]
+    out, _, _ = sparse_run
+    plan = make_plan(
+        out / "tiny_net.onnx", "a100", "int8", qdq_onnx=out / "tiny_net.int8.onnx", out_root=tmp_path
+    )
+    assert "SPARSE_WEIGHTS" in plan.builder_flags and "--sparsity=enable" in command_line(plan)
+    assert any("3 of 3 eligible layers" in n for n in plan.notes)
+    dense = make_plan(out / "tiny_net.onnx", "a100", "fp16", sparsity=False, out_root=tmp_path)
+    assert "SPARSE_WEIGHTS" not in dense.builder_flags
+    old_gpu = make_plan(out / "tiny_net.onnx", "xavier-jp5", "fp16", out_root=tmp_path)
+    assert "SPARSE_WEIGHTS" not in old_gpu.builder_flags and any("run dense" in n for n in old_gpu.notes)
+
+
+BAD_MODELS = """
+import torch
+from torch import nn
+class Pool(nn.Module):
+    def forward(self, x):
+        return x.mean(dim=(2, 3))
+def pool():
+    return Pool()
+def stem_only():
+    return nn.Sequential(nn.Conv2d(3, 8, 3), nn.Flatten())
+"""
+
+
+@pytest.mark.parametrize(
+    ("source", "extra", "message"),
+    [
+        ("tiny", ["--sparsity", "1:4"], "Invalid value for '--sparsity'"),
+        ("tiny", ["--input", "x:1x3x8x8"], "has shape (3, 16, 16) per sample"),
+        ("pool", [], "no Conv/Linear layer with weights"),
+        ("stem_only", ["--sparsity", "2:4"], "can take 2:4 sparsity"),
+        ("tiny", ["--input", "x:1x5x16x16", "--data", "five.npy"], "fails on the declared inputs"),
+    ],
+)
+def test_bad_input_is_one_line_and_writes_nothing(
+    source: str, extra: list[str], message: str, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    (tmp_path / "bad.py").write_text(BAD_MODELS)
+    np.save(tmp_path / "x.npy", tiny_data(24))
+    np.save(tmp_path / "five.npy", np.zeros((24, 5, 16, 16), np.float32))
+    spec = TINY if source == "tiny" else f"{tmp_path / 'bad.py'}:{source}"
+    args = [
+        "qat",
+        spec,
+        "--data",
+        str(tmp_path / "x.npy"),
+        "--holdout",
+        "8",
+        "--out-dir",
+        str(tmp_path / "out"),
+    ]
+    if "--input" not in extra:
+        args += ["--input", "x:1x3x16x16"]
+    if "--data" in extra:
+        args = [
+            a if a != str(tmp_path / "x.npy") else str(tmp_path / extra[extra.index("--data") + 1])
+            for a in args
+        ]
+        extra = [e for e in extra if e not in ("--data", "five.npy")]
+    code, _, err = run_cli(args + extra, capsys)
+    assert code == 2, err
+    assert message in err and "Traceback" not in err
+    assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.slow
+def test_effnet_qat_keeps_ptq_structure_and_fidelity(
+    effnet_model: torch.nn.Module, photo_batch: np.ndarray, tmp_path: Path, one_thread: None
+) -> None:
+    """A few QAT steps on EfficientNet-Lite0: quantize's artifacts, PTQ's Q/DQ structure, no fidelity loss."""
+    from trtbuild.qat import qat
+
+    samples = [{"images": photo_batch[i : i + 1]} for i in range(len(photo_batch))]
+    result = qat(
+        copy.deepcopy(effnet_model),
+        ["images:1x3x224x224"],
+        samples,
+        tmp_path / "qat",
+        steps=4,
+        eval_every=2,
+        batch_size=4,
+        holdout=12,
+        output_names=["logits"],
+        min_fidelity="0.5",
+        dynamic_batch=True,
+    )
+    stem = result.onnx_path.stem  # an nn.Module instance is named after its class
+    for suffix in ARTIFACTS:
+        assert (tmp_path / "qat" / f"{stem}{suffix}").is_file(), suffix
+    plan = result.quantized.plan
+    weighted = [n for n in plan.quantized_nodes if plan.node_types[n] in ("Conv", "Gemm", "MatMul")]
+    assert result.mapping is not None and len(result.mapping.weighted) == len(weighted) > 40
+    ptq = quantize(
+        result.onnx_path,
+        samples,
+        tmp_path / "ptq",
+        holdout=12,
+        min_fidelity="0.5",
+        bias_correction=False,
+        show_progress=False,
+    )
+    assert list(ptq.plan.quantized_nodes) == list(result.quantized.plan.quantized_nodes)
+    assert set(ptq.plan.activations) == set(result.quantized.plan.activations)
+    qat_top1 = result.qat.outputs[0].top1_agreement  # both against the original FP32 model
+    ptq_top1 = result.ptq.outputs[0].top1_agreement
+    assert qat_top1 is not None and ptq_top1 is not None and qat_top1 >= ptq_top1

@@ -1,0 +1,155 @@
+"""`trtbuild qat`: recovery training from the PyTorch source (INT8 QAT, optionally 2:4 sparsity first),
+writing the same artifacts as `trtbuild quantize`."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import click
+from rich.table import Table
+
+from calibrators.collect import DEFAULT_BATCH_SIZE
+from calibrators.methods import DEFAULT_METHOD, METHODS
+from calibrators.preprocess import Preprocess
+from calibrators.quantize import DEFAULT_HOLDOUT, DEFAULT_TRT_VERSION, FidelityGateError
+from trtbuild.cli.data_options import data_option, preprocess_options
+from trtbuild.core import console
+
+
+@click.command("qat")
+@click.argument("source")
+@click.option(
+    "--input", "inputs", multiple=True, required=True, metavar="NAME:SHAPE[:DTYPE]", help="As for export."
+)
+@data_option
+@click.option("--dynamic-batch", is_flag=True, help="Make axis 0 of every input dynamic (as for export).")
+@click.option("--weights", type=click.Path(dir_okay=False), help="State dict (.pt/.pth) to load first.")
+@click.option("--out-dir", type=click.Path(path_type=Path), default=None, help="[engines/<name>/qat]")
+@click.option("--sparsity", type=click.Choice(["2:4"]), default=None, help="Prune to 2:4 first, recover.")
+@click.option("--steps", type=int, default=200, show_default=True, help="QAT steps (and 2:4 recovery steps).")
+@click.option("--batch-size", type=int, default=DEFAULT_BATCH_SIZE, show_default=True)
+@click.option("--lr", type=float, default=1e-5, show_default=True, help="Weight learning rate (Adam).")
+@click.option("--step-lr", type=float, default=1e-3, show_default=True, help="LSQ step-size learning rate.")
+@click.option(
+    "--eval-every", type=int, default=25, show_default=True, help="Held-out fidelity every N steps."
+)
+@click.option("--patience", type=int, default=3, show_default=True, help="Stop after N evaluations w/o gain.")
+@click.option("--checkpoint-every", type=int, default=50, show_default=True)
+@click.option("--resume", is_flag=True, help="Continue from the checkpoints in <out-dir>/checkpoints.")
+@click.option("--holdout", type=int, default=DEFAULT_HOLDOUT, show_default=True)
+@click.option("--samples", type=int, default=None, help="Train on N samples (default: all but held-out).")
+@click.option("--min-fidelity", multiple=True, help="The final gate, as for quantize.")
+@click.option("--method", type=click.Choice(list(METHODS)), default=DEFAULT_METHOD, show_default=True)
+@click.option("--exclude", multiple=True, help="Regex of node names to keep in float (repeatable).")
+@click.option("--exclude-op-type", multiple=True, help="Op type to keep in float (repeatable).")
+@click.option("--output-name", "output_names", multiple=True, help="Output names in order.")
+@click.option("--trt-version", default=DEFAULT_TRT_VERSION, show_default=True)
+@click.option("--device", default="auto", show_default=True, help="auto (CUDA when present), cpu, cuda[:N].")
+@click.option("--seed", type=int, default=0, show_default=True)
+@preprocess_options
+@click.option("--json", "as_json", is_flag=True, help="Print a JSON summary on stdout.")
+def qat_command(
+    source: str,
+    inputs: tuple[str, ...],
+    data_path: Path,
+    dynamic_batch: bool,
+    weights: str | None,
+    out_dir: Path | None,
+    sparsity: str | None,
+    steps: int,
+    batch_size: int,
+    lr: float,
+    step_lr: float,
+    eval_every: int,
+    patience: int,
+    checkpoint_every: int,
+    resume: bool,
+    holdout: int,
+    samples: int | None,
+    min_fidelity: tuple[str, ...],
+    method: str,
+    exclude: tuple[str, ...],
+    exclude_op_type: tuple[str, ...],
+    output_names: tuple[str, ...],
+    trt_version: str,
+    device: str,
+    seed: int,
+    preprocess: Preprocess,
+    as_json: bool,
+) -> None:
+    """Fine-tune SOURCE (module:attr or file.py:attr) for INT8 by distillation against its FP32 self on the
+    unlabeled --data, then write the fine-tuned ONNX plus quantize's Q/DQ ONNX, cache, ranges and report."""
+    from calibrators import cache
+    from export.sources import resolve_source
+    from trtbuild.qat import qat
+
+    cache.header(trt_version)
+    name = resolve_source(source).name
+    target = out_dir or Path("engines") / name / "qat"
+    with console.progress() as bar:
+        task = bar.add_task("export + calibrate", total=None)
+
+        def on_step(stage: str, step: int, total: int, loss: float, evaluation: object) -> None:
+            shown = f"{stage}: loss {loss:.3g}"
+            if evaluation is not None:
+                shown += f", held-out {getattr(evaluation, 'summary', '')}"
+            bar.update(task, completed=step, total=total, description=shown)
+
+        try:
+            result = qat(
+                source,
+                list(inputs),
+                data_path,
+                target,
+                weights=weights,
+                dynamic_batch=dynamic_batch,
+                sparsity=sparsity,
+                steps=steps,
+                batch_size=batch_size,
+                lr=lr,
+                step_lr=step_lr,
+                eval_every=eval_every,
+                patience=patience,
+                checkpoint_every=checkpoint_every,
+                resume=resume,
+                holdout=holdout,
+                samples=samples,
+                min_fidelity=list(min_fidelity) or None,
+                method=method,
+                exclude=exclude,
+                exclude_op_types=exclude_op_type,
+                output_names=list(output_names) or None,
+                preprocess=preprocess,
+                trt_version=trt_version,
+                seed=seed,
+                device=device,
+                on_step=None if as_json else on_step,
+            )
+        except FidelityGateError as exc:
+            console.err.print(exc.report.table())
+            raise
+    if as_json:
+        console.emit_json(result.to_json())
+        return
+    table = Table(title=f"QAT {name}: held-out fidelity vs the original FP32")
+    table.add_column("model")
+    table.add_column("fidelity")
+    table.add_row("PTQ (calibrated ranges)", result.ptq.summary())
+    table.add_row("QAT (learned ranges)", result.qat.summary())
+    console.out.print(table)
+    info = result.to_json()
+    if info["sparsity"]:
+        s = info["sparsity"]
+        skipped = "; ".join(f"{x['module']}: {x['reason']}" for x in s["skipped"][:3]) or "-"
+        console.out.print(
+            f"2:4: {s['pruned_layers']} layers pruned ({s['pruned_weights']:,} weights zeroed); "
+            f"{len(s['skipped'])} skipped (e.g. {skipped})"
+        )
+    console.out.print(
+        f"wrote {result.onnx_path}, {result.quantized.onnx_path}, {result.quantized.cache_path}, "
+        f"{result.quantized.ranges_path}, {result.quantized.report_path}, {result.report_path} "
+        f"in {result.seconds:.0f}s"
+    )
+
+
+COMMANDS = [qat_command]

@@ -1,0 +1,367 @@
+"""`qat()`: recovery training from the PyTorch source, ending in exactly the artifacts `quantize` writes.
+
+export (export/pipeline.py) -> [2:4 prune + FP32 recovery] -> calibrate + Q/DQ placement on the exported
+graph (calibrators/qdq.py) -> map the placement back to modules (mapping.py) -> LSQ fake-quant distillation
+(train.py) -> export the fine-tuned FP32 weights -> calibrators.quantize.quantize with the learned ranges.
+So the Q/DQ ONNX, calibration cache, ranges and fidelity report come from the same code as PTQ's, with
+the same structure, and every later stage (plan, export-jetson, export-snpe, bundle) takes them unchanged.
+Nothing lands in the output folder unless the final fidelity gate passes (checkpoints excepted).
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import logging
+import tempfile
+import time
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import onnx
+import torch
+from torch import nn
+
+from calibrators import fidelity, gate_stats
+from calibrators.calibrate import compute_ranges
+from calibrators.collect import DEFAULT_BATCH_SIZE, collect, load_model
+from calibrators.data import ModelInput, model_inputs, open_data
+from calibrators.fidelity import FidelityReport
+from calibrators.methods import DEFAULT_METHOD
+from calibrators.preprocess import Preprocess
+from calibrators.qdq import QdqOptions, apply_qdq, plan_qdq, quantizable_activations
+from calibrators.quantize import DEFAULT_HOLDOUT, QuantizeResult, quantize
+from calibrators.ranges import RangeSet, TensorRange
+from calibrators.sparsity import PATTERN
+from trtbuild.core import atomic
+from trtbuild.core.defaults import DEFAULT_TRT_VERSION
+from trtbuild.core.errors import TrtbuildError
+from trtbuild.qat.fake_quant import ActivationQuantizer, QuantHooks
+from trtbuild.qat.mapping import QuantMap, map_plan, weighted_modules
+from trtbuild.qat.prune import PruneDecision, make_masks, plan_pruning, recalibrate_batchnorm
+from trtbuild.qat.train import Evaluation, LossFn, TrainConfig, Trainer, TrainResult
+
+log = logging.getLogger(__name__)
+SPARSITY_PATTERNS = (PATTERN,)
+StepCallback = Callable[[str, int, int, float, Evaluation | None], None]
+
+
+@dataclass
+class QatResult:
+    onnx_path: Path  # the fine-tuned FP32 ONNX (what `plan` and the bundles take as the model)
+    quantized: QuantizeResult
+    report_path: Path
+    ptq: FidelityReport  # the same placement with calibrated ranges, before training, vs the original FP32
+    qat: FidelityReport  # the QAT Q/DQ graph vs the original FP32 (quantize's report compares it with the
+    # fine-tuned FP32 graph it ships with)
+    training: dict[str, TrainResult] = field(default_factory=dict)
+    mapping: QuantMap | None = None
+    pruning: list[PruneDecision] = field(default_factory=list)
+    seconds: float = 0.0
+
+    def to_json(self) -> dict[str, Any]:
+        eligible = [d for d in self.pruning if d.reason is None]
+        return {
+            "onnx": str(self.onnx_path),
+            "report": str(self.report_path),
+            "quantize": self.quantized.to_json(),
+            "ptq_fidelity": self.ptq.to_json(),
+            "qat_fidelity": self.qat.to_json(),
+            "training": {k: v.to_json() for k, v in self.training.items()},
+            "mapping": None if self.mapping is None else self.mapping.to_json(),
+            "sparsity": None
+            if not self.pruning
+            else {
+                "pattern": PATTERN,
+                "pruned_layers": len(eligible),
+                "pruned_weights": sum(d.params // 2 for d in eligible),
+                "skipped": [{"module": d.module, "reason": d.reason} for d in self.pruning if d.reason],
+            },
+            "seconds": round(self.seconds, 1),
+        }
+
+
+def _device(device: str) -> torch.device:
+    if device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if device.startswith("cuda") and not torch.cuda.is_available():
+        raise TrtbuildError(f"--device {device}: no CUDA device here", "use --device cpu or auto")
+    if device != "cpu" and not device.startswith("cuda"):
+        raise TrtbuildError(f"unknown --device '{device}'", "use auto, cpu or cuda[:N]")
+    return torch.device(device)
+
+
+def _load(source: str | nn.Module, weights: str | Path | None) -> tuple[nn.Module, str]:
+    from export.sources import load_torch_model, load_weights, resolve_source
+
+    if isinstance(source, nn.Module):
+        if weights is not None:
+            load_weights(source, weights)
+        return source.eval(), type(source).__name__.lower()
+    parsed = resolve_source(source)
+    if parsed.kind != "python":
+        raise TrtbuildError(
+            f"QAT trains the PyTorch model; '{source}' is a {parsed.kind} file",
+            "give module:attribute or file.py:attribute (with --weights for a state dict)",
+        )
+    model = load_torch_model(parsed, weights)
+    if isinstance(model, torch.jit.ScriptModule):
+        raise TrtbuildError("a TorchScript module cannot be fine-tuned here", "give the Python nn.Module")
+    return model, parsed.name
+
+
+def _export(
+    model: nn.Module,
+    inputs: Sequence[str],
+    path: Path,
+    names: Sequence[str] | None,
+    opset: int | None,
+    dynamic_batch: bool,
+) -> onnx.ModelProto:
+    from export.pipeline import export_model
+
+    export_model(
+        model.cpu().eval(), inputs, path, output_names=names, opset=opset, dynamic_batch=dynamic_batch
+    )
+    return load_model(path)
+
+
+def _declared_inputs(inputs: Sequence[str], dynamic_batch: bool) -> list[ModelInput]:
+    """The --input specs as calibration data sees model inputs (a static batch stays static)."""
+    from export.pipeline import build_specs
+
+    return [
+        ModelInput(s.name, (None if 0 in s.dynamic_axes else 1, *s.opt_shape[1:]), np.dtype(s.dtype))
+        for s in build_specs(inputs, dynamic_batch=dynamic_batch)
+    ]
+
+
+def _learned_ranges(ranges: RangeSet, quantizers: Mapping[str, ActivationQuantizer]) -> RangeSet:
+    learned = RangeSet(method="qat-lsq", meta={"initial_method": ranges.method})
+    for name, r in ranges.items():
+        q = quantizers.get(name)
+        learned.add(TensorRange(name, q.amax, r.min, r.max) if q is not None else r)
+    return learned
+
+
+def qat(
+    source: str | nn.Module,
+    inputs: Sequence[str],
+    data: Any,
+    out_dir: str | Path,
+    *,
+    weights: str | Path | None = None,
+    dynamic_batch: bool = False,
+    sparsity: str | None = None,
+    steps: int = 200,
+    sparse_steps: int | None = None,
+    batch_size: int = DEFAULT_BATCH_SIZE,
+    lr: float = 1e-5,
+    step_lr: float = 1e-3,
+    eval_every: int = 25,
+    patience: int = 3,
+    checkpoint_every: int = 50,
+    resume: bool = False,
+    holdout: int | None = DEFAULT_HOLDOUT,
+    samples: int | None = None,
+    min_fidelity: str | float | Sequence[str] | None = None,
+    method: str = DEFAULT_METHOD,
+    exclude: Sequence[str] = (),
+    exclude_op_types: Sequence[str] = (),
+    output_names: Sequence[str] | None = None,
+    opset: int | None = None,
+    preprocess: Preprocess | None = None,
+    trt_version: str = DEFAULT_TRT_VERSION,
+    seed: int = 0,
+    device: str = "auto",
+    loss_fn: LossFn | None = None,
+    train_loader: Iterable[tuple[Any, Any]] | None = None,
+    on_step: StepCallback | None = None,
+) -> QatResult:
+    """Fine-tune ``source`` for INT8 (and 2:4 with ``sparsity='2:4'``) and write quantize's artifacts.
+
+    ``data``: unlabeled samples (anything :func:`calibrators.data.open_data` takes); ``holdout`` of them
+    measure fidelity, the rest train. ``loss_fn(student_outputs, targets)`` replaces the distillation loss;
+    with ``train_loader`` (``(inputs, labels)`` batches of tensors) the targets are the user's labels.
+    ``sparse_steps``: FP32 recovery steps after pruning (default: ``steps``).
+    """
+    from trtbuild.core.output_set import check_writable_folder
+
+    start = time.perf_counter()
+    if sparsity is not None and sparsity not in SPARSITY_PATTERNS:
+        raise TrtbuildError(
+            f"sparsity pattern '{sparsity}' is not one TensorRT's sparse kernels take",
+            f"use --sparsity {PATTERN}",
+        )
+    config = TrainConfig(steps, batch_size, lr, step_lr, eval_every, patience, checkpoint_every, seed)
+    sparse_config = TrainConfig(
+        sparse_steps or steps, batch_size, lr * 10, step_lr, eval_every, patience, checkpoint_every, seed
+    )
+    out = Path(out_dir)
+    check_writable_folder(out, "--out")
+    dev = _device(device)
+    torch.manual_seed(seed)
+    model, name = _load(source, weights)
+    if not weighted_modules(model):
+        raise TrtbuildError(
+            f"'{name}' has no Conv/Linear layer with weights to quantize",
+            "QAT needs nn.Conv*/nn.Linear modules (quantize a graph of other ops with `trtbuild quantize`)",
+        )
+    decisions: list[PruneDecision] = plan_pruning(model) if sparsity is not None else []
+    if sparsity is not None and not any(d.reason is None for d in decisions):
+        reasons = "; ".join(f"{d.module}: {d.reason}" for d in decisions[:3])
+        raise TrtbuildError(
+            f"no layer of the model can take {PATTERN} sparsity ({reasons})", "drop --sparsity"
+        )
+    # The data is checked against the declared inputs before anything is exported or trained.
+    all_data = open_data(data, _declared_inputs(inputs, dynamic_batch), preprocess)
+    if holdout is None:
+        holdout = gate_stats.auto_holdout(all_data.known_length(), samples)
+    calib, held = all_data.split(holdout, seed)
+    calib = calib.sample(samples, seed)
+    train = [s for _, s in calib.samples()]
+    held_batches = list(held.batches(batch_size))
+    teacher = copy.deepcopy(model).eval()
+    for p in teacher.parameters():
+        p.requires_grad_(False)
+    ckpt_dir = out / "checkpoints"
+    if resume and not ckpt_dir.is_dir():
+        raise TrtbuildError(f"--resume: no checkpoints in {ckpt_dir}", "run without --resume first")
+
+    with tempfile.TemporaryDirectory(prefix="trtbuild-qat-") as tmp:
+        onnx_path = Path(tmp) / f"{name}.onnx"
+        graph = _export(model, inputs, onnx_path, output_names, opset, dynamic_batch)
+        names_out = [o.name for o in graph.graph.output]
+        input_names = [i.name for i in model_inputs(graph)]
+        reference = fidelity.run_batches(fidelity.session(graph), held_batches)
+        kinds = fidelity.decide_kinds(graph, reference)
+        teacher.to(dev)
+
+        def stage(label: str) -> Callable[[int, int, float, Evaluation | None], None] | None:
+            if on_step is None:
+                return None
+            return lambda *args: on_step(label, *args)
+
+        def trainer(cfg: TrainConfig, extra: Sequence[nn.Parameter], label: str) -> Trainer:
+            return Trainer(
+                model.to(dev),
+                teacher,
+                extra,
+                train,
+                held_batches,
+                input_names,
+                names_out,
+                kinds,
+                cfg,
+                dev,
+                loss_fn,
+                train_loader,
+                stage(label),
+            )
+
+        result_training: dict[str, TrainResult] = {}
+        masks: dict[str, torch.Tensor] = {}
+        if sparsity is not None:
+            masks = make_masks(model, decisions)
+            size = max(batch_size, 1)
+            feeds = [
+                [torch.from_numpy(np.concatenate([t[n] for t in train[i : i + size]])) for n in input_names]
+                for i in range(0, len(train), size)
+            ]
+            recalibrate_batchnorm(model, feeds)
+            hooks = QuantHooks()
+            modules = dict(model.named_modules())
+            for module_name, mask in masks.items():
+                hooks.mask_weight(modules[module_name], mask.to(dev))
+            ckpt_dir.mkdir(parents=True, exist_ok=True)
+            result_training["sparse"] = trainer(sparse_config, [], "2:4 recovery").fit(
+                ckpt_dir / f"{name}.sparse.ckpt", resume
+            )
+            hooks.remove()
+            graph = _export(model, inputs, onnx_path, output_names, opset, dynamic_batch)
+
+        options = QdqOptions(
+            exclude_nodes=tuple(exclude), exclude_op_types=tuple(exclude_op_types), bias_correction=False
+        )
+        tensors = quantizable_activations(graph, exclude, exclude_op_types)
+        collection = collect(
+            graph, calib, tensors=tensors, batch_size=batch_size, seed=seed, show_progress=False
+        )
+        ranges = compute_ranges(collection, method)
+        plan = plan_qdq(graph, ranges, options)
+        ptq_test = fidelity.run_batches(fidelity.session(apply_qdq(graph, plan)), held_batches)
+        ptq = fidelity.compare(reference, ptq_test, kinds=kinds)
+        log.info("PTQ fidelity (%s ranges): %s", method, ptq.summary())
+
+        qmap = map_plan(model.cpu(), graph, plan, train[0], input_names)
+        quantizers = {t: ActivationQuantizer(t, plan.activations[t].scale * 127.0) for t in qmap.inputs}
+        for q in quantizers.values():
+            q.to(dev)
+        hooks = QuantHooks()
+        modules = dict(model.named_modules())
+        for tensor, users in qmap.inputs.items():
+            for module_name in users:
+                hooks.quantize_input(modules[module_name], quantizers[tensor])
+        for module_name in qmap.weighted:
+            wmask = masks.get(module_name)
+            hooks.quantize_weight(modules[module_name], None if wmask is None else wmask.to(dev))
+        for module_name, mask in masks.items():
+            if module_name not in qmap.weighted:
+                hooks.mask_weight(modules[module_name], mask.to(dev))
+        ckpt_dir.mkdir(parents=True, exist_ok=True)
+        steps_params = [q.step for q in quantizers.values()]
+        result_training["qat"] = trainer(config, steps_params, "QAT").fit(
+            ckpt_dir / f"{name}.qat.ckpt", resume
+        )
+        hooks.remove()
+        with torch.no_grad():
+            for module_name, mask in masks.items():
+                modules[module_name].weight.mul_(mask.to(modules[module_name].weight.device))
+
+        learned = _learned_ranges(ranges, quantizers)
+        graph = _export(model, inputs, onnx_path, output_names, opset, dynamic_batch)
+        quantized = quantize(
+            onnx_path,
+            all_data,
+            out,
+            holdout=holdout,
+            samples=samples,
+            min_fidelity=min_fidelity,
+            exclude=exclude,
+            exclude_op_types=exclude_op_types,
+            trt_version=trt_version,
+            bias_correction=False,
+            batch_size=batch_size,
+            seed=seed,
+            show_progress=False,
+            ranges=learned,
+        )
+        qat_test = fidelity.run_batches(fidelity.session(str(quantized.onnx_path)), held_batches)
+        qat_report = fidelity.compare(reference, qat_test, kinds=kinds)
+        log.info("QAT fidelity vs the original FP32: %s", qat_report.summary())
+        final_onnx = atomic.write_bytes(out / onnx_path.name, onnx_path.read_bytes())
+        sidecar = onnx_path.with_suffix(".export.json")
+        if sidecar.is_file():
+            atomic.write_bytes(out / sidecar.name, sidecar.read_bytes())
+    result = QatResult(
+        onnx_path=final_onnx,
+        quantized=quantized,
+        report_path=out / f"{name}.qat.json",
+        ptq=ptq,
+        qat=qat_report,
+        training=result_training,
+        mapping=qmap,
+        pruning=decisions,
+        seconds=time.perf_counter() - start,
+    )
+    atomic.write_text(result.report_path, json.dumps(result.to_json(), indent=2, default=_plain) + "\n")
+    return result
+
+
+def _plain(value: Any) -> Any:
+    if isinstance(value, np.generic):
+        return value.item()
+    return str(value)
