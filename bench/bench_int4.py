@@ -38,7 +38,7 @@ sys.path.insert(0, str(ROOT))
 
 from calibrators import fidelity  # noqa: E402
 from calibrators.int4 import quantize_int4  # noqa: E402
-from tests.test_quantize_models import build_minilm_onnx  # noqa: E402
+from tests.calibrators.test_quantize_models import build_minilm_onnx  # noqa: E402
 from trtbuild.core import metrics  # noqa: E402
 from trtbuild.memory_plan import activation_peak, weight_bytes  # noqa: E402
 

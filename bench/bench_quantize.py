@@ -32,7 +32,7 @@ from rich.console import Console
 from rich.table import Table
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests" / "calibrators"))
 
 from calibrators import fidelity, ort_cpu  # noqa: E402
 from calibrators.calibrate import compute_ranges  # noqa: E402

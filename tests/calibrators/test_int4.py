@@ -10,13 +10,13 @@ import numpy as np
 import onnx
 import pytest
 import torch
+from cli_helpers import run_cli
 from onnx import TensorProto, helper, numpy_helper
+from test_quantize_models import build_minilm_onnx
 
 from calibrators.int4 import quantize_int4
 from calibrators.int4.blocks import quantize_blocks
 from calibrators.int4.graph import int4_tensor
-from tests.cli_helpers import run_cli
-from tests.test_quantize_models import build_minilm_onnx
 from trtbuild.core import output_set
 from trtbuild.memory_plan import activation_peak, weight_bytes
 from trtbuild.targets import TARGETS

@@ -21,7 +21,7 @@ from export.pipeline import prepare_onnx
 from export.prepare import constants_to_initializers
 from trtbuild.core.errors import TrtbuildError
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 DDDDOCR_WHEEL = "ddddocr-1.6.1-py3-none-any.whl"  # ships common.onnx: a CNN+LSTM OCR model, opset 12
 
 

@@ -397,7 +397,7 @@ def test_signed_triton_bundle_verifies(
 
 def _tritonserver() -> tuple[Path, Path] | None:
     """Triton's server binary as the nvidia-pytriton wheel ships it (with only the Python backend)."""
-    root = Path(__file__).resolve().parents[1]
+    root = Path(__file__).resolve().parents[3]
     for site in sorted(root.glob(".venv-triton/lib/python*/site-packages")):
         binary = site / "pytriton" / "tritonserver" / "bin" / "tritonserver"
         if binary.is_file():

@@ -15,7 +15,7 @@ from export.pipeline import ExportResult, export_model
 from trtbuild import examples
 from trtbuild.core.errors import TrtbuildError
 
-IMAGE_TEXT = str(Path(__file__).parent / "models" / "image_text.py")
+IMAGE_TEXT = str(Path(__file__).resolve().parents[2] / "tests" / "models" / "image_text.py")
 
 
 def ort_run(path: Path, feeds: dict[str, np.ndarray]) -> list[np.ndarray]:

@@ -24,7 +24,7 @@ from calibrators.calibrate import calibrate
 from calibrators.encodings import qualcomm_activation_tensors
 from trtbuild.ship.qualcomm import QualcommHandoff, export_qualcomm
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 AIMET_PYTHON = Path(os.environ.get("TRTBUILD_AIMET_PYTHON", ROOT / ".venv-aimet" / "bin" / "python"))
 INSTALL_HINT = (
     "python3 -m venv --system-site-packages .venv-aimet && .venv-aimet/bin/pip install -c <(pip freeze | "

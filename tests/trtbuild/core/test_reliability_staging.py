@@ -25,7 +25,7 @@ from trtbuild.bundle.verify import verify_bundle
 from trtbuild.core import atomic
 from trtbuild.ship.bundles import WORK_LABEL, clean_legacy_work, create_bundles
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[3]
 OLD = STALE = atomic.STALE_AFTER_S + 60
 
 

@@ -34,7 +34,7 @@ from trtbuild.core.trt_versions import has
 from trtbuild.plan import make_plan
 from trtbuild.targets import PRECISIONS, TARGETS
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[3]
 BACKEND = REPO / "trtbuild" / "trt_backend.py"
 TRT11_WHEEL = "tensorrt-cu13-bindings==11.4.0.106"
 # Where a pre-fetched wheel may already be (this machine has no TensorRT but has the wheel here).

@@ -15,7 +15,7 @@ import torch
 from cli_helpers import run_cli
 from onnx import TensorProto, helper
 
-MODELS = Path(__file__).parent / "models"
+MODELS = Path(__file__).resolve().parents[2] / "tests" / "models"
 IMAGE_TEXT = f"{MODELS / 'image_text.py'}:build"
 INPUTS = ["--input", "image:1x3x32x32", "--input", "token_ids:1x8:int64"]
 
