@@ -10,7 +10,7 @@ import onnx
 from onnx import TensorProto, numpy_helper
 
 from calibrators import qdq_rules as rules
-from trtbuild.errors import TrtbuildError
+from trtbuild.core.errors import TrtbuildError
 
 FLOAT_TYPES = {TensorProto.FLOAT, TensorProto.FLOAT16, TensorProto.BFLOAT16, TensorProto.DOUBLE}
 MIN_QDQ_OPSET = 13  # per-channel DequantizeLinear (axis) needs opset 13

@@ -9,14 +9,14 @@ from __future__ import annotations
 
 import json
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
 import onnx
 
+from calibrators import adaround, fidelity, ort_cpu, output_kinds
 from calibrators import fallback as fallback_search
-from calibrators import fidelity, ort_cpu, output_kinds
 from calibrators.cache import write_cache
 from calibrators.calibrate import compute_ranges
 from calibrators.collect import DEFAULT_BATCH_SIZE, collect, load_model, tensors_to_collect
@@ -28,7 +28,7 @@ from calibrators.methods import DEFAULT_METHOD
 from calibrators.preprocess import Preprocess
 from calibrators.qdq import QdqOptions, QdqPlan, apply_qdq, plan_qdq
 from calibrators.ranges import RangeSet
-from trtbuild.core import atomic, output_set
+from trtbuild.core import atomic, console, output_set
 from trtbuild.core import ort as ort_core
 from trtbuild.core.console import warn
 from trtbuild.core.errors import TrtbuildError
@@ -74,6 +74,7 @@ class QuantizeResult:
     calibration_samples: int
     holdout_samples: int
     ort_cpu_target: ort_cpu.OrtCpuTarget | None = None  # uint8 graphs: the CPU and weight format chosen
+    rounding: adaround.LearnedRounding | None = None  # --rounding learned: what was learned, per layer
 
     @property
     def passed(self) -> bool:
@@ -98,6 +99,8 @@ class QuantizeResult:
             ],
             "fidelity": self.fidelity.to_json(),
             "fallback": None if self.fallback is None else self.fallback.to_json(),
+            "rounding": "nearest" if self.rounding is None else "learned",
+            "learned_rounding": None if self.rounding is None else self.rounding.to_json(),
         }
 
 
@@ -119,6 +122,8 @@ def quantize(
     trt_version: str = DEFAULT_TRT_VERSION,
     activation_type: str = "int8",
     bias_correction: bool = True,
+    rounding: str = "nearest",
+    rounding_budget_s: float = adaround.AdaRoundConfig.budget_s,
     ort_cpu_kind: str = "auto",
     ort_weights: str = "auto",
     preprocess: Preprocess | None = None,
@@ -138,11 +143,16 @@ def quantize(
     ``max_float_compute``: auto-fallback never keeps more than this share of the compute in float.
     ``fallback_strategy``: how auto-fallback ranks layers: "auto", "drop_one" (exact) or "local" (one pass).
     ``bias_correction``: fold each quantized layer's mean weight-rounding error into its float bias.
+    ``rounding``: "nearest", or "learned" (calibrators/adaround.py: each int8 weight rounded up or down to
+    minimise its layer's output error on the calibration data, within ``rounding_budget_s`` seconds,
+    deterministic for ``seed``).
     ``activation_type``: int8 writes the TensorRT graph, judged by its reference Q/DQ semantics; uint8
     writes a graph for ONNX Runtime's CPU kernels on ``ort_cpu_kind`` (``auto``: this machine), with the
     weight format that does not saturate there (``ort_weights``, calibrators/ort_cpu.py), judged by what
     ORT really runs.
     """
+    if rounding not in adaround.ROUNDINGS:
+        raise TrtbuildError(f"unknown rounding '{rounding}'", f"use one of {', '.join(adaround.ROUNDINGS)}")
     with output_set.writer_lock(out_dir):  # one writer per folder, taken before any work
         threshold = (
             min_fidelity
@@ -197,6 +207,12 @@ def quantize(
         held_count = sum(int(next(iter(b.values())).shape[0]) for b in held_batches)
         reference = fidelity.run_batches(fidelity.session(model, threads), held_batches)
         plan = plan_qdq(model, ranges, options)
+        learned: adaround.LearnedRounding | None = None
+        if rounding == "learned" and options.weight_format == "int8":
+            config = adaround.AdaRoundConfig(budget_s=rounding_budget_s, seed=seed)
+            learned = _learn(model, plan, calib, config, batch_size, threads, show_progress)
+            options = replace(options, learned_rounding=learned.weights)
+            plan = plan_qdq(model, ranges, options)
         qmodel = apply_qdq(model, plan)
         test = fidelity.run_batches(fidelity.session(qmodel, threads, semantics), held_batches)
         kinds = fidelity.decide_kinds(model, reference, kind_overrides)
@@ -231,10 +247,38 @@ def quantize(
             calibration_samples=collection.samples,
             holdout_samples=held_count,
             ort_cpu_target=target,
+            rounding=learned,
         )
         ort_core.set_metadata(qmodel, target.metadata() if target else ort_cpu.tensorrt_metadata())
         _write(result, qmodel, trt_version)
         return result
+
+
+def _learn(
+    model: onnx.ModelProto,
+    plan: QdqPlan,
+    calib: Any,
+    config: adaround.AdaRoundConfig,
+    batch_size: int,
+    threads: int | None,
+    show_progress: bool,
+) -> adaround.LearnedRounding:
+    """Learned rounding on the calibration samples, with a progress bar per layer."""
+    with console.progress(transient=True) as bar:
+        task = bar.add_task("learning weight rounding", total=None)
+
+        def advance(done: int, total: int) -> None:
+            if show_progress:
+                bar.update(task, completed=done, total=total)
+
+        return adaround.learn_rounding(
+            model,
+            plan,
+            calib.sample(config.samples, config.seed).batches(batch_size),
+            config,
+            threads,
+            advance,
+        )
 
 
 def _upgrade_opset(model: onnx.ModelProto, target: int = 13) -> onnx.ModelProto:
