@@ -103,7 +103,11 @@ def judge(
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--aimet-iterations", type=int, default=300)
+    parser.add_argument("--aimet-iterations", type=int, default=300, help="0: skip the AIMET row")
+    parser.add_argument("--budget", type=float, default=adaround.AdaRoundConfig.budget_s, help="learning s")
+    parser.add_argument(
+        "--sym", action="store_true", help="also the W x_q-target variant of learned rounding"
+    )
     parser.add_argument("--exporters", default="torchscript,dynamo")
     args = parser.parse_args()
     tmp = Path(tempfile.mkdtemp(prefix="bench_int8_accuracy_"))
@@ -132,7 +136,9 @@ def main() -> None:
             )
         plan = plan_qdq(cache, ranges, QdqOptions(bias_correction=False))
         wall, cpu = time.perf_counter(), time.process_time()
-        learned = adaround.learn_rounding(cache, plan, calib, adaround.AdaRoundConfig(), threads=2)
+        learned = adaround.learn_rounding(
+            cache, plan, calib, adaround.AdaRoundConfig(budget_s=args.budget), threads=2
+        )
         wall, cpu = time.perf_counter() - wall, time.process_time() - cpu
         for bc in (True, False):
             options = QdqOptions(bias_correction=bc, learned_rounding=learned.weights)

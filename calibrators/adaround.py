@@ -57,7 +57,8 @@ class AdaRoundConfig:
     # W x_q (False: only the rounding error of this layer's weights).
     asymmetric: bool = True
     refresh: int = 1  # layers learned between re-runs of the quantized prefix (more: stale inputs, worse)
-    budget_s: float = 110.0  # total; the layers left when it runs out keep round-to-nearest
+    # Total seconds; the layers left when it runs out keep round-to-nearest (the first layer always runs).
+    budget_s: float = 110.0
     seed: int = 0
 
 
@@ -158,14 +159,14 @@ def _learn_all(
 ) -> None:
     for first in range(0, len(layers), config.refresh):
         chunk = layers[first : first + config.refresh]
-        if time.perf_counter() - start > config.budget_s:
+        if result.layers and time.perf_counter() - start > config.budget_s:
             result.skipped += [layer.weight for layer in chunk]
             continue
         # Re-run the graph with every layer learned so far: the chunk's inputs come from that prefix.
         current = replace(plan, rounded_weights={**plan.rounded_weights, **result.weights})
         inputs = _quantized_inputs(cache, current, first, chunk, feeds, config, threads)
         for k, layer in enumerate(chunk):
-            if time.perf_counter() - start > config.budget_s:
+            if result.layers and time.perf_counter() - start > config.budget_s:
                 result.skipped.append(layer.weight)
                 continue
             t0 = time.perf_counter()
