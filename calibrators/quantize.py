@@ -210,7 +210,10 @@ def quantize(
         learned: adaround.LearnedRounding | None = None
         if rounding == "learned" and options.weight_format == "int8":
             config = adaround.AdaRoundConfig(budget_s=rounding_budget_s, seed=seed)
-            learned = _learn(model, plan, calib, config, batch_size, threads, show_progress)
+            # Learned on the graph without bias correction (a nearest-rounding shift would be wrong for
+            # the learned layers upstream); the final plan's correction is computed from the learned integers.
+            uncorrected = plan_qdq(model, ranges, replace(options, bias_correction=False))
+            learned = _learn(model, uncorrected, calib, config, batch_size, threads, show_progress)
             options = replace(options, learned_rounding=learned.weights)
             plan = plan_qdq(model, ranges, options)
         qmodel = apply_qdq(model, plan)
