@@ -105,9 +105,6 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--aimet-iterations", type=int, default=300, help="AIMET AdaRound steps")
     parser.add_argument("--budget", type=float, default=adaround.AdaRoundConfig.budget_s, help="learning s")
-    parser.add_argument(
-        "--sym", action="store_true", help="also the W x_q-target variant of learned rounding"
-    )
     parser.add_argument("--exporters", default="torchscript,dynamo")
     args = parser.parse_args()
     tmp = Path(tempfile.mkdtemp(prefix="bench_int8_accuracy_"))
