@@ -65,7 +65,10 @@ def apply_qdq(model: onnx.ModelProto | GraphCache, plan: QdqPlan, check: bool = 
     for w_name, wplan in plan.weights.items():
         w = g.constant(w_name)
         scales = np.asarray(wplan.scales, np.float32)
-        qw = wq.quantize_weight(w, scales, wplan.axis, wplan.weight_format)
+        learned = plan.rounded_weights.get(w_name)
+        qw = (
+            learned if learned is not None else wq.quantize_weight(w, scales, wplan.axis, wplan.weight_format)
+        )
         stored, zero_points = wq.stored_weight(qw, wplan.weight_format, scales.size)
         new_inits += [
             numpy_helper.from_array(stored, f"{w_name}_quantized"),

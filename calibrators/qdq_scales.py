@@ -92,17 +92,21 @@ def plan_qdq(
     quantized_nodes = [n for n in sel.quantized_nodes if n not in dropped_nodes]
     keep = set(quantized_nodes)
     means = bc.means_from(ranges)
+    learned = options.learned_rounding if options.weight_format == "int8" else None
     for w_name, (consumers, axis, bias) in sel.weights.items():
         live = tuple(c for c in consumers if c[0] in keep)
         if not live:
             continue
         scales = wq.per_channel_scales(g.constant(w_name), axis, wq.weight_qmax(options.weight_format))
+        rounded = learned.get(w_name) if learned else None
+        if rounded is not None:
+            plan.rounded_weights[w_name] = rounded
         use_bias = bias if options.activation_type == "uint8" and len(live) == 1 else None
-        correction = (
-            _bias_correction(g, w_name, live, axis, scales, means, options.weight_format)
-            if options.bias_correction
-            else None
-        )
+        correction = None
+        if options.bias_correction:
+            correction = _bias_correction(
+                g, w_name, live, axis, scales, means, options.weight_format, rounded
+            )
         plan.weights[w_name] = WeightQdq(
             w_name,
             live,
@@ -133,6 +137,7 @@ def _bias_correction(
     scales: np.ndarray,
     means: Mapping[str, Any],
     weight_format: str = "int8",
+    rounded: np.ndarray | None = None,
 ) -> tuple[str, tuple[float, ...]] | None:
     """(bias name, shift) for a weight read by one node whose own constant bias can absorb the shift."""
     if len(consumers) != 1 or not means:
@@ -146,7 +151,8 @@ def _bias_correction(
     if len(g.consumers.get(bias, [])) != 1 or float(attrs.get("beta", 1.0)) == 0.0:
         return None  # a shared bias (or one Gemm ignores) cannot take one layer's correction
     w = g.constant(w_name).astype(np.float32)
-    error = wq.dequantize_weight(wq.quantize_weight(w, scales, axis, weight_format), scales, axis) - w
+    q = rounded if rounded is not None else wq.quantize_weight(w, scales, axis, weight_format)
+    error = wq.dequantize_weight(q, scales, axis) - w
     shift = bc.output_shift(error, np.asarray(mean, np.float64), node.op_type, attrs)
     b = g.constant(bias)
     if shift is None or b.ndim != 1 or b.size != shift.size or not np.all(np.isfinite(shift)):

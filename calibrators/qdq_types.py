@@ -3,8 +3,11 @@
 from __future__ import annotations
 
 import re
+from collections.abc import Mapping
 from dataclasses import asdict, dataclass, field
 from typing import Any
+
+import numpy as np
 
 from calibrators import qdq_rules as rules
 from calibrators import weights as wq
@@ -36,6 +39,9 @@ class QdqOptions:
     # How weights are stored: int8 (TensorRT, VNNI CPUs), or int7/uint8 for ORT's x86 kernels on CPUs
     # whose u8 x s8 multiply-add saturates (calibrators/weights.py, trtbuild/core/cpu.py).
     weight_format: str = "int8"
+    # Learned rounding (calibrators/adaround.py): int8 weights by name on the per-channel grid plan_qdq
+    # computes; used instead of round-to-nearest for int8 weights. Data, not part of equality.
+    learned_rounding: Mapping[str, np.ndarray] | None = field(default=None, compare=False, repr=False)
 
     def __post_init__(self) -> None:
         if self.activation_type not in QDQ_TYPES:
@@ -115,6 +121,8 @@ class QdqPlan:
     excluded: list[Exclusion] = field(default_factory=list)
     quantized_nodes: list[str] = field(default_factory=list)
     node_types: dict[str, str] = field(default_factory=dict)  # quantized node -> op type, for reports
+    # Integer weights apply_qdq stores instead of round-to-nearest (learned rounding), by weight name.
+    rounded_weights: dict[str, np.ndarray] = field(default_factory=dict, repr=False)
 
     @property
     def groups(self) -> dict[str, list[str]]:
@@ -135,4 +143,5 @@ class QdqPlan:
             "groups": self.groups,
             "excluded": [asdict(e) for e in self.excluded],
             "quantized_nodes": list(self.quantized_nodes),
+            "learned_rounding": sorted(self.rounded_weights),
         }

@@ -11,14 +11,14 @@ import json
 import logging
 import shutil
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
 import onnx
 
-from calibrators import fallback as fallback_search
 from calibrators import (
+    adaround,
     fallback_ranking,
     fidelity,
     fp8,
@@ -29,6 +29,7 @@ from calibrators import (
     output_kinds,
     report_html,
 )
+from calibrators import fallback as fallback_search
 from calibrators.cache import write_cache
 from calibrators.calibrate import compute_ranges
 from calibrators.collect import DEFAULT_BATCH_SIZE, collect, load_model, tensors_to_collect
@@ -41,7 +42,7 @@ from calibrators.preprocess import Preprocess
 from calibrators.qdq import QdqOptions, QdqPlan, apply_qdq, plan_qdq
 from calibrators.ranges import RangeSet
 from calibrators.weights import FP8
-from trtbuild.core import atomic, output_set
+from trtbuild.core import atomic, console, output_set
 from trtbuild.core import ort as ort_core
 from trtbuild.core.defaults import DEFAULT_TRT_VERSION
 from trtbuild.core.errors import TrtbuildError
@@ -94,6 +95,7 @@ class QuantizeResult:
     layer_report: layer_report.LayerReport | None = None  # --report: per-layer SQNR
     report_html_path: Path | None = None  # --report: the self-contained page (PNGs in report_png_dir)
     report_png_dir: Path | None = None
+    rounding: adaround.LearnedRounding | None = None  # --rounding learned: what was learned, per layer
 
     @property
     def passed(self) -> bool:
@@ -126,6 +128,8 @@ class QuantizeResult:
                 "png_dir": str(self.report_png_dir),
                 **self.layer_report.to_json(),
             },
+            "rounding": "nearest" if self.rounding is None else "learned",
+            "learned_rounding": None if self.rounding is None else self.rounding.to_json(),
         }
 
 
@@ -149,6 +153,8 @@ def quantize(
     trt_version: str = DEFAULT_TRT_VERSION,
     activation_type: str = "int8",
     bias_correction: bool = True,
+    rounding: str = "nearest",
+    rounding_budget_s: float = adaround.AdaRoundConfig.budget_s,
     ort_cpu_kind: str = "auto",
     ort_weights: str = "auto",
     preprocess: Preprocess | None = None,
@@ -174,6 +180,9 @@ def quantize(
     ``write_report``: also write the per-layer accuracy report (calibrators/layer_report.py) as
     ``<model>.int8.report.html`` with its PNGs in ``<model>.int8.report/``.
     ``bias_correction``: fold each quantized layer's mean weight-rounding error into its float bias.
+    ``rounding``: "nearest", or "learned" (calibrators/adaround.py: each int8 weight rounded up or down to
+    minimise its layer's output error on the calibration data, within ``rounding_budget_s`` seconds,
+    deterministic for ``seed``).
     ``activation_type``: int8 writes the TensorRT graph, judged by its reference Q/DQ semantics; fp8 the
     TensorRT FP8 (E4M3) graph at opset 19, judged the same way (docs/fp8.md); uint8
     writes a graph for ONNX Runtime's CPU kernels on ``ort_cpu_kind`` (``auto``: this machine), with the
@@ -182,6 +191,8 @@ def quantize(
     ``ranges``: use these activation ranges instead of calibrating (e.g. the ones QAT learned); the data
     then only supplies the held-out samples of the gate.
     """
+    if rounding not in adaround.ROUNDINGS:
+        raise TrtbuildError(f"unknown rounding '{rounding}'", f"use one of {', '.join(adaround.ROUNDINGS)}")
     with output_set.writer_lock(out_dir):  # one writer per folder, taken before any work
         threshold = (
             min_fidelity
@@ -252,6 +263,15 @@ def quantize(
             log.warning(small)
         reference = fidelity.run_batches(fidelity.session(model, threads), held_batches)
         plan = plan_qdq(model, ranges, options)
+        learned: adaround.LearnedRounding | None = None
+        if rounding == "learned" and options.weight_format == "int8":
+            config = adaround.AdaRoundConfig(budget_s=rounding_budget_s, seed=seed)
+            # Learned on the graph without bias correction (a nearest-rounding shift would be wrong for
+            # the learned layers upstream); the final plan's correction is computed from the learned integers.
+            uncorrected = plan_qdq(model, ranges, replace(options, bias_correction=False))
+            learned = _learn(model, uncorrected, calib, config, batch_size, threads, show_progress)
+            options = replace(options, learned_rounding=learned.weights)
+            plan = plan_qdq(model, ranges, options)
         qmodel = apply_qdq(model, plan)
         test = fidelity.run_batches(fidelity.session(qmodel, threads, semantics), held_batches)
         kinds = fidelity.decide_kinds(model, reference, kind_overrides)
@@ -302,10 +322,38 @@ def quantize(
             layer_report=layers,
             report_html_path=Path(out_dir) / f"{stem}.{tag}.report.html" if layers else None,
             report_png_dir=Path(out_dir) / f"{stem}.{tag}.report" if layers else None,
+            rounding=learned,
         )
         ort_core.set_metadata(qmodel, target.metadata() if target else ort_cpu.tensorrt_metadata())
         _write(result, qmodel, trt_version)
         return result
+
+
+def _learn(
+    model: onnx.ModelProto,
+    plan: QdqPlan,
+    calib: Any,
+    config: adaround.AdaRoundConfig,
+    batch_size: int,
+    threads: int | None,
+    show_progress: bool,
+) -> adaround.LearnedRounding:
+    """Learned rounding on the calibration samples, with a progress bar per layer."""
+    with console.progress(transient=True) as bar:
+        task = bar.add_task("learning weight rounding", total=None)
+
+        def advance(done: int, total: int) -> None:
+            if show_progress:
+                bar.update(task, completed=done, total=total)
+
+        return adaround.learn_rounding(
+            model,
+            plan,
+            calib.sample(config.samples, config.seed).batches(batch_size),
+            config,
+            threads,
+            advance,
+        )
 
 
 def upgrade_opset(model: onnx.ModelProto, target: int = 13) -> onnx.ModelProto:

@@ -9,6 +9,7 @@ import click
 from rich.table import Table
 
 from calibrators import cache
+from calibrators.adaround import AdaRoundConfig
 from calibrators.collect import DEFAULT_BATCH_SIZE
 from calibrators.fallback import DEFAULT_MAX_FLOAT_COMPUTE
 from calibrators.fallback_ranking import DEFAULT_RANKING, RANKINGS
@@ -180,6 +181,21 @@ def _worst_table(result: QuantizeResult) -> Table:
     help="Fold each layer's mean weight-rounding error into its float bias (helps depthwise CNNs).",
 )
 @click.option(
+    "--rounding",
+    type=click.Choice(["nearest", "learned"]),
+    default="nearest",
+    show_default=True,
+    help="Weight rounding: nearest, or learned (AdaRound: each weight up or down to minimise its layer's "
+    "output error on the calibration data; time-boxed by --rounding-budget, deterministic with --seed).",
+)
+@click.option(
+    "--rounding-budget",
+    type=click.FloatRange(min=0.0),
+    default=AdaRoundConfig.budget_s,
+    show_default=True,
+    help="Seconds learned rounding may take in all; layers left keep round-to-nearest.",
+)
+@click.option(
     "--trt-version", default=DEFAULT_TRT_VERSION, show_default=True, help="Calibration cache header version."
 )
 @click.option(
@@ -212,6 +228,8 @@ def quantize_command(
     ort_cpu_kind: str,
     ort_weights: str,
     bias_correction: bool,
+    rounding: str,
+    rounding_budget: float,
     trt_version: str,
     out_dir: Path | None,
     seed: int,
@@ -280,6 +298,8 @@ def quantize_command(
             ort_cpu_kind=ort_cpu_kind,
             ort_weights=ort_weights,
             bias_correction=bias_correction,
+            rounding=rounding,
+            rounding_budget_s=rounding_budget,
             preprocess=preprocess,
             batch_size=batch_size,
             threads=threads,
@@ -309,6 +329,12 @@ def quantize_command(
         f"{result.calibration_samples} calibration / "
         f"{result.holdout_samples} held-out samples, method {method}"
     )
+    if result.rounding is not None:
+        r = result.rounding
+        console.out.print(
+            f"learned rounding: {len(r.weights)} of {len(r.layers) + len(r.skipped)} layers improved "
+            f"in {r.seconds:.0f} s" + (f", {len(r.skipped)} out of time" if r.skipped else "")
+        )
     if result.ort_cpu_target is not None:
         target = result.ort_cpu_target
         console.out.print(f"ORT CPU graph: {target.weight_format} weights for {target.cpu.describe()}")

@@ -1,0 +1,133 @@
+"""Learned weight rounding (calibrators/adaround.py) on the real EfficientNet-Lite0 and real photos."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import onnx
+import pytest
+from onnx import numpy_helper
+
+from calibrators import adaround
+from calibrators.adaround_layers import learnable_layers
+from calibrators.calibrate import compute_ranges
+from calibrators.collect import collect, instrument
+from calibrators.qdq import GraphCache, QdqOptions, apply_qdq, plan_qdq, quantizable_activations
+from calibrators.quantize import quantize
+from calibrators.ranges import RangeSet
+from trtbuild.core import ort as ort_core
+
+FAST = adaround.AdaRoundConfig(samples=16, rows=1024, iterations=150)
+
+
+@pytest.fixture(scope="module")
+def setup(
+    effnet_onnx: Path, photo_batch: np.ndarray
+) -> tuple[GraphCache, RangeSet, list[dict[str, np.ndarray]]]:
+    model = onnx.load(str(effnet_onnx))
+    calib = [{"images": photo_batch[i : i + 8]} for i in range(0, 16, 8)]
+    collection = collect(model, calib, tensors=quantizable_activations(model), show_progress=False)
+    return GraphCache(model), compute_ranges(collection, "mse"), calib
+
+
+def test_layer_rows_reproduce_the_onnx_layer(setup: tuple, photo_batch: np.ndarray) -> None:
+    """The grouped-matrix view of every Conv/Gemm (pads, strides, depthwise groups) computes what ORT does."""
+    cache, ranges, _ = setup
+    plan = plan_qdq(cache, ranges, QdqOptions())
+    layers = learnable_layers(cache.model, cache.graph, plan.weights)
+    assert {layer.op_type for layer in layers} == {"Conv", "Gemm"} and len(layers) > 40
+    wanted = [t for layer in layers for t in (layer.activation, cache.graph.by_name[layer.node].output[0])]
+    wanted = [t for t in dict.fromkeys(wanted) if t != "images"]
+    x = photo_batch[:2]
+    ran = ort_core.cpu_session(instrument(cache.model, wanted)).run(wanted, {"images": x})
+    values = dict(zip(wanted, ran, strict=True))
+    values["images"] = x
+    for i, layer in enumerate(layers):
+        node = cache.graph.by_name[layer.node]
+        rows = layer.rows(values[layer.activation], 5, np.random.default_rng(i))
+        w = layer.to_matrix(cache.graph.constant(layer.weight).astype(np.float32))
+        got = np.einsum("rgi,goi->rgo", rows, w).reshape(rows.shape[0], -1) + cache.graph.constant(
+            node.input[2]
+        )
+        y = values[node.output[0]]
+        rng = np.random.default_rng(i)  # the same positions rows() drew
+        if layer.op_type == "Conv":
+            flat = y.reshape(y.shape[0], y.shape[1], -1)
+            pos = np.stack([rng.choice(flat.shape[2], min(5, flat.shape[2]), replace=False) for _ in flat])
+            y = np.take_along_axis(flat, pos[:, None, :], 2).transpose(0, 2, 1)
+        y = y.reshape(-1, got.shape[1])
+        assert np.abs(got - y).max() <= 1e-4 * np.abs(y).max(), layer.node
+        assert np.array_equal(layer.from_matrix(w), cache.graph.constant(layer.weight))
+
+
+def test_learned_rounding_beats_nearest_and_stays_on_the_grid(setup: tuple, photo_batch: np.ndarray) -> None:
+    cache, ranges, calib = setup
+    plan = plan_qdq(cache, ranges, QdqOptions(bias_correction=False))
+    names = [layer.weight for layer in learnable_layers(cache.model, cache.graph, plan.weights)[:3]]
+    learned = adaround.learn_rounding(cache, plan, calib, FAST, only=names)
+    assert [r.weight for r in learned.layers] == names and not learned.skipped
+    assert all(r.learned_error < r.nearest_error for r in learned.layers)  # on rows of other images
+    for name in learned.weights:
+        q = learned.weights[name].astype(np.float64)
+        scaled = cache.graph.constant(name) / np.asarray(plan.weights[name].scales).reshape(-1, 1, 1, 1)
+        assert np.all(q >= np.floor(scaled)) and np.all(q <= np.ceil(scaled))
+        assert 0.0 < np.mean(q != np.rint(scaled)) < 0.5  # some weights really rounded the other way
+
+    # In the graph, on held-out photos: the learned layers' outputs are closer to FP32 than nearest's.
+    outs = [
+        cache.graph.by_name[layer.node].output[0]
+        for layer in learnable_layers(cache.model, cache.graph, {n: plan.weights[n] for n in names})
+    ]
+    feed = {"images": photo_batch[16:]}
+    fp = ort_core.cpu_session(instrument(cache.model, outs)).run(outs, feed)
+    errors = []
+    for weights in ({}, learned.weights):
+        q_plan = plan_qdq(cache, ranges, QdqOptions(bias_correction=False, learned_rounding=weights))
+        got = ort_core.cpu_session(instrument(apply_qdq(cache, q_plan), outs)).run(outs, feed)
+        errors.append([float(np.mean((a - b) ** 2)) for a, b in zip(fp, got, strict=True)])
+    assert all(lrn < near for near, lrn in zip(*errors, strict=True))
+
+    again = adaround.learn_rounding(cache, plan, calib, FAST, only=names)
+    assert sorted(again.weights) == sorted(learned.weights)
+    assert all(np.array_equal(again.weights[n], learned.weights[n]) for n in learned.weights)
+    other = adaround.learn_rounding(
+        cache, plan, calib, adaround.AdaRoundConfig(**{**FAST.__dict__, "seed": 1}), only=names[:1]
+    )
+    assert other.layers[0].learned_error < other.layers[0].nearest_error
+
+
+def test_quantize_learned_rounding_end_to_end(
+    effnet_onnx: Path, photo_batch: np.ndarray, tmp_path: Path
+) -> None:
+    """`quantize(rounding="learned")` stores the learned integers, reports them, and stays in its budget."""
+    data = tmp_path / "photos.npy"
+    np.save(data, photo_batch[:24])
+    result = quantize(
+        effnet_onnx,
+        data,
+        tmp_path / "out",
+        holdout=8,
+        min_fidelity="top1=0.5",
+        rounding="learned",
+        rounding_budget_s=45.0,
+        show_progress=False,
+    )
+    assert result.rounding is not None and result.rounding.layers  # the first layer always runs
+    assert result.rounding.seconds < 45.0 + 120.0  # the budget stops it (after the layer under way)
+    assert result.rounding.skipped  # 45 s is not enough for every layer on 2 cores: the budget was used
+    stored = {i.name: numpy_helper.to_array(i) for i in onnx.load(str(result.onnx_path)).graph.initializer}
+    for name, q in result.rounding.weights.items():
+        assert np.array_equal(stored[f"{name}_quantized"], q)
+    report = json.loads(result.report_path.read_text())
+    assert report["rounding"] == "learned"
+    assert sorted(report["plan"]["learned_rounding"]) == sorted(result.rounding.weights)
+
+
+def test_unknown_rounding_is_refused_before_any_work(effnet_onnx: Path, tmp_path: Path) -> None:
+    from trtbuild.core.errors import TrtbuildError
+
+    with pytest.raises(TrtbuildError, match="unknown rounding 'up'"):
+        quantize(effnet_onnx, tmp_path / "missing", tmp_path / "out", rounding="up", show_progress=False)
+    assert not (tmp_path / "out").exists()
