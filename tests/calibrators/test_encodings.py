@@ -16,6 +16,7 @@ from calibrators import encodings as enc
 from calibrators.calibrate import calibrate
 from calibrators.encodings import qualcomm_activation_tensors
 from calibrators.ranges import RangeSet, TensorRange
+from calibrators.weights import per_channel_scales
 from trtbuild.core.errors import TrtbuildError
 from trtbuild.ship.qualcomm import qualcomm_ready_onnx
 
@@ -68,9 +69,10 @@ def test_weights_are_per_channel_symmetric_on_the_output_axis(
     for node in convs:
         e, w = encset.params[node.input[1]], inits[node.input[1]]
         assert e.axis == 0 and len(e.scale) == w.shape[0]
-        np.testing.assert_allclose(
-            e.scale, np.abs(w).reshape(w.shape[0], -1).max(1) / 127, rtol=1e-6, atol=1e-8
-        )
+        amax = np.abs(w).reshape(w.shape[0], -1).max(1)
+        # An all-zero channel gets scale 1 (it quantizes to 0), the same scale the Q/DQ graph stores.
+        np.testing.assert_allclose(e.scale, np.where(amax > 0, amax / 127, 1.0), rtol=1e-6, atol=1e-8)
+        np.testing.assert_array_equal(np.float32(e.scale), per_channel_scales(w, 0))
         assert set(e.offset) == {-128} and e.symmetric
     gemm = next(n for n in static_model.graph.node if n.op_type == "Gemm")
     trans_b = next((a.i for a in gemm.attribute if a.name == "transB"), 0)
@@ -200,3 +202,25 @@ def test_matmul_weight_axis_is_last() -> None:
     )
     e = enc.weight_encodings(helper.make_model(graph))["w"]
     assert e.axis == 1 and len(e.scale) == 4
+
+
+def test_an_all_zero_channel_has_one_scale_everywhere() -> None:
+    """Qualcomm encodings and the Q/DQ graph agree on every weight scale, an all-zero channel included."""
+    from onnx import helper
+
+    from calibrators.qdq import QdqOptions, plan_qdq
+    from calibrators.ranges import TensorRange
+
+    w = np.random.default_rng(0).normal(size=(4, 8, 3, 3)).astype(np.float32)
+    w[2] = 0.0
+    graph = helper.make_graph(
+        [helper.make_node("Conv", ["x", "w"], ["y"], name="conv", pads=[1, 1, 1, 1])],
+        "g",
+        [helper.make_tensor_value_info("x", onnx.TensorProto.FLOAT, [1, 8, 6, 6])],
+        [helper.make_tensor_value_info("y", onnx.TensorProto.FLOAT, [1, 4, 6, 6])],
+        [numpy_helper.from_array(w, "w")],
+    )
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    encoded = enc.weight_encodings(model)["w"].scale
+    planned = plan_qdq(model, {"x": TensorRange("x", 1.0, -1.0, 1.0)}, QdqOptions()).weights["w"].scales
+    assert encoded == planned and encoded[2] == 1.0
