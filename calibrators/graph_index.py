@@ -11,6 +11,7 @@ from onnx import TensorProto, numpy_helper
 
 from calibrators import qdq_rules as rules
 from trtbuild.core.errors import TrtbuildError
+from trtbuild.core.onnx_file import opset_of
 
 FLOAT_TYPES = {TensorProto.FLOAT, TensorProto.FLOAT16, TensorProto.BFLOAT16, TensorProto.DOUBLE}
 MIN_QDQ_OPSET = 13  # per-channel DequantizeLinear (axis) needs opset 13
@@ -114,7 +115,7 @@ class GraphIndex:
 
 
 def check_qdq_opset(model: onnx.ModelProto) -> None:
-    opset = next((o.version for o in model.opset_import if o.domain in ("", "ai.onnx")), 0)
+    opset = opset_of(model)
     if opset < MIN_QDQ_OPSET:
         raise TrtbuildError(
             f"the model uses ONNX opset {opset}; per-channel Q/DQ needs opset {MIN_QDQ_OPSET} or newer",

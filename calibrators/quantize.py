@@ -42,7 +42,7 @@ from calibrators.preprocess import Preprocess
 from calibrators.qdq import QdqOptions, QdqPlan, apply_qdq, plan_qdq
 from calibrators.ranges import RangeSet
 from calibrators.weights import FP8
-from trtbuild.core import atomic, console, output_set
+from trtbuild.core import atomic, console, onnx_file, output_set
 from trtbuild.core import ort as ort_core
 from trtbuild.core.defaults import DEFAULT_TRT_VERSION
 from trtbuild.core.errors import TrtbuildError
@@ -358,22 +358,12 @@ def _learn(
 
 def upgrade_opset(model: onnx.ModelProto, target: int = 13) -> onnx.ModelProto:
     """Per-channel Q/DQ needs opset 13 (FP8 Q/DQ 19): convert older models (e.g. Paddle exports at 12)."""
-    opset = next((o.version for o in model.opset_import if o.domain in ("", "ai.onnx")), target)
+    opset = onnx_file.opset_of(model)
     if opset >= target:
         return model
-    from onnx import version_converter
-
-    try:
-        converted = version_converter.convert_version(model, target)
-    except Exception as exc:
-        raise TrtbuildError(
-            f"the model uses opset {opset} and could not be converted to opset {target} ({exc})",
-            "re-export it with opset_version=17",
-        ) from exc
-    if target >= fp8.FP8_OPSET:
-        converted.ir_version = max(converted.ir_version, 9)  # opset 19 needs IR version 9 (float8 types)
-        return converted  # FP8 always needs the upgrade: nothing to warn about
-    log.warning(f"converted the model from opset {opset} to {target} for per-channel Q/DQ")
+    converted = onnx_file.convert_opset(model, target)
+    if target < fp8.FP8_OPSET:  # FP8 always needs the upgrade: nothing to warn about
+        log.warning(f"converted the model from opset {opset} to {target} for per-channel Q/DQ")
     return converted
 
 

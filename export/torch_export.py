@@ -25,6 +25,7 @@ import onnx
 
 from trtbuild.core.errors import TrtbuildError
 from trtbuild.core.inputs import InputSpec
+from trtbuild.core.onnx_file import convert_opset, opset_of
 
 log = logging.getLogger(__name__)
 
@@ -128,7 +129,7 @@ def _convert_down(proto: onnx.ModelProto, opset: int) -> onnx.ModelProto:
     """onnx.version_converter from the exporter's opset 18 to ``opset``, checked by onnx.checker."""
     source = _opset(proto)
     try:
-        converted = onnx.version_converter.convert_version(proto, opset)
+        converted = convert_opset(proto, opset)
         if opset < 18:
             _drop_reduce_noop_attr(converted.graph)
         onnx.checker.check_model(converted)
@@ -205,8 +206,7 @@ def _check_names(proto: onnx.ModelProto, specs: Sequence[InputSpec], output_name
         raise RuntimeError(f"exported outputs {got_out} differ from the requested {list(output_names)}")
 
 
-def _opset(proto: onnx.ModelProto) -> int:
-    return next((o.version for o in proto.opset_import if o.domain in ("", "ai.onnx")), 0)
+_opset = opset_of  # the one definition (trtbuild/core/onnx_file.py)
 
 
 @contextlib.contextmanager

@@ -20,6 +20,7 @@ import onnx
 from onnx import TensorProto, helper, numpy_helper
 
 from calibrators.int4.blocks import BlockQuant
+from trtbuild.core import onnx_file
 
 INT4_OPSET = 21  # blocked DequantizeLinear and the INT4 type
 _FLOAT = (TensorProto.FLOAT, TensorProto.FLOAT16, TensorProto.BFLOAT16, TensorProto.DOUBLE)
@@ -105,10 +106,8 @@ def int4_tensor(name: str, codes: np.ndarray) -> onnx.TensorProto:
 
 
 def upgrade_opset(model: onnx.ModelProto) -> onnx.ModelProto:
-    from onnx import version_converter
-
-    opset = next((o.version for o in model.opset_import if o.domain in ("", "ai.onnx")), INT4_OPSET)
-    return model if opset >= INT4_OPSET else version_converter.convert_version(model, INT4_OPSET)
+    """Block-wise INT4 DequantizeLinear needs opset 21."""
+    return model if onnx_file.opset_of(model) >= INT4_OPSET else onnx_file.convert_opset(model, INT4_OPSET)
 
 
 def _fold_into_layernorm(

@@ -11,7 +11,7 @@ from rich.table import Table
 from trtbuild.core.console import emit_json, out, progress
 from trtbuild.core.defaults import DEFAULT_TRT_VERSION, OUTPUT_ROOT
 from trtbuild.core.errors import TrtbuildError
-from trtbuild.core.inputs import InputSpec, fmt_shape, parse_shape
+from trtbuild.core.inputs import fmt_shape, parse_profile_spec
 from trtbuild.core.trt_versions import has
 from trtbuild.memory_plan import PRECISIONS as MEMORY_PRECISIONS
 from trtbuild.memory_plan import MemoryPlan, for_build_plan, plan_memory
@@ -88,7 +88,7 @@ def _targets_for_model(model: str, shapes: tuple[str, ...], as_json: bool) -> No
     from trtbuild.core.onnx_file import load_model_file
 
     load_model_file(model, external_data=False)  # one line for a missing/invalid file
-    specs = [_parse_shape_option(s) for s in shapes] or model_input_specs(model)
+    specs = [parse_profile_spec(s) for s in shapes] or model_input_specs(model)
     max_shapes = {spec.name: spec.max for spec in specs}
     graph = onnx.load(model, load_external_data=False)
     plans: list[MemoryPlan] = [
@@ -116,22 +116,6 @@ def _targets_for_model(model: str, shapes: tuple[str, ...], as_json: bool) -> No
         table.add_row(target.id, f"{usable:.1f} GiB", *cells)
     table.caption = "needed = weights + activation peak + the target's default workspace; - : not supported"
     out.print(table)
-
-
-def _parse_shape_option(text: str) -> InputSpec:
-    """`name:MIN,OPT,MAX` or `name:SHAPE` (static)."""
-    name, sep, dims = text.rpartition(":")
-    if not sep or not name:
-        raise TrtbuildError(
-            f"cannot parse --shape '{text}'",
-            "write it as name:1x3x224x224,8x3x224x224,32x3x224x224 (min,opt,max) or name:1x3x224x224",
-        )
-    parts = [parse_shape(p, "--shape") for p in dims.split(",")]
-    if len(parts) == 1:
-        return InputSpec(name, parts[0], "float32", parts[0], parts[0])
-    if len(parts) != 3:
-        raise TrtbuildError(f"--shape '{text}' needs 1 or 3 shapes, got {len(parts)}", "give min,opt,max")
-    return InputSpec(name, parts[1], "float32", parts[0], parts[2])
 
 
 def _plan_options(fn: Any) -> Any:
@@ -205,7 +189,7 @@ def plan_from_options(model: str, **kw: Any) -> BuildPlan:
         target=kw["target"],
         precision=kw["precision"],
         trt_version=kw["trt_version"],
-        shapes=tuple(_parse_shape_option(s) for s in kw["shapes"]),
+        shapes=tuple(parse_profile_spec(s) for s in kw["shapes"]),
         workspace_mib=kw["workspace_mib"],
         opt_level=kw["opt_level"],
         timing_cache=kw["timing_cache"],

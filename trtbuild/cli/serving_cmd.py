@@ -50,9 +50,9 @@ def _ranges(path: str | None) -> Any:
 def _shapes(values: tuple[str, ...]) -> Any:
     if not values:
         return None
-    from trtbuild.cli.plan_cmd import _parse_shape_option
+    from trtbuild.core.inputs import parse_profile_spec
 
-    return [_parse_shape_option(v) for v in values]
+    return [parse_profile_spec(v) for v in values]
 
 
 def _key(path: str | None) -> Any:

@@ -183,3 +183,19 @@ def parse_input_spec(text: str) -> InputSpec:
             f"input spec '{text[:200]}' has a zero-sized dimension", "use positive dimensions"
         )
     return InputSpec(match["name"], shape, match["dtype"] or "float32")
+
+
+def parse_profile_spec(text: str) -> InputSpec:
+    """`name:MIN,OPT,MAX` or `name:SHAPE` (static)."""
+    name, sep, dims = text.rpartition(":")
+    if not sep or not name:
+        raise TrtbuildError(
+            f"cannot parse --shape '{text}'",
+            "write it as name:1x3x224x224,8x3x224x224,32x3x224x224 (min,opt,max) or name:1x3x224x224",
+        )
+    parts = [parse_shape(p, "--shape") for p in dims.split(",")]
+    if len(parts) == 1:
+        return InputSpec(name, parts[0], "float32", parts[0], parts[0])
+    if len(parts) != 3:
+        raise TrtbuildError(f"--shape '{text}' needs 1 or 3 shapes, got {len(parts)}", "give min,opt,max")
+    return InputSpec(name, parts[1], "float32", parts[0], parts[2])

@@ -62,3 +62,28 @@ def qdq_scale_type(model: onnx.ModelProto) -> int | None:
         if node.op_type in ("QuantizeLinear", "DequantizeLinear") and node.input[1] in inits:
             return inits[node.input[1]]
     return None
+
+
+def opset_of(model: onnx.ModelProto) -> int:
+    """The model's default-domain (ai.onnx) opset; 0 when it imports none."""
+    return max((o.version for o in model.opset_import if o.domain in ("", "ai.onnx")), default=0)
+
+
+def convert_opset(model: onnx.ModelProto, target: int) -> onnx.ModelProto:
+    """``model`` at opset ``target`` (onnx.version_converter), with the IR version that opset needs
+    (float8 types need IR 9 at opset 19, int4 IR 10 at opset 21). The one converter every stage uses."""
+    if opset_of(model) == target:
+        return model
+    from onnx import version_converter
+
+    try:
+        converted = version_converter.convert_version(model, target)
+    except Exception as exc:
+        raise TrtbuildError(
+            f"the model uses opset {opset_of(model)} and onnx cannot convert it to opset {target} "
+            f"({_first_line(exc)})",
+            "re-export it at that opset (opset_version in torch.onnx.export)",
+        ) from exc
+    needed = onnx.helper.find_min_ir_version_for([onnx.helper.make_opsetid("", target)])
+    converted.ir_version = max(converted.ir_version, needed)
+    return converted

@@ -30,6 +30,7 @@ from calibrators import encodings as enc
 from calibrators.ranges import RangeSet
 from trtbuild.core.atomic import atomic_dir
 from trtbuild.core.errors import TrtbuildError
+from trtbuild.core.onnx_file import opset_of
 from trtbuild.ship import qualcomm_scripts
 
 MAX_OPSET = 21
@@ -64,8 +65,7 @@ class QualcommHandoff:
 # ---- ONNX preparation -------------------------------------------------------------------------------------
 
 
-def _opset(model: onnx.ModelProto) -> int:
-    return max((o.version for o in model.opset_import if o.domain in ("", "ai.onnx")), default=0)
+_opset = opset_of  # the one definition (trtbuild/core/onnx_file.py)
 
 
 def qualcomm_ready_onnx(model: onnx.ModelProto, cast_int64: bool = True) -> tuple[onnx.ModelProto, list[str]]:
