@@ -90,8 +90,11 @@ def _cast_to_declared_fp16(model: onnx.ModelProto) -> None:
     """The converter declares a converted Cast(to=FLOAT)'s output FP16 but leaves ``to`` at FLOAT (e.g.
     BERT's attention-mask Cast), which ONNX Runtime refuses to load: make ``to`` what is declared."""
     declared = {v.name: v.type.tensor_type.elem_type for v in model.graph.value_info}
+    outputs = {o.name for o in model.graph.output}  # FP32 by _restore_float_outputs: their Casts stay FLOAT
     for node in model.graph.node:
-        if node.op_type != "Cast" or declared.get(node.output[0]) != onnx.TensorProto.FLOAT16:
+        if node.op_type != "Cast" or node.output[0] in outputs:
+            continue
+        if declared.get(node.output[0]) != onnx.TensorProto.FLOAT16:
             continue
         for attr in node.attribute:
             if attr.name == "to" and attr.i == onnx.TensorProto.FLOAT:

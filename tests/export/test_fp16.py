@@ -104,3 +104,19 @@ def test_default_path_and_errors(tmp_path: Path) -> None:
     with pytest.raises(TrtbuildError, match="cannot read"):
         convert_fp16(bad, tmp_path / "bad.fp16.onnx")
     assert not (tmp_path / "bad.fp16.onnx").exists()
+
+
+def test_fp16_graph_of_the_dynamo_export_loads_and_matches(
+    effnet_model: object, photo_batch: np.ndarray, tmp_path: Path
+) -> None:
+    """The product's own export (dynamo, outputs renamed through a Cast) converts to an FP16 graph ONNX
+    Runtime loads: a Cast fix-up for BERT-style masks once retyped the output Cast and broke the demo."""
+
+    from export.pipeline import export_model
+
+    onnx_path = export_model(
+        effnet_model, ["images:1x3x224x224"], tmp_path / "effnet.onnx", output_names=["logits"]
+    ).onnx_path
+    fp16 = convert_fp16(onnx_path, tmp_path / "effnet.fp16.onnx")
+    check = verify_fp16(onnx_path, fp16, {"images": photo_batch[:4]}, batch=1)  # a fixed batch of 1
+    assert check.passed, check
