@@ -29,25 +29,11 @@ from calibrators.collect import collect, load_model, tensors_to_collect  # noqa:
 from calibrators.qdq import QdqOptions, apply_qdq, plan_qdq  # noqa: E402
 from trtbuild import examples  # noqa: E402
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from bench_quantize import export_effnet  # noqa: E402  (the same model as the other benches)
+
 GATES = ("logits:cosine=0.995", "logits:cosine=0.997")
 console = Console(width=140)
-
-
-def _export(tmp: Path) -> Path:
-    import torch
-
-    path = tmp / "effnet.onnx"
-    torch.onnx.export(
-        examples.efficientnet_lite0(),
-        (torch.zeros(1, 3, 224, 224),),
-        str(path),
-        input_names=["images"],
-        output_names=["logits"],
-        dynamic_axes={"images": {0: "batch"}, "logits": {0: "batch"}},
-        opset_version=17,
-        dynamo=False,
-    )
-    return path
 
 
 def main() -> None:
@@ -58,7 +44,7 @@ def main() -> None:
     args = parser.parse_args()
     photos = examples.normalize_imagenet(examples.photo_crops(args.calibration + args.holdout, seed=1))
     with tempfile.TemporaryDirectory() as tmp:
-        model = load_model(_export(Path(tmp)))
+        model = load_model(export_effnet(Path(tmp)))
     calib = [{"images": photos[i : i + 1]} for i in range(args.calibration)]
     held_x = photos[args.calibration :]
     held = [{"images": held_x[i : i + 8]} for i in range(0, len(held_x), 8)]

@@ -49,7 +49,8 @@ console = Console(width=140)
 Sample = dict[str, np.ndarray]
 
 
-def effnet(tmp: Path) -> tuple[Path, list[Sample], list[Sample]]:
+def export_effnet(tmp: Path) -> Path:
+    """EfficientNet-Lite0 through the TorchScript exporter, dynamic batch (the benches' common model)."""
     import torch
 
     path = tmp / "effnet.onnx"
@@ -63,6 +64,11 @@ def effnet(tmp: Path) -> tuple[Path, list[Sample], list[Sample]]:
         opset_version=17,
         dynamo=False,
     )
+    return path
+
+
+def effnet(tmp: Path) -> tuple[Path, list[Sample], list[Sample]]:
+    path = export_effnet(tmp)
     x = examples.normalize_imagenet(examples.photo_crops(64, seed=1))
     samples = [{"images": x[i : i + 1]} for i in range(len(x))]
     return path, samples[:32], samples[32:]

@@ -119,7 +119,7 @@ def _export_dynamo(
         )
     assert program is not None
     proto = program.model_proto
-    if _opset(proto) != opset:
+    if opset_of(proto) != opset:
         proto = _convert_down(proto, opset)
     _check_names(proto, specs, output_names)
     return proto
@@ -127,7 +127,7 @@ def _export_dynamo(
 
 def _convert_down(proto: onnx.ModelProto, opset: int) -> onnx.ModelProto:
     """onnx.version_converter from the exporter's opset 18 to ``opset``, checked by onnx.checker."""
-    source = _opset(proto)
+    source = opset_of(proto)
     try:
         converted = convert_opset(proto, opset)
         if opset < 18:
@@ -204,9 +204,6 @@ def _check_names(proto: onnx.ModelProto, specs: Sequence[InputSpec], output_name
         )
     if got_out != list(output_names):
         raise RuntimeError(f"exported outputs {got_out} differ from the requested {list(output_names)}")
-
-
-_opset = opset_of  # the one definition (trtbuild/core/onnx_file.py)
 
 
 @contextlib.contextmanager

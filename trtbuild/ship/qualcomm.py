@@ -65,16 +65,13 @@ class QualcommHandoff:
 # ---- ONNX preparation -------------------------------------------------------------------------------------
 
 
-_opset = opset_of  # the one definition (trtbuild/core/onnx_file.py)
-
-
 def qualcomm_ready_onnx(model: onnx.ModelProto, cast_int64: bool = True) -> tuple[onnx.ModelProto, list[str]]:
     """A copy of ``model`` the Qualcomm converters accept, and notes on what changed.
 
     Batch (axis 0) becomes 1; any other symbolic dim is refused (the converters need static shapes);
     int64 inputs become int32 followed by a Cast (or are refused when ``cast_int64`` is False).
     """
-    opset = _opset(model)
+    opset = opset_of(model)
     if opset > MAX_OPSET:
         raise TrtbuildError(
             f"model uses opset {opset}; Qualcomm converters accept opset <= {MAX_OPSET}",
@@ -260,7 +257,7 @@ def export_qualcomm(
             "format": 1,
             "converter": converter,
             "htp_socs": htp_socs,
-            "opset": _opset(model),
+            "opset": opset_of(model),
             "inputs": {k: list(v) for k, v in shapes.items()},
             "raw_layout": {k: raw_layout(converter, v) for k, v in shapes.items()},
             "samples": n,
