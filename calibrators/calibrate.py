@@ -130,7 +130,7 @@ class CalibrationSettings:
     seed: int = 0
     batch_size: int = DEFAULT_BATCH_SIZE
     threads: int | None = None  # ONNX Runtime intra-op threads; None: all cores
-    exclude_nodes: tuple[str, ...] = ()  # regexes of node names kept float (their inputs are not measured)
+    exclude: tuple[str, ...] = ()  # regexes of node names kept float (their inputs are not measured)
     exclude_op_types: tuple[str, ...] = ()
     preprocess: Preprocess | None = None
 
@@ -172,10 +172,8 @@ def calibrate_to_files(
     check_writable_folder(folder, "--out-dir")
     header = cache.header(trt_version) if trt_version is not None else None
     proto = load_model(model_path)
-    excluded = settings.exclude_nodes or settings.exclude_op_types
-    tensors = (
-        tensors_to_collect(proto, settings.exclude_nodes, settings.exclude_op_types) if excluded else None
-    )
+    excluded = settings.exclude or settings.exclude_op_types
+    tensors = tensors_to_collect(proto, settings.exclude, settings.exclude_op_types) if excluded else None
     collection = collect(
         proto,
         data,

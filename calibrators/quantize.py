@@ -10,7 +10,6 @@ from __future__ import annotations
 import json
 import logging
 import shutil
-from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
@@ -19,7 +18,6 @@ import onnx
 
 from calibrators import (
     adaround,
-    fallback_ranking,
     fidelity,
     fp8,
     gate_stats,
@@ -32,24 +30,22 @@ from calibrators import (
 from calibrators import fallback as fallback_search
 from calibrators.cache import write_cache
 from calibrators.calibrate import compute_ranges
-from calibrators.collect import DEFAULT_BATCH_SIZE, collect, load_model, tensors_to_collect
+from calibrators.collect import collect, load_model, tensors_to_collect
 from calibrators.data import model_inputs, open_data
 from calibrators.fallback import FallbackResult
 from calibrators.fidelity import FidelityReport, FidelityThreshold
 from calibrators.fidelity_spec import check_outputs
-from calibrators.methods import DEFAULT_METHOD
-from calibrators.preprocess import Preprocess
 from calibrators.qdq import QdqOptions, QdqPlan, apply_qdq, plan_qdq
+from calibrators.quantize_settings import QuantizeSettings
 from calibrators.ranges import RangeSet
 from calibrators.weights import FP8
 from trtbuild.core import atomic, console, onnx_file, output_set
 from trtbuild.core import ort as ort_core
-from trtbuild.core.defaults import DEFAULT_TRT_VERSION
 from trtbuild.core.errors import TrtbuildError
 
 log = logging.getLogger(__name__)
 
-DEFAULT_HOLDOUT: int | None = None  # auto: sized to the data (calibrators/gate_stats.py, auto_holdout)
+DEFAULT_HOLDOUT = QuantizeSettings.holdout  # None: sized to the data (calibrators/gate_stats.py)
 
 
 class FidelityGateError(TrtbuildError):
@@ -96,6 +92,7 @@ class QuantizeResult:
     report_html_path: Path | None = None  # --report: the self-contained page (PNGs in report_png_dir)
     report_png_dir: Path | None = None
     rounding: adaround.LearnedRounding | None = None  # --rounding learned: what was learned, per layer
+    settings: QuantizeSettings | None = None  # the choices of the run, recorded in the report
 
     @property
     def passed(self) -> bool:
@@ -130,6 +127,7 @@ class QuantizeResult:
             },
             "rounding": "nearest" if self.rounding is None else "learned",
             "learned_rounding": None if self.rounding is None else self.rounding.to_json(),
+            "settings": None if self.settings is None else self.settings.to_json(),
         }
 
 
@@ -137,37 +135,19 @@ def quantize(
     model_path: str | Path,
     data: Any,
     out_dir: str | Path,
+    settings: QuantizeSettings | None = None,
     *,
-    method: str = DEFAULT_METHOD,
-    samples: int | None = None,
-    holdout: int | None = DEFAULT_HOLDOUT,
-    min_fidelity: str | float | Sequence[str] | FidelityThreshold | None = None,
-    output_kind: Sequence[str] | Mapping[str, str] | None = None,
-    auto_fallback: bool = False,
-    fallback_strategy: str = "auto",
-    max_float_compute: float = fallback_search.DEFAULT_MAX_FLOAT_COMPUTE,
-    fallback_rank: str = fallback_ranking.DEFAULT_RANKING,
-    write_report: bool = False,
-    exclude: Sequence[str] = (),
-    exclude_op_types: Sequence[str] = (),
-    trt_version: str = DEFAULT_TRT_VERSION,
-    activation_type: str = "int8",
-    bias_correction: bool = True,
-    rounding: str = "nearest",
-    rounding_budget_s: float = adaround.AdaRoundConfig.budget_s,
-    ort_cpu_kind: str = "auto",
-    ort_weights: str = "auto",
-    preprocess: Preprocess | None = None,
-    batch_size: int = DEFAULT_BATCH_SIZE,
-    threads: int | None = None,
-    seed: int = 0,
-    show_progress: bool = True,
     ranges: RangeSet | None = None,
+    show_progress: bool = True,
+    **overrides: Any,
 ) -> QuantizeResult:
-    """Calibrate ``model_path`` on ``data`` (minus ``holdout`` held-out samples), write the INT8 artifacts
-    into ``out_dir`` if the held-out fidelity meets ``min_fidelity``; raise :class:`FidelityGateError` if not.
+    """Calibrate ``model_path`` on ``data`` (minus the held-out samples), write the INT8 artifacts into
+    ``out_dir`` if the held-out fidelity meets the gate; raise :class:`FidelityGateError` if not.
 
     ``data``: anything :func:`calibrators.data.open_data` takes (image folder, .npy/.npz, list, callable).
+    ``settings``: every choice of the run (calibrators/quantize_settings.py, with its defaults);
+    ``overrides``: settings fields changed for this call, e.g. ``quantize(m, d, out, method="entropy")``.
+    What the main choices mean:
     ``exclude``: regexes of node names to keep float; ``exclude_op_types``: op types to keep float.
     ``min_fidelity``: the gate (calibrators/fidelity_spec.py: '99%', 'top1=..,cosine=..', per-output
     'NAME:METRIC=VALUE', or several of them); ``output_kind``: 'NAME=KIND' overrides of what each output is
@@ -191,54 +171,45 @@ def quantize(
     ``ranges``: use these activation ranges instead of calibrating (e.g. the ones QAT learned); the data
     then only supplies the held-out samples of the gate.
     """
-    if rounding not in adaround.ROUNDINGS:
-        raise TrtbuildError(f"unknown rounding '{rounding}'", f"use one of {', '.join(adaround.ROUNDINGS)}")
+    s = QuantizeSettings.from_overrides(settings, overrides) if overrides or settings is None else settings
     with output_set.writer_lock(out_dir):  # one writer per folder, taken before any work
         threshold = (
-            min_fidelity
-            if isinstance(min_fidelity, FidelityThreshold)
-            else fidelity.parse_min_fidelity(min_fidelity)
+            s.min_fidelity
+            if isinstance(s.min_fidelity, FidelityThreshold)
+            else fidelity.parse_min_fidelity(s.min_fidelity)
         )
-        target = ort_cpu.choose(ort_cpu_kind, ort_weights) if activation_type == "uint8" else None
+        target = ort_cpu.choose(s.ort_cpu_kind, s.ort_weights) if s.activation_type == "uint8" else None
         options = QdqOptions(
-            activation_type=activation_type,
-            exclude_nodes=tuple(exclude),
-            exclude_op_types=tuple(exclude_op_types),
-            bias_correction=bias_correction,
+            activation_type=s.activation_type,
+            exclude_nodes=tuple(s.exclude),
+            exclude_op_types=tuple(s.exclude_op_types),
+            bias_correction=s.bias_correction,
             weight_format=target.weight_format if target else "int8",
         )
-        semantics = fidelity.semantics_for_activations(activation_type)
+        semantics = fidelity.semantics_for_activations(s.activation_type)
         if target is not None and not target.cpu.detected:
             # Another CPU's kernels cannot be run here: judge the graph by its exact Q/DQ semantics instead.
             semantics = ort_core.REFERENCE
-        if not 0.0 <= max_float_compute <= 1.0:
-            raise TrtbuildError(
-                f"--max-float-compute {max_float_compute} is outside 0..1", "pass a share such as 0.5"
-            )
-        if fallback_rank not in fallback_ranking.RANKINGS:
-            raise TrtbuildError(
-                f"unknown fallback ranking '{fallback_rank}'",
-                f"use one of {', '.join(fallback_ranking.RANKINGS)}",
-            )
-        kind_overrides = output_kinds.parse_output_kinds(output_kind)
+        kind_overrides = output_kinds.parse_output_kinds(s.output_kind)
         # FP8 Q/DQ needs opset 19 (float8 zero points); integer Q/DQ per channel needs 13.
-        model = upgrade_opset(load_model(model_path), fp8.FP8_OPSET if activation_type == FP8 else 13)
+        model = upgrade_opset(load_model(model_path), fp8.FP8_OPSET if s.activation_type == FP8 else 13)
         graph_outputs = [o.name for o in model.graph.output]
         check_outputs(threshold, graph_outputs)  # bad names fail before the data pass
         output_kinds.check_overrides(kind_overrides, graph_outputs)
         # The quantized activations plus the network inputs (TensorRT's own caches list them).
-        tensors = tensors_to_collect(model, exclude, exclude_op_types)
+        tensors = tensors_to_collect(model, s.exclude, s.exclude_op_types)
         if not tensors:
             raise TrtbuildError(
                 f"{model_path} has no quantizable ops (Conv/ConvTranspose/Gemm/MatMul with float inputs) "
                 "left to quantize",
                 "check the model and the --exclude/--exclude-op-type options",
             )
-        all_data = open_data(data, model_inputs(model), preprocess)
+        all_data = open_data(data, model_inputs(model), s.preprocess)
+        holdout = s.holdout
         if holdout is None:
-            holdout = gate_stats.auto_holdout(all_data.known_length(), samples)
-        calib, held = all_data.split(holdout, seed)
-        calib = calib.sample(samples, seed)
+            holdout = gate_stats.auto_holdout(all_data.known_length(), s.samples)
+        calib, held = all_data.split(holdout, s.seed)
+        calib = calib.sample(s.samples, s.seed)
         calibrated = 0
         stats: dict[str, Any] = {}  # histograms for the report's range plots (none with given ranges)
         if ranges is None:
@@ -246,38 +217,43 @@ def quantize(
                 model,
                 calib,
                 tensors=tensors,
-                batch_size=batch_size,
-                threads=threads,
-                seed=seed,
+                batch_size=s.batch_size,
+                threads=s.threads,
+                seed=s.seed,
                 show_progress=show_progress,
             )
-            ranges = compute_ranges(collection, method, grid=FP8 if activation_type == FP8 else "int8")
+            ranges = compute_ranges(
+                collection,
+                s.method,
+                percentile=s.percentile,
+                grid=FP8 if s.activation_type == FP8 else "int8",
+            )
             calibrated = collection.samples
             stats = collection.stats
-        ranges.meta.update({"holdout": holdout, "activation_type": activation_type})
+        ranges.meta.update({"holdout": holdout, "activation_type": s.activation_type})
 
-        held_batches = list(held.batches(batch_size))
+        held_batches = list(held.batches(s.batch_size))
         held_count = sum(int(next(iter(b.values())).shape[0]) for b in held_batches)
         small = gate_stats.small_sample_warning(held_count)
         if small:
             log.warning(small)
-        reference = fidelity.run_batches(fidelity.session(model, threads), held_batches)
+        reference = fidelity.run_batches(fidelity.session(model, s.threads), held_batches)
         plan = plan_qdq(model, ranges, options)
         learned: adaround.LearnedRounding | None = None
-        if rounding == "learned" and options.weight_format == "int8":
-            config = adaround.AdaRoundConfig(budget_s=rounding_budget_s, seed=seed)
+        if s.rounding == "learned" and options.weight_format == "int8":
+            config = adaround.AdaRoundConfig(budget_s=s.rounding_budget_s, seed=s.seed)
             # Learned on the graph without bias correction (a nearest-rounding shift would be wrong for
             # the learned layers upstream); the final plan's correction is computed from the learned integers.
             uncorrected = plan_qdq(model, ranges, replace(options, bias_correction=False))
-            learned = _learn(model, uncorrected, calib, config, batch_size, threads, show_progress)
+            learned = _learn(model, uncorrected, calib, config, s.batch_size, s.threads, show_progress)
             options = replace(options, learned_rounding=learned.weights)
             plan = plan_qdq(model, ranges, options)
         qmodel = apply_qdq(model, plan)
-        test = fidelity.run_batches(fidelity.session(qmodel, threads, semantics), held_batches)
+        test = fidelity.run_batches(fidelity.session(qmodel, s.threads, semantics), held_batches)
         kinds = fidelity.decide_kinds(model, reference, kind_overrides)
         report = fidelity.compare(reference, test, threshold, kinds, semantics)
         fallback: FallbackResult | None = None
-        if not report.passed and auto_fallback:
+        if not report.passed and s.auto_fallback:
             fallback = fallback_search.auto_fallback(
                 model,
                 ranges,
@@ -285,27 +261,29 @@ def quantize(
                 held_batches,
                 threshold,
                 reference=reference,
-                strategy=fallback_strategy,
+                strategy=s.fallback_strategy,
                 semantics=semantics,
                 kinds=kinds,
-                max_float_compute=max_float_compute,
-                ranking=fallback_rank,
+                max_float_compute=s.max_float_compute,
+                ranking=s.fallback_rank,
             )
             plan, qmodel, report = fallback.plan, fallback.model, fallback.final
         if not report.passed or (fallback is not None and not fallback.passed):
-            raise FidelityGateError(report, fallback, "FP8" if activation_type == FP8 else "INT8")
+            raise FidelityGateError(report, fallback, "FP8" if s.activation_type == FP8 else "INT8")
         share = (
             fallback.float_compute
             if fallback is not None
             else layer_cost.float_share(layer_cost.layer_macs(model, held_batches[0]), plan.quantized_nodes)
         )
         layers = (
-            layer_report.analyze(model, qmodel, plan, held_batches, stats, threads=threads)
-            if write_report
+            layer_report.analyze(model, qmodel, plan, held_batches, stats, threads=s.threads)
+            if s.write_report
             else None
         )
         stem = Path(model_path).stem
-        tag = "fp8" if activation_type == FP8 else "int8"  # <model>.int8.onnx / <model>.fp8.onnx and friends
+        tag = (
+            "fp8" if s.activation_type == FP8 else "int8"
+        )  # <model>.int8.onnx / <model>.fp8.onnx and friends
         result = QuantizeResult(
             onnx_path=Path(out_dir) / f"{stem}.{tag}.onnx",
             cache_path=Path(out_dir) / f"{stem}.calib.cache",
@@ -323,9 +301,10 @@ def quantize(
             report_html_path=Path(out_dir) / f"{stem}.{tag}.report.html" if layers else None,
             report_png_dir=Path(out_dir) / f"{stem}.{tag}.report" if layers else None,
             rounding=learned,
+            settings=s,
         )
         ort_core.set_metadata(qmodel, target.metadata() if target else ort_cpu.tensorrt_metadata())
-        _write(result, qmodel, trt_version)
+        _write(result, qmodel, s.trt_version)
         return result
 
 

@@ -26,7 +26,6 @@ from export.meta import (
     write_export_meta,
 )
 from export.prepare import (
-    EXTERNAL_DATA_THRESHOLD,
     PrepareReport,
     default_opset,
     load_onnx,
@@ -34,12 +33,10 @@ from export.prepare import (
     save_onnx,
     staged_onnx,
 )
+from export.settings import DEFAULT_OPSET, ExportSettings
 from export.sources import ModelSource, load_torch_model, resolve_source
 from export.torch_export import default_output_names, export_torch
 from export.verify import (
-    DEFAULT_ATOL,
-    DEFAULT_INT_HIGH,
-    DEFAULT_RTOL,
     VerifyResult,
     load_verify_data,
     ort_runner,
@@ -49,12 +46,11 @@ from export.verify import (
     verify,
 )
 from trtbuild.core.console import progress
-from trtbuild.core.defaults import EXPORT_ATOL, EXPORT_RTOL, OUTPUT_ROOT
+from trtbuild.core.defaults import OUTPUT_ROOT
 from trtbuild.core.errors import TrtbuildError
 from trtbuild.core.inputs import InputSpec, fmt_shape, parse_input_spec, parse_shape
 
 ENGINES_DIR = OUTPUT_ROOT
-DEFAULT_OPSET = 17
 VerifyData = Mapping[str, np.ndarray] | np.ndarray | str | os.PathLike[str] | None
 
 
@@ -130,53 +126,34 @@ def export_model(
     source: str | Any,
     inputs: Sequence[InputSpec | str],
     out_path: str | os.PathLike[str] | None = None,
+    settings: ExportSettings | None = None,
     *,
     weights: str | os.PathLike[str] | None = None,
-    opset: int | None = None,
-    dynamic_batch: bool = False,
-    max_batch: int = DEFAULT_MAX_BATCH,
-    min_shapes: Mapping[str, str | Sequence[int]] | None = None,
-    max_shapes: Mapping[str, str | Sequence[int]] | None = None,
-    output_names: Sequence[str] | None = None,
     verify_inputs: VerifyData = None,
-    atol: float = DEFAULT_ATOL,
-    rtol: float = DEFAULT_RTOL,
-    seed: int = 0,
-    int_high: int = DEFAULT_INT_HIGH,
-    simplify: bool = True,
-    external_threshold: int = EXTERNAL_DATA_THRESHOLD,
+    **overrides: Any,
 ) -> ExportResult:
     """Export a PyTorch model to a prepared, verified ONNX file plus its `.export.json` sidecar.
 
     ``source``: `module:attribute`, `file.py:attribute`, a TorchScript file, or an nn.Module instance; or an
     existing `.onnx` file, which is only prepared and verified against itself (``inputs`` may then be empty).
-    ``opset``: 17 by default for PyTorch; an ONNX source keeps its opset unless it is older than 13.
+    ``settings``: every choice of the run (export/settings.py, with its defaults); ``overrides``: settings
+    fields changed for this call, e.g. ``export_model(src, inputs, out, dynamic_batch=True)``.
     ``verify_inputs``: real samples (arrays keyed by input name, one array for a single input, or an
     npy/npz path) compared on top of the seeded random inputs.
     """
+    s = ExportSettings.from_overrides(settings, overrides) if overrides or settings is None else settings
     if isinstance(source, str) and resolve_source(source).kind == "onnx":
         if weights is not None:
             raise TrtbuildError("--weights does not apply to an ONNX source", "drop --weights")
-        return _export_onnx_source(
-            resolve_source(source),
-            inputs,
-            out_path,
-            opset=opset,
-            dynamic_batch=dynamic_batch,
-            max_batch=max_batch,
-            min_shapes=min_shapes,
-            max_shapes=max_shapes,
-            verify_inputs=verify_inputs,
-            atol=atol,
-            rtol=rtol,
-            seed=seed,
-            int_high=int_high,
-            simplify=simplify,
-            external_threshold=external_threshold,
-        )
-    opset = DEFAULT_OPSET if opset is None else opset
+        return _export_onnx_source(resolve_source(source), inputs, out_path, s, verify_inputs)
+    opset = DEFAULT_OPSET if s.opset is None else s.opset
+    atol, rtol = s.tolerances(against_torch=True)
     specs = build_specs(
-        inputs, dynamic_batch=dynamic_batch, max_batch=max_batch, min_shapes=min_shapes, max_shapes=max_shapes
+        inputs,
+        dynamic_batch=s.dynamic_batch,
+        max_batch=s.max_batch,
+        min_shapes=s.min_shapes,
+        max_shapes=s.max_shapes,
     )
     seconds: dict[str, float] = {}
     with progress(transient=True) as bar:
@@ -185,7 +162,7 @@ def export_model(
         model, label, name = _load(source, weights)
         data = _verify_data(verify_inputs, specs)
         reference = torch_runner(model, specs)
-        example = random_inputs(specs, seed=seed, int_high=int_high)
+        example = random_inputs(specs, seed=s.seed, int_high=s.int_high)
         try:
             outputs = reference(example)
         except Exception as exc:
@@ -193,7 +170,7 @@ def export_model(
                 f"the model fails on the declared inputs ({type(exc).__name__}: {_first_line(exc)})",
                 "check that --input shapes and dtypes match forward() (and --int-high for index inputs)",
             ) from exc
-        names = list(output_names) if output_names else default_output_names(len(outputs))
+        names = list(s.output_names) if s.output_names else default_output_names(len(outputs))
         if len(names) != len(outputs):
             raise TrtbuildError(
                 f"{len(names)} output name(s) given but the model returns {len(outputs)} tensors",
@@ -206,12 +183,12 @@ def export_model(
         bar.update(task, advance=1, description="prepare graph")
         start = time.perf_counter()
         prepared, report = prepare_model(
-            exported.model, opset=opset, simplify=simplify, label="the exported model"
+            exported.model, opset=opset, simplify=s.simplify, label="the exported model"
         )
         seconds["prepare"] = time.perf_counter() - start
         target = Path(out_path) if out_path is not None else default_onnx_path(name)
         with staged_onnx(target) as staged:
-            report.external_data = save_onnx(prepared, staged, external_threshold)
+            report.external_data = save_onnx(prepared, staged, s.external_threshold)
             del prepared
             bar.update(task, advance=1, description="verify in ONNX Runtime")
             start = time.perf_counter()
@@ -220,7 +197,7 @@ def export_model(
                 candidate,
                 reference,
                 ort_names,
-                standard_cases(specs, data, seed, int_high),
+                standard_cases(specs, data, s.seed, s.int_high),
                 reference_label="PyTorch",
                 atol=atol,
                 rtol=rtol,
@@ -260,31 +237,27 @@ class PrepareResult:
 def prepare_onnx(
     in_path: str | os.PathLike[str],
     out_path: str | os.PathLike[str],
+    settings: ExportSettings | None = None,
     *,
-    opset: int | None = None,
-    simplify: bool = True,
-    verify_outputs: bool = True,
     inputs: Sequence[InputSpec] | None = None,
-    max_batch: int = DEFAULT_MAX_BATCH,
-    dim_values: Mapping[str, int] | None = None,
     verify_inputs: VerifyData = None,
-    atol: float = EXPORT_ATOL,
-    rtol: float = EXPORT_RTOL,
-    seed: int = 0,
-    int_high: int = DEFAULT_INT_HIGH,
-    external_threshold: int = EXTERNAL_DATA_THRESHOLD,
+    **overrides: Any,
 ) -> PrepareResult:
     """Prepare a third-party ONNX file and check, in ONNX Runtime, that it computes what the original did.
 
+    ``settings`` / ``overrides``: as for :func:`export_model` (export/settings.py).
     ``inputs``: declared input specs (min/opt/max) for the sidecar and the comparison; they must fit the
     graph. Without them the specs come from the graph: ``dim_values`` fixes symbolic dims (e.g.
     {"image_width": 128}); a symbolic axis 0 is the batch (1..``max_batch``); another unnamed symbolic dim
     runs as 64 in the comparison and leaves the sidecar without input specs (later stages then ask)."""
+    s = ExportSettings.from_overrides(settings, overrides) if overrides or settings is None else settings
+    atol, rtol = s.tolerances(against_torch=False)
+    seed, int_high, dim_values = s.seed, s.int_high, s.dim_values
     in_path, out_path = Path(in_path), Path(out_path)
     if out_path.exists() and in_path.resolve() == out_path.resolve():
         raise TrtbuildError("prepare would overwrite its input", "give a different --out path")
     original = load_onnx(in_path)
-    prepared, report = prepare_model(original, opset=opset, simplify=simplify, label=f"'{in_path}'")
+    prepared, report = prepare_model(original, opset=s.opset, simplify=s.simplify, label=f"'{in_path}'")
     del original
     specs: list[InputSpec] = []
     if inputs:
@@ -293,16 +266,16 @@ def prepare_onnx(
         cases = standard_cases(specs, _verify_data(verify_inputs, specs), seed, int_high)
     else:
         with contextlib.suppress(TrtbuildError):  # symbolic non-batch dims: later stages need explicit shapes
-            specs = specs_from_graph(prepared, max_batch=max_batch, dim_values=dim_values)
+            specs = specs_from_graph(prepared, max_batch=s.max_batch, dim_values=dim_values)
         cases = [("random", _feeds_for_graph(prepared, dim_values or {}, seed, int_high))]
         if verify_inputs is not None and specs:
             cases += standard_cases(specs, _verify_data(verify_inputs, specs), seed, int_high)[1:]
     with staged_onnx(out_path) as staged:
-        report.external_data = save_onnx(prepared, staged, external_threshold)
+        report.external_data = save_onnx(prepared, staged, s.external_threshold)
         del prepared
         header = load_onnx_header(staged)
         result = None
-        if verify_outputs:
+        if s.verify_outputs:
             candidate, names = ort_runner(staged)
             reference, _ = ort_runner(in_path)
             result = verify(
@@ -394,28 +367,18 @@ def _export_onnx_source(
     source: ModelSource,
     inputs: Sequence[InputSpec | str],
     out_path: str | os.PathLike[str] | None,
-    *,
-    opset: int | None,
-    dynamic_batch: bool,
-    max_batch: int,
-    min_shapes: Mapping[str, str | Sequence[int]] | None,
-    max_shapes: Mapping[str, str | Sequence[int]] | None,
+    settings: ExportSettings,
     verify_inputs: VerifyData,
-    atol: float,
-    rtol: float,
-    seed: int,
-    int_high: int,
-    simplify: bool,
-    external_threshold: int,
 ) -> ExportResult:
     """An existing ONNX file as the source: preparation only, verified against the original in ORT."""
+    s = settings
     specs = (
         build_specs(
             inputs,
-            dynamic_batch=dynamic_batch,
-            max_batch=max_batch,
-            min_shapes=min_shapes,
-            max_shapes=max_shapes,
+            dynamic_batch=s.dynamic_batch,
+            max_batch=s.max_batch,
+            min_shapes=s.min_shapes,
+            max_shapes=s.max_shapes,
         )
         if inputs
         else None
@@ -424,20 +387,7 @@ def _export_onnx_source(
     start = time.perf_counter()
     with progress(transient=True) as bar:
         bar.add_task("prepare and verify ONNX", total=None)
-        prepared = prepare_onnx(
-            source.spec,
-            target,
-            opset=opset,
-            simplify=simplify,
-            inputs=specs,
-            max_batch=max_batch,
-            verify_inputs=verify_inputs,
-            atol=atol,
-            rtol=rtol,
-            seed=seed,
-            int_high=int_high,
-            external_threshold=external_threshold,
-        )
+        prepared = prepare_onnx(source.spec, target, s, inputs=specs, verify_inputs=verify_inputs)
     assert prepared.verification is not None
     seconds = {"prepare+verify": time.perf_counter() - start}
     return ExportResult(

@@ -16,14 +16,15 @@ from typing import Any
 
 import numpy as np
 
+from trtbuild.core.defaults import EXPORT_ATOL, EXPORT_RTOL
 from trtbuild.core.errors import TrtbuildError
 from trtbuild.core.inputs import InputSpec, fmt_shape
 
 Feeds = dict[str, np.ndarray]
 Runner = Callable[[Feeds], list[np.ndarray]]
 
-DEFAULT_ATOL = 1e-4
-DEFAULT_RTOL = 1e-3
+DEFAULT_ATOL = EXPORT_ATOL  # vs PyTorch (trtbuild/core/defaults.py)
+DEFAULT_RTOL = EXPORT_RTOL
 DEFAULT_INT_HIGH = 16  # random integer inputs (token ids, indices) are drawn from [0, int_high)
 
 

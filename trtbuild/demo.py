@@ -88,14 +88,14 @@ class Demo:
     # -- stages --------------------------------------------------------------------------------------
     def export(self) -> StageResult:
         from export.pipeline import export_model
+        from export.settings import ExportSettings
 
         photos = examples.normalize_imagenet(examples.photo_crops(8, seed=1))
         res = export_model(
             "trtbuild.examples:efficientnet_lite0",
             [f"{examples.EFFNET_INPUT}:1x3x{examples.EFFNET_SIZE}x{examples.EFFNET_SIZE}"],
             self.dir / f"{MODEL_NAME}.onnx",
-            dynamic_batch=True,
-            output_names=["logits"],
+            ExportSettings(dynamic_batch=True, output_names=["logits"]),
             verify_inputs=photos,
         )
         self.artifacts["onnx"] = res.onnx_path
@@ -114,19 +114,14 @@ class Demo:
 
     def quantize(self) -> StageResult:
         from calibrators.quantize import quantize, write_variant
+        from calibrators.quantize_settings import QuantizeSettings
 
         photos = examples.write_photo_folder(
             self.dir / "calibration_photos", CALIBRATION_PHOTOS + HOLDOUT_PHOTOS, size=PHOTO_SIZE, seed=7
         )
         self.artifacts["photos"] = photos
-        res = quantize(
-            self.artifacts["onnx"],
-            photos,
-            self.dir,
-            holdout=HOLDOUT_PHOTOS,
-            auto_fallback=True,
-            show_progress=not self.quiet,
-        )
+        settings = QuantizeSettings(holdout=HOLDOUT_PHOTOS, auto_fallback=True)
+        res = quantize(self.artifacts["onnx"], photos, self.dir, settings, show_progress=not self.quiet)
         cpu_int8, cpu_target = write_variant(
             self.artifacts["onnx"], res, self.dir / f"{MODEL_NAME}.int8.ortcpu.onnx"
         )
@@ -203,13 +198,16 @@ class Demo:
 
     def profile(self) -> StageResult:
         from trtbuild.harness.profile import profile_models
+        from trtbuild.harness.settings import ProfileSettings
 
         report = profile_models(
             [self.artifacts["onnx"], self.artifacts["qdq"], self.artifacts["cpu_int8"]],
-            runtime="ort",
-            batch=1,
-            threads=os.cpu_count() or 1,  # explicit: ORT's default thread setup made timings erratic here
-            iterations=self.profile_iterations,
+            ProfileSettings(
+                runtime="ort",
+                batches=(1,),
+                threads=os.cpu_count() or 1,  # explicit: ORT's default thread setup made timings erratic
+                iterations=self.profile_iterations,
+            ),
             show_progress=not self.quiet,
         )
         out = self.dir / "profile"

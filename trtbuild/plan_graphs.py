@@ -132,6 +132,7 @@ def _quantize_fp8(model: str | Path, target: Target, settings: PlanSettings) -> 
     """The FP8 Q/DQ graph of ``model`` from ``settings.data``, in the plan's model folder (refused first on a
     GPU or TensorRT without FP8, before the data pass)."""
     from calibrators.quantize import quantize
+    from calibrators.quantize_settings import QuantizeSettings
 
     precision = check_precision(settings.precision)
     if precision != "fp8":
@@ -144,9 +145,9 @@ def _quantize_fp8(model: str | Path, target: Target, settings: PlanSettings) -> 
         model,
         Path(settings.data or ""),
         model_dir(model, settings.out_root),
-        activation_type="fp8",
-        min_fidelity=list(settings.min_fidelity) or None,
-        auto_fallback=True,
+        QuantizeSettings(
+            activation_type="fp8", min_fidelity=list(settings.min_fidelity) or None, auto_fallback=True
+        ),
         show_progress=False,
     )
     return result.onnx_path

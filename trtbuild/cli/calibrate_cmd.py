@@ -96,7 +96,7 @@ def calibrate_command(
         seed=seed,
         batch_size=batch_size,
         threads=threads,
-        exclude_nodes=exclude,
+        exclude=exclude,
         exclude_op_types=exclude_op_types,
         preprocess=preprocess,
     )

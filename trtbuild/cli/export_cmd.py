@@ -9,11 +9,14 @@ import click
 from rich.table import Table
 
 from export.meta import ExportMeta
-from export.verify import DEFAULT_ATOL, DEFAULT_INT_HIGH, DEFAULT_RTOL, VerifyResult
+from export.settings import ExportSettings
+from export.verify import VerifyResult
 from trtbuild.core.console import emit_json, out
-from trtbuild.core.defaults import EXPORT_ATOL, EXPORT_RTOL
+from trtbuild.core.defaults import EXPORT_ATOL, EXPORT_RTOL, PREPARE_ATOL, PREPARE_RTOL
 from trtbuild.core.errors import TrtbuildError
 from trtbuild.core.inputs import fmt_shape
+
+E = ExportSettings  # the defaults of the export flags live in the settings object
 
 
 def _named_shapes(values: Sequence[str], option: str) -> dict[str, str]:
@@ -53,7 +56,9 @@ def _dim_values(values: Sequence[str]) -> dict[str, int]:
     "--out", "out_path", type=click.Path(dir_okay=False), help="ONNX path [engines/<name>/<name>.onnx]."
 )
 @click.option("--dynamic-batch", is_flag=True, help="Make axis 0 of every input dynamic (1..--max-batch).")
-@click.option("--max-batch", default=32, show_default=True, help="Largest batch with --dynamic-batch.")
+@click.option(
+    "--max-batch", default=E.max_batch, show_default=True, help="Largest batch with --dynamic-batch."
+)
 @click.option("--min-shape", multiple=True, metavar="NAME:SHAPE", help="Smallest shape of a dynamic input.")
 @click.option("--max-shape", multiple=True, metavar="NAME:SHAPE", help="Largest shape of a dynamic input.")
 @click.option(
@@ -67,12 +72,12 @@ def _dim_values(values: Sequence[str]) -> dict[str, int]:
     type=click.Path(dir_okay=False),
     help="Real inputs to verify on: .npy (one input) or .npz (arrays named like the inputs).",
 )
-@click.option("--atol", default=DEFAULT_ATOL, show_default=True, help="Absolute tolerance vs PyTorch.")
-@click.option("--rtol", default=DEFAULT_RTOL, show_default=True, help="Relative tolerance vs PyTorch.")
-@click.option("--seed", default=0, show_default=True, help="Seed of the random verification inputs.")
+@click.option("--atol", default=EXPORT_ATOL, show_default=True, help="Absolute tolerance vs PyTorch.")
+@click.option("--rtol", default=EXPORT_RTOL, show_default=True, help="Relative tolerance vs PyTorch.")
+@click.option("--seed", default=E.seed, show_default=True, help="Seed of the random verification inputs.")
 @click.option(
     "--int-high",
-    default=DEFAULT_INT_HIGH,
+    default=E.int_high,
     show_default=True,
     help="Random integer inputs are drawn from [0, INT_HIGH).",
 )
@@ -109,19 +114,21 @@ def export_command(
         source,
         list(inputs),
         out_path,
+        ExportSettings(
+            opset=opset,
+            dynamic_batch=dynamic_batch,
+            max_batch=max_batch,
+            min_shapes=_named_shapes(min_shape, "--min-shape"),
+            max_shapes=_named_shapes(max_shape, "--max-shape"),
+            output_names=list(output_names) or None,
+            atol=atol,
+            rtol=rtol,
+            seed=seed,
+            int_high=int_high,
+            simplify=not no_simplify,
+        ),
         weights=weights,
-        opset=opset,
-        dynamic_batch=dynamic_batch,
-        max_batch=max_batch,
-        min_shapes=_named_shapes(min_shape, "--min-shape"),
-        max_shapes=_named_shapes(max_shape, "--max-shape"),
-        output_names=list(output_names) or None,
         verify_inputs=verify_data,
-        atol=atol,
-        rtol=rtol,
-        seed=seed,
-        int_high=int_high,
-        simplify=not no_simplify,
     )
     if as_json:
         emit_json(result.to_json())
@@ -152,8 +159,8 @@ def export_command(
 )
 @click.option("--no-verify", is_flag=True, help="Skip comparing the prepared graph with the original in ORT.")
 @click.option("--no-simplify", is_flag=True, help="Skip onnxslim simplification.")
-@click.option("--atol", default=EXPORT_ATOL, show_default=True, help="Absolute tolerance vs the original.")
-@click.option("--rtol", default=EXPORT_RTOL, show_default=True, help="Relative tolerance vs the original.")
+@click.option("--atol", default=PREPARE_ATOL, show_default=True, help="Absolute tolerance vs the original.")
+@click.option("--rtol", default=PREPARE_RTOL, show_default=True, help="Relative tolerance vs the original.")
 @click.option("--json", "as_json", is_flag=True, help="Print the result as JSON.")
 def prepare_command(
     onnx_in: str,
@@ -175,12 +182,14 @@ def prepare_command(
     result = prepare_onnx(
         onnx_in,
         out_path,
-        opset=opset,
-        simplify=not no_simplify,
-        verify_outputs=not no_verify,
-        dim_values=_dim_values(dims),
-        atol=atol,
-        rtol=rtol,
+        ExportSettings(
+            opset=opset,
+            simplify=not no_simplify,
+            verify_outputs=not no_verify,
+            dim_values=_dim_values(dims),
+            atol=atol,
+            rtol=rtol,
+        ),
     )
     if as_json:
         emit_json(result.to_json())

@@ -9,8 +9,11 @@ import click
 from trtbuild.core import console
 from trtbuild.core.errors import TrtbuildError
 from trtbuild.harness.cuda_backend import BACKENDS
-from trtbuild.harness.profile import DEVICES, RUNTIMES, profile_models
+from trtbuild.harness.profile import profile_models
 from trtbuild.harness.runner import RunnerTensor
+from trtbuild.harness.settings import DEVICES, RUNTIMES, ProfileSettings
+
+P = ProfileSettings  # the defaults of the profile flags live in the settings object
 
 
 def _torch_inputs(specs: tuple[str, ...]) -> list[RunnerTensor] | None:
@@ -41,31 +44,41 @@ def _check_output(path: Path | None, suffix: str, option: str) -> None:
 @click.option(
     "--runtime",
     type=click.Choice(RUNTIMES),
-    default="auto",
+    default=P.runtime,
     show_default=True,
     help="Runtime for every model; auto picks by suffix (.onnx ort, .engine trt, .pt/.pt2 torch).",
 )
 @click.option("--batch", "batches", type=int, multiple=True, help="Batch size; repeat to profile several.")
 @click.option(
-    "--iterations", type=int, default=100, show_default=True, help="Run at least this many iterations."
+    "--iterations",
+    type=int,
+    default=P.iterations,
+    show_default=True,
+    help="Run at least this many iterations.",
 )
-@click.option("--warmup-s", type=float, default=0.5, show_default=True, help="Warm up for this many seconds.")
-@click.option("--duration-s", type=float, default=0.0, show_default=True, help="Also run at least this long.")
-@click.option("--max-s", type=float, default=120.0, show_default=True, help="Stop one model after this long.")
+@click.option(
+    "--warmup-s", type=float, default=P.warmup_s, show_default=True, help="Warm up for this many seconds."
+)
+@click.option(
+    "--duration-s", type=float, default=P.duration_s, show_default=True, help="Also run at least this long."
+)
+@click.option(
+    "--max-s", type=float, default=P.max_s, show_default=True, help="Stop one model after this long."
+)
 @click.option(
     "--threads", type=int, default=None, help="CPU threads for ONNX Runtime / torch (default: all)."
 )
 @click.option(
     "--device",
     type=click.Choice(DEVICES),
-    default="cpu",
+    default=P.device,
     show_default=True,
     help="Where ort/torch run (cuda: ORT CUDA provider / torch CUDA). Engines always run on CUDA.",
 )
 @click.option(
     "--cuda-backend",
     type=click.Choice(BACKENDS),
-    default="cuda-python",
+    default=P.cuda_backend,
     show_default=True,
     help="CUDA layer for buffers, streams and events.",
 )
@@ -93,12 +106,14 @@ def _check_output(path: Path | None, suffix: str, option: str) -> None:
 @click.option(
     "--accuracy-samples",
     type=int,
-    default=16,
+    default=P.accuracy_samples,
     show_default=True,
     help="Samples compared against the baseline with Polygraphy.",
 )
 @click.option("--no-accuracy", is_flag=True, help="Skip the accuracy comparison.")
-@click.option("--seed", type=int, default=0, show_default=True, help="Seed for photo crops / random inputs.")
+@click.option(
+    "--seed", type=int, default=P.seed, show_default=True, help="Seed for photo crops / random inputs."
+)
 @click.option(
     "--report",
     "report_path",
@@ -139,14 +154,9 @@ def profile(
     """Profile MODELS (ONNX, TensorRT engines, PyTorch) and compare them with the FP32 baseline."""
     _check_output(report_path, ".json", "--report")
     _check_output(plot_path, ".png", "--plot")
-    if threads is not None and threads < 1:
-        raise TrtbuildError(
-            f"--threads {threads} is not positive", "pass --threads 1 or more, or leave it out"
-        )
-    report = profile_models(
-        list(models),
-        runtime,
-        list(batches) or [1],
+    settings = ProfileSettings(
+        runtime=runtime,
+        batches=batches or P.batches,
         iterations=iterations,
         warmup_s=warmup_s,
         duration_s=duration_s,
@@ -159,9 +169,10 @@ def profile(
         baseline=baseline,
         accuracy=not no_accuracy,
         accuracy_samples=accuracy_samples,
-        torch_inputs=_torch_inputs(inputs),
         seed=seed,
-        show_progress=not as_json,
+    )
+    report = profile_models(
+        list(models), settings, torch_inputs=_torch_inputs(inputs), show_progress=not as_json
     )
     written = report.save(report_path, plot_path)
     if as_json:

@@ -11,9 +11,10 @@ from rich.table import Table
 from calibrators.collect import DEFAULT_BATCH_SIZE
 from calibrators.methods import DEFAULT_METHOD, METHODS
 from calibrators.preprocess import Preprocess
-from calibrators.quantize import DEFAULT_HOLDOUT, DEFAULT_TRT_VERSION, FidelityGateError
+from calibrators.quantize import DEFAULT_HOLDOUT, FidelityGateError
 from trtbuild.cli.data_options import data_option, preprocess_options
 from trtbuild.core import console
+from trtbuild.core.defaults import DEFAULT_TRT_VERSION
 
 
 @click.command("qat")

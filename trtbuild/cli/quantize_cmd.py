@@ -9,31 +9,26 @@ import click
 from rich.table import Table
 
 from calibrators import cache
-from calibrators.adaround import AdaRoundConfig
-from calibrators.collect import DEFAULT_BATCH_SIZE
-from calibrators.fallback import DEFAULT_MAX_FLOAT_COMPUTE
-from calibrators.fallback_ranking import DEFAULT_RANKING, RANKINGS
+from calibrators.adaround import ROUNDINGS
+from calibrators.fallback_ranking import RANKINGS
 from calibrators.fidelity import parse_min_fidelity
 from calibrators.gate_stats import MAX_AUTO_HOLDOUT, MIN_CALIBRATION
 from calibrators.int4 import ALGORITHMS as INT4_ALGORITHMS
 from calibrators.int4 import DEFAULT_ALGORITHM as INT4_DEFAULT
 from calibrators.int4 import DEFAULT_BLOCK_SIZE
 from calibrators.layer_report import WORST
-from calibrators.methods import DEFAULT_METHOD, METHODS
+from calibrators.methods import METHODS
 from calibrators.ort_cpu import WEIGHT_CHOICES
 from calibrators.preprocess import Preprocess
 from calibrators.qdq import ACTIVATION_TYPES
-from calibrators.quantize import (
-    DEFAULT_HOLDOUT,
-    DEFAULT_TRT_VERSION,
-    FidelityGateError,
-    QuantizeResult,
-    quantize,
-)
+from calibrators.quantize import FidelityGateError, QuantizeResult, quantize
+from calibrators.quantize_settings import FALLBACK_STRATEGIES, QuantizeSettings
 from trtbuild.cli.data_options import data_option, preprocess_options
 from trtbuild.core import console
 from trtbuild.core.cpu import CPU_KINDS
 from trtbuild.core.errors import TrtbuildError
+
+Q = QuantizeSettings  # the defaults of every quantize flag live in the settings object
 
 
 def _float_table(result: QuantizeResult) -> Table:
@@ -93,14 +88,21 @@ def _worst_table(result: QuantizeResult) -> Table:
     show_default=True,
     help="int4-weights: awq (activation-aware scales + clip), gptq (Hessian error compensation), rtn.",
 )
-@click.option("--method", type=click.Choice(list(METHODS)), default=DEFAULT_METHOD, show_default=True)
+@click.option("--method", type=click.Choice(list(METHODS)), default=Q.method, show_default=True)
+@click.option(
+    "--percentile",
+    type=float,
+    default=Q.percentile,
+    show_default=True,
+    help="Percentile of |x| for --method percentile.",
+)
 @click.option(
     "--samples", type=int, default=None, help="Calibrate on N samples (default: all but the held-out)."
 )
 @click.option(
     "--holdout",
     type=int,
-    default=DEFAULT_HOLDOUT,
+    default=Q.holdout,
     help=f"Held-out samples for the fidelity gate (default: all but {MIN_CALIBRATION} samples, at least half "
     f"and at most {MAX_AUTO_HOLDOUT}; with --samples N, what N leaves; 32 for streamed data).",
 )
@@ -120,7 +122,7 @@ def _worst_table(result: QuantizeResult) -> Table:
 @click.option(
     "--max-float-compute",
     type=float,
-    default=DEFAULT_MAX_FLOAT_COMPUTE,
+    default=Q.max_float_compute,
     show_default=True,
     help="Auto-fallback stops rather than keep more than this share of the Conv/Gemm/MatMul compute float.",
 )
@@ -129,15 +131,15 @@ def _worst_table(result: QuantizeResult) -> Table:
 )
 @click.option(
     "--fallback-strategy",
-    type=click.Choice(["auto", "drop_one", "local"]),
-    default="auto",
+    type=click.Choice(FALLBACK_STRATEGIES),
+    default=Q.fallback_strategy,
     show_default=True,
     help="How --auto-fallback ranks layers: drop_one (exact, one run per layer), local (one pass), auto.",
 )
 @click.option(
     "--fallback-rank",
     type=click.Choice(list(RANKINGS)),
-    default=DEFAULT_RANKING,
+    default=Q.fallback_rank,
     show_default=True,
     help="Order --auto-fallback keeps layers float in: cost (sensitivity gain per MAC: fewest MACs float) "
     "or sensitivity (gain alone).",
@@ -154,7 +156,7 @@ def _worst_table(result: QuantizeResult) -> Table:
 @click.option(
     "--activation-type",
     type=click.Choice(ACTIVATION_TYPES),
-    default="int8",
+    default=Q.activation_type,
     show_default=True,
     help="int8: symmetric, for TensorRT. uint8: asymmetric, for ONNX Runtime CPU deployment.",
 )
@@ -162,28 +164,28 @@ def _worst_table(result: QuantizeResult) -> Table:
     "--ort-cpu",
     "ort_cpu_kind",
     type=click.Choice(["auto", *CPU_KINDS]),
-    default="auto",
+    default=Q.ort_cpu_kind,
     show_default=True,
     help="uint8 only: the CPU the ORT graph will run on (auto: this one); decides the weight format.",
 )
 @click.option(
     "--ort-weights",
     type=click.Choice(list(WEIGHT_CHOICES)),
-    default="auto",
+    default=Q.ort_weights,
     show_default=True,
     help="uint8 only: int8, int7 (ORT's reduce-range) or uint8 weights; auto avoids the u8 x s8 saturation "
     "of x86 CPUs without VNNI.",
 )
 @click.option(
     "--bias-correction/--no-bias-correction",
-    default=True,
+    default=Q.bias_correction,
     show_default=True,
     help="Fold each layer's mean weight-rounding error into its float bias (helps depthwise CNNs).",
 )
 @click.option(
     "--rounding",
-    type=click.Choice(["nearest", "learned"]),
-    default="nearest",
+    type=click.Choice(list(ROUNDINGS)),
+    default=Q.rounding,
     show_default=True,
     help="Weight rounding: nearest, or learned (AdaRound: each weight up or down to minimise its layer's "
     "output error on the calibration data; time-boxed by --rounding-budget, deterministic with --seed).",
@@ -191,18 +193,18 @@ def _worst_table(result: QuantizeResult) -> Table:
 @click.option(
     "--rounding-budget",
     type=click.FloatRange(min=0.0),
-    default=AdaRoundConfig.budget_s,
+    default=Q.rounding_budget_s,
     show_default=True,
     help="Seconds learned rounding may take in all; layers left keep round-to-nearest.",
 )
 @click.option(
-    "--trt-version", default=DEFAULT_TRT_VERSION, show_default=True, help="Calibration cache header version."
+    "--trt-version", default=Q.trt_version, show_default=True, help="Calibration cache header version."
 )
 @click.option(
     "--out-dir", type=click.Path(path_type=Path), default=None, help="Output folder (default: the model's)."
 )
-@click.option("--seed", type=int, default=0, show_default=True)
-@click.option("--batch-size", type=int, default=DEFAULT_BATCH_SIZE, show_default=True)
+@click.option("--seed", type=int, default=Q.seed, show_default=True)
+@click.option("--batch-size", type=int, default=Q.batch_size, show_default=True)
 @click.option("--threads", type=int, default=None, help="ONNX Runtime intra-op threads (default: all cores).")
 @preprocess_options
 @click.option("--json", "as_json", is_flag=True, help="Print a JSON summary on stdout.")
@@ -213,6 +215,7 @@ def quantize_command(
     block_size: int,
     int4_algorithm: str,
     method: str,
+    percentile: float,
     samples: int | None,
     holdout: int | None,
     min_fidelity: tuple[str, ...],
@@ -275,35 +278,39 @@ def quantize_command(
             as_json=as_json,
         )
         return
+    settings = QuantizeSettings(
+        method=method,
+        percentile=percentile,
+        samples=samples,
+        holdout=holdout,
+        min_fidelity=threshold,
+        output_kind=output_kind,
+        max_float_compute=max_float_compute,
+        auto_fallback=auto_fallback,
+        fallback_strategy=fallback_strategy,
+        fallback_rank=fallback_rank,
+        write_report=write_report,
+        exclude=exclude,
+        exclude_op_types=exclude_op_type,
+        trt_version=trt_version,
+        activation_type=activation_type,
+        ort_cpu_kind=ort_cpu_kind,
+        ort_weights=ort_weights,
+        bias_correction=bias_correction,
+        rounding=rounding,
+        rounding_budget_s=rounding_budget,
+        preprocess=preprocess,
+        batch_size=batch_size,
+        threads=threads,
+        seed=seed,
+    )
     title = f"{precision.upper()} fidelity vs FP32 (held-out samples)"
     try:
         result = quantize(
             model,
             data_path,
             out_dir or model.parent,
-            method=method,
-            samples=samples,
-            holdout=holdout,
-            min_fidelity=threshold,
-            output_kind=output_kind,
-            max_float_compute=max_float_compute,
-            auto_fallback=auto_fallback,
-            fallback_strategy=fallback_strategy,
-            fallback_rank=fallback_rank,
-            write_report=write_report,
-            exclude=exclude,
-            exclude_op_types=exclude_op_type,
-            trt_version=trt_version,
-            activation_type=activation_type,
-            ort_cpu_kind=ort_cpu_kind,
-            ort_weights=ort_weights,
-            bias_correction=bias_correction,
-            rounding=rounding,
-            rounding_budget_s=rounding_budget,
-            preprocess=preprocess,
-            batch_size=batch_size,
-            threads=threads,
-            seed=seed,
+            settings,
             show_progress=not as_json,
         )
     except FidelityGateError as exc:

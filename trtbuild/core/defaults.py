@@ -12,6 +12,9 @@ DEFAULT_TRT_VERSION = "10.13"
 # Where artifacts go: <root>/<model>/ (engines/README.md).
 OUTPUT_ROOT = Path("engines")
 
-# Export verification (ONNX Runtime vs PyTorch, FP32): max |a - b| <= atol + rtol * |b|.
-EXPORT_ATOL = 1e-5
-EXPORT_RTOL = 1e-4
+# Export verification, FP32: max |a - b| <= atol + rtol * |b|. ONNX Runtime against PyTorch (two runtimes,
+# different kernels) gets more room than a prepared graph against its original in ONNX Runtime.
+EXPORT_ATOL = 1e-4
+EXPORT_RTOL = 1e-3
+PREPARE_ATOL = 1e-5
+PREPARE_RTOL = 1e-4

@@ -15,19 +15,16 @@ from typing import Any
 from trtbuild.core import console
 from trtbuild.core.errors import TrtbuildError
 from trtbuild.harness.accuracy import AccuracyResult, compare_onnx
-from trtbuild.harness.cuda_backend import BACKENDS
 from trtbuild.harness.inputs import accuracy_feeds, make_feed
 from trtbuild.harness.measure import measure
 from trtbuild.harness.memory_probe import probe_peak_rss
 from trtbuild.harness.report import CandidateResult, ProfileReport
 from trtbuild.harness.runner import Runner, RunnerTensor
+from trtbuild.harness.settings import RUNTIMES, ProfileSettings
 from trtbuild.harness.torch_runner import TORCH_SUFFIXES
 from trtbuild.harness.trt_runner import ENGINE_SUFFIXES, require_tensorrt
 
 log = logging.getLogger(__name__)
-
-RUNTIMES = ("auto", "ort", "torch", "trt")
-DEVICES = ("cpu", "cuda")
 
 
 @dataclass(frozen=True)
@@ -156,47 +153,23 @@ def _environment(device: str) -> dict[str, Any]:
 
 def profile_models(
     paths: Sequence[str | Path],
-    runtime: str = "auto",
-    batch: int | Sequence[int] = 1,
+    settings: ProfileSettings | None = None,
     *,
-    iterations: int = 100,
-    warmup_s: float = 0.5,
-    duration_s: float = 0.0,
-    max_s: float | None = 120.0,
-    threads: int | None = None,
-    device: str = "cpu",
-    cuda_backend: str = "cuda-python",
-    cuda_graph: bool = False,
-    data: str | Path | None = None,
-    baseline: str | Path | None = None,
-    accuracy: bool = True,
-    accuracy_samples: int = 16,
     torch_inputs: list[RunnerTensor] | None = None,
-    seed: int = 0,
     show_progress: bool = True,
+    **overrides: Any,
 ) -> ProfileReport:
-    """Profile every model at every batch size and compare each to ``baseline`` (default: the first).
+    """Profile every model at every batch size and compare each to the baseline (default: the first).
 
+    ``settings``: every choice of the run (trtbuild/harness/settings.py, with its defaults); ``overrides``:
+    settings fields changed for this call, e.g. ``profile_models(paths, batches=(1, 8), threads=2)``.
     ``runtime`` is ``auto`` (by suffix: .onnx -> ort, .engine/.plan -> trt, .pt/.pt2 -> torch) or forces one.
     ``device`` is cpu or cuda for ort/torch (TensorRT always runs on CUDA). Accuracy (Polygraphy Comparator,
     ONNX Runtime CPU on both sides) is computed for ONNX candidates against an ONNX baseline.
     """
-    candidates = plan_candidates(paths, runtime)
-    batches = [batch] if isinstance(batch, int) else list(batch)
-    if not batches or any(b < 1 for b in batches):
-        raise TrtbuildError(f"batch sizes must be positive, got {batches}", "pass --batch 1 (or larger)")
-    if iterations < 1 or warmup_s < 0 or duration_s < 0:
-        raise TrtbuildError(
-            "iterations must be >= 1 and times >= 0", "fix --iterations / --warmup-s / --duration-s"
-        )
-    if accuracy and accuracy_samples < 1:
-        raise TrtbuildError(
-            "accuracy needs at least one sample", "pass --accuracy-samples 1 or more, or --no-accuracy"
-        )
-    if device not in DEVICES:
-        raise TrtbuildError(f"unknown device '{device}'", "use cpu or cuda")
-    if cuda_backend not in BACKENDS:
-        raise TrtbuildError(f"unknown CUDA backend '{cuda_backend}'", f"choose one of: {', '.join(BACKENDS)}")
+    s = ProfileSettings.from_overrides(settings, overrides) if overrides or settings is None else settings
+    candidates = plan_candidates(paths, s.runtime)
+    device, threads, cuda_backend, data, seed = s.device, s.threads, s.cuda_backend, s.data, s.seed
     if any(c.runtime == "torch" for c in candidates) and not torch_inputs:
         raise TrtbuildError(
             "a PyTorch model needs its input shapes",
@@ -206,7 +179,7 @@ def profile_models(
         _require_cuda_runtimes({c.runtime for c in candidates})
     if any(c.runtime == "trt" for c in candidates):
         require_tensorrt(next(c.name for c in candidates if c.runtime == "trt"))
-    base_name = Path(baseline).name if baseline is not None else candidates[0].name
+    base_name = Path(s.baseline).name if s.baseline is not None else candidates[0].name
     if base_name not in {c.name for c in candidates}:
         raise TrtbuildError(
             f"baseline {base_name} is not one of the profiled models",
@@ -221,25 +194,12 @@ def profile_models(
         candidates=[],
         baseline=base_name,
         environment=_environment(device),
-        settings={
-            "runtime": runtime,
-            "batches": batches,
-            "iterations": iterations,
-            "warmup_s": warmup_s,
-            "duration_s": duration_s,
-            "threads": threads,
-            "device": device,
-            "cuda_backend": cuda_backend,
-            "cuda_graph": cuda_graph,
-            "data": str(data) if data else "photos for image inputs, else seeded random",
-            "seed": seed,
-            "accuracy_samples": accuracy_samples if accuracy else 0,
-        },
+        settings=s.to_json(),
     )
     bar = console.progress() if show_progress else None
     with bar if bar is not None else nullcontext():
         for cand in candidates:
-            for b in batches:
+            for b in s.batches:
                 report.candidates.append(
                     _profile_one(
                         cand,
@@ -248,23 +208,23 @@ def profile_models(
                         device=device,
                         threads=threads,
                         cuda_backend=cuda_backend,
-                        cuda_graph=cuda_graph,
+                        cuda_graph=s.cuda_graph,
                         torch_inputs=torch_inputs,
                         data=data,
                         seed=seed,
-                        iterations=iterations,
-                        warmup_s=warmup_s,
-                        duration_s=duration_s,
-                        max_s=max_s,
+                        iterations=s.iterations,
+                        warmup_s=s.warmup_s,
+                        duration_s=s.duration_s,
+                        max_s=s.max_s,
                     )
                 )
-    if accuracy:
+    if s.accuracy:
         _add_accuracy(
             report,
             candidates,
             base_name,
             data,
-            accuracy_samples,
+            s.accuracy_samples,
             seed,
             lambda c: _make_runner(
                 c, "cuda" if c.runtime == "trt" else device, threads, cuda_backend, False, torch_inputs

@@ -94,7 +94,7 @@ def test_cli_table_output(effnet_onnx: Path) -> None:
 def test_python_api_two_batches(effnet_onnx: Path, tmp_path: Path) -> None:
     report = profile_models(
         [effnet_onnx],
-        batch=[1, 2],
+        batches=(1, 2),
         iterations=4,
         warmup_s=0.0,
         threads=2,
