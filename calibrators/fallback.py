@@ -25,6 +25,7 @@ from calibrators import fallback_ranking, fidelity, layer_cost
 from calibrators.fidelity import Feeds, FidelityReport, FidelityThreshold
 from calibrators.output_kinds import OutputKind
 from calibrators.qdq import GraphCache, QdqOptions, QdqPlan, apply_qdq, plan_qdq
+from calibrators.qdq_mixed import MixedPlanner
 from calibrators.ranges import TensorRange
 from trtbuild.core.errors import TrtbuildError
 
@@ -115,15 +116,20 @@ class _Planner:
         options: QdqOptions,
         semantics: str | None = None,
         kinds: Mapping[str, OutputKind] | None = None,
+        fp8_ranges: Mapping[str, TensorRange] | None = None,
     ) -> None:
         self.cache = GraphCache(model)
         self.kinds = kinds
+        # --precision int8,fp8: layers taken out of INT8 run in FP8 where they can (calibrators/qdq_mixed.py)
+        self.mixed = MixedPlanner(self.cache, ranges, fp8_ranges, options) if fp8_ranges is not None else None
         self.focus: set[str] | None = None  # the outputs failing the gate: layers are ranked by their error
         self.ranges, self.options = ranges, options
         # Judge candidates the way the gate does: TensorRT graphs by their reference semantics.
         self.semantics = semantics or fidelity.semantics_for_activations(options.activation_type)
 
     def plan(self, float_layers: Sequence[str] = ()) -> QdqPlan:
+        if self.mixed is not None:
+            return self.mixed.plan(float_layers, FALLBACK_REASON)
         kept = tuple((n, FALLBACK_REASON) for n in float_layers)
         options = replace(self.options, keep_float=(*self.options.keep_float, *kept))
         return plan_qdq(self.cache, self.ranges, options)
@@ -159,10 +165,13 @@ def layer_sensitivity(
     semantics: str | None = None,
     kinds: Mapping[str, OutputKind] | None = None,
     focus: set[str] | None = None,
+    fp8_ranges: Mapping[str, TensorRange] | None = None,
 ) -> tuple[float, list[LayerSensitivity]]:
     """Baseline error and, per quantized layer, the error with only it in float (most sensitive first).
-    ``focus``: rank by the error of these outputs only (the ones failing the gate)."""
-    planner = _Planner(model, ranges, options, semantics, kinds)
+    ``focus``: rank by the error of these outputs only (the ones failing the gate). ``fp8_ranges``: mixed
+    INT8/FP8: the error with only it in FP8 instead (FP8 is not always closer than INT8: E4M3 has 3
+    mantissa bits, so a layer whose INT8 error is weight rounding, not activation outliers, gets worse)."""
+    planner = _Planner(model, ranges, options, semantics, kinds, fp8_ranges)
     planner.focus = focus
     plan = planner.plan()
     baseline = _error(planner, plan, batches, reference, threshold).score(planner.focus)
@@ -241,6 +250,7 @@ def auto_fallback(
     max_float_compute: float = DEFAULT_MAX_FLOAT_COMPUTE,
     ranking: str = fallback_ranking.DEFAULT_RANKING,
     prune_trials: int = 3,
+    fp8_ranges: Mapping[str, TensorRange] | None = None,
 ) -> FallbackResult:
     """Keep the fewest most-sensitive layers in float so the model passes ``threshold`` on ``holdout``.
     ``semantics``: how candidates are run (default: from the activation type, as the gate does);
@@ -248,12 +258,17 @@ def auto_fallback(
     ``max_float_compute``: never return a model with more than this share of its Conv/Gemm/MatMul MACs in
     float; when the gate needs more, stop and say which outputs and layers drive it (``stopped``).
     ``ranking``: "cost" tries layers by sensitivity gain per MAC (fewest MACs float), "sensitivity" by
-    gain alone; ``prune_trials``: how many of the most expensive kept layers to try back in INT8."""
+    gain alone; ``prune_trials``: how many of the most expensive kept layers to try back in INT8.
+    ``fp8_ranges``: mixed INT8/FP8 (``--precision int8,fp8``): the chosen layers run in FP8 (these ranges,
+    on the E4M3 grid) instead of float where the FP8 placement takes them; ranked by the same float
+    sensitivities, every candidate verified as the real mixed graph."""
     if ranking not in fallback_ranking.RANKINGS:
         raise TrtbuildError(f"unknown fallback ranking '{ranking}'", "use 'cost' or 'sensitivity'")
     if reference is None:
         reference = fidelity.run_batches(fidelity.session(model), holdout)
-    planner = _Planner(model, ranges, options, semantics, kinds or fidelity.decide_kinds(model, reference))
+    planner = _Planner(
+        model, ranges, options, semantics, kinds or fidelity.decide_kinds(model, reference), fp8_ranges
+    )
     plan = planner.plan()
     costs = layer_cost.layer_macs(model, holdout[0])
     baseline = _error(planner, plan, holdout, reference, threshold)
@@ -294,6 +309,7 @@ def auto_fallback(
             planner.semantics,
             planner.kinds,
             planner.focus,
+            fp8_ranges,
         )
 
     verify = _Verifier(planner, holdout, reference, threshold, costs, set(plan.quantized_nodes), baseline)
@@ -358,7 +374,10 @@ class _Verifier:
         self.trials: list[dict[str, Any]] = []
 
     def share(self, layers: Sequence[str]) -> float:
-        return layer_cost.float_share(self.costs, self.quantized - set(layers))
+        """Share of the MACs in float with ``layers`` taken out of INT8 (in FP8 where mixed planning can)."""
+        mixed = self.planner.mixed
+        out = mixed.float_part(layers) if mixed is not None else set(layers)
+        return layer_cost.float_share(self.costs, self.quantized - out)
 
     def __call__(self, layers: Sequence[str]) -> FidelityReport:
         key = frozenset(layers)

@@ -38,34 +38,34 @@ def apply_qdq(model: onnx.ModelProto | GraphCache, plan: QdqPlan, check: bool = 
         check_qdq_opset(model)
         g = GraphIndex(model)
     graph = model.graph
-    if plan.activation_type == wq.FP8:
+    if plan.activation_type == wq.FP8 or plan.fp8_nodes:
         check_fp8_opset(model)
-    act_elem = _ELEM_TYPES[plan.activation_type]
     new_inits: list[onnx.TensorProto] = []
     after: dict[str, list[onnx.NodeProto]] = {}  # producer tensor -> Q/DQ nodes to insert right after it
     head: list[onnx.NodeProto] = []  # Q/DQ of graph inputs and weight DQs go first
     rewire: dict[tuple[str, int], str] = {}
 
-    for t, act in plan.activations.items():
-        scale, zp = f"{t}_scale", f"{t}_zero_point"
+    for key, act in plan.activations.items():
+        t, p = act.tensor, _prefix(key)  # p differs from t only for a tensor's second (FP8) Q/DQ
+        scale, zp = f"{p}_scale", f"{p}_zero_point"
         new_inits.append(numpy_helper.from_array(np.array(act.scale, np.float32), scale))
-        new_inits.append(helper.make_tensor(zp, act_elem, [], [act.zero_point]))
-        q = helper.make_node("QuantizeLinear", [t, scale, zp], [f"{t}_quantized"], name=f"{t}_QuantizeLinear")
+        new_inits.append(helper.make_tensor(zp, _ELEM_TYPES[act.dtype], [], [act.zero_point]))
+        q = helper.make_node("QuantizeLinear", [t, scale, zp], [f"{p}_quantized"], name=f"{p}_QuantizeLinear")
         dq = helper.make_node(
             "DequantizeLinear",
-            [f"{t}_quantized", scale, zp],
-            [f"{t}_dequantized"],
-            name=f"{t}_DequantizeLinear",
+            [f"{p}_quantized", scale, zp],
+            [f"{p}_dequantized"],
+            name=f"{p}_DequantizeLinear",
         )
         (after.setdefault(t, []) if t in g.producer else head).extend([q, dq])
         for consumer in act.consumers:
-            rewire[consumer] = f"{t}_dequantized"
+            rewire[consumer] = f"{p}_dequantized"
 
     replaced: set[str] = set()
-    for w_name, wplan in plan.weights.items():
-        w = g.constant(w_name)
+    for key, wplan in plan.weights.items():
+        w, w_name = g.constant(wplan.tensor), _prefix(key)
         scales = np.asarray(wplan.scales, np.float32)
-        learned = plan.rounded_weights.get(w_name)
+        learned = plan.rounded_weights.get(key)
         qw = (
             learned if learned is not None else wq.quantize_weight(w, scales, wplan.axis, wplan.weight_format)
         )
@@ -84,7 +84,7 @@ def apply_qdq(model: onnx.ModelProto | GraphCache, plan: QdqPlan, check: bool = 
                 axis=wplan.axis,
             )
         )
-        replaced.add(w_name)
+        replaced.add(wplan.tensor)
         for consumer in wplan.consumers:
             rewire[consumer] = f"{w_name}_dequantized"
         bias_values = _planned_bias(g, wplan)
@@ -138,6 +138,12 @@ def apply_qdq(model: onnx.ModelProto | GraphCache, plan: QdqPlan, check: bool = 
     if check:
         onnx.checker.check_model(model)
     return model
+
+
+def _prefix(plan_key: str) -> str:
+    """Names of a plan entry's Q/DQ nodes and tensors: the tensor's own, or "<tensor>_fp8" for a second,
+    FP8 pair on a tensor that also has INT8 Q/DQ (mixed plans)."""
+    return plan_key.replace("@", "_")
 
 
 def _planned_bias(g: GraphIndex, wplan: WeightQdq) -> np.ndarray | None:

@@ -123,6 +123,9 @@ class QdqPlan:
     node_types: dict[str, str] = field(default_factory=dict)  # quantized node -> op type, for reports
     # Integer weights apply_qdq stores instead of round-to-nearest (learned rounding), by weight name.
     rounded_weights: dict[str, np.ndarray] = field(default_factory=dict, repr=False)
+    # Mixed INT8/FP8 plans (calibrators/qdq_mixed.py): the layers whose Q/DQ is FP8. Their entries in
+    # ``activations``/``weights`` carry dtype fp8, keyed "<tensor>@fp8" where the tensor also has INT8 Q/DQ.
+    fp8_nodes: list[str] = field(default_factory=list)
 
     @property
     def groups(self) -> dict[str, list[str]]:
@@ -144,4 +147,5 @@ class QdqPlan:
             "excluded": [asdict(e) for e in self.excluded],
             "quantized_nodes": list(self.quantized_nodes),
             "learned_rounding": sorted(self.rounded_weights),
+            "fp8_nodes": list(self.fp8_nodes),
         }

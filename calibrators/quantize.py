@@ -25,6 +25,7 @@ from calibrators import (
     layer_report,
     ort_cpu,
     output_kinds,
+    qdq_mixed,
     report_html,
 )
 from calibrators import fallback as fallback_search
@@ -88,6 +89,7 @@ class QuantizeResult:
     holdout_samples: int
     ort_cpu_target: ort_cpu.OrtCpuTarget | None = None  # uint8 graphs: the CPU and weight format chosen
     float_compute: float = 0.0  # share of the Conv/Gemm/MatMul MACs left in float
+    fp8_compute: float = 0.0  # mixed INT8/FP8: share of those MACs in FP8
     layer_report: layer_report.LayerReport | None = None  # --report: per-layer SQNR
     report_html_path: Path | None = None  # --report: the self-contained page (PNGs in report_png_dir)
     report_png_dir: Path | None = None
@@ -111,6 +113,8 @@ class QuantizeResult:
             "calibration_samples": self.calibration_samples,
             "holdout_samples": self.holdout_samples,
             "float_compute": self.float_compute,
+            "fp8_compute": self.fp8_compute,
+            "fp8_layers": list(self.plan.fp8_nodes),
             "quantized_layers": len(self.plan.quantized_nodes),
             "qdq_tensors": len(self.plan.activations),
             "float_layers": [
@@ -192,7 +196,9 @@ def quantize(
             semantics = ort_core.REFERENCE
         kind_overrides = output_kinds.parse_output_kinds(s.output_kind)
         # FP8 Q/DQ needs opset 19 (float8 zero points); integer Q/DQ per channel needs 13.
-        model = upgrade_opset(load_model(model_path), fp8.FP8_OPSET if s.activation_type == FP8 else 13)
+        mixed = s.fallback_precision == FP8  # INT8 with FP8 layers where the gate needs them
+        opset = fp8.FP8_OPSET if s.activation_type == FP8 or mixed else 13
+        model = upgrade_opset(load_model(model_path), opset)
         graph_outputs = [o.name for o in model.graph.output]
         check_outputs(threshold, graph_outputs)  # bad names fail before the data pass
         output_kinds.check_overrides(kind_overrides, graph_outputs)
@@ -212,6 +218,7 @@ def quantize(
         calib = calib.sample(s.samples, s.seed)
         calibrated = 0
         stats: dict[str, Any] = {}  # histograms for the report's range plots (none with given ranges)
+        fp8_ranges = ranges if mixed else None  # given ranges serve both grids
         if ranges is None:
             collection = collect(
                 model,
@@ -228,6 +235,8 @@ def quantize(
                 percentile=s.percentile,
                 grid=FP8 if s.activation_type == FP8 else "int8",
             )
+            if mixed:
+                fp8_ranges = compute_ranges(collection, s.method, percentile=s.percentile, grid=FP8)
             calibrated = collection.samples
             stats = collection.stats
         ranges.meta.update({"holdout": holdout, "activation_type": s.activation_type})
@@ -266,6 +275,7 @@ def quantize(
                 kinds=kinds,
                 max_float_compute=s.max_float_compute,
                 ranking=s.fallback_rank,
+                fp8_ranges=fp8_ranges,
             )
             plan, qmodel, report = fallback.plan, fallback.model, fallback.final
         if not report.passed or (fallback is not None and not fallback.passed):
@@ -281,9 +291,8 @@ def quantize(
             else None
         )
         stem = Path(model_path).stem
-        tag = (
-            "fp8" if s.activation_type == FP8 else "int8"
-        )  # <model>.int8.onnx / <model>.fp8.onnx and friends
+        # <model>.int8.onnx / <model>.fp8.onnx / <model>.int8fp8.onnx (mixed, when FP8 layers were needed)
+        tag = "fp8" if s.activation_type == FP8 else "int8fp8" if plan.fp8_nodes else "int8"
         result = QuantizeResult(
             onnx_path=Path(out_dir) / f"{stem}.{tag}.onnx",
             cache_path=Path(out_dir) / f"{stem}.calib.cache",
@@ -297,6 +306,9 @@ def quantize(
             holdout_samples=held_count,
             ort_cpu_target=target,
             float_compute=share,
+            fp8_compute=qdq_mixed.fp8_share(plan, layer_cost.layer_macs(model, held_batches[0]))
+            if plan.fp8_nodes
+            else 0.0,
             layer_report=layers,
             report_html_path=Path(out_dir) / f"{stem}.{tag}.report.html" if layers else None,
             report_png_dir=Path(out_dir) / f"{stem}.{tag}.report" if layers else None,

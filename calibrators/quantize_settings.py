@@ -22,6 +22,7 @@ from trtbuild.core.defaults import DEFAULT_TRT_VERSION
 from trtbuild.core.errors import TrtbuildError
 
 FALLBACK_STRATEGIES = ("auto", "drop_one", "local")
+FALLBACK_PRECISIONS = ("float", "fp8")
 
 
 @dataclass(frozen=True)
@@ -56,6 +57,9 @@ class QuantizeSettings:
     fallback_strategy: str = "auto"
     fallback_rank: str = fallback_ranking.DEFAULT_RANKING
     max_float_compute: float = DEFAULT_MAX_FLOAT_COMPUTE
+    # what auto-fallback turns a layer into: float, or FP8 where it can (`--precision int8,fp8`, mixed
+    # INT8/FP8 per layer for TensorRT on sm89+, calibrators/qdq_mixed.py)
+    fallback_precision: str = "float"
 
     def __post_init__(self) -> None:
         # Lists from callers become tuples, so settings stay immutable.
@@ -66,6 +70,12 @@ class QuantizeSettings:
         _one_of("rounding", self.rounding, adaround.ROUNDINGS)
         _one_of("sensitivity strategy", self.fallback_strategy, FALLBACK_STRATEGIES)
         _one_of("fallback ranking", self.fallback_rank, fallback_ranking.RANKINGS)
+        _one_of("fallback precision", self.fallback_precision, FALLBACK_PRECISIONS)
+        if self.fallback_precision == "fp8" and (self.activation_type != "int8" or not self.auto_fallback):
+            raise TrtbuildError(
+                "mixed INT8/FP8 picks its FP8 layers through auto-fallback on an int8 graph",
+                "use --precision int8,fp8 (it turns --auto-fallback on), or auto_fallback=True with int8",
+            )
         if not 0.0 <= self.max_float_compute <= 1.0:
             raise TrtbuildError(
                 f"--max-float-compute {self.max_float_compute} is outside 0..1", "pass a share such as 0.5"

@@ -193,6 +193,14 @@ def _has_int4_weights(graph: str | os.PathLike[str]) -> bool:
     return any(t.data_type == onnx.TensorProto.INT4 for t in model.graph.initializer)
 
 
+def _has_fp8_qdq(graph: str | os.PathLike[str]) -> bool:
+    """Whether any Q/DQ of the graph is FP8 (an FP8 graph, or a mixed INT8/FP8 one)."""
+    import onnx
+
+    model = onnx.load(str(graph), load_external_data=False)
+    return any(t.data_type == onnx.TensorProto.FLOAT8E4M3FN for t in model.graph.initializer)
+
+
 def make_plan(
     onnx_path: str | os.PathLike[str],
     target: str | Target,
@@ -381,6 +389,17 @@ def _choose_graph_and_flags(
             "both a Q/DQ graph and a calibration cache were given",
             "give --qdq-onnx (explicit, preferred) or --calib-cache (implicit), not both",
         )
+    if qdq_onnx is not None and prec == "int8" and _has_fp8_qdq(qdq_onnx):
+        # A mixed INT8/FP8 graph (`quantize --precision int8,fp8`): its FP8 layers need what FP8 needs.
+        check_precision_supported(tgt, "fp8", version)
+        if not typed_graph:
+            raise TrtbuildError(
+                f"the Q/DQ graph has FP8 layers, which need a strongly typed build; TensorRT {version}"
+                + (" with DLA" if dla else "")
+                + " builds it weakly typed",
+                "plan it for TensorRT 10.x or newer without DLA, or quantize with --precision int8",
+            )
+        notes.append("mixed INT8/FP8 Q/DQ graph: each layer runs in the precision of its own Q/DQ")
     if qdq_onnx is not None:
         if typed_graph:
             # A strongly typed build takes every tensor's type from the graph: FP32 float parts would run

@@ -67,11 +67,13 @@ def _worst_table(result: QuantizeResult) -> Table:
 @data_option
 @click.option(
     "--precision",
-    type=click.Choice(["int8", "fp8", "int4-weights"]),
+    type=click.Choice(["int8", "fp8", "int8,fp8", "int4-weights"]),
     default="int8",
     show_default=True,
     help="int8: Q/DQ activations and weights. fp8: E4M3 Q/DQ (opset 19) for TensorRT on sm89+ GPUs "
-    "(docs/fp8.md). int4-weights: INT4 block-wise MatMul/Gemm weights only (W4A16), activations stay float "
+    "(docs/fp8.md). int8,fp8: INT8, with FP8 on the layers whose INT8 error fails the gate (mixed per "
+    "layer, chosen by the auto-fallback's sensitivity; TensorRT on sm89+). "
+    "int4-weights: INT4 block-wise MatMul/Gemm weights only (W4A16), activations stay float "
     "(docs/int4-weight-only.md).",
 )
 @click.option(
@@ -253,6 +255,13 @@ def quantize_command(
                 "drop --activation-type (FP8 activations and weights are both E4M3)",
             )
         activation_type = "fp8"
+    mixed = precision == "int8,fp8"
+    if mixed and activation_type != "int8":
+        raise TrtbuildError(
+            f"--precision int8,fp8 with --activation-type {activation_type}: mixed INT8/FP8 graphs are for "
+            "TensorRT",
+            "drop --activation-type",
+        )
     threshold = parse_min_fidelity(list(min_fidelity) or None)
     if precision == "int4-weights":
         if auto_fallback or activation_type != "int8":
@@ -286,7 +295,8 @@ def quantize_command(
         min_fidelity=threshold,
         output_kind=output_kind,
         max_float_compute=max_float_compute,
-        auto_fallback=auto_fallback,
+        auto_fallback=auto_fallback or mixed,
+        fallback_precision="fp8" if mixed else "float",
         fallback_strategy=fallback_strategy,
         fallback_rank=fallback_rank,
         write_report=write_report,
@@ -330,8 +340,15 @@ def quantize_command(
         console.out.print(_worst_table(result))
         worst = ", ".join(la.node for la in result.layer_report.worst(WORST))
         console.out.print(f"worst layers: {worst}", soft_wrap=True, highlight=False)
+    fp8_layers = len(result.plan.fp8_nodes)
+    split = (
+        f"{len(result.plan.quantized_nodes) - fp8_layers} INT8 + {fp8_layers} FP8 "
+        f"({result.fp8_compute:.1%} of the compute)"
+        if fp8_layers
+        else f"{precision.upper()} ({activation_type})"
+    )
     console.out.print(
-        f"{len(result.plan.quantized_nodes)} layers {precision.upper()} ({activation_type}), "
+        f"{len(result.plan.quantized_nodes)} layers {split}, "
         f"{len(result.plan.excluded)} float ({result.float_compute:.1%} of the compute); "
         f"{result.calibration_samples} calibration / "
         f"{result.holdout_samples} held-out samples, method {method}"

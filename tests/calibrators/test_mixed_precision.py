@@ -1,0 +1,171 @@
+"""Mixed INT8/FP8 per layer (`--precision int8,fp8`): on the real EfficientNet-Lite0 and real photos the
+merged graph has FP8 Q/DQ exactly on the chosen layers and INT8 elsewhere and runs in ONNX Runtime; on a
+graph with transformer-like outlier channels, FP8 meets a gate that float fallback cannot within its
+compute limit; mixed graphs plan only for GPUs and TensorRT versions that run FP8."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import onnx
+import pytest
+from cli_helpers import run_cli
+
+from calibrators import fidelity
+from calibrators.calibrate import compute_ranges
+from calibrators.collect import collect
+from calibrators.qdq import QdqOptions, apply_qdq
+from calibrators.qdq_mixed import MixedPlanner
+from calibrators.qdq_scales import GraphCache
+from calibrators.quantize import quantize, upgrade_opset
+from calibrators.quantize_settings import QuantizeSettings
+from trtbuild import examples
+from trtbuild.core import metrics
+from trtbuild.core import ort as ort_core
+from trtbuild.core.errors import TrtbuildError
+from trtbuild.plan import make_plan
+
+
+@pytest.fixture(scope="module")
+def photos() -> np.ndarray:
+    return examples.normalize_imagenet(examples.photo_crops(24, seed=4))
+
+
+@pytest.fixture(scope="module")
+def planner(effnet_onnx: Path, photos: np.ndarray) -> MixedPlanner:
+    model = upgrade_opset(onnx.load(str(effnet_onnx)), 19)
+    collection = collect(model, [{"images": photos[:16]}], batch_size=8, show_progress=False)
+    return MixedPlanner(
+        GraphCache(model),
+        compute_ranges(collection, "mse"),
+        compute_ranges(collection, "mse", grid="fp8"),
+        QdqOptions(),
+    )
+
+
+def _dq_types(model: onnx.ModelProto) -> dict[str, int]:
+    """Each Conv/Gemm's activation input -> the element type its DequantizeLinear reads."""
+    producers = {o: n for n in model.graph.node for o in n.output}
+    zero_points = {i.name: i.data_type for i in model.graph.initializer}
+    out = {}
+    for node in model.graph.node:
+        if node.op_type in ("Conv", "Gemm"):
+            dq = producers.get(node.input[0])
+            if dq is not None and dq.op_type == "DequantizeLinear":
+                out[node.name] = zero_points[dq.input[2]]
+    return out
+
+
+def test_chosen_layers_get_fp8_qdq_the_rest_int8(planner: MixedPlanner, photos: np.ndarray) -> None:
+    all_int8 = planner.plan()
+    chosen = [n for n in all_int8.quantized_nodes if n in planner.fp8_capable][:6]
+    mixed = planner.plan(chosen)
+    assert sorted(mixed.fp8_nodes) == sorted(chosen)
+    assert sorted(mixed.quantized_nodes) == sorted(all_int8.quantized_nodes)  # none lost to float
+    assert not any(e.node in chosen for e in mixed.excluded)
+    graph = apply_qdq(planner.cache.model, mixed)
+    types = _dq_types(graph)
+    assert {types[n] for n in chosen} == {onnx.TensorProto.FLOAT8E4M3FN}
+    int8_layers = [n for n in all_int8.quantized_nodes if n not in chosen and n in types]
+    assert int8_layers and {types[n] for n in int8_layers} == {onnx.TensorProto.INT8}
+    # Runs in ONNX Runtime and stays close to FP32 on held-out photos (FP8 is not always closer than INT8:
+    # E4M3 keeps 3 mantissa bits, so which layers gain is measured by the fallback, tested below).
+    held = {"images": photos[16:]}
+    ref = ort_core.cpu_session(planner.cache.model).run(None, held)[0]
+    mix = fidelity.session(graph).run(None, held)[0]
+    assert metrics.sqnr_db(ref, mix) > 15.0
+
+
+def test_a_tensor_read_by_int8_and_fp8_layers_gets_one_pair_of_each(planner: MixedPlanner) -> None:
+    """A residual input read by an INT8 conv and an FP8 Add keeps both consumers quantized."""
+    all_int8 = planner.plan()
+    shared = next(
+        (
+            (act, sorted({c[0] for c in act.consumers}))
+            for act in all_int8.activations.values()
+            if len({c[0] for c in act.consumers} & planner.fp8_capable) >= 2
+        ),
+        None,
+    )
+    if shared is None:
+        pytest.skip("no activation with two FP8-capable readers in this export")
+    act, readers = shared
+    mixed = planner.plan([readers[0]])
+    keys = [k for k, a in mixed.activations.items() if a.tensor == act.tensor]
+    assert sorted(mixed.activations[k].dtype for k in keys) == ["float8e4m3fn", "int8"]
+    onnx.checker.check_model(apply_qdq(planner.cache.model, mixed))
+
+
+def _outlier_model(path: Path) -> tuple[Path, np.ndarray]:
+    """MatMul -> Relu -> MatMul whose input has two channels 60x the others, the way transformer
+    activations do: per-tensor INT8 steps then swallow the small channels, E4M3 keeps them."""
+    from onnx import TensorProto, helper, numpy_helper
+
+    rng = np.random.default_rng(0)
+    w1 = (rng.standard_normal((64, 64)) / 8).astype(np.float32)
+    w2 = (rng.standard_normal((64, 16)) / 8).astype(np.float32)
+    graph = helper.make_graph(
+        [
+            helper.make_node("MatMul", ["x", "w1"], ["h"], name="mm1"),
+            helper.make_node("Relu", ["h"], ["r"], name="relu"),
+            helper.make_node("MatMul", ["r", "w2"], ["y"], name="mm2"),
+        ],
+        "outliers",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["n", 64])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["n", 16])],
+        [numpy_helper.from_array(w1, "w1"), numpy_helper.from_array(w2, "w2")],
+    )
+    onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]), path)
+    x = np.random.default_rng(1).standard_normal((96, 64)).astype(np.float32)
+    x[:, :2] *= 60
+    return path, x
+
+
+def test_int8_fp8_meets_a_gate_that_float_fallback_cannot(tmp_path: Path) -> None:
+    """All-INT8 measures cosine ~0.991; keeping mm1 float would put 80% of the MACs in float (over the
+    50% limit), so float fallback stops; mm1 in FP8 passes with nothing float."""
+    model, x = _outlier_model(tmp_path / "outliers.onnx")
+    base = QuantizeSettings(holdout=32, min_fidelity="cosine=0.997", output_kind=["y=regression"])
+    with pytest.raises(TrtbuildError, match="auto-fallback stopped"):
+        quantize(model, x, tmp_path / "float", base, show_progress=False, auto_fallback=True)
+    result = quantize(
+        model, x, tmp_path / "mixed", base, show_progress=False, auto_fallback=True, fallback_precision="fp8"
+    )
+    assert result.passed and result.plan.fp8_nodes == ["mm1"] and not result.plan.excluded
+    assert result.onnx_path.name == "outliers.int8fp8.onnx" and result.float_compute == 0.0
+    assert 0.5 < result.fp8_compute < 1.0 and result.to_json()["fp8_layers"] == ["mm1"]
+    kinds = {i.data_type for i in onnx.load(str(result.onnx_path)).graph.initializer}
+    assert {onnx.TensorProto.FLOAT8E4M3FN, onnx.TensorProto.INT8} <= kinds
+
+    # Plans: strongly typed on an FP8 GPU; A100 (sm80) and TensorRT 8.6 refuse with the reason.
+    plan = make_plan(model, "h100", "int8", qdq_onnx=result.onnx_path, out_root=str(tmp_path))
+    assert plan.strongly_typed and any("mixed INT8/FP8" in n for n in plan.notes)
+    with pytest.raises(TrtbuildError, match="FP8 needs sm89"):
+        make_plan(model, "a100", "int8", qdq_onnx=result.onnx_path, out_root=str(tmp_path))
+    with pytest.raises(TrtbuildError, match="FP8 needs TensorRT 10.0"):
+        make_plan(model, "l4", "int8", trt_version="8.6", qdq_onnx=result.onnx_path, out_root=str(tmp_path))
+
+
+def test_mixed_needs_auto_fallback_on_int8() -> None:
+    with pytest.raises(TrtbuildError, match="through auto-fallback"):
+        QuantizeSettings(fallback_precision="fp8")
+    with pytest.raises(TrtbuildError, match="through auto-fallback"):
+        QuantizeSettings(fallback_precision="fp8", auto_fallback=True, activation_type="uint8")
+
+
+def test_cli_refuses_int8_fp8_for_ort_cpu(effnet_onnx: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    code, _, err = run_cli(
+        [
+            "quantize",
+            str(effnet_onnx),
+            "--data",
+            "x",
+            "--precision",
+            "int8,fp8",
+            "--activation-type",
+            "uint8",
+        ],
+        capsys,
+    )
+    assert code == 2 and "mixed INT8/FP8 graphs are for TensorRT" in err and "Traceback" not in err
