@@ -187,6 +187,8 @@ def calibrate_to_files(
     )
     ranges = compute_ranges(collection, settings.method, percentile=settings.percentile)
     ranges.meta["model"] = str(model_path)
+    if isinstance(data, (str, Path)):  # images come from paths: record how they became tensors
+        ranges.meta["preprocess"] = open_data(data, model_inputs(proto), settings.preprocess).preprocessing()
     stem = model_path.name.removesuffix(".onnx")
     ranges_path = ranges.save(folder / f"{stem}.ranges.json")
     cache_path = None

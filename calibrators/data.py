@@ -391,6 +391,13 @@ class CalibrationData:
     def known_length(self) -> int | None:
         return None if self.indices is None else len(self.indices)
 
+    def preprocessing(self) -> dict[str, Any] | None:
+        """How images became tensors (resize, crop, mean/std, layout...), for the ranges' record: a
+        deployment must feed the model the same way. None for arrays, which the model takes as they are."""
+        if isinstance(self.source, ImageFolder):
+            return dataclasses.asdict(self.source.preprocess)
+        return None
+
     def describe(self) -> str:
         n = self.known_length()
         return self.source.describe() + ("" if n is None else f" (using {n})")

@@ -89,7 +89,7 @@ class QuantizeResult:
     holdout_samples: int
     ort_cpu_target: ort_cpu.OrtCpuTarget | None = None  # uint8 graphs: the CPU and weight format chosen
     float_compute: float = 0.0  # share of the Conv/Gemm/MatMul MACs left in float
-    fp8_compute: float = 0.0  # mixed INT8/FP8: share of those MACs in FP8
+    fp8_compute: float = 0.0  # share of those MACs in FP8 (FP8 graphs, mixed INT8/FP8 ones)
     layer_report: layer_report.LayerReport | None = None  # --report: per-layer SQNR
     report_html_path: Path | None = None  # --report: the self-contained page (PNGs in report_png_dir)
     report_png_dir: Path | None = None
@@ -239,7 +239,9 @@ def quantize(
                 fp8_ranges = compute_ranges(collection, s.method, percentile=s.percentile, grid=FP8)
             calibrated = collection.samples
             stats = collection.stats
-        ranges.meta.update({"holdout": holdout, "activation_type": s.activation_type})
+        ranges.meta.update(
+            {"holdout": holdout, "activation_type": s.activation_type, "preprocess": all_data.preprocessing()}
+        )
 
         held_batches = list(held.batches(s.batch_size))
         held_count = sum(int(next(iter(b.values())).shape[0]) for b in held_batches)
@@ -306,7 +308,9 @@ def quantize(
             holdout_samples=held_count,
             ort_cpu_target=target,
             float_compute=share,
-            fp8_compute=qdq_mixed.fp8_share(plan, layer_cost.layer_macs(model, held_batches[0]))
+            fp8_compute=1.0 - share
+            if s.activation_type == FP8
+            else qdq_mixed.fp8_share(plan, layer_cost.layer_macs(model, held_batches[0]))
             if plan.fp8_nodes
             else 0.0,
             layer_report=layers,

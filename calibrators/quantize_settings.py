@@ -7,6 +7,7 @@ refused when the settings are made, before any data is read.
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, fields
 from typing import Any
@@ -95,7 +96,7 @@ class QuantizeSettings:
         """The settings as plain values, for the fidelity report."""
         out: dict[str, Any] = {f.name: getattr(self, f.name) for f in fields(self)}
         out["exclude"], out["exclude_op_types"] = list(self.exclude), list(self.exclude_op_types)
-        out["preprocess"] = None if self.preprocess is None else repr(self.preprocess)
+        out["preprocess"] = None if self.preprocess is None else dataclasses.asdict(self.preprocess)
         out["min_fidelity"] = None if self.min_fidelity is None else str(self.min_fidelity)
         out["output_kind"] = None if self.output_kind is None else str(self.output_kind)
         return out

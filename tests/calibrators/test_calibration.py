@@ -360,3 +360,19 @@ def test_calibrate_to_files_is_the_api_behind_the_command(
     assert files.cache_path.read_text().splitlines()[0] == files.cache_header
     gemm_inputs = {n.input[0] for n in onnx.load(str(effnet_onnx)).graph.node if n.op_type == "Gemm"}
     assert gemm_inputs and not gemm_inputs & set(files.ranges)
+
+
+def test_ranges_record_how_images_became_tensors(effnet_onnx: Path, tmp_path: Path) -> None:
+    """A deployment must feed the model the way calibration did: the ranges JSON says how (and says
+    nothing for arrays, which the model takes as they are)."""
+    from calibrators.calibrate import CalibrationSettings, calibrate_to_files
+
+    photos = examples.write_photo_folder(tmp_path / "photos", 4, size=256, seed=2)
+    settings = CalibrationSettings(samples=4, preprocess=Preprocess(resize=240, crop=224, scale=1 / 127.5))
+    files = calibrate_to_files(effnet_onnx, photos, settings, out_dir=tmp_path, show_progress=False)
+    recorded = json.loads(files.ranges_path.read_text())["meta"]["preprocess"]
+    assert (recorded["resize"], recorded["crop"], recorded["layout"]) == (240, 224, "NCHW")
+    assert recorded["scale"] == pytest.approx(1 / 127.5)
+    arrays = examples.normalize_imagenet(examples.photo_crops(4, seed=2))
+    files = calibrate_to_files(effnet_onnx, arrays, out_dir=tmp_path / "a", show_progress=False)
+    assert "preprocess" not in json.loads(files.ranges_path.read_text())["meta"]
