@@ -28,6 +28,7 @@ from calibrators import (
     ort_cpu,
     output_kinds,
     report_html,
+    smoothquant,
 )
 from calibrators import fallback as fallback_search
 from calibrators.cache import write_cache
@@ -96,6 +97,8 @@ class QuantizeResult:
     report_html_path: Path | None = None  # --report: the self-contained page (PNGs in report_png_dir)
     report_png_dir: Path | None = None
     rounding: adaround.LearnedRounding | None = None  # --rounding learned: what was learned, per layer
+    smooth: smoothquant.SmoothReport | None = None  # --smooth-quant: the decision and smoothed groups
+    float_model: onnx.ModelProto | None = None  # the (smoothed) float graph the ranges belong to
 
     @property
     def passed(self) -> bool:
@@ -130,6 +133,7 @@ class QuantizeResult:
             },
             "rounding": "nearest" if self.rounding is None else "learned",
             "learned_rounding": None if self.rounding is None else self.rounding.to_json(),
+            "smooth_quant": None if self.smooth is None else self.smooth.to_json(),
         }
 
 
@@ -163,6 +167,7 @@ def quantize(
     seed: int = 0,
     show_progress: bool = True,
     ranges: RangeSet | None = None,
+    smooth_quant: str = "auto",
 ) -> QuantizeResult:
     """Calibrate ``model_path`` on ``data`` (minus ``holdout`` held-out samples), write the INT8 artifacts
     into ``out_dir`` if the held-out fidelity meets ``min_fidelity``; raise :class:`FidelityGateError` if not.
@@ -190,6 +195,9 @@ def quantize(
     ORT really runs.
     ``ranges``: use these activation ranges instead of calibrating (e.g. the ones QAT learned); the data
     then only supplies the held-out samples of the gate.
+    ``smooth_quant``: "auto", "on" or "off": SmoothQuant on MatMul/Gemm activation inputs with outlier
+    channels before calibrating (calibrators/smoothquant.py; auto: where some channel's max is
+    OUTLIER_RATIO x the median's).
     """
     if rounding not in adaround.ROUNDINGS:
         raise TrtbuildError(f"unknown rounding '{rounding}'", f"use one of {', '.join(adaround.ROUNDINGS)}")
@@ -239,6 +247,18 @@ def quantize(
             holdout = gate_stats.auto_holdout(all_data.known_length(), samples)
         calib, held = all_data.split(holdout, seed)
         calib = calib.sample(samples, seed)
+        model, smoothing = smoothquant.for_quantize(
+            model,
+            calib.batches(batch_size),
+            smooth_quant,
+            set(tensors),
+            activation_type=activation_type,
+            ranges_given=ranges is not None,
+            threads=threads,
+            seed=seed,
+        )
+        if smoothing.smoothed:  # a duplicated LayerNorm adds a tensor to quantize
+            tensors = tensors_to_collect(model, exclude, exclude_op_types)
         calibrated = 0
         stats: dict[str, Any] = {}  # histograms for the report's range plots (none with given ranges)
         if ranges is None:
@@ -323,6 +343,8 @@ def quantize(
             report_html_path=Path(out_dir) / f"{stem}.{tag}.report.html" if layers else None,
             report_png_dir=Path(out_dir) / f"{stem}.{tag}.report" if layers else None,
             rounding=learned,
+            smooth=smoothing,
+            float_model=model if smoothing.smoothed else None,
         )
         ort_core.set_metadata(qmodel, target.metadata() if target else ort_cpu.tensorrt_metadata())
         _write(result, qmodel, trt_version)
@@ -414,7 +436,8 @@ def write_variant(
     """The same model quantized from the same ranges with uint8 activations for ONNX Runtime CPU deployment
     next to the int8 TensorRT graph, keeping the layers the gate kept in float, with the weight format that
     is exact on ``ort_cpu_kind`` (recorded in the graph's metadata and returned)."""
-    model = upgrade_opset(load_model(model_path))
+    # The ranges belong to the smoothed graph when SmoothQuant ran.
+    model = result.float_model or upgrade_opset(load_model(model_path))
     target = ort_cpu.choose(ort_cpu_kind, ort_weights)
     kept_float = tuple((e.node, e.reason) for e in result.plan.excluded)
     options = QdqOptions(activation_type="uint8", keep_float=kept_float, weight_format=target.weight_format)
