@@ -129,12 +129,38 @@ def find_candidates(model: onnx.ModelProto, quantized: set[str]) -> tuple[list[C
     return found, skipped
 
 
+class _Index:
+    """GraphIndex's lookups the fold needs, without its shape inference (re-built after every group)."""
+
+    def __init__(self, model: onnx.ModelProto) -> None:
+        self.by_name = {n.name: n for n in model.graph.node}
+        self.producer = {o: n for n in model.graph.node for o in n.output}
+        self.consumers: dict[str, list[tuple[onnx.NodeProto, int]]] = {}
+        for node in model.graph.node:
+            for idx, name in enumerate(node.input):
+                self.consumers.setdefault(name, []).append((node, idx))
+        self.initializers = {i.name: i for i in model.graph.initializer}
+        self.constants = {
+            n.output[0]: a.t
+            for n in model.graph.node
+            if n.op_type == "Constant"
+            for a in n.attribute
+            if a.name == "value"
+        }
+
+    def is_constant(self, name: str) -> bool:
+        return name in self.initializers or name in self.constants
+
+    def constant(self, name: str) -> np.ndarray:
+        return numpy_helper.to_array(self.initializers.get(name) or self.constants[name])
+
+
 class _Writer:
     """Writes new constant values; a constant read by more than one node gets a private copy."""
 
     def __init__(self, model: onnx.ModelProto) -> None:
         self.model = model
-        self.g = GraphIndex(model)
+        self.g = _Index(model)
         self.inits = {i.name: i for i in model.graph.initializer}
         self.names = {t for n in model.graph.node for t in (*n.input, *n.output)} | set(self.inits)
 

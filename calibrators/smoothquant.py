@@ -202,9 +202,8 @@ def _choose(cand: Candidate, st: _Stats, weights: list[np.ndarray]) -> tuple[Smo
     return group, best_s
 
 
-def _weights(model: onnx.ModelProto, cand: Candidate) -> list[np.ndarray]:
+def _weights(g: GraphIndex, cand: Candidate) -> list[np.ndarray]:
     """Each consumer's weight as (K in, N out)."""
-    g = GraphIndex(model)
     out = []
     for c in cand.consumers:
         w = g.constant(c.weight).astype(np.float64)
@@ -249,8 +248,9 @@ def smooth(
         reason = f"no outlier channels (largest max/median channel ratio {worst:.1f} < {OUTLIER_RATIO:g})"
         return model, SmoothReport(mode, False, reason, [], skipped)
     groups, scales = [], {}
+    index = GraphIndex(model)
     for cand in candidates:
-        group, s = _choose(cand, stats[cand.tensor], _weights(model, cand))
+        group, s = _choose(cand, stats[cand.tensor], _weights(index, cand))
         groups.append(group)
         if s is not None:
             scales[cand.tensor] = (cand, s)
