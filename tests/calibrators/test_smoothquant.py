@@ -180,8 +180,7 @@ def minilm_runs(tmp_path_factory: pytest.TempPathFactory) -> dict:
             smooth_quant=mode,
             show_progress=False,
         )
-    held = data[:0]  # the held-out split is quantize()'s; the float check below uses fresh sentences
-    return {"path": path, "runs": runs, "data": data, "held": held}
+    return {"path": path, "runs": runs, "data": data}
 
 
 def test_minilm_smoothed_float_graph_is_equivalent(minilm_runs: dict) -> None:
@@ -215,3 +214,17 @@ def test_minilm_smoothquant_improves_fidelity_keeps_placement(minilm_runs: dict)
     report = json.loads(on.report_path.read_text())
     assert report["smooth_quant"]["smoothed"] == len(sm.smoothed)
     assert {g["alpha"] for g in report["smooth_quant"]["groups"]} - {None}
+
+
+def test_minilm_smoothed_cache_and_encodings_name_the_written_graph(minilm_runs: dict) -> None:
+    from calibrators.encodings import build_encodings
+
+    on = minilm_runs["runs"]["on"]
+    qmodel = onnx.load(str(on.onnx_path))
+    produced = {o for n in qmodel.graph.node for o in n.output} | {i.name for i in qmodel.graph.input}
+    lines = on.cache_path.read_text().splitlines()[1:]
+    cached = {line.rsplit(":", 1)[0] for line in lines}
+    assert cached and cached <= produced  # TensorRT's cache names tensors of the smoothed graph
+    assert any(t.endswith("_smooth") for t in cached)  # the duplicated LayerNorms' outputs
+    encodings = build_encodings(qmodel, on.ranges)
+    assert encodings.activations and any(t.endswith("_smooth") for t in encodings.activations)
