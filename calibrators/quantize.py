@@ -27,6 +27,7 @@ from calibrators import (
     output_kinds,
     qdq_mixed,
     report_html,
+    smoothquant,
 )
 from calibrators import fallback as fallback_search
 from calibrators.cache import write_cache
@@ -95,6 +96,8 @@ class QuantizeResult:
     report_png_dir: Path | None = None
     rounding: adaround.LearnedRounding | None = None  # --rounding learned: what was learned, per layer
     settings: QuantizeSettings | None = None  # the choices of the run, recorded in the report
+    smooth: smoothquant.SmoothReport | None = None  # --smooth-quant: the decision and smoothed groups
+    float_model: onnx.ModelProto | None = None  # the (smoothed) float graph the ranges belong to
 
     @property
     def passed(self) -> bool:
@@ -132,6 +135,7 @@ class QuantizeResult:
             "rounding": "nearest" if self.rounding is None else "learned",
             "learned_rounding": None if self.rounding is None else self.rounding.to_json(),
             "settings": None if self.settings is None else self.settings.to_json(),
+            "smooth_quant": None if self.smooth is None else self.smooth.to_json(),
         }
 
 
@@ -174,6 +178,9 @@ def quantize(
     ORT really runs.
     ``ranges``: use these activation ranges instead of calibrating (e.g. the ones QAT learned); the data
     then only supplies the held-out samples of the gate.
+    ``smooth_quant``: "auto", "on" or "off": SmoothQuant on MatMul/Gemm activation inputs with outlier
+    channels before calibrating (calibrators/smoothquant.py; auto: where some channel's max is
+    OUTLIER_RATIO x the median's).
     """
     s = QuantizeSettings.from_overrides(settings, overrides) if overrides or settings is None else settings
     with output_set.writer_lock(out_dir):  # one writer per folder, taken before any work
@@ -216,6 +223,18 @@ def quantize(
             holdout = gate_stats.auto_holdout(all_data.known_length(), s.samples)
         calib, held = all_data.split(holdout, s.seed)
         calib = calib.sample(s.samples, s.seed)
+        model, smoothing = smoothquant.for_quantize(
+            model,
+            calib.batches(s.batch_size),
+            s.smooth_quant,
+            set(tensors),
+            activation_type=s.activation_type,
+            ranges_given=ranges is not None,
+            threads=s.threads,
+            seed=s.seed,
+        )
+        if smoothing.smoothed:  # a duplicated LayerNorm adds a tensor to quantize
+            tensors = tensors_to_collect(model, s.exclude, s.exclude_op_types)
         calibrated = 0
         stats: dict[str, Any] = {}  # histograms for the report's range plots (none with given ranges)
         fp8_ranges = ranges if mixed else None  # given ranges serve both grids
@@ -318,6 +337,8 @@ def quantize(
             report_png_dir=Path(out_dir) / f"{stem}.{tag}.report" if layers else None,
             rounding=learned,
             settings=s,
+            smooth=smoothing,
+            float_model=model if smoothing.smoothed else None,
         )
         ort_core.set_metadata(qmodel, target.metadata() if target else ort_cpu.tensorrt_metadata())
         _write(result, qmodel, s.trt_version)
@@ -409,7 +430,8 @@ def write_variant(
     """The same model quantized from the same ranges with uint8 activations for ONNX Runtime CPU deployment
     next to the int8 TensorRT graph, keeping the layers the gate kept in float, with the weight format that
     is exact on ``ort_cpu_kind`` (recorded in the graph's metadata and returned)."""
-    model = upgrade_opset(load_model(model_path))
+    # The ranges belong to the smoothed graph when SmoothQuant ran.
+    model = result.float_model or upgrade_opset(load_model(model_path))
     target = ort_cpu.choose(ort_cpu_kind, ort_weights)
     kept_float = tuple((e.node, e.reason) for e in result.plan.excluded)
     options = QdqOptions(activation_type="uint8", keep_float=kept_float, weight_format=target.weight_format)

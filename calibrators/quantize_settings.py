@@ -12,7 +12,7 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, fields
 from typing import Any
 
-from calibrators import adaround, fallback_ranking
+from calibrators import adaround, fallback_ranking, smoothquant
 from calibrators.collect import DEFAULT_BATCH_SIZE
 from calibrators.fallback import DEFAULT_MAX_FLOAT_COMPUTE
 from calibrators.fidelity import FidelityThreshold
@@ -46,6 +46,9 @@ class QuantizeSettings:
     bias_correction: bool = True
     rounding: str = "nearest"  # or "learned" (calibrators/adaround.py)
     rounding_budget_s: float = adaround.AdaRoundConfig.budget_s
+    # SmoothQuant on MatMul/Gemm inputs with outlier channels before calibrating (calibrators/smoothquant.py;
+    # auto: where some channel's max is OUTLIER_RATIO x the median channel's)
+    smooth_quant: str = "auto"
     ort_cpu_kind: str = "auto"  # uint8 only: the CPU the graph is for
     ort_weights: str = "auto"  # uint8 only: the weight format (calibrators/ort_cpu.py)
     # the gate
@@ -69,6 +72,7 @@ class QuantizeSettings:
         _one_of("calibration method", self.method, METHODS)
         _one_of("precision", self.activation_type, QDQ_TYPES)
         _one_of("rounding", self.rounding, adaround.ROUNDINGS)
+        _one_of("--smooth-quant mode", self.smooth_quant, smoothquant.MODES)
         _one_of("sensitivity strategy", self.fallback_strategy, FALLBACK_STRATEGIES)
         _one_of("fallback ranking", self.fallback_rank, fallback_ranking.RANKINGS)
         _one_of("fallback precision", self.fallback_precision, FALLBACK_PRECISIONS)

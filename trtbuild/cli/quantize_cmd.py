@@ -23,6 +23,7 @@ from calibrators.preprocess import Preprocess
 from calibrators.qdq import ACTIVATION_TYPES
 from calibrators.quantize import FidelityGateError, QuantizeResult, quantize
 from calibrators.quantize_settings import FALLBACK_STRATEGIES, QuantizeSettings
+from calibrators.smoothquant import MODES as SMOOTH_MODES
 from trtbuild.cli.data_options import data_option, preprocess_options
 from trtbuild.core import console
 from trtbuild.core.cpu import CPU_KINDS
@@ -205,6 +206,14 @@ def _worst_table(result: QuantizeResult) -> Table:
 @click.option(
     "--out-dir", type=click.Path(path_type=Path), default=None, help="Output folder (default: the model's)."
 )
+@click.option(
+    "--smooth-quant",
+    type=click.Choice(list(SMOOTH_MODES)),
+    default=Q.smooth_quant,
+    show_default=True,
+    help="SmoothQuant: move MatMul/Gemm input outlier channels into the weights (auto: where there are "
+    "outliers; docs/smoothquant.md).",
+)
 @click.option("--seed", type=int, default=Q.seed, show_default=True)
 @click.option("--batch-size", type=int, default=Q.batch_size, show_default=True)
 @click.option("--threads", type=int, default=None, help="ONNX Runtime intra-op threads (default: all cores).")
@@ -237,6 +246,7 @@ def quantize_command(
     rounding_budget: float,
     trt_version: str,
     out_dir: Path | None,
+    smooth_quant: str,
     seed: int,
     batch_size: int,
     threads: int | None,
@@ -309,6 +319,7 @@ def quantize_command(
         bias_correction=bias_correction,
         rounding=rounding,
         rounding_budget_s=rounding_budget,
+        smooth_quant=smooth_quant,
         preprocess=preprocess,
         batch_size=batch_size,
         threads=threads,
@@ -358,6 +369,13 @@ def quantize_command(
         console.out.print(
             f"learned rounding: {len(r.weights)} of {len(r.layers) + len(r.skipped)} layers improved "
             f"in {r.seconds:.0f} s" + (f", {len(r.skipped)} out of time" if r.skipped else "")
+        )
+    if result.smooth is not None and result.smooth.enabled:
+        sm = result.smooth
+        alphas = ", ".join(f"{g.alpha:g}" for g in sm.smoothed)
+        console.out.print(
+            f"SmoothQuant: {len(sm.smoothed)} of {len(sm.groups)} MatMul/Gemm inputs smoothed "
+            f"(alpha {alphas}), {len(sm.skipped)} cannot be"
         )
     if result.ort_cpu_target is not None:
         target = result.ort_cpu_target
