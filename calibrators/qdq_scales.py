@@ -103,7 +103,7 @@ def plan_qdq(
             plan.rounded_weights[w_name] = rounded
         use_bias = bias if options.activation_type == "uint8" and len(live) == 1 else None
         correction = None
-        if options.bias_correction:
+        if options.bias_correction and rounded is None:  # learned rounding already targets W x_fp
             correction = _bias_correction(
                 g, w_name, live, axis, scales, means, options.weight_format, rounded
             )

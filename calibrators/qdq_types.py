@@ -40,7 +40,8 @@ class QdqOptions:
     # whose u8 x s8 multiply-add saturates (calibrators/weights.py, trtbuild/core/cpu.py).
     weight_format: str = "int8"
     # Learned rounding (calibrators/adaround.py): int8 weights by name on the per-channel grid plan_qdq
-    # computes; used instead of round-to-nearest for int8 weights. Data, not part of equality.
+    # computes; used instead of round-to-nearest for int8 weights, and without bias correction (the learning
+    # targets the float output already). Data, not part of equality.
     learned_rounding: Mapping[str, np.ndarray] | None = field(default=None, compare=False, repr=False)
 
     def __post_init__(self) -> None:

@@ -273,10 +273,11 @@ def quantize(
         if s.rounding == "learned" and options.weight_format == "int8":
             config = adaround.AdaRoundConfig(budget_s=s.rounding_budget_s, seed=s.seed)
             # Learned on the graph without bias correction (a nearest-rounding shift would be wrong for
-            # the learned layers upstream); the final plan's correction is computed from the learned integers.
+            # the learned layers upstream); the final plan corrects only the layers the learning did not reach
+            # (out of time): the ones it reached were learned against uncorrected inputs, to the float output.
             uncorrected = plan_qdq(model, ranges, replace(options, bias_correction=False))
             learned = _learn(model, uncorrected, calib, config, s.batch_size, s.threads, show_progress)
-            options = replace(options, learned_rounding=learned.weights)
+            options = replace(options, learned_rounding=learned.decided)
             plan = plan_qdq(model, ranges, options)
         qmodel = apply_qdq(model, plan)
         test = fidelity.run_batches(fidelity.session(qmodel, s.threads, semantics), held_batches)
