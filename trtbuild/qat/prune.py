@@ -54,37 +54,3 @@ def plan_pruning(model: nn.Module, only: set[str] | None = None) -> list[PruneDe
         reason = ineligible_reason(kind, channels, groups)
         decisions.append(PruneDecision(name, kind, int(module.weight.numel()), reason))
     return decisions
-
-
-def make_masks(model: nn.Module, decisions: list[PruneDecision]) -> dict[str, torch.Tensor]:
-    """Masks of the eligible modules, applied to their weights in place (the pruned model is 2:4 now)."""
-    modules = dict(model.named_modules())
-    masks = {}
-    with torch.no_grad():
-        for decision in decisions:
-            if decision.reason is None:
-                weight = modules[decision.module].weight
-                masks[decision.module] = mask_2to4(weight)
-                weight.mul_(masks[decision.module])
-    return masks
-
-
-def recalibrate_batchnorm(model: nn.Module, batches: list[list[torch.Tensor]]) -> int:
-    """Re-estimate BatchNorm running statistics on ``batches`` (no gradients): pruning shifts every
-    activation distribution, and frozen FP32 statistics would mis-normalise all of them. Returns how many
-    BatchNorm layers were updated; the model is left in eval mode."""
-    norms = [m for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
-    if not norms:
-        return 0
-    saved = [m.momentum for m in norms]
-    for m in norms:
-        m.reset_running_stats()
-        m.momentum = None  # cumulative average over all batches
-        m.train()
-    with torch.no_grad():
-        for feeds in batches:
-            model(*feeds)
-    for m, momentum in zip(norms, saved, strict=True):
-        m.momentum = momentum
-    model.eval()
-    return len(norms)

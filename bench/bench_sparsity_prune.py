@@ -1,0 +1,175 @@
+"""2:4 pruning of EfficientNet-Lite0 step by step, side by side on the same photo crops and threads, in
+PyTorch FP32 (no quantization): magnitude masks (what `trtbuild qat --sparsity 2:4` did before), magnitude
++ BatchNorm re-estimation, the data-aware re-fit (trtbuild/qat/prune_fit.py, what it does now), and the
+re-fit after N steps of the same distillation recovery `qat` runs (masks held). Top-1 agreement and KL
+against the unpruned FP32 model on held-out crops, plus weight bytes as TensorRT would store them.
+
+Run: python3 bench/bench_sparsity_prune.py [--fit 64] [--train 128] [--holdout 64] [--steps 30]
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import resource
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from trtbuild import examples  # noqa: E402
+from trtbuild.qat.fake_quant import QuantHooks  # noqa: E402
+from trtbuild.qat.prune import mask_2to4, plan_pruning  # noqa: E402
+from trtbuild.qat.prune_fit import prune_fitted  # noqa: E402
+from trtbuild.qat.train import distillation_loss  # noqa: E402
+
+
+def cpu_s() -> float:
+    return (
+        resource.getrusage(resource.RUSAGE_SELF).ru_utime + resource.getrusage(resource.RUSAGE_SELF).ru_stime
+    )
+
+
+def score(model: nn.Module, held: torch.Tensor, ref: torch.Tensor) -> dict[str, float]:
+    with torch.no_grad():
+        out = torch.cat([model(held[i : i + 16]) for i in range(0, len(held), 16)])
+    p, q = torch.log_softmax(ref, 1), torch.log_softmax(out, 1)
+    return {
+        "top1": float((out.argmax(1) == ref.argmax(1)).float().mean()),
+        "kl": float((p.exp() * (p - q)).sum(1).mean()),
+    }
+
+
+def magnitude(model: nn.Module) -> dict[str, torch.Tensor]:
+    modules, masks = dict(model.named_modules()), {}
+    with torch.no_grad():
+        for d in plan_pruning(model):
+            if d.reason is None:
+                masks[d.module] = mask_2to4(modules[d.module].weight)
+                modules[d.module].weight.mul_(masks[d.module])
+    return masks
+
+
+def batchnorm_reestimate(model: nn.Module, x: torch.Tensor) -> None:
+    norms = [m for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
+    for m in norms:
+        m.reset_running_stats()
+        m.momentum = None
+        m.train()
+    with torch.no_grad():
+        for i in range(0, len(x), 16):
+            model(x[i : i + 16])
+    model.eval()
+
+
+def recover(
+    model: nn.Module,
+    teacher: nn.Module,
+    masks: dict[str, torch.Tensor],
+    train: torch.Tensor,
+    steps: int,
+    lr: float,
+) -> None:
+    """The distillation `qat` runs after pruning (normalised MSE to the teacher, Adam, masks held)."""
+    hooks, modules = QuantHooks(), dict(model.named_modules())
+    for name, mask in masks.items():
+        hooks.mask_weight(modules[name], mask)
+    with torch.no_grad():
+        targets = torch.cat([teacher(train[i : i + 16]) for i in range(0, len(train), 16)])
+    opt = torch.optim.Adam([p for p in model.parameters() if p.requires_grad], lr=lr)
+    gen = torch.Generator().manual_seed(0)
+    for _ in range(steps):
+        index = torch.randperm(len(train), generator=gen)[:8]
+        loss = distillation_loss([model(train[index])], [targets[index]])
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    hooks.remove()
+    with torch.no_grad():
+        for name, mask in masks.items():
+            modules[name].weight.mul_(mask)
+
+
+def stored_mib(model: nn.Module, sparse: set[str], bytes_per_weight: float) -> float:
+    """Conv/Linear weights as TensorRT stores them (an estimate from the weight counts, not an engine):
+    dense at ``bytes_per_weight``; a 2:4 layer keeps half its values plus a 2-bit index per kept value.
+    Biases and BatchNorm (folded into biases) at 4 bytes."""
+    total = 0.0
+    for name, module in model.named_modules():
+        if isinstance(module, (nn.Conv2d, nn.Linear)):
+            n = module.weight.numel()
+            total += n / 2 * (bytes_per_weight + 0.25) if name in sparse else n * bytes_per_weight
+            total += 4 * module.out_channels if isinstance(module, nn.Conv2d) else 4 * module.out_features
+    return total / 2**20
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--fit", type=int, default=64, help="calibration crops for the re-fit")
+    parser.add_argument("--train", type=int, default=128)
+    parser.add_argument("--holdout", type=int, default=64)
+    parser.add_argument("--steps", type=int, default=30, help="recovery steps after the re-fit")
+    parser.add_argument("--lr", type=float, default=1e-4, help="recovery learning rate (qat: 10x --lr)")
+    parser.add_argument("--threads", type=int, default=1)
+    args = parser.parse_args()
+    torch.set_num_threads(args.threads)
+    torch.manual_seed(0)
+    x = torch.from_numpy(
+        examples.normalize_imagenet(examples.photo_crops(args.train + args.holdout, seed=11))
+    )
+    train, held = x[: args.train], x[args.train :]
+    teacher = examples.efficientnet_lite0().eval()
+    with torch.no_grad():
+        ref = torch.cat([teacher(held[i : i + 16]) for i in range(0, len(held), 16)])
+    rows: list[dict[str, Any]] = []
+
+    def row(label: str, model: nn.Module, wall: float, cpu: float) -> None:
+        rows.append(
+            {"model": label, **score(model, held, ref), "wall_s": round(wall, 1), "cpu_s": round(cpu, 1)}
+        )
+        print(json.dumps(rows[-1]), file=sys.stderr, flush=True)
+
+    row("FP32", teacher, 0, 0)
+    t, c = time.perf_counter(), cpu_s()
+    plain = copy.deepcopy(teacher)
+    masks = magnitude(plain)
+    row("2:4 magnitude masks", plain, time.perf_counter() - t, cpu_s() - c)
+    batchnorm_reestimate(plain, train)
+    row("2:4 magnitude + BatchNorm re-estimated", plain, time.perf_counter() - t, cpu_s() - c)
+    t, c = time.perf_counter(), cpu_s()
+    fitted = copy.deepcopy(teacher)
+    feeds = [[train[i : i + 16]] for i in range(0, args.fit, 16)]
+    fit_masks = prune_fitted(fitted, teacher, plan_pruning(fitted), feeds)
+    row(f"2:4 re-fitted on {args.fit} crops", fitted, time.perf_counter() - t, cpu_s() - c)
+    if args.steps:
+        t, c = time.perf_counter(), cpu_s()
+        recover(fitted, teacher, fit_masks, train, args.steps, args.lr)
+        row(f"2:4 re-fitted + {args.steps} recovery steps", fitted, time.perf_counter() - t, cpu_s() - c)
+    sizes = {
+        "FP32": stored_mib(teacher, set(), 4),
+        "INT8": stored_mib(teacher, set(), 1),
+        "2:4 FP32": stored_mib(teacher, set(masks), 4),
+        "2:4 + INT8": stored_mib(teacher, set(masks), 1),
+    }
+    eligible = [d for d in plan_pruning(teacher) if d.reason is None]
+    report = {
+        "train": args.train,
+        "holdout": args.holdout,
+        "fit": args.fit,
+        "rows": rows,
+        "stored_weight_mib": {k: round(v, 2) for k, v in sizes.items()},
+        "eligible_layers": len(eligible),
+        "eligible_weights": sum(d.params for d in eligible),
+        "total_weights": sum(d.params for d in plan_pruning(teacher)),
+    }
+    print(json.dumps(report, indent=2))
+
+
+if __name__ == "__main__":
+    main()
