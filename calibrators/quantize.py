@@ -19,6 +19,7 @@ import onnx
 
 from calibrators import (
     adaround,
+    dw_equalize,
     fallback_ranking,
     fidelity,
     fp8,
@@ -26,6 +27,7 @@ from calibrators import (
     layer_cost,
     layer_report,
     ort_cpu,
+    output_aware,
     output_kinds,
     report_html,
 )
@@ -155,6 +157,7 @@ def quantize(
     bias_correction: bool = True,
     rounding: str = "nearest",
     rounding_budget_s: float = adaround.AdaRoundConfig.budget_s,
+    equalize_depthwise: bool = False,
     ort_cpu_kind: str = "auto",
     ort_weights: str = "auto",
     preprocess: Preprocess | None = None,
@@ -188,9 +191,18 @@ def quantize(
     writes a graph for ONNX Runtime's CPU kernels on ``ort_cpu_kind`` (``auto``: this machine), with the
     weight format that does not saturate there (``ort_weights``, calibrators/ort_cpu.py), judged by what
     ORT really runs.
+    ``method``: a range method of calibrators/methods.py, or "output-aware" (calibrators/output_aware.py:
+    mse ranges, each then set to the candidate with the least error at its consumer layers' outputs; int8).
+    ``equalize_depthwise``: equalize the input channels of depthwise convs whose channel ranges differ
+    (calibrators/dw_equalize.py; a per-channel Mul before the conv, its weights scaled to match).
     ``ranges``: use these activation ranges instead of calibrating (e.g. the ones QAT learned); the data
     then only supplies the held-out samples of the gate.
     """
+    if method == output_aware.METHOD and activation_type != "int8" and ranges is None:
+        raise TrtbuildError(
+            f"--method {output_aware.METHOD} scores int8 ranges; --activation-type {activation_type} is not",
+            "use --method mse for uint8/fp8 graphs",
+        )
     if rounding not in adaround.ROUNDINGS:
         raise TrtbuildError(f"unknown rounding '{rounding}'", f"use one of {', '.join(adaround.ROUNDINGS)}")
     with output_set.writer_lock(out_dir):  # one writer per folder, taken before any work
@@ -239,6 +251,10 @@ def quantize(
             holdout = gate_stats.auto_holdout(all_data.known_length(), samples)
         calib, held = all_data.split(holdout, seed)
         calib = calib.sample(samples, seed)
+        if equalize_depthwise:
+            measured = calib.sample(dw_equalize.SAMPLES, seed).batches(batch_size)
+            model, _ = dw_equalize.equalize_depthwise(model, measured, threads)
+            tensors = tensors_to_collect(model, exclude, exclude_op_types)
         calibrated = 0
         stats: dict[str, Any] = {}  # histograms for the report's range plots (none with given ranges)
         if ranges is None:
@@ -251,7 +267,12 @@ def quantize(
                 seed=seed,
                 show_progress=show_progress,
             )
-            ranges = compute_ranges(collection, method, grid=FP8 if activation_type == FP8 else "int8")
+            base = output_aware.BASE_METHOD if method == output_aware.METHOD else method
+            ranges = compute_ranges(collection, base, grid=FP8 if activation_type == FP8 else "int8")
+            if method == output_aware.METHOD:
+                ranges = _output_aware(
+                    model, ranges, options, collection.stats, calib, seed, batch_size, threads, show_progress
+                )
             calibrated = collection.samples
             stats = collection.stats
         ranges.meta.update({"holdout": holdout, "activation_type": activation_type})
@@ -354,6 +375,36 @@ def _learn(
             threads,
             advance,
         )
+
+
+def _output_aware(
+    model: onnx.ModelProto,
+    ranges: RangeSet,
+    options: QdqOptions,
+    stats: Mapping[str, Any],
+    calib: Any,
+    seed: int,
+    batch_size: int,
+    threads: int | None,
+    show_progress: bool,
+) -> RangeSet:
+    """The base ranges refined by the error at each activation's consumer layers (with a progress bar)."""
+    with console.progress(transient=True) as bar:
+        task = bar.add_task("output-aware ranges", total=None)
+        result = output_aware.refine(
+            model,
+            ranges,
+            plan_qdq(model, ranges, options),
+            stats,
+            calib.sample(output_aware.DEFAULT_SAMPLES, seed).batches(batch_size),
+            seed=seed,
+            threads=threads,
+            progress=(lambda done, total: bar.update(task, completed=done, total=total))
+            if show_progress
+            else None,
+        )
+    log.info(result.summary())
+    return result.ranges
 
 
 def upgrade_opset(model: onnx.ModelProto, target: int = 13) -> onnx.ModelProto:
