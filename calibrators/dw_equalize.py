@@ -32,7 +32,7 @@ log = logging.getLogger(__name__)
 
 MIN_SCALE = 1e-4  # a channel near zero is not blown up further than this (its values are noise)
 SAMPLES = 32  # calibration samples the channel maxima are measured on
-MIN_SPREAD = 4.0  # equalize only where the largest channel max is this many times the median one
+MIN_SPREAD = 2.0  # equalize only where the largest channel max is this many times the median one
 SUFFIX = ".dw_equalized"
 
 
