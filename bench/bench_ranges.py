@@ -1,10 +1,10 @@
 """Activation-range methods side by side in one run, on the same models, data and threads:
 
 trtbuild mse (the default) and output-aware (calibrators/output_aware.py), each with and without
-depthwise input equalization (calibrators/dw_equalize.py) where the model has depthwise convs, and entropy, vs ONNX
-Runtime quantize_static (Entropy, MinMax; QDQ per-channel) and NVIDIA ModelOpt 0.47 (entropy, max; its own
-venv, bench/modelopt_quantize.py). Every graph is judged with reference Q/DQ semantics against FP32 on
-held-out samples the calibration never saw:
+depthwise input equalization (calibrators/dw_equalize.py) where the model has depthwise convs, and
+entropy, vs ONNX Runtime quantize_static (Entropy, MinMax; QDQ per-channel) and NVIDIA ModelOpt 0.47
+(entropy, max; its own venv, bench/modelopt_quantize.py). Every graph is judged with reference Q/DQ
+semantics against FP32 on held-out samples the calibration never saw:
 
 * PP-OCRv4 text detector (DBNet): 32 calibration / 64 held-out images, half crops of the real scanned page
   in scikit-image, half real sentences (this repository's docs) rendered with PIL's DejaVu fonts; output
@@ -237,6 +237,7 @@ def main() -> None:
                 f"{wall:.1f}",
                 "-" if cpu != cpu else f"{cpu:.1f}",
             )
+        console.print(table)  # after every model, so a long run shows what it has
     console.print(table)
     console.print(f"total wall time {time.perf_counter() - started:.0f} s, CPU {time.process_time():.0f} s")
 
