@@ -80,7 +80,7 @@ def test_refinement_is_deterministic_for_a_seed(det: dict) -> None:
     args = (det["model"], det["base"], det["plan"], det["stats"], det["calib"])
     again = output_aware.refine(*args, samples=SAMPLES, rows=ROWS)
     assert again.scored == det["result"].scored
-    assert again.ranges.to_json() == det["result"].ranges.to_json()
+    assert again.ranges.to_json()["tensors"] == det["result"].ranges.to_json()["tensors"]
 
 
 def test_equalized_depthwise_inputs_keep_the_float_function(det: dict) -> None:
