@@ -63,6 +63,7 @@ class OutputFidelity:
     err_over_range: float = 0.0  # max |fp32 - int8| / (max - min of fp32)
     top1_interval: tuple[float, float] | None = None  # Wilson 95% interval of top-1 agreement
     cosine_interval: tuple[float, float] | None = None  # t 95% interval of the mean cosine
+    iou: float | None = None  # prob_map outputs: mean IoU of the maps thresholded at 0.3
 
     def measured(self, metric: str) -> float | None:
         return {
@@ -71,6 +72,7 @@ class OutputFidelity:
             "sqnr": self.sqnr_db,
             "kl": self.kl,
             "err": self.err_over_range,
+            "iou": self.iou,
         }[metric]
 
     def bounds(self, threshold: FidelityThreshold) -> dict[str, float]:
@@ -215,6 +217,7 @@ def compare_output(
             kl = metrics.kl_divergence(np.exp(ref.astype(np.float64)), np.exp(test.astype(np.float64)))
         else:
             kl = metrics.kl_divergence(np.clip(ref, 0, 1), np.clip(test, 0, 1))
+    iou = metrics.map_iou(ref, test) if kind.kind == "prob_map" else None
     return OutputFidelity(
         name,
         float(cos.mean()),
@@ -227,6 +230,7 @@ def compare_output(
         metrics.error_over_range(ref, test),
         top1_interval,
         gate_stats.mean_interval(cos),
+        iou,
     )
 
 

@@ -4,8 +4,9 @@ Forms of ``--min-fidelity`` (repeatable):
 - ``99%`` or ``0.99``: top-1 agreement for classification/probability outputs and cosine for all others.
 - ``top1=0.98,cosine=0.995``: the two defaults separately.
 - ``NAME:METRIC=VALUE[,METRIC=VALUE...]``: bounds for one output, replacing its defaults; metrics are
-  ``top1`` and ``cosine`` (minimum, 0..1 or a percentage), ``sqnr`` (minimum, dB), ``kl`` (maximum) and
-  ``err`` (maximum |error| over the output's value range). An output name may contain ``:`` (the last
+  ``top1`` and ``cosine`` (minimum, 0..1 or a percentage), ``sqnr`` (minimum, dB), ``kl`` (maximum),
+  ``err`` (maximum |error| over the output's value range) and ``iou`` (minimum IoU of a prob_map output
+  thresholded at 0.3). An output name may contain ``:`` (the last
   one before the first ``=`` separates it).
 """
 
@@ -25,8 +26,9 @@ METRICS: dict[str, tuple[str, str]] = {
     "sqnr": ("min", "SQNR dB"),
     "kl": ("max", "KL"),
     "err": ("max", "max error / range"),
+    "iou": ("min", "map IoU@0.3"),  # prob_map outputs only (trtbuild/core/metrics.py map_iou)
 }
-FRACTION_METRICS = ("top1", "cosine")
+FRACTION_METRICS = ("top1", "cosine", "iou")
 TOP1_KINDS = ("classification", "probability")  # kinds judged by top-1 agreement by default
 _FIX = "pass e.g. 99%, 0.99, top1=0.98,cosine=0.995 or OUTPUT:cosine=0.995"
 

@@ -8,6 +8,8 @@
   judged by top-1 unless they are probabilities.
 - ``embedding``: a pooled or L2-normalised [N, D] vector (ReduceMean/LpNormalization/Div by a norm, or
   rows of unit length): cosine, SQNR, error over range.
+- ``prob_map``: a Sigmoid output with spatial axes ([N, C, H, W]: a segmentation or text-detector
+  probability map): cosine, and the IoU of the map thresholded at 0.3 (``NAME:iou=0.92`` gates it).
 - ``regression``: everything else (boxes, landmarks, depth, raw detector maps): cosine, SQNR, error over
   range.
 
@@ -25,7 +27,7 @@ import onnx
 
 from trtbuild.core.errors import TrtbuildError
 
-KINDS = ("classification", "probability", "regression", "embedding")
+KINDS = ("classification", "probability", "regression", "embedding", "prob_map")
 MIN_CLASSES = 10
 
 _PASS_THROUGH = {"Identity", "Reshape", "Flatten", "Squeeze", "Unsqueeze", "Cast", "Add"}
@@ -79,6 +81,8 @@ def decide(
     if override is not None:
         return OutputKind(override, "set by --output-kind")
     op = None if model is None else _producer_op(model, name)
+    if op == "Sigmoid" and reference is not None and np.ndim(reference) >= 4:
+        return OutputKind("prob_map", "Sigmoid map over spatial axes")
     if op in _PROBABILITY_OPS:
         return OutputKind("probability", f"{op} output", log_probabilities=op == "LogSoftmax")
     ref = None if reference is None else np.asarray(reference, np.float64)

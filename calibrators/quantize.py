@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import logging
 import shutil
+from collections.abc import Mapping
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
@@ -18,12 +19,14 @@ import onnx
 
 from calibrators import (
     adaround,
+    dw_equalize,
     fidelity,
     fp8,
     gate_stats,
     layer_cost,
     layer_report,
     ort_cpu,
+    output_aware,
     output_kinds,
     qdq_mixed,
     report_html,
@@ -176,6 +179,10 @@ def quantize(
     writes a graph for ONNX Runtime's CPU kernels on ``ort_cpu_kind`` (``auto``: this machine), with the
     weight format that does not saturate there (``ort_weights``, calibrators/ort_cpu.py), judged by what
     ORT really runs.
+    ``method``: a range method of calibrators/methods.py, or "output-aware" (calibrators/output_aware.py:
+    mse ranges, each then set to the candidate with the least error at its consumer layers' outputs; int8).
+    ``equalize_depthwise``: equalize the input channels of depthwise convs whose channel ranges differ
+    (calibrators/dw_equalize.py; a per-channel Mul before the conv, its weights scaled to match).
     ``ranges``: use these activation ranges instead of calibrating (e.g. the ones QAT learned); the data
     then only supplies the held-out samples of the gate.
     ``smooth_quant``: "auto", "on" or "off": SmoothQuant on MatMul/Gemm activation inputs with outlier
@@ -235,6 +242,10 @@ def quantize(
         )
         if smoothing.smoothed:  # a duplicated LayerNorm adds a tensor to quantize
             tensors = tensors_to_collect(model, s.exclude, s.exclude_op_types)
+        if s.equalize_depthwise:
+            measured = calib.sample(dw_equalize.SAMPLES, s.seed).batches(s.batch_size)
+            model, _ = dw_equalize.equalize_depthwise(model, measured, s.threads)
+            tensors = tensors_to_collect(model, s.exclude, s.exclude_op_types)
         calibrated = 0
         stats: dict[str, Any] = {}  # histograms for the report's range plots (none with given ranges)
         fp8_ranges = ranges if mixed else None  # given ranges serve both grids
@@ -248,14 +259,25 @@ def quantize(
                 seed=s.seed,
                 show_progress=show_progress,
             )
+            aware = s.method == output_aware.METHOD
+            base = output_aware.BASE_METHOD if aware else s.method
             ranges = compute_ranges(
-                collection,
-                s.method,
-                percentile=s.percentile,
-                grid=FP8 if s.activation_type == FP8 else "int8",
+                collection, base, percentile=s.percentile, grid=FP8 if s.activation_type == FP8 else "int8"
             )
             if mixed:
-                fp8_ranges = compute_ranges(collection, s.method, percentile=s.percentile, grid=FP8)
+                fp8_ranges = compute_ranges(collection, base, percentile=s.percentile, grid=FP8)
+            if aware:
+                ranges = _output_aware(
+                    model,
+                    ranges,
+                    options,
+                    collection.stats,
+                    calib,
+                    s.seed,
+                    s.batch_size,
+                    s.threads,
+                    show_progress,
+                )
             calibrated = collection.samples
             stats = collection.stats
         ranges.meta.update(
@@ -371,6 +393,36 @@ def _learn(
             threads,
             advance,
         )
+
+
+def _output_aware(
+    model: onnx.ModelProto,
+    ranges: RangeSet,
+    options: QdqOptions,
+    stats: Mapping[str, Any],
+    calib: Any,
+    seed: int,
+    batch_size: int,
+    threads: int | None,
+    show_progress: bool,
+) -> RangeSet:
+    """The base ranges refined by the error at each activation's consumer layers (with a progress bar)."""
+    with console.progress(transient=True) as bar:
+        task = bar.add_task("output-aware ranges", total=None)
+        result = output_aware.refine(
+            model,
+            ranges,
+            plan_qdq(model, ranges, options),
+            stats,
+            calib.sample(output_aware.DEFAULT_SAMPLES, seed).batches(batch_size),
+            seed=seed,
+            threads=threads,
+            progress=(lambda done, total: bar.update(task, completed=done, total=total))
+            if show_progress
+            else None,
+        )
+    log.info(result.summary())
+    return result.ranges
 
 
 def upgrade_opset(model: onnx.ModelProto, target: int = 13) -> onnx.ModelProto:

@@ -12,7 +12,7 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, fields
 from typing import Any
 
-from calibrators import adaround, fallback_ranking, smoothquant
+from calibrators import adaround, fallback_ranking, output_aware, smoothquant
 from calibrators.collect import DEFAULT_BATCH_SIZE
 from calibrators.fallback import DEFAULT_MAX_FLOAT_COMPUTE
 from calibrators.fidelity import FidelityThreshold
@@ -31,7 +31,7 @@ class QuantizeSettings:
     """How to calibrate, place Q/DQ, judge and fall back. See :func:`calibrators.quantize.quantize`."""
 
     # calibration (the same names as calibrators.calibrate.CalibrationSettings)
-    method: str = DEFAULT_METHOD
+    method: str = DEFAULT_METHOD  # or "output-aware" (calibrators/output_aware.py: int8 only)
     percentile: float = DEFAULT_PERCENTILE
     samples: int | None = None  # a seeded random subset of the calibration split; None: all of it
     seed: int = 0
@@ -39,6 +39,8 @@ class QuantizeSettings:
     threads: int | None = None  # ONNX Runtime intra-op threads; None: all cores
     preprocess: Preprocess | None = None
     exclude: tuple[str, ...] = ()  # regexes of node names kept float
+    # per-channel equalization of depthwise-conv inputs whose channel ranges differ (dw_equalize.py)
+    equalize_depthwise: bool = False
     exclude_op_types: tuple[str, ...] = ()
     # what is written
     activation_type: str = "int8"  # int8 (TensorRT), fp8 (TensorRT E4M3), uint8 (ONNX Runtime CPU)
@@ -69,7 +71,12 @@ class QuantizeSettings:
         # Lists from callers become tuples, so settings stay immutable.
         object.__setattr__(self, "exclude", tuple(self.exclude))
         object.__setattr__(self, "exclude_op_types", tuple(self.exclude_op_types))
-        _one_of("calibration method", self.method, METHODS)
+        _one_of("calibration method", self.method, (*METHODS, output_aware.METHOD))
+        if self.method == output_aware.METHOD and self.activation_type != "int8":
+            raise TrtbuildError(
+                f"--method {output_aware.METHOD} scores int8 ranges, not {self.activation_type} ones",
+                "use --method mse for uint8/fp8 graphs",
+            )
         _one_of("precision", self.activation_type, QDQ_TYPES)
         _one_of("rounding", self.rounding, adaround.ROUNDINGS)
         _one_of("--smooth-quant mode", self.smooth_quant, smoothquant.MODES)

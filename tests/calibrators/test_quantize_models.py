@@ -162,8 +162,7 @@ def test_detector_quantizes_runs_int8_and_meets_gate_with_fallback(
     assert result.passed and result.fidelity.outputs[0].cosine >= 0.95
     assert result.fidelity.outputs[0].top1_agreement is None  # a probability map is judged by cosine
     assert (
-        result.fidelity.outputs[0].kind == "probability"
-        and "Sigmoid" in result.fidelity.outputs[0].kind_reason
+        result.fidelity.outputs[0].kind == "prob_map" and "Sigmoid" in result.fidelity.outputs[0].kind_reason
     )
     assert result.fallback is None or result.fallback.float_compute < 0.5  # mostly INT8 by compute
     excluded = {e.node: e.reason for e in result.plan.excluded}

@@ -19,6 +19,7 @@ from calibrators.int4 import DEFAULT_BLOCK_SIZE
 from calibrators.layer_report import WORST
 from calibrators.methods import METHODS
 from calibrators.ort_cpu import WEIGHT_CHOICES
+from calibrators.output_aware import METHOD as OUTPUT_AWARE
 from calibrators.preprocess import Preprocess
 from calibrators.qdq import ACTIVATION_TYPES
 from calibrators.quantize import FidelityGateError, QuantizeResult, quantize
@@ -91,7 +92,20 @@ def _worst_table(result: QuantizeResult) -> Table:
     show_default=True,
     help="int4-weights: awq (activation-aware scales + clip), gptq (Hessian error compensation), rtn.",
 )
-@click.option("--method", type=click.Choice(list(METHODS)), default=Q.method, show_default=True)
+@click.option(
+    "--method",
+    type=click.Choice([*METHODS, OUTPUT_AWARE]),
+    default=Q.method,
+    show_default=True,
+    help=f"Activation ranges: a histogram method, or {OUTPUT_AWARE} (each range chosen by the error at "
+    "the outputs of the layers that read it; int8; docs/output-aware-ranges.md).",
+)
+@click.option(
+    "--equalize-depthwise",
+    is_flag=True,
+    help="Equalize the input channels of depthwise convs whose channel ranges differ (a per-channel Mul "
+    "before the conv, its weights scaled to match; exact in float). Helps LCNet/MobileNet-style models.",
+)
 @click.option(
     "--percentile",
     type=float,
@@ -119,7 +133,7 @@ def _worst_table(result: QuantizeResult) -> Table:
 @click.option(
     "--output-kind",
     multiple=True,
-    help="What an output is, NAME=classification|probability|regression|embedding (repeatable); "
+    help="What an output is, NAME=classification|probability|regression|embedding|prob_map (repeatable); "
     "decides how the gate judges it (default: from the graph and the values, shown in the table).",
 )
 @click.option(
@@ -227,6 +241,7 @@ def quantize_command(
     int4_algorithm: str,
     method: str,
     percentile: float,
+    equalize_depthwise: bool,
     samples: int | None,
     holdout: int | None,
     min_fidelity: tuple[str, ...],
@@ -300,6 +315,7 @@ def quantize_command(
     settings = QuantizeSettings(
         method=method,
         percentile=percentile,
+        equalize_depthwise=equalize_depthwise,
         samples=samples,
         holdout=holdout,
         min_fidelity=threshold,

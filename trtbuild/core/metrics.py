@@ -73,3 +73,17 @@ def kl_divergence(p: np.ndarray, q: np.ndarray, eps: float = 1e-12) -> float:
     """Mean over samples of KL(p || q) for probability rows (last axis)."""
     p64, q64 = np.asarray(p, np.float64), np.asarray(q, np.float64)
     return float(np.mean(np.sum(p64 * (np.log(p64 + eps) - np.log(q64 + eps)), axis=-1)))
+
+
+PROB_MAP_THRESHOLD = 0.3  # DBNet's binarization threshold for its probability map
+
+
+def map_iou(reference: np.ndarray, candidate: np.ndarray, threshold: float = PROB_MAP_THRESHOLD) -> float:
+    """Mean over samples of the IoU of the two maps thresholded at ``threshold`` (> threshold is "on"), as
+    a segmentation/text detector binarizes its probability map; a sample empty in both counts as 1."""
+    r, c = _rows(reference) > threshold, _rows(candidate) > threshold
+    if r.shape != c.shape:
+        raise ValueError(f"shapes differ: {reference.shape} vs {candidate.shape}")
+    inter = (r & c).sum(axis=1)
+    union = (r | c).sum(axis=1)
+    return float(np.where(union > 0, inter / np.maximum(union, 1), 1.0).mean())
