@@ -21,6 +21,7 @@ from calibrators.preprocess import Preprocess
 from calibrators.qdq_types import QDQ_TYPES
 from trtbuild.core.defaults import DEFAULT_TRT_VERSION
 from trtbuild.core.errors import TrtbuildError
+from trtbuild.core.settings import with_overrides
 
 FALLBACK_STRATEGIES = ("auto", "drop_one", "local")
 FALLBACK_PRECISIONS = ("float", "fp8")
@@ -96,12 +97,7 @@ class QuantizeSettings:
     @classmethod
     def from_overrides(cls, base: QuantizeSettings | None, overrides: Mapping[str, Any]) -> QuantizeSettings:
         """``base`` (or the defaults) with ``overrides`` applied; an unknown name is a programming error."""
-        known = {f.name for f in fields(cls)}
-        unknown = sorted(set(overrides) - known)
-        if unknown:
-            raise TypeError(f"unknown quantize setting(s): {', '.join(unknown)}")
-        values = {f.name: getattr(base, f.name) for f in fields(cls)} if base is not None else {}
-        return cls(**{**values, **overrides})
+        return with_overrides(cls, base, overrides, "quantize")
 
     def to_json(self) -> dict[str, Any]:
         """The settings as plain values, for the fidelity report."""

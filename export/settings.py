@@ -7,7 +7,7 @@ the Python API takes it as ``export_model(source, inputs, out, settings)`` or as
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass, fields
+from dataclasses import dataclass
 from typing import Any
 
 from export.meta import DEFAULT_MAX_BATCH
@@ -15,6 +15,7 @@ from export.prepare import EXTERNAL_DATA_THRESHOLD
 from export.verify import DEFAULT_INT_HIGH
 from trtbuild.core.defaults import EXPORT_ATOL, EXPORT_RTOL, PREPARE_ATOL, PREPARE_RTOL
 from trtbuild.core.errors import TrtbuildError
+from trtbuild.core.settings import with_overrides
 
 DEFAULT_OPSET = 17  # for PyTorch sources; an ONNX source keeps its opset unless it is older than 13
 
@@ -52,8 +53,4 @@ class ExportSettings:
     @classmethod
     def from_overrides(cls, base: ExportSettings | None, overrides: Mapping[str, Any]) -> ExportSettings:
         """``base`` (or the defaults) with ``overrides`` applied; an unknown name is a programming error."""
-        unknown = sorted(set(overrides) - {f.name for f in fields(cls)})
-        if unknown:
-            raise TypeError(f"unknown export setting(s): {', '.join(unknown)}")
-        values = {f.name: getattr(base, f.name) for f in fields(cls)} if base is not None else {}
-        return cls(**{**values, **overrides})
+        return with_overrides(cls, base, overrides, "export")

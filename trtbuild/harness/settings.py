@@ -8,11 +8,12 @@ settings are made, before any model is loaded.
 from __future__ import annotations
 
 from collections.abc import Mapping
-from dataclasses import dataclass, fields
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from trtbuild.core.errors import TrtbuildError
+from trtbuild.core.settings import with_overrides
 from trtbuild.harness.cuda_backend import BACKENDS
 
 RUNTIMES = ("auto", "ort", "torch", "trt")
@@ -70,11 +71,7 @@ class ProfileSettings:
     @classmethod
     def from_overrides(cls, base: ProfileSettings | None, overrides: Mapping[str, Any]) -> ProfileSettings:
         """``base`` (or the defaults) with ``overrides`` applied; an unknown name is a programming error."""
-        unknown = sorted(set(overrides) - {f.name for f in fields(cls)})
-        if unknown:
-            raise TypeError(f"unknown profile setting(s): {', '.join(unknown)}")
-        values = {f.name: getattr(base, f.name) for f in fields(cls)} if base is not None else {}
-        return cls(**{**values, **overrides})
+        return with_overrides(cls, base, overrides, "profile")
 
     def to_json(self) -> dict[str, Any]:
         """The settings as the report records them."""
