@@ -161,10 +161,13 @@ class FidelityReport:
                 ]
             ),
         )
-        columns = ("output", "kind", "gate", "top-1", "KL", "cosine", "min cos", "SQNR dB", "err/range", "")
-        for col in columns:
+        maps = any(o.iou is not None for o in self.outputs)  # detector probability maps: IoU column
+        columns = ("output", "kind", "gate", "top-1", "KL", "cosine", "min cos", "SQNR dB", "err/range")
+        iou_column = (f"IoU@{metrics.PROB_MAP_THRESHOLD:g}",) if maps else ()
+        for col in (*columns, *iou_column, ""):
             table.add_column(col, justify="left" if col in ("output", "kind", "gate") else "right")
         for o in self.outputs:
+            iou = ("-" if o.iou is None else f"{o.iou:.4f}",) if maps else ()
             table.add_row(
                 o.name,
                 o.kind,
@@ -177,6 +180,7 @@ class FidelityReport:
                 f"{o.min_cosine:.5f}",
                 f"{o.sqnr_db:.1f}",
                 f"{o.err_over_range:.2%}",
+                *iou,
                 "[green]pass[/green]" if o.passes(self.threshold) else "[red]FAIL[/red]",
             )
         return table

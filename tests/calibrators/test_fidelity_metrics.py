@@ -202,3 +202,20 @@ def test_one_metric_definition_zero_outputs_never_pass() -> None:
             Path(tmp) / "a.onnx", Path(tmp) / "b.onnx", {"x": np.array([[1, 2, 3]], np.float32)}
         )
     assert check.cosine_min == 0.0 and not check.passed
+
+
+def test_gate_table_shows_the_probability_map_iou() -> None:
+    """A detector's probability map is judged by IoU of the thresholded maps; the table shows it."""
+    rng = np.random.default_rng(0)
+    ref = 1 / (1 + np.exp(-4 * rng.standard_normal((2, 1, 32, 32)).astype(np.float32)))
+    test = np.clip(ref + 0.05 * rng.standard_normal(ref.shape).astype(np.float32), 0, 1)
+    kinds = {"maps": OutputKind("prob_map", "test"), "logits": OutputKind("regression", "test")}
+    report = compare(
+        {"maps": ref, "logits": ref[:, 0, 0]}, {"maps": test, "logits": test[:, 0, 0]}, kinds=kinds
+    )
+    console = Console(width=250, record=True)
+    console.print(report.table())
+    text = console.export_text()
+    maps = report.outputs[[o.name for o in report.outputs].index("maps")]
+    assert maps.iou is not None and 0.5 < maps.iou < 1.0
+    assert "IoU@0.3" in text and f"{maps.iou:.4f}" in text
