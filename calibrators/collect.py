@@ -24,7 +24,7 @@ from calibrators.preprocess import Preprocess
 from calibrators.qdq_select import quantizable_activations
 from trtbuild.core import console
 from trtbuild.core.errors import TrtbuildError
-from trtbuild.core.onnx_file import load_model_file
+from trtbuild.core.onnx_file import constants_to_initializers, load_model_file
 
 log = logging.getLogger(__name__)
 
@@ -164,9 +164,17 @@ def _raise_first_error(pending: Sequence[Future[tuple[str, str] | None]], sample
 
 
 def load_model(model: str | Path | onnx.ModelProto) -> onnx.ModelProto:
-    if isinstance(model, onnx.ModelProto):
-        return model
-    return load_model_file(model)
+    """The model with Constant-node weights (third-party exporters write them) moved into initializers,
+    where Q/DQ placement and calibration look for weights; a given proto is copied, not changed."""
+    proto = model if isinstance(model, onnx.ModelProto) else load_model_file(model)
+    if any(n.op_type == "Constant" for n in proto.graph.node):
+        if proto is model:
+            proto = onnx.ModelProto()
+            proto.CopyFrom(model)
+        moved = constants_to_initializers(proto.graph)
+        if moved:
+            log.info("%d Constant nodes moved into initializers (weights Q/DQ can quantize)", moved)
+    return proto
 
 
 def collect(

@@ -16,11 +16,10 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import onnx
-from onnx import numpy_helper
 
 from trtbuild.core.errors import TrtbuildError
+from trtbuild.core.onnx_file import constants_to_initializers
 
 MIN_OPSET = 13
 UPGRADE_OPSET = 17  # what an older third-party graph is upgraded to unless asked otherwise
@@ -133,40 +132,6 @@ def _convert_opset(model: onnx.ModelProto, target: int, label: str) -> onnx.Mode
         onnx.helper.find_min_ir_version_for([o for o in converted.opset_import], ignore_unknown=True),
     )
     return converted
-
-
-def constants_to_initializers(graph: onnx.GraphProto) -> int:
-    """Move top-level Constant nodes that hold tensors into initializers (TensorRT and the quantizers
-    look for weights there). Subgraph constants stay: they belong to their Loop/If body."""
-    outputs = {o.name for o in graph.output}
-    keep, moved = [], 0
-    for node in graph.node:
-        tensor = (
-            _constant_value(node) if node.op_type == "Constant" and node.domain in ("", "ai.onnx") else None
-        )
-        if tensor is None or node.output[0] in outputs:
-            keep.append(node)
-            continue
-        tensor.name = node.output[0]
-        graph.initializer.append(tensor)
-        moved += 1
-    if moved:
-        del graph.node[:]
-        graph.node.extend(keep)
-    return moved
-
-
-def _constant_value(node: onnx.NodeProto) -> onnx.TensorProto | None:
-    for attr in node.attribute:
-        if attr.name == "value":
-            tensor = onnx.TensorProto()
-            tensor.CopyFrom(attr.t)
-            return tensor
-        if attr.name in ("value_float", "value_int", "value_floats", "value_ints"):
-            value = onnx.helper.get_attribute_value(attr)
-            dtype = np.float32 if "float" in attr.name else np.int64
-            return numpy_helper.from_array(np.asarray(value, dtype=dtype))
-    return None  # sparse or string constants stay nodes
 
 
 def drop_wrong_output_shapes(model: onnx.ModelProto) -> list[str]:

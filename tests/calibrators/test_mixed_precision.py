@@ -169,3 +169,51 @@ def test_cli_refuses_int8_fp8_for_ort_cpu(effnet_onnx: Path, capsys: pytest.Capt
         capsys,
     )
     assert code == 2 and "mixed INT8/FP8 graphs are for TensorRT" in err and "Traceback" not in err
+
+
+def test_cli_int8_fp8_on_a_third_party_file(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """Opset 12, weights as Constant nodes, names with spaces/slashes/colons, a fixed batch of 1: the
+    weights are found (moved into initializers), quantized, and the run writes its set."""
+    from onnx import TensorProto, helper, numpy_helper
+
+    rng = np.random.default_rng(0)
+    w1 = numpy_helper.from_array((rng.standard_normal((64, 64)) / 8).astype(np.float32))
+    w2 = numpy_helper.from_array((rng.standard_normal((64, 16)) / 8).astype(np.float32))
+    graph = helper.make_graph(
+        [
+            helper.make_node("Constant", [], ["W 1"], value=w1),
+            helper.make_node("Constant", [], ["w2/x:0"], value=w2),
+            helper.make_node("MatMul", ["in:0", "W 1"], ["h"], name="mm/1"),
+            helper.make_node("Relu", ["h"], ["r"]),
+            helper.make_node("MatMul", ["r", "w2/x:0"], ["out:0"], name="mm/2"),
+        ],
+        "third party",
+        [helper.make_tensor_value_info("in:0", TensorProto.FLOAT, [1, 8, 64])],
+        [helper.make_tensor_value_info("out:0", TensorProto.FLOAT, [1, 8, 16])],
+    )
+    model = tmp_path / "third.onnx"
+    onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 12)]), model)
+    x = np.random.default_rng(1).standard_normal((64, 8, 64)).astype(np.float32)
+    np.save(tmp_path / "data.npy", x)
+    code, out, err = run_cli(
+        [
+            "quantize",
+            str(model),
+            "--data",
+            str(tmp_path / "data.npy"),
+            "--precision",
+            "int8,fp8",
+            "--holdout",
+            "16",
+            "--min-fidelity",
+            "cosine=0.99",
+            "--output-kind",
+            "out:0=regression",
+            "--json",
+        ],
+        capsys,
+    )
+    assert code == 0, err
+    written = onnx.load(str(tmp_path / "third.int8.onnx"))
+    assert sum(i.data_type == onnx.TensorProto.INT8 for i in written.graph.initializer) >= 2  # both weights
+    assert not any(n.op_type == "Constant" for n in written.graph.node)

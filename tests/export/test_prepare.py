@@ -18,8 +18,8 @@ from onnx import TensorProto, helper, numpy_helper
 
 from export.meta import load_export_meta, model_input_specs
 from export.pipeline import prepare_onnx
-from export.prepare import constants_to_initializers
 from trtbuild.core.errors import TrtbuildError
+from trtbuild.core.onnx_file import constants_to_initializers
 
 REPO = Path(__file__).resolve().parents[2]
 DDDDOCR_WHEEL = "ddddocr-1.6.1-py3-none-any.whl"  # ships common.onnx: a CNN+LSTM OCR model, opset 12

@@ -7,7 +7,9 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
+import numpy as np
 import onnx
+from onnx import numpy_helper
 
 from trtbuild.core.errors import TrtbuildError
 
@@ -87,3 +89,37 @@ def convert_opset(model: onnx.ModelProto, target: int) -> onnx.ModelProto:
     needed = onnx.helper.find_min_ir_version_for([onnx.helper.make_opsetid("", target)])
     converted.ir_version = max(converted.ir_version, needed)
     return converted
+
+
+def constants_to_initializers(graph: onnx.GraphProto) -> int:
+    """Move top-level Constant nodes that hold tensors into initializers (TensorRT and the quantizers
+    look for weights there). Subgraph constants stay: they belong to their Loop/If body."""
+    outputs = {o.name for o in graph.output}
+    keep, moved = [], 0
+    for node in graph.node:
+        tensor = (
+            _constant_value(node) if node.op_type == "Constant" and node.domain in ("", "ai.onnx") else None
+        )
+        if tensor is None or node.output[0] in outputs:
+            keep.append(node)
+            continue
+        tensor.name = node.output[0]
+        graph.initializer.append(tensor)
+        moved += 1
+    if moved:
+        del graph.node[:]
+        graph.node.extend(keep)
+    return moved
+
+
+def _constant_value(node: onnx.NodeProto) -> onnx.TensorProto | None:
+    for attr in node.attribute:
+        if attr.name == "value":
+            tensor = onnx.TensorProto()
+            tensor.CopyFrom(attr.t)
+            return tensor
+        if attr.name in ("value_float", "value_int", "value_floats", "value_ints"):
+            value = onnx.helper.get_attribute_value(attr)
+            dtype = np.float32 if "float" in attr.name else np.int64
+            return numpy_helper.from_array(np.asarray(value, dtype=dtype))
+    return None  # sparse or string constants stay nodes
