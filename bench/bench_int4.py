@@ -8,14 +8,16 @@ is judged on the same held-out sentences in reference semantics (exact dequantiz
 mean per-sentence cosine of the embedding against FP32. ModelOpt runs from `.venv-modelopt`
 (bench/modelopt_int4.py); a mode that fails there is recorded with its reason.
 
-Memory: weights as the plan counts them vs the ONNX file size; weights + activation peak at one shape vs
-the activations ONNX Runtime really allocates: in a fresh process, a session with graph optimizations,
-the CPU arena and memory patterns off (ORT allocates what the graph says, and frees it: large blocks go
-back to the OS) runs once at a tiny shape, then the peak-RSS mark is reset (/proc/self/clear_refs) and the
-measured run's VmHWM minus the VmRSS before it is the activation peak ORT needed. Weights are checked
-against the file size, activations against this; ORT's own load-time copies of the model are not counted.
+Memory: weights as the plan counts them vs the ONNX file size; the activation peak at one shape by both
+runtime models (tensorrt: what plans show; onnxruntime: ORT's order, Where temporaries, dequantized weights)
+vs the activations ONNX Runtime really allocates: in a fresh process, a session with graph optimizations,
+the CPU arena and memory patterns off runs once at a tiny shape, then the peak-RSS mark is reset
+(/proc/self/clear_refs), the inputs are made, and the measured run's VmHWM minus the VmRSS before it is
+the peak ORT needed. glibc's mmap threshold is pinned at 128 KiB so freed tensor blocks go back to the OS
+(the default, dynamic threshold is printed too: it keeps freed blocks and varies run to run). MiniLM FP32
+and INT4 (RTN) at 8 x 128 tokens, EfficientNet-Lite0 FP32 and INT8 Q/DQ (bench_quantize.py's) at batch 8.
 
-    python3 bench/bench_int4.py [--samples 64] [--holdout 32] [--threads 2]
+    python3 bench/bench_int4.py [--samples 64] [--holdout 32] [--threads 2] [--memory-only]
 """
 
 from __future__ import annotations

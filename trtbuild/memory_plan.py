@@ -228,10 +228,10 @@ def activation_peak(
             return 0
         # ORT's Where broadcasts (condition, X) and (condition, Y) into two temporaries, then merges them.
         out = size(node.output[0])
-        shapes = [dims(x) for x in node.input]
-        if any(d is None for d in shapes) or not out:
+        in_dims = [dims(x) for x in node.input]
+        if any(d is None for d in in_dims) or not out:
             return 2 * out
-        cond, x, y = (d or [] for d in shapes)
+        cond, x, y = (d or [] for d in in_dims)
         numel = math.prod(dims(node.output[0]) or [1])
         return sum(out * math.prod(np.broadcast_shapes(tuple(cond), tuple(v))) // numel for v in (x, y))
 
