@@ -8,14 +8,16 @@ is judged on the same held-out sentences in reference semantics (exact dequantiz
 mean per-sentence cosine of the embedding against FP32. ModelOpt runs from `.venv-modelopt`
 (bench/modelopt_int4.py); a mode that fails there is recorded with its reason.
 
-Memory: weights as the plan counts them vs the ONNX file size; weights + activation peak at one shape vs
-the activations ONNX Runtime really allocates: in a fresh process, a session with graph optimizations,
-the CPU arena and memory patterns off (ORT allocates what the graph says, and frees it: large blocks go
-back to the OS) runs once at a tiny shape, then the peak-RSS mark is reset (/proc/self/clear_refs) and the
-measured run's VmHWM minus the VmRSS before it is the activation peak ORT needed. Weights are checked
-against the file size, activations against this; ORT's own load-time copies of the model are not counted.
+Memory: weights as the plan counts them vs the ONNX file size; the activation peak at one shape by both
+runtime models (tensorrt: what plans show; onnxruntime: ORT's order, Where temporaries, dequantized weights)
+vs the activations ONNX Runtime really allocates: in a fresh process, a session with graph optimizations,
+the CPU arena and memory patterns off runs once at a tiny shape, then the peak-RSS mark is reset
+(/proc/self/clear_refs), the inputs are made, and the measured run's VmHWM minus the VmRSS before it is
+the peak ORT needed. glibc's mmap threshold is pinned at 128 KiB so freed tensor blocks go back to the OS
+(the default, dynamic threshold is printed too: it keeps freed blocks and varies run to run). MiniLM FP32
+and INT4 (RTN) at 8 x 128 tokens, EfficientNet-Lite0 FP32 and INT8 Q/DQ (bench_quantize.py's) at batch 8.
 
-    python3 bench/bench_int4.py [--samples 64] [--holdout 32] [--threads 2]
+    python3 bench/bench_int4.py [--samples 64] [--holdout 32] [--threads 2] [--memory-only]
 """
 
 from __future__ import annotations
@@ -23,6 +25,7 @@ from __future__ import annotations
 import argparse
 import importlib
 import json
+import os
 import re
 import subprocess
 import sys
@@ -87,24 +90,24 @@ MODULES = [
 SEQ = 32
 
 _RSS_PROBE = """
-import sys, numpy as np, onnxruntime as ort
+import json, sys, numpy as np, onnxruntime as ort
 def status(key):
     for line in open("/proc/self/status"):
         if line.startswith(key):
             return int(line.split()[1]) * 1024
-def feeds(b, s):
-    return {"input_ids": np.ones((b, s), np.int64), "attention_mask": np.ones((b, s), np.int64)}
-big = feeds(%d, %d)
+def feeds(spec, index):
+    return {name: np.ones(shapes[index], dtype) for name, (dtype, shapes) in spec.items()}
+spec = json.loads(sys.argv[2])
 options = ort.SessionOptions()
 options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
 options.enable_cpu_mem_arena = False
 options.enable_mem_pattern = False
 options.intra_op_num_threads = 1
 session = ort.InferenceSession(sys.argv[1], options, providers=["CPUExecutionProvider"])
-session.run(None, feeds(1, 8))  # warm: kernels and their scratch exist before the measured run
+session.run(None, feeds(spec, 0))  # warm: kernels and their scratch exist before the measured run
 before = status("VmRSS:")
 open("/proc/self/clear_refs", "w").write("5")  # reset the peak-RSS mark (Linux)
-session.run(None, big)
+session.run(None, feeds(spec, 1))  # the inputs are made after the mark: the plan counts them too
 print(status("VmHWM:") - before)
 """
 
@@ -159,10 +162,64 @@ def matmul_weight_bytes(path: Path) -> int:
     return int(total)
 
 
-def rss_delta(path: Path, batch: int, seq: int) -> int:
-    probe = _RSS_PROBE % (batch, seq)
-    out = subprocess.run([sys.executable, "-c", probe, str(path)], capture_output=True, text=True, check=True)
+def rss_delta(path: Path, spec: dict[str, tuple[str, list[list[int]]]], glibc_default: bool = False) -> int:
+    """ORT's measured activation peak (bytes) in a fresh process; ``spec``: input -> (dtype, [warm-up
+    shape, measured shape]). glibc's malloc keeps freed blocks below its mmap threshold in the heap and
+    raises that threshold as large blocks are freed, so the RSS would depend on allocation history: the
+    threshold is fixed at 128 KiB (every tensor block mmapped and returned when freed) unless
+    ``glibc_default``."""
+    env = dict(os.environ)
+    if not glibc_default:
+        env["MALLOC_MMAP_THRESHOLD_"] = "131072"
+    command = [sys.executable, "-c", _RSS_PROBE, str(path), json.dumps(spec)]
+    out = subprocess.run(command, capture_output=True, text=True, check=True, env=env)
     return int(out.stdout.strip().splitlines()[-1])
+
+
+def memory_table(graphs: list[tuple[str, Path, str, Path, dict[str, tuple[str, list[list[int]]]]]]) -> None:
+    """Plan weights vs the file size; both activation models vs ORT's measured peak, per graph
+    (label, path, precision, float graph for shapes, input spec)."""
+    print(
+        "\n| graph | plan weights vs file | TensorRT model | ORT model | ORT measured | ORT model vs "
+        "measured | ORT measured, glibc default |"
+    )
+    print("|---|---|---|---|---|---|---|")
+    mib = lambda b: f"{b / 2**20:.1f}"  # noqa: E731
+    for label, path, precision, float_path, spec in graphs:
+        model, float_model = onnx.load(str(path)), onnx.load(str(float_path))
+        weights = weight_bytes(model, precision, float_bytes=4)
+        size = path.stat().st_size
+        shapes = {name: shape[1] for name, (_, shape) in spec.items()}
+        trt = activation_peak(model, shapes, runtime="tensorrt", shapes_from=float_model)
+        onnxrt = activation_peak(model, shapes, runtime="onnxruntime", shapes_from=float_model)
+        if trt.unknown or onnxrt.unknown:
+            print(f"{label}: {len(onnxrt.unknown)} tensors without a shape, not counted", flush=True)
+        measured, default = rss_delta(path, spec), rss_delta(path, spec, glibc_default=True)
+        print(
+            f"| {label} | {mib(weights)} / {mib(size)} MiB ({weights / size - 1:+.1%}) | "
+            f"{mib(trt.bytes)} MiB | {mib(onnxrt.bytes)} MiB | {mib(measured)} MiB | "
+            f"{onnxrt.bytes / measured - 1:+.1%} | "
+            f"{mib(default)} MiB ({onnxrt.bytes / default - 1:+.1%}) |",
+            flush=True,
+        )
+
+
+def effnet_graphs(
+    work: Path, batch: int
+) -> list[tuple[str, Path, str, Path, dict[str, tuple[str, list[list[int]]]]]]:
+    """EfficientNet-Lite0 FP32 and its INT8 Q/DQ graph as bench_quantize.py makes them."""
+    sys.path.insert(0, str(ROOT / "bench"))
+    from bench_quantize import effnet, ours
+
+    path, calib, _ = effnet(work)
+    qmodel, _ = ours(path, calib[:8], "minmax", "int8")
+    qpath = work / "effnet.int8.onnx"
+    onnx.save(qmodel, str(qpath))
+    spec = {"images": ("float32", [[1, 3, 224, 224], [batch, 3, 224, 224]])}
+    return [
+        ("EfficientNet-Lite0 FP32", path, "fp32", path, spec),
+        ("EfficientNet-Lite0 INT8 Q/DQ", qpath, "int8", qpath, spec),
+    ]
 
 
 def main() -> int:
@@ -267,33 +324,14 @@ def main() -> int:
         secs = "-" if r["seconds"] is None else f"{r['seconds']:.0f}"
         print(f"| {r['method']} | {cos} | {ratio} | {secs} | {r['note']} |")
 
-    print("\n| graph | plan weights vs file size | plan activation peak vs ORT measured (8x128) |")
-    print("|---|---|---|")
-    shapes = {"input_ids": (8, 128), "attention_mask": (8, 128)}
-    for label, path, precision in (
-        ("FP32", model_path, "fp32"),
-        ("INT4", int4_paths["rtn"], "int4-weights"),
-    ):
-        model = onnx.load(str(path))
-        weights = weight_bytes(model, precision, float_bytes=4)
-        size = path.stat().st_size
-        # Activations from the FP32 graph (the same tensors); ORT also materialises each dequantized
-        # weight before its MatMul (one at a time, as written): add the largest.
-        peak = activation_peak(onnx.load(str(model_path)), shapes)
-        dequantized = max(
-            (
-                int(np.prod(t.dims)) * 4
-                for t in model.graph.initializer
-                if t.data_type == onnx.TensorProto.INT4
-            ),
-            default=0,
-        )
-        measured = rss_delta(path, 8, 128)
-        predicted = peak.bytes + dequantized
-        print(
-            f"| {label} | {weights / 2**20:.1f} / {size / 2**20:.1f} MiB ({weights / size - 1:+.1%}) | "
-            f"{predicted / 2**20:.1f} / {measured / 2**20:.1f} MiB ({predicted / measured - 1:+.1%}) |"
-        )
+    spec = {name: ("int64", [[1, 8], [8, 128]]) for name in ("input_ids", "attention_mask")}
+    memory_table(
+        [
+            ("MiniLM FP32", model_path, "fp32", model_path, spec),
+            ("MiniLM INT4 (block 128)", int4_paths["rtn"], "int4-weights", model_path, spec),
+            *effnet_graphs(work, 8),
+        ]
+    )
     return 0
 
 

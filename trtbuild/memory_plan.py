@@ -5,8 +5,12 @@ Weights come from the initializers: FP32 4 bytes, FP16 2, INT8 1 (+ per-channel 
 (+ per-block FP16 scales); the float parts that stay unquantized are FP16 for every reduced precision
 (TensorRT builds those plans strongly typed with FP16 float parts). Activations come from ONNX shape
 inference with every input at its max shape and a liveness sweep in graph (topological) order: a tensor
-lives from the node that makes it to its last reader, and the peak is the largest live sum. The
-DequantizeLinear outputs of constant weights are not counted: TensorRT fuses them into the GEMM.
+lives from the node that makes it to its last reader (graph inputs and outputs, the caller's buffers,
+for the whole run), and the peak is the largest live sum. The DequantizeLinear outputs of constant
+weights are not counted: TensorRT fuses them into the GEMM. That is the "tensorrt" runtime model, what
+plans use; the "onnxruntime" one is what running the graph in ORT's CPU session needs: ORT's execution
+order (which dequantizes the weights early), every dequantized weight, and the temporaries of its Where
+kernel (measured against ORT by bench/bench_int4.py --memory-only).
 Device memory: Jetson memory is shared with the OS and other processes, so a stated share is reserved;
 discrete GPUs keep a fixed reserve for the CUDA context and runtime.
 """
@@ -26,6 +30,7 @@ from trtbuild.core.errors import TrtbuildError
 from trtbuild.targets import Target
 
 PRECISIONS = ("fp32", "fp16", "int8", "int4-weights")
+RUNTIMES = ("tensorrt", "onnxruntime")
 JETSON_RESERVED_SHARE = 0.25  # OS, display, camera and other processes share a Jetson's DRAM
 DGPU_RESERVED_GIB = 1.0  # CUDA context, cuDNN/cuBLAS handles, TensorRT runtime
 INT4_BLOCK = 128
@@ -117,6 +122,29 @@ def _concrete(model: onnx.ModelProto, shapes: Mapping[str, Sequence[int]]) -> on
     return onnx.shape_inference.infer_shapes(copy, data_prop=True)
 
 
+def _ort_order(nodes: Sequence[onnx.NodeProto]) -> list[onnx.NodeProto]:
+    """The order ONNX Runtime's CPU session executes ``nodes`` in (GraphViewer's default order, ORT 1.x):
+    Constant nodes become initializers; then a depth-first walk up from the nodes nobody reads, the last
+    node first, each node's producers visited highest index first, a node emitted once all its producers
+    are. A weight's DequantizeLinear thus runs as soon as the walk meets it, long before its MatMul."""
+    kept = [i for i, n in enumerate(nodes) if n.op_type != "Constant"]
+    producer = {out: i for i in kept for out in nodes[i].output if out}
+    inputs = {i: sorted({producer[x] for x in nodes[i].input if x in producer}) for i in kept}
+    read = {j for i in kept for j in inputs[i]}
+    stack: list[tuple[int, bool]] = [(i, False) for i in kept if i not in read]
+    visited: set[int] = set()
+    order: list[onnx.NodeProto] = []
+    while stack:
+        index, leave = stack.pop()
+        if leave:
+            order.append(nodes[index])
+        elif index not in visited:
+            visited.add(index)
+            stack.append((index, True))
+            stack.extend((j, False) for j in inputs[index])
+    return order
+
+
 @dataclass(frozen=True)
 class ActivationPeak:
     bytes: int
@@ -129,16 +157,31 @@ def activation_peak(
     shapes: Mapping[str, Sequence[int]],
     float_bytes: int | None = None,
     count_weight_dequant: bool = False,
+    runtime: str = "tensorrt",
+    shapes_from: onnx.ModelProto | None = None,
 ) -> ActivationPeak:
     """The largest sum of live activation bytes over the graph at ``shapes`` (input name -> dims).
     ``float_bytes``: size of float activations (None: their ONNX type's). ``count_weight_dequant``: count
     the float weights DequantizeLinear makes from constants (ONNX Runtime materialises them; TensorRT
-    fuses them, so plans leave them out)."""
-    inferred = _concrete(model, shapes)
+    fuses them, so plans leave them out). ``runtime``: "tensorrt" sweeps in graph order; "onnxruntime"
+    sweeps in the order ORT's CPU session runs and counts the dequantized weights (what ORT needs).
+    ``shapes_from``: a graph with the same activation names to infer their shapes on (the float graph of a
+    quantized one, where shape inference follows it better)."""
+    if runtime not in RUNTIMES:
+        raise TrtbuildError(f"no activation model for runtime '{runtime}'", f"use one of {RUNTIMES}")
+    inferred = _concrete(shapes_from or model, shapes)
     info = {v.name: v.type.tensor_type for v in [*inferred.graph.value_info, *inferred.graph.output]}
     info.update({v.name: v.type.tensor_type for v in inferred.graph.input})
     constants = {t.name for t in model.graph.initializer}
+    inits = {t.name: t for t in model.graph.initializer}
+    dequantized = {  # weights dequantized from constants: the constant's dims, the scale's float type
+        n.output[0]: (list(inits[n.input[0]].dims), inits[n.input[1]].data_type)
+        for n in model.graph.node
+        if n.op_type == "DequantizeLinear" and n.input[0] in inits and n.input[1] in inits
+    }
     nodes = list(model.graph.node)
+    if runtime == "onnxruntime":  # ORT runs its own order and materialises every dequantized weight
+        nodes, count_weight_dequant = _ort_order(nodes), True
     for node in nodes:
         if node.op_type == "Constant" or (
             not count_weight_dequant and node.op_type == "DequantizeLinear" and node.input[0] in constants
@@ -148,11 +191,16 @@ def activation_peak(
     for index, node in enumerate(nodes):
         for name in node.input:
             last_use[name] = index
-    for output in model.graph.output:
-        last_use[output.name] = len(nodes)
+    # The caller owns the input and output buffers (ORT's feeds, TensorRT's bindings): live throughout.
+    for value in [*model.graph.input, *model.graph.output]:
+        last_use[value.name] = len(nodes)
     unknown: list[str] = []
 
     def size(name: str) -> int:
+        if name in dequantized:
+            dims, elem = dequantized[name]
+            each = float_bytes if float_bytes is not None else _element_bytes(elem)
+            return int(math.prod(dims) * each)
         tensor = info.get(name)
         dims = [] if tensor is None else tensor.shape.dim
         if tensor is None or not tensor.HasField("shape") or any(not d.HasField("dim_value") for d in dims):
@@ -162,13 +210,38 @@ def activation_peak(
         each = float_bytes if float_bytes is not None and elem in _FLOAT else _element_bytes(elem)
         return int(math.prod(d.dim_value for d in dims) * each)
 
+    def dims(name: str) -> list[int] | None:
+        if name in inits:
+            return list(inits[name].dims)
+        tensor = info.get(name)
+        if (
+            tensor is None
+            or not tensor.HasField("shape")
+            or any(not d.HasField("dim_value") for d in tensor.shape.dim)
+        ):
+            return None
+        return [d.dim_value for d in tensor.shape.dim]
+
+    def scratch(node: onnx.NodeProto) -> int:
+        """Bytes a kernel allocates beyond its outputs while it runs (ONNX Runtime's CPU kernels)."""
+        if runtime != "onnxruntime" or node.op_type != "Where":
+            return 0
+        # ORT's Where broadcasts (condition, X) and (condition, Y) into two temporaries, then merges them.
+        out = size(node.output[0])
+        in_dims = [dims(x) for x in node.input]
+        if any(d is None for d in in_dims) or not out:
+            return 2 * out
+        cond, x, y = (d or [] for d in in_dims)
+        numel = math.prod(dims(node.output[0]) or [1])
+        return sum(out * math.prod(np.broadcast_shapes(tuple(cond), tuple(v))) // numel for v in (x, y))
+
     live = {i.name: size(i.name) for i in model.graph.input if i.name not in constants}
     peak, at = sum(live.values()), "inputs"
     for index, node in enumerate(nodes):
         for name in node.output:
             if name and name not in constants:
                 live[name] = size(name)
-        current = sum(live.values())
+        current = sum(live.values()) + scratch(node)
         if current > peak:
             peak, at = current, node.name or node.op_type
         for name in [n for n in live if last_use.get(n, -1) <= index]:

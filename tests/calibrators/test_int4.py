@@ -18,6 +18,7 @@ from calibrators.int4 import quantize_int4
 from calibrators.int4.blocks import quantize_blocks
 from calibrators.int4.graph import int4_tensor
 from trtbuild.core import output_set
+from trtbuild.core.errors import TrtbuildError
 from trtbuild.memory_plan import activation_peak, weight_bytes
 from trtbuild.targets import TARGETS
 
@@ -251,3 +252,31 @@ def test_memory_plan_matches_files_and_plan_refuses(
         r["precision"] == "int4-weights" for r in rows if r["target"] in ("xavier-jp5", "orin-jp6.0")
     )
     assert all(r["fits"] for r in rows)
+
+
+def test_onnxruntime_activation_model_matches_measured_peak(
+    minilm: tuple[Path, list[dict[str, np.ndarray]]], minilm_rtn: dict
+) -> None:
+    """The "onnxruntime" activation model (ORT's execution order, its Where temporaries, the dequantized
+    weights it materialises) within 10 % of the peak a fresh ORT process measures, as the bench does."""
+    from bench.bench_int4 import rss_delta
+
+    path, int4_path = minilm[0], minilm_rtn["result"].onnx_path
+    float_model = onnx.load(str(path))
+    shapes = {"input_ids": (8, 64), "attention_mask": (8, 64)}
+    spec = {name: ("int64", [[1, 8], list(dims)]) for name, dims in shapes.items()}
+    peaks = {}
+    for label, graph in (("fp32", path), ("int4", int4_path)):
+        model = onnx.load(str(graph))
+        ort_peak = activation_peak(model, shapes, runtime="onnxruntime", shapes_from=float_model)
+        trt_peak = activation_peak(model, shapes, runtime="tensorrt", shapes_from=float_model)
+        assert not ort_peak.unknown and not trt_peak.unknown
+        measured = rss_delta(graph, spec)
+        assert abs(ort_peak.bytes / measured - 1) < 0.10, (label, ort_peak.bytes, measured)
+        peaks[label] = (ort_peak.bytes, trt_peak.bytes)
+    # TensorRT fuses the weight DequantizeLinear into the GEMM: its INT4 peak is the FP32 one; ORT runs
+    # every weight's DequantizeLinear early and holds most of the FP32 MatMul weights (~40 MiB) at once.
+    assert peaks["int4"][1] == peaks["fp32"][1]
+    assert peaks["int4"][0] - peaks["fp32"][0] > 20 * 2**20
+    with pytest.raises(TrtbuildError, match="runtime 'tvm'"):
+        activation_peak(float_model, shapes, runtime="tvm")
