@@ -33,6 +33,7 @@ from calibrators import weights as wq
 from calibrators.adaround_layers import Layer, batch_size_of, learnable_layers, row_rng
 from calibrators.adaround_prefix import PrefixRunner
 from calibrators.collect import instrument
+from calibrators.data import first_samples
 from calibrators.qdq_rewrite import apply_qdq
 from calibrators.qdq_scales import GraphCache
 from calibrators.qdq_types import QdqPlan
@@ -124,7 +125,7 @@ def learn_rounding(
     config = config or AdaRoundConfig()
     cache = model if isinstance(model, GraphCache) else GraphCache(model)
     start = time.perf_counter()
-    feeds = _take(batches, config.samples)
+    feeds = first_samples(batches, config.samples)
     int8 = {
         k: w for k, w in plan.weights.items() if w.weight_format == "int8" and (only is None or k in only)
     }
@@ -199,18 +200,6 @@ def _learn_all(
         )
         if progress:
             progress(index + 1, len(layers))
-
-
-def _take(batches: Iterable[Mapping[str, np.ndarray]], samples: int) -> list[dict[str, np.ndarray]]:
-    out: list[dict[str, np.ndarray]] = []
-    have = 0
-    for batch in batches:
-        if have >= samples:
-            break
-        keep = min(samples - have, batch_size_of(batch))
-        out.append({k: np.asarray(v)[:keep] for k, v in batch.items()})
-        have += keep
-    return out
 
 
 def _rows_per_sample(config: AdaRoundConfig, feeds: Sequence[Mapping[str, np.ndarray]]) -> int:

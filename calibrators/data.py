@@ -603,3 +603,16 @@ def _path_source(path: Path, inputs: Sequence[ModelInput], preprocess: Preproces
         f"one image sample for input '{inputs[0].name}'", (spec.channels, crop, crop), np.dtype(spec.dtype)
     )
     return ImageFolder(images, inputs[0].name, spec, path)
+
+
+def first_samples(batches: Iterable[Mapping[str, np.ndarray]], samples: int) -> list[dict[str, np.ndarray]]:
+    """The first ``samples`` samples of ``batches``, in the batches as given (the last one cut)."""
+    out: list[dict[str, np.ndarray]] = []
+    have = 0
+    for batch in batches:
+        if have >= samples:
+            break
+        keep = min(samples - have, int(next(iter(batch.values())).shape[0]))
+        out.append({k: np.asarray(v)[:keep] for k, v in batch.items()})
+        have += keep
+    return out

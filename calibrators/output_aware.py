@@ -31,6 +31,7 @@ import onnx
 
 from calibrators.adaround_layers import Layer, learnable_layers
 from calibrators.collect import instrument
+from calibrators.data import first_samples
 from calibrators.graph_index import GraphIndex, ensure_node_names
 from calibrators.histogram import TensorStats
 from calibrators.methods import amax_for
@@ -186,7 +187,7 @@ def refine(
     start = time.perf_counter()
     model, g, consumers = _consumers(model, base, plan, stats)
     grid = {t: candidates(stats[t], base[t].amax) for t in consumers}
-    feeds = _take(batches, samples)
+    feeds = first_samples(batches, samples)
     scores, counted = _relative_errors(model, g, plan, consumers, grid, feeds, rows, seed, threads, progress)
     refined = RangeSet(method=METHOD, ranges=dict(base.ranges), meta=dict(base.meta))
     result = OutputAwareResult(refined)
@@ -228,20 +229,6 @@ def consumer_errors(
     error at its consumer layers' outputs (e.g. to check a refinement on held-out samples)."""
     model, g, consumers = _consumers(model, ranges, plan, None)
     grid = {t: np.array([ranges[t].amax]) for t in consumers}
-    feeds = _take(batches, samples)
+    feeds = first_samples(batches, samples)
     scores, _ = _relative_errors(model, g, plan, consumers, grid, feeds, rows, seed, threads, None)
     return {t: float(v[0]) for t, v in scores.items()}
-
-
-def _take(batches: Iterable[Mapping[str, np.ndarray]], samples: int) -> list[dict[str, np.ndarray]]:
-    """The first ``samples`` samples, in batches as given (the last one cut)."""
-    out: list[dict[str, np.ndarray]] = []
-    have = 0
-    for batch in batches:
-        if have >= samples:
-            break
-        n = int(next(iter(batch.values())).shape[0])
-        keep = min(samples - have, n)
-        out.append({k: np.asarray(v)[:keep] for k, v in batch.items()})
-        have += keep
-    return out
