@@ -50,8 +50,6 @@ from trtbuild.core.errors import TrtbuildError
 
 log = logging.getLogger(__name__)
 
-DEFAULT_HOLDOUT = QuantizeSettings.holdout  # None: sized to the data (calibrators/gate_stats.py)
-
 
 class FidelityGateError(TrtbuildError):
     """The INT8 model is below the fidelity threshold (and auto-fallback was off or could not reach it)."""
@@ -189,7 +187,7 @@ def quantize(
     channels before calibrating (calibrators/smoothquant.py; auto: where some channel's max is
     OUTLIER_RATIO x the median's).
     """
-    s = QuantizeSettings.from_overrides(settings, overrides) if overrides or settings is None else settings
+    s = QuantizeSettings.from_overrides(settings, overrides)
     with output_set.writer_lock(out_dir):  # one writer per folder, taken before any work
         threshold = (
             s.min_fidelity
@@ -323,11 +321,14 @@ def quantize(
             )
             plan, qmodel, report = fallback.plan, fallback.model, fallback.final
         if not report.passed or (fallback is not None and not fallback.passed):
-            raise FidelityGateError(report, fallback, "FP8" if s.activation_type == FP8 else "INT8")
+            precision = "FP8" if s.activation_type == FP8 else "INT8/FP8" if mixed else "INT8"
+            raise FidelityGateError(report, fallback, precision)
+        # MACs per layer, measured once (the fallback already has them)
+        macs = fallback.layer_macs if fallback is not None else layer_cost.layer_macs(model, held_batches[0])
         share = (
             fallback.float_compute
             if fallback is not None
-            else layer_cost.float_share(layer_cost.layer_macs(model, held_batches[0]), plan.quantized_nodes)
+            else layer_cost.float_share(macs, plan.quantized_nodes)
         )
         layers = (
             layer_report.analyze(model, qmodel, plan, held_batches, stats, threads=s.threads)
@@ -350,11 +351,7 @@ def quantize(
             holdout_samples=held_count,
             ort_cpu_target=target,
             float_compute=share,
-            fp8_compute=1.0 - share
-            if s.activation_type == FP8
-            else qdq_mixed.fp8_share(plan, layer_cost.layer_macs(model, held_batches[0]))
-            if plan.fp8_nodes
-            else 0.0,
+            fp8_compute=1.0 - share if s.activation_type == FP8 else qdq_mixed.fp8_share(plan, macs),
             layer_report=layers,
             report_html_path=Path(out_dir) / f"{stem}.{tag}.report.html" if layers else None,
             report_png_dir=Path(out_dir) / f"{stem}.{tag}.report" if layers else None,

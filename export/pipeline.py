@@ -141,7 +141,7 @@ def export_model(
     ``verify_inputs``: real samples (arrays keyed by input name, one array for a single input, or an
     npy/npz path) compared on top of the seeded random inputs.
     """
-    s = ExportSettings.from_overrides(settings, overrides) if overrides or settings is None else settings
+    s = ExportSettings.from_overrides(settings, overrides)
     if isinstance(source, str) and resolve_source(source).kind == "onnx":
         if weights is not None:
             raise TrtbuildError("--weights does not apply to an ONNX source", "drop --weights")
@@ -250,7 +250,7 @@ def prepare_onnx(
     graph. Without them the specs come from the graph: ``dim_values`` fixes symbolic dims (e.g.
     {"image_width": 128}); a symbolic axis 0 is the batch (1..``max_batch``); another unnamed symbolic dim
     runs as 64 in the comparison and leaves the sidecar without input specs (later stages then ask)."""
-    s = ExportSettings.from_overrides(settings, overrides) if overrides or settings is None else settings
+    s = ExportSettings.from_overrides(settings, overrides)
     atol, rtol = s.tolerances(against_torch=False)
     seed, int_high, dim_values = s.seed, s.int_high, s.dim_values
     in_path, out_path = Path(in_path), Path(out_path)

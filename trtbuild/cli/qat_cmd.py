@@ -11,7 +11,8 @@ from rich.table import Table
 from calibrators.collect import DEFAULT_BATCH_SIZE
 from calibrators.methods import DEFAULT_METHOD, METHODS
 from calibrators.preprocess import Preprocess
-from calibrators.quantize import DEFAULT_HOLDOUT, FidelityGateError
+from calibrators.quantize import FidelityGateError
+from calibrators.quantize_settings import QuantizeSettings
 from trtbuild.cli.data_options import data_option, preprocess_options
 from trtbuild.core import console
 from trtbuild.core.defaults import DEFAULT_TRT_VERSION
@@ -37,7 +38,7 @@ from trtbuild.core.defaults import DEFAULT_TRT_VERSION
 @click.option("--patience", type=int, default=3, show_default=True, help="Stop after N evaluations w/o gain.")
 @click.option("--checkpoint-every", type=int, default=50, show_default=True)
 @click.option("--resume", is_flag=True, help="Continue from the checkpoints in <out-dir>/checkpoints.")
-@click.option("--holdout", type=int, default=DEFAULT_HOLDOUT, show_default=True)
+@click.option("--holdout", type=int, default=QuantizeSettings.holdout, show_default=True)
 @click.option("--samples", type=int, default=None, help="Train on N samples (default: all but held-out).")
 @click.option("--min-fidelity", multiple=True, help="The final gate, as for quantize.")
 @click.option("--method", type=click.Choice(list(METHODS)), default=DEFAULT_METHOD, show_default=True)

@@ -12,6 +12,8 @@ S = TypeVar("S")
 def with_overrides(cls: type[S], base: S | None, overrides: Mapping[str, Any], stage: str) -> S:
     """``base`` (or ``cls``'s defaults) with ``overrides`` applied, validated again by ``cls``; an unknown
     name is a programming error (TypeError), like an unknown keyword argument."""
+    if base is not None and not overrides:
+        return base  # already made, so already validated
     names = [f.name for f in dataclasses.fields(cls)]  # type: ignore[arg-type]
     unknown = sorted(set(overrides) - set(names))
     if unknown:

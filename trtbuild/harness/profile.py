@@ -167,7 +167,7 @@ def profile_models(
     ``device`` is cpu or cuda for ort/torch (TensorRT always runs on CUDA). Accuracy (Polygraphy Comparator,
     ONNX Runtime CPU on both sides) is computed for ONNX candidates against an ONNX baseline.
     """
-    s = ProfileSettings.from_overrides(settings, overrides) if overrides or settings is None else settings
+    s = ProfileSettings.from_overrides(settings, overrides)
     candidates = plan_candidates(paths, s.runtime)
     device, threads, cuda_backend, data, seed = s.device, s.threads, s.cuda_backend, s.data, s.seed
     if any(c.runtime == "torch" for c in candidates) and not torch_inputs:

@@ -33,7 +33,8 @@ from calibrators.fidelity import FidelityReport
 from calibrators.methods import DEFAULT_METHOD
 from calibrators.preprocess import Preprocess
 from calibrators.qdq import QdqOptions, apply_qdq, plan_qdq, quantizable_activations
-from calibrators.quantize import DEFAULT_HOLDOUT, QuantizeResult, quantize
+from calibrators.quantize import QuantizeResult, quantize
+from calibrators.quantize_settings import QuantizeSettings
 from calibrators.ranges import RangeSet, TensorRange
 from calibrators.sparsity import PATTERN
 from trtbuild.core import atomic
@@ -168,7 +169,7 @@ def qat(
     patience: int = 3,
     checkpoint_every: int = 50,
     resume: bool = False,
-    holdout: int | None = DEFAULT_HOLDOUT,
+    holdout: int | None = QuantizeSettings.holdout,
     samples: int | None = None,
     min_fidelity: str | float | Sequence[str] | None = None,
     method: str = DEFAULT_METHOD,
