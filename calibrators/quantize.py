@@ -80,7 +80,7 @@ class FidelityGateError(TrtbuildError):
 @dataclass
 class QuantizeResult:
     onnx_path: Path
-    cache_path: Path
+    cache_path: Path | None  # None for FP8: TensorRT's legacy calibration cache is INT8-only
     ranges_path: Path
     report_path: Path
     ranges: RangeSet
@@ -107,7 +107,7 @@ class QuantizeResult:
     def to_json(self) -> dict[str, Any]:
         return {
             "onnx": str(self.onnx_path),
-            "cache": str(self.cache_path),
+            "cache": None if self.cache_path is None else str(self.cache_path),
             "ranges": str(self.ranges_path),
             "report": str(self.report_path),
             "method": self.ranges.method,
@@ -340,7 +340,7 @@ def quantize(
         tag = "fp8" if s.activation_type == FP8 else "int8fp8" if plan.fp8_nodes else "int8"
         result = QuantizeResult(
             onnx_path=Path(out_dir) / f"{stem}.{tag}.onnx",
-            cache_path=Path(out_dir) / f"{stem}.calib.cache",
+            cache_path=None if s.activation_type == FP8 else _cache_path(Path(out_dir), stem),
             ranges_path=Path(out_dir) / f"{stem}.ranges.json",
             report_path=Path(out_dir) / f"{stem}.fidelity.json",
             ranges=ranges,
@@ -433,15 +433,24 @@ def upgrade_opset(model: onnx.ModelProto, target: int = 13) -> onnx.ModelProto:
     return converted
 
 
+def _cache_path(out_dir: Path, stem: str) -> Path:
+    return out_dir / f"{stem}.calib.cache"
+
+
 def _write(result: QuantizeResult, qmodel: onnx.ModelProto, trt_version: str) -> None:
     """All artifacts, each atomically. The report is the set's manifest: removed first and written last
     with every member's sha256 (trtbuild/core/output_set.py), so a run killed half-way leaves no report
     describing a mixed set, and `output_set.verify` tells a stale member from a current one."""
     result.report_path.unlink(missing_ok=True)
     atomic.write_bytes(result.onnx_path, qmodel.SerializeToString())
-    write_cache(result.ranges, result.cache_path, trt_version)
+    members = {"onnx": result.onnx_path, "ranges": result.ranges_path}
+    if result.cache_path is not None:
+        write_cache(result.ranges, result.cache_path, trt_version)
+        members["cache"] = result.cache_path
+    else:  # FP8 has no implicit calibration; an earlier INT8 run's cache would not match these ranges
+        stem = result.report_path.name.removesuffix(".fidelity.json")
+        _cache_path(result.report_path.parent, stem).unlink(missing_ok=True)
     result.ranges.save(result.ranges_path)
-    members = {"onnx": result.onnx_path, "cache": result.cache_path, "ranges": result.ranges_path}
     if result.layer_report is not None and result.report_html_path and result.report_png_dir:
         rendered = report_html.render(
             result.layer_report,

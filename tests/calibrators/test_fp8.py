@@ -23,6 +23,7 @@ from calibrators.quantize import quantize, upgrade_opset
 from calibrators.ranges import TensorRange
 from trtbuild.cli import main
 from trtbuild.core import ort as ort_core
+from trtbuild.core import output_set
 from trtbuild.core.errors import TrtbuildError
 
 
@@ -195,6 +196,14 @@ def test_quantize_fp8_minilm_beats_int8(minilm: tuple[Path, list], tmp_path: Pat
     reference = fidelity.run_batches(fidelity.session(onnx.load(str(path))), held)
     again = fidelity.run_batches(fidelity.session(str(fp8_result.onnx_path)), held)
     assert fidelity.compare(reference, again).outputs[0].cosine == pytest.approx(cos["fp8"], abs=0.01)
+    # TensorRT's legacy calibration cache is INT8-only: the FP8 set has none, and an FP8 run into the INT8
+    # run's folder removes that run's cache (it would not match the FP8 ranges written beside it).
+    assert report["cache"] is None and "cache" not in report[output_set.MANIFEST_KEY]
+    assert not list((tmp_path / "fp8").glob("*.calib.cache"))
+    int8_cache = results["int8"].cache_path
+    assert int8_cache is not None and int8_cache.is_file()
+    quantize(path, data, tmp_path / "int8", activation_type="fp8", holdout=8, min_fidelity="cosine=0.9")
+    assert not int8_cache.exists()
 
 
 @pytest.fixture(params=["n", 1], ids=["dynamic-batch", "batch-1"])
