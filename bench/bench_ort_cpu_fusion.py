@@ -6,7 +6,8 @@
   and unfused Q -> DQ pairs are left (pure overhead), from each session's optimized graph;
 * batch-1 latency at 1 and 2 threads, FP32 / ours / ORT's graph interleaved round by round so the shared
   machine's noise hits all three alike: the median of the per-round ratios, and median ms;
-* fidelity vs FP32 as ORT's kernels really compute it on this CPU (held-out samples).
+* fidelity vs FP32 as ORT's kernels really compute it on this CPU (held-out samples);
+* where the time goes (ORT's profiler, 1 thread): depthwise convs, the other convs/matmuls, the rest.
 
 ORT's graph: quantize_static, QDQ, per-channel, uint8 activations, int8 weights with reduce_range on CPUs
 whose u8 x s8 kernels saturate (as ORT's documentation advises; ours picks int7 there too), MinMax.
@@ -116,6 +117,45 @@ def fusion(model: Model, tmp: Path, name: str) -> dict[str, object]:
     }
 
 
+def kernel_split(models: dict[str, Model], feed: Sample, tmp: Path, runs: int = 30) -> dict[str, dict]:
+    """Median ms per run by kind, from ORT's profiler at 1 thread, the sessions run in turn (so load from
+    other jobs hits all alike): which kernels the INT8 graphs gain on."""
+    import json
+
+    sessions = {}
+    for key, model in models.items():
+        options = ort.SessionOptions()
+        options.intra_op_num_threads = 1
+        options.log_severity_level = 3
+        options.enable_profiling = True
+        options.profile_file_prefix = str(tmp / f"profile_{len(sessions)}")
+        options.optimized_model_filepath = str(tmp / f"profiled_{len(sessions)}.onnx")
+        source = model.SerializeToString() if isinstance(model, onnx.ModelProto) else str(model)
+        sessions[key] = (ort.InferenceSession(source, options, providers=["CPUExecutionProvider"]), options)
+    for _ in range(runs):
+        for sess, _options in sessions.values():
+            sess.run(None, feed)
+    splits = {}
+    for key, (sess, options) in sessions.items():
+        events = json.loads(Path(sess.end_profiling()).read_text())
+        nodes = {n.name: n for n in onnx.load(options.optimized_model_filepath).graph.node}
+        per_node: dict[str, list[float]] = {}
+        for e in events:
+            if e.get("cat") == "Node" and e["name"].endswith("_kernel_time"):
+                per_node.setdefault(e["name"].removesuffix("_kernel_time"), []).append(e["dur"] / 1000)
+        split = {"depthwise conv": 0.0, "other conv/matmul": 0.0, "rest": 0.0}
+        for name, durations in per_node.items():
+            node = nodes.get(name)
+            op = node.op_type if node is not None else ""
+            group = next((a.i for a in node.attribute if a.name == "group"), 1) if node is not None else 1
+            kind = "rest"
+            if op in (*FLOAT_COMPUTE, *INTEGER_KERNELS[:4]):
+                kind = "depthwise conv" if group > 1 else "other conv/matmul"
+            split[kind] += statistics.median(durations[len(durations) // 3 :])  # warm runs only
+        splits[key] = split
+    return splits
+
+
 def interleaved(models: dict[str, Model], feed: Sample, threads: int, repeats: int, iters: int) -> dict:
     """Per round, each session runs ``iters`` times back to back; ratios are taken within a round."""
     sessions = {k: session(m, threads) for k, m in models.items()}
@@ -173,6 +213,9 @@ def main() -> None:
         "Pad",
     ):
         fused.add_column(col)
+    where = Table(title="Where the time goes: ORT profiler, batch 1, 1 thread, median ms per run")
+    for col in ("model", "graph", "depthwise conv", "other conv/matmul", "rest"):
+        where.add_column(col)
     for col in (
         "model",
         "graph",
@@ -197,7 +240,9 @@ def main() -> None:
         reference = fidelity.run_batches(fidelity.session(model), batches)
         kinds = fidelity.decide_kinds(model, reference)
         timed = {t: interleaved(graphs, held[0], t, args.repeats, args.iters) for t in (1, 2)}
+        splits = kernel_split(graphs, held[0], tmp)
         for name, graph in graphs.items():
+            where.add_row(label, name, *(f"{v:.2f}" for v in splits[name].values()))
             if name != "FP32":
                 counts = fusion(graph, tmp, f"{key}.{name.split()[0]}")
                 fused.add_row(label, name, *(str(v) for v in counts.values()))
@@ -212,6 +257,7 @@ def main() -> None:
             )
     console.print(fused)
     console.print(speed)
+    console.print(where)
 
 
 if __name__ == "__main__":
