@@ -284,13 +284,34 @@ def semantics_for_activations(activation_type: str) -> str:
 
 
 def run_batches(sess: ort.InferenceSession, batches: Iterable[Feeds]) -> dict[str, np.ndarray]:
-    """Run every batch; outputs concatenated along the batch axis."""
+    """Run every batch; outputs concatenated along their batch axis, moved to axis 0 (one row per input
+    sample, whatever the layout: time-major OCR logits [T, N, C] included)."""
     names = [o.name for o in sess.get_outputs()]
     collected: dict[str, list[np.ndarray]] = {n: [] for n in names}
     for feeds in batches:
+        size = batch_size(feeds)
         for name, value in zip(names, sess.run(names, dict(feeds)), strict=True):
-            collected[name].append(np.asarray(value))
+            collected[name].append(samples_first(np.asarray(value), size))
     return {n: np.concatenate(v, axis=0) if v and v[0].ndim else v[0] for n, v in collected.items() if v}
+
+
+def batch_size(feeds: Feeds) -> int | None:
+    """The batch size of one feed: the leading dimension its inputs share (None when they do not)."""
+    leading = {np.shape(v)[0] for v in feeds.values() if np.ndim(v)}
+    return leading.pop() if len(leading) == 1 else None
+
+
+def samples_first(value: np.ndarray, size: int | None) -> np.ndarray:
+    """``value`` with its batch axis first. The batch axis is axis 0 when its length is the batch size,
+    else the first axis that has it (sequence-first outputs); an output with no such axis from a batch of
+    one is one sample. Only used to count and pair samples: a wrong guess here would split or merge
+    samples, never change a value."""
+    if size is None or value.ndim == 0 or value.shape[0] == size:
+        return value
+    axes = [a for a, d in enumerate(value.shape) if d == size]
+    if axes:
+        return np.moveaxis(value, axes[0], 0)
+    return value[None] if size == 1 else value
 
 
 def measure(

@@ -16,6 +16,8 @@ from calibrators.fidelity import (
     compare_output,
     decide_kinds,
     parse_min_fidelity,
+    run_batches,
+    session,
 )
 from calibrators.output_kinds import OutputKind
 from trtbuild.core.errors import TrtbuildError
@@ -219,3 +221,33 @@ def test_gate_table_shows_the_probability_map_iou() -> None:
     maps = report.outputs[[o.name for o in report.outputs].index("maps")]
     assert maps.iou is not None and 0.5 < maps.iou < 1.0
     assert "IoU@0.3" in text and f"{maps.iou:.4f}" in text
+
+
+@pytest.mark.parametrize("batch", [1, 3])
+def test_samples_are_inputs_whatever_the_output_layout(batch: int) -> None:
+    """Time-major outputs ([T, N, C], as CRNN/CTC readers export them) and outputs without a batch axis
+    (a batch-1 model that squeezes it) are paired and counted per input sample, not per time step: the
+    gate's sample count and intervals must describe the held-out inputs."""
+    n = batch
+    graph = helper.make_graph(
+        [
+            helper.make_node("Transpose", ["x"], ["time_major"], perm=[1, 0, 2]),
+            helper.make_node("ReduceMean", ["x"], ["pooled"], axes=[0], keepdims=0),
+        ],
+        "layouts",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, [n, 7, 5])],
+        [
+            helper.make_tensor_value_info("time_major", TensorProto.FLOAT, [7, n, 5]),
+            helper.make_tensor_value_info("pooled", TensorProto.FLOAT, [7, 5]),
+        ],
+    )
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 13)])
+    rng = np.random.default_rng(0)
+    feeds = [{"x": rng.normal(size=(n, 7, 5)).astype(np.float32)} for _ in range(4)]
+    out = run_batches(session(model), feeds)
+    assert out["time_major"].shape == (4 * n, 7, 5)
+    np.testing.assert_array_equal(out["time_major"][:n], feeds[0]["x"])  # sample i is input i
+    # Reduced over the batch: a batch of one gives one sample; larger batches have no batch axis left.
+    assert out["pooled"].shape == ((4, 7, 5) if n == 1 else (4 * 7, 5))
+    noisy = {k: v + 1e-3 * rng.normal(size=v.shape).astype(np.float32) for k, v in out.items()}
+    assert compare({"time_major": out["time_major"]}, {"time_major": noisy["time_major"]}).samples == 4 * n
