@@ -181,9 +181,14 @@ def _learn_all(
         del values
         scales = np.asarray(plan.weights[layer.weight].scales, np.float32)
         w = cache.graph.constant(layer.weight).astype(np.float32)
-        q, nearest, nearest_err, learned_err = _learn_layer(
-            layer, w, scales, x_q, targets[layer.weight], config
-        )
+        # The budget also stops a layer mid-way (one large head can take minutes: ddddocr's 8210-class
+        # Gemm took 365 s of a 411 s run); only the first layer always finishes.
+        deadline = start + config.budget_s if result.layers else None
+        learned_layer = _learn_layer(layer, w, scales, x_q, targets[layer.weight], config, deadline)
+        if learned_layer is None:
+            result.skipped.append(layer.weight)
+            continue
+        q, nearest, nearest_err, learned_err = learned_layer
         kept = learned_err < nearest_err
         if kept:
             result.weights[layer.weight] = q
@@ -251,8 +256,10 @@ def _learn_layer(
     x_q: np.ndarray,
     target: np.ndarray,
     config: AdaRoundConfig,
-) -> tuple[np.ndarray, np.ndarray, float, float]:
-    """(learned and nearest int8 weight in ONNX layout, nearest relative error, learned relative error)."""
+    deadline: float | None = None,
+) -> tuple[np.ndarray, np.ndarray, float, float] | None:
+    """(learned and nearest int8 weight in ONNX layout, nearest relative error, learned relative error);
+    None when ``deadline`` (perf_counter seconds) passes before the steps are done."""
     import torch
 
     qmax = wq.INT8_MAX
@@ -287,6 +294,8 @@ def _learn_layer(
     warm = int(config.warmup * config.iterations)
     with torch.no_grad():  # gradients by hand: autograd's graph costs more than these elementwise ops
         for step in range(config.iterations):
+            if deadline is not None and step % 10 == 0 and time.perf_counter() > deadline:
+                return None
             sig = torch.sigmoid(v)
             raw = sig * (_ZETA - _GAMMA) + _GAMMA
             live = (raw > 0) & (raw < 1)  # outside, the rectifying clamp passes no gradient

@@ -190,3 +190,24 @@ def test_closed_form_gradient_is_the_direct_one(setup: tuple, photo_batch: np.nd
     assert x.shape[2] < x.shape[1]  # the Gram branch
     got = adaround._recon_gradient(x, y)(w_q.detach())
     torch.testing.assert_close(got, w_q.grad, rtol=1e-4, atol=1e-5 * float(w_q.grad.abs().max()))
+
+
+def test_the_budget_stops_a_layer_mid_way(setup: tuple, photo_batch: np.ndarray) -> None:
+    """A deadline that has passed stops a layer's steps (the budget is a bound on the run, not a check
+    between layers only); without one the same layer is learned."""
+    import time
+
+    cache, ranges, _ = setup
+    plan = plan_qdq(cache, ranges, QdqOptions())
+    layer = next(x for x in learnable_layers(cache.model, cache.graph, plan.weights) if x.groups == 1)
+    (act,) = ort_core.cpu_session(instrument(cache.model, [layer.activation])).run(
+        [layer.activation], {"images": photo_batch[:4]}
+    )
+    rows = layer.rows(act, 64, np.random.default_rng(0))
+    w = cache.graph.constant(layer.weight).astype(np.float32)
+    target = np.einsum("rgi,goi->rgo", rows, layer.to_matrix(w)).astype(np.float32)
+    scales = np.asarray(plan.weights[layer.weight].scales, np.float32)
+    args = (layer, w, scales, rows, target, FAST)
+    assert adaround._learn_layer(*args, deadline=time.perf_counter() - 1) is None
+    learned = adaround._learn_layer(*args, deadline=None)
+    assert learned is not None and learned[0].shape == w.shape
