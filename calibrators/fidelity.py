@@ -212,9 +212,12 @@ def compare_output(
     cos = metrics.cosine_per_sample(ref, test)
     top1 = kl = None
     top1_interval = None
-    if kind.kind in ("classification", "probability") and ref.ndim == 2 and ref.shape[1] >= 2:
-        top1 = metrics.top1_agreement(ref, test)
-        top1_interval = gate_stats.wilson_interval(round(top1 * ref.shape[0]), ref.shape[0])
+    if kind.kind in ("classification", "probability") and ref.ndim in (2, 3) and ref.shape[-1] >= 2:
+        # [N, C], or [N, T, C] per-position classes (a CTC text reader: characters per time step). The
+        # interval counts samples, not positions: the positions of one input are not independent draws.
+        agree = (ref.argmax(axis=-1) == test.argmax(axis=-1)).reshape(ref.shape[0], -1).mean(axis=1)
+        top1 = float(agree.mean())
+        top1_interval = gate_stats.wilson_interval(float(agree.sum()), ref.shape[0])
         if kind.kind == "classification":
             kl = metrics.kl_divergence(metrics.softmax(ref), metrics.softmax(test))
         elif kind.log_probabilities:

@@ -3,9 +3,10 @@
 - ``probability``: a Softmax/LogSoftmax/Sigmoid output, or rows in [0, 1] that sum to 1: top-1 agreement
   and KL on the probabilities themselves.
 - ``classification``: [N, C] logits of a Gemm/MatMul head with at least ``MIN_CLASSES`` columns (or named
-  like logits/classes): top-1 agreement and KL of the softmax. The argmax of 4 box offsets or 10 landmark
-  coordinates means nothing, so fewer columns, and heads named like boxes/landmarks/keypoints, are never
-  judged by top-1 unless they are probabilities.
+  like logits/classes): top-1 agreement and KL of the softmax. [N, T, C] logits named like classes (or set
+  by ``--output-kind``) and [N, T, C] probabilities are judged per position (a text reader's characters).
+  The argmax of 4 box offsets or 10 landmark coordinates means nothing, so fewer columns, and heads named
+  like boxes/landmarks/keypoints, are never judged by top-1 unless they are probabilities.
 - ``embedding``: a pooled or L2-normalised [N, D] vector (ReduceMean/LpNormalization/Div by a norm, or
   rows of unit length): cosine, SQNR, error over range.
 - ``prob_map``: a Sigmoid output with spatial axes ([N, C, H, W]: a segmentation or text-detector
@@ -107,6 +108,10 @@ def decide(
             return OutputKind("classification", f"{columns} columns")
         if op in _HEAD_OPS:
             return OutputKind("regression", f"{op} head with {columns} columns: too few for top-1")
+    per_position = ref is not None and ref.ndim == 3 and ref.shape[-1] >= 2
+    if per_position and op in _HEAD_OPS and _CLASS_NAMES.search(name):
+        # A hidden state is also a 3-D MatMul output, so only the name (or --output-kind) says "classes".
+        return OutputKind("classification", f"{op} head named like class logits, per position")
     shape = "scalar" if ref is None or ref.ndim == 0 else "x".join(str(d) for d in ref.shape[1:])
     return OutputKind("regression", f"{op or 'graph'} output ({shape} per sample)")
 

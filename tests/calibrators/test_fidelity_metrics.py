@@ -251,3 +251,19 @@ def test_samples_are_inputs_whatever_the_output_layout(batch: int) -> None:
     assert out["pooled"].shape == ((4, 7, 5) if n == 1 else (4 * 7, 5))
     noisy = {k: v + 1e-3 * rng.normal(size=v.shape).astype(np.float32) for k, v in out.items()}
     assert compare({"time_major": out["time_major"]}, {"time_major": noisy["time_major"]}).samples == 4 * n
+
+
+def test_sequence_classes_are_judged_per_position_with_a_per_sample_interval() -> None:
+    """[N, T, C] character probabilities (a CTC reader): top-1 agreement is the share of positions whose
+    class agrees, and its interval counts inputs, not positions; one flipped position of 4 x 10 is 97.5%."""
+    rng = np.random.default_rng(1)
+    ref = rng.dirichlet(np.ones(12), size=(4, 10)).astype(np.float32)  # [N=4, T=10, C=12]
+    test = ref.copy()
+    test[2, 7] = np.roll(test[2, 7], 1)  # one position reads another character
+    flipped = int((ref.argmax(-1) != test.argmax(-1)).sum())
+    out = compare_output("probs", ref, test, OutputKind("probability", "test"))
+    assert out.top1_agreement == pytest.approx(1 - flipped / 40)
+    assert out.top1_interval is not None and out.top1_interval[0] < 0.6  # 4 inputs prove little
+    same = compare_output("probs", ref, ref, OutputKind("probability", "test"))
+    assert same.top1_agreement == 1.0 and same.top1_interval is not None and same.top1_interval[1] == 1.0
+    assert same.top1_interval[0] < 0.6  # not collapsed to a point by identical positions
