@@ -202,6 +202,13 @@ def test_minilm_smoothed_float_graph_is_equivalent(minilm_runs: dict) -> None:
 def test_minilm_smoothquant_improves_fidelity_keeps_placement(minilm_runs: dict) -> None:
     off, on = minilm_runs["runs"]["off"], minilm_runs["runs"]["on"]
     assert on.fidelity.outputs[0].cosine > off.fidelity.outputs[0].cosine
+    assert on.fidelity.outputs[0].cosine >= 0.995  # issue #9's target, all MatMuls but the scores INT8
+    # The residual Adds feed LayerNorms: their skip inputs stay float (calibrators/qdq_residual.py).
+    qmodel = onnx.load(str(on.onnx_path))
+    producer = {o: n.op_type for n in qmodel.graph.node for o in n.output}
+    residuals = [n for n in qmodel.graph.node if n.op_type == "Add" and n.name.endswith("output/Add")]
+    assert len(residuals) == 12
+    assert all(producer.get(t) != "DequantizeLinear" for n in residuals for t in n.input)
     sm = on.smooth
     assert sm is not None and sm.enabled and len(sm.smoothed) >= 12
     assert all(g.alpha is None or 0.3 <= g.alpha <= 1.0 for g in sm.groups)
