@@ -184,13 +184,15 @@ def group_error(
     return float(np.mean(noise / np.maximum(signal, 1e-30)))
 
 
-def crossfit_error(st: _Stats, weights: list[np.ndarray], alpha: float | None) -> float:
+def crossfit_error(
+    st: _Stats, weights: list[np.ndarray], alpha: float | None, crossfit: bool = True
+) -> float:
     """``group_error`` with s and the activation amax measured on one fold and the error on the other,
     both ways, averaged: a scale fitted to the calibration maxima is judged on tokens that did not set
     them (MiniLM-L6: alpha 1.0 normalises every GELU channel to its calibration max, and held-out tokens
-    exceed it up to 11x and clip). Falls back to the rows' own error with fewer than two samples."""
+    exceed it up to 11x and clip). The rows' own error with fewer than two samples, or ``crossfit`` False."""
     folds = [f for f in (0, 1) if st.count[f]]
-    if len(folds) < 2:
+    if len(folds) < 2 or not crossfit:
         x = st.sample()
         s = None if alpha is None else smoothing_scale(st.overall_max, weights, alpha)
         return group_error(x, weights, s)
@@ -214,11 +216,13 @@ def outlier_ratio(channel_max: np.ndarray) -> float:
     return float(channel_max.max()) / median if median > 0 else 0.0
 
 
-def _choose(cand: Candidate, st: _Stats, weights: list[np.ndarray]) -> tuple[SmoothGroup, np.ndarray | None]:
-    off = crossfit_error(st, weights, None)
+def _choose(
+    cand: Candidate, st: _Stats, weights: list[np.ndarray], crossfit: bool
+) -> tuple[SmoothGroup, np.ndarray | None]:
+    off = crossfit_error(st, weights, None, crossfit)
     best_alpha, best_err = None, off
     for alpha in ALPHAS:
-        err = crossfit_error(st, weights, alpha)
+        err = crossfit_error(st, weights, alpha, crossfit)
         if err < best_err:
             best_alpha, best_err = alpha, err
     if best_err > off * (1 - MIN_GAIN):
@@ -254,9 +258,11 @@ def smooth(
     *,
     threads: int | None = None,
     seed: int = 0,
+    crossfit: bool = True,
 ) -> tuple[onnx.ModelProto, SmoothReport]:
     """``model`` with SmoothQuant folded into the groups where it helps (``mode`` on, or auto and some
-    input has outlier channels), and the report; ``quantized``: the activations that will get Q/DQ."""
+    input has outlier channels), and the report; ``quantized``: the activations that will get Q/DQ.
+    ``crossfit`` False judges alpha on the rows that set the scale (the former choice; for the bench)."""
     if mode not in MODES:
         raise TrtbuildError(f"unknown --smooth-quant '{mode}'", f"use one of {', '.join(MODES)}")
     if mode == "off":
@@ -285,7 +291,7 @@ def smooth(
     groups, scales = [], {}
     index = GraphIndex(model)
     for cand in candidates:
-        group, s = _choose(cand, stats[cand.tensor], _weights(index, cand))
+        group, s = _choose(cand, stats[cand.tensor], _weights(index, cand), crossfit)
         groups.append(group)
         if s is not None:
             scales[cand.tensor] = (cand, s)
