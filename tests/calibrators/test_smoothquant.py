@@ -235,3 +235,24 @@ def test_minilm_smoothed_cache_and_encodings_name_the_written_graph(minilm_runs:
     assert any(t.endswith("_smooth") for t in cached)  # the duplicated LayerNorms' outputs
     encodings = build_encodings(qmodel, on.ranges)
     assert encodings.activations and any(t.endswith("_smooth") for t in encodings.activations)
+
+
+def test_crossfit_error_sees_tokens_beyond_the_calibration_maxima() -> None:
+    """alpha 1.0 normalises each channel to its calibration max; a channel that peaks higher on other tokens
+    then clips. Judged on its own rows that cannot show; cross-fitted (scale from one half, error on the
+    other) it does, so the search stops preferring 1.0 (docs/smoothquant.md)."""
+    rng = np.random.default_rng(0)
+    channels = 32
+    folds = [np.abs(rng.standard_normal((256, channels))).astype(np.float32) * 0.1 for _ in range(2)]
+    for fold in (0, 1):  # rare spikes, each channel's only in one half of the samples
+        rows = rng.choice(256, 24, replace=False)
+        folds[fold][rows, rng.choice(channels, 24)] = 3.0
+    maxima = np.stack([np.abs(f).max(axis=0) for f in folds])
+    st = smoothquant._Stats(maxima, [[folds[0]], [folds[1]]], [256, 256])
+    weights = [rng.standard_normal((channels, 16))]
+    in_sample = smoothquant.crossfit_error(st, weights, 1.0, crossfit=False)
+    crossfit = smoothquant.crossfit_error(st, weights, 1.0)
+    assert crossfit > 2 * in_sample, (crossfit, in_sample)  # measured: 0.053 vs 0.0067
+    # Without smoothing the per-tensor amax already covers every spike: both judgements agree.
+    unsmoothed = [smoothquant.crossfit_error(st, weights, None, crossfit=c) for c in (False, True)]
+    assert unsmoothed[1] == pytest.approx(unsmoothed[0], rel=0.1)
