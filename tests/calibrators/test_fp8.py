@@ -174,11 +174,20 @@ def minilm(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, list[dict[st
 
 def test_quantize_fp8_minilm_beats_int8(minilm: tuple[Path, list], tmp_path: Path) -> None:
     """MiniLM's activations have outliers: FP8's wide grid keeps them and the small values both, so the FP8
-    graph is closer to FP32 than the INT8 one (same data, same held-out samples); ORT runs it on the CPU."""
+    graph is closer to FP32 than plain per-tensor INT8 (same data, same held-out samples; SmoothQuant off:
+    with it, INT8 catches up, docs/smoothquant.md); ORT runs it on the CPU."""
     path, samples = minilm
     data = {k: np.concatenate([s[k] for s in samples]) for k in samples[0]}
     results = {
-        p: quantize(path, data, tmp_path / p, activation_type=p, holdout=8, min_fidelity="cosine=0.9")
+        p: quantize(
+            path,
+            data,
+            tmp_path / p,
+            activation_type=p,
+            holdout=8,
+            min_fidelity="cosine=0.9",
+            smooth_quant="off",
+        )
         for p in ("int8", "fp8")
     }
     fp8_result = results["fp8"]

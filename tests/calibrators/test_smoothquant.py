@@ -202,6 +202,13 @@ def test_minilm_smoothed_float_graph_is_equivalent(minilm_runs: dict) -> None:
 def test_minilm_smoothquant_improves_fidelity_keeps_placement(minilm_runs: dict) -> None:
     off, on = minilm_runs["runs"]["off"], minilm_runs["runs"]["on"]
     assert on.fidelity.outputs[0].cosine > off.fidelity.outputs[0].cosine
+    assert on.fidelity.outputs[0].cosine >= 0.995  # issue #9's target, all MatMuls but the scores INT8
+    # The residual Adds feed LayerNorms: their skip inputs stay float (calibrators/qdq_residual.py).
+    qmodel = onnx.load(str(on.onnx_path))
+    producer = {o: n.op_type for n in qmodel.graph.node for o in n.output}
+    residuals = [n for n in qmodel.graph.node if n.op_type == "Add" and n.name.endswith("output/Add")]
+    assert len(residuals) == 12
+    assert all(producer.get(t) != "DequantizeLinear" for n in residuals for t in n.input)
     sm = on.smooth
     assert sm is not None and sm.enabled and len(sm.smoothed) >= 12
     assert all(g.alpha is None or 0.3 <= g.alpha <= 1.0 for g in sm.groups)
@@ -228,3 +235,24 @@ def test_minilm_smoothed_cache_and_encodings_name_the_written_graph(minilm_runs:
     assert any(t.endswith("_smooth") for t in cached)  # the duplicated LayerNorms' outputs
     encodings = build_encodings(qmodel, on.ranges)
     assert encodings.activations and any(t.endswith("_smooth") for t in encodings.activations)
+
+
+def test_crossfit_error_sees_tokens_beyond_the_calibration_maxima() -> None:
+    """alpha 1.0 normalises each channel to its calibration max; a channel that peaks higher on other tokens
+    then clips. Judged on its own rows that cannot show; cross-fitted (scale from one half, error on the
+    other) it does, so the search stops preferring 1.0 (docs/smoothquant.md)."""
+    rng = np.random.default_rng(0)
+    channels = 32
+    folds = [np.abs(rng.standard_normal((256, channels))).astype(np.float32) * 0.1 for _ in range(2)]
+    for fold in (0, 1):  # rare spikes, each channel's only in one half of the samples
+        rows = rng.choice(256, 24, replace=False)
+        folds[fold][rows, rng.choice(channels, 24)] = 3.0
+    maxima = np.stack([np.abs(f).max(axis=0) for f in folds])
+    st = smoothquant._Stats(maxima, [[folds[0]], [folds[1]]], [256, 256])
+    weights = [rng.standard_normal((channels, 16))]
+    in_sample = smoothquant.crossfit_error(st, weights, 1.0, crossfit=False)
+    crossfit = smoothquant.crossfit_error(st, weights, 1.0)
+    assert crossfit > 2 * in_sample, (crossfit, in_sample)  # measured: 0.053 vs 0.0067
+    # Without smoothing the per-tensor amax already covers every spike: both judgements agree.
+    unsmoothed = [smoothquant.crossfit_error(st, weights, None, crossfit=c) for c in (False, True)]
+    assert unsmoothed[1] == pytest.approx(unsmoothed[0], rel=0.1)
