@@ -28,7 +28,7 @@ from calibrators import fidelity, gate_stats
 from calibrators.calibrate import compute_ranges
 from calibrators.collect import DEFAULT_BATCH_SIZE, collect, load_model, tensors_to_collect
 from calibrators.data import model_inputs, open_data
-from calibrators.fidelity import FidelityReport
+from calibrators.fidelity import FidelityReport, FidelityThreshold
 from calibrators.fidelity_spec import check_outputs
 from calibrators.int4 import pipeline, sequential
 from calibrators.int4.blocks import DEFAULT_BLOCK_SIZE, BlockQuant
@@ -40,6 +40,7 @@ from calibrators.int4.graph import (
     weight_kn,
     write_int4,
 )
+from calibrators.preprocess import Preprocess
 from calibrators.qdq import QdqOptions, QdqPlan, apply_qdq, ensure_node_names, plan_qdq
 from calibrators.qdq_scales import GraphCache
 from calibrators.ranges import RangeSet
@@ -52,7 +53,23 @@ log = logging.getLogger(__name__)
 PRECISION = "int4-weights,int8"
 TAG = "int4int8"
 INT4_REASON = "INT4 weight-only (--precision int4-weights,int8)"
-DEFAULT_ALGORITHM = "awq"  # per layer, independent of which neighbours end up INT4
+
+
+class MixedGateError(pipeline.Int4GateError):
+    """Not even the graph with every weight layer INT8 passes: no mix of INT4 and INT8 can."""
+
+    def __init__(self, report: FidelityReport) -> None:
+        self.report = report
+        failing = "; ".join(
+            f"{o.name} ({o.kind}): {', '.join(o.failures(report.threshold))}" for o in report.failing()
+        )
+        TrtbuildError.__init__(
+            self,
+            f"int4-weights,int8: even with every weight layer INT8 the fidelity is below the gate on "
+            f"{report.samples} held-out samples ({report.semantics} semantics): {failing}; "
+            "nothing was written",
+            "use --precision int8 --auto-fallback (float layers where INT8 fails) or a lower --min-fidelity",
+        )
 
 
 @dataclass
@@ -139,12 +156,13 @@ def quantize_int4_int8(
     data: Any,
     out_dir: str | Path,
     *,
-    algorithm: str = DEFAULT_ALGORITHM,
+    algorithm: str = pipeline.DEFAULT_ALGORITHM,
     block_size: int = DEFAULT_BLOCK_SIZE,
     samples: int | None = None,
     holdout: int | None = None,
-    min_fidelity: str | float | Sequence[str] | None = None,
+    min_fidelity: str | float | Sequence[str] | FidelityThreshold | None = None,
     exclude: Sequence[str] = (),
+    preprocess: Preprocess | None = None,
     batch_size: int = DEFAULT_BATCH_SIZE,
     threads: int | None = None,
     seed: int = 0,
@@ -157,7 +175,11 @@ def quantize_int4_int8(
         )
     start = time.perf_counter()
     with output_set.writer_lock(out_dir):
-        threshold = fidelity.parse_min_fidelity(min_fidelity)
+        threshold = (
+            min_fidelity
+            if isinstance(min_fidelity, FidelityThreshold)
+            else fidelity.parse_min_fidelity(min_fidelity)
+        )
         model = ensure_node_names(upgrade_opset(load_model(model_path)))
         hoist_constants(model)
         check_outputs(threshold, [o.name for o in model.graph.output])
@@ -168,7 +190,7 @@ def quantize_int4_int8(
                 "use --precision int8 for this model",
             )
         pipeline.check_block_size(layers, block_size)
-        all_data = open_data(data, model_inputs(model), None)
+        all_data = open_data(data, model_inputs(model), preprocess)
         if holdout is None:
             holdout = gate_stats.auto_holdout(all_data.known_length(), samples)
         calib, held = all_data.split(holdout, seed)
@@ -215,7 +237,7 @@ def quantize_int4_int8(
         if not best[2].passed:
             low = verify(0)
             if not low[2].passed:
-                raise pipeline.Int4GateError(low[2], f"{algorithm}, all weight layers INT8")
+                raise MixedGateError(low[2])
             # the longest passing prefix: lo passes, hi fails
             lo, hi, best = 0, len(order), low
             while hi - lo > 1:
