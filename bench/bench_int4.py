@@ -233,6 +233,9 @@ def main() -> int:
     parser.add_argument("--memory-only", action="store_true", help="only the memory rows (INT4 graph by RTN)")
     parser.add_argument("--skip-memory", action="store_true", help="only the accuracy rows")
     parser.add_argument(
+        "--mixed-gate", type=float, default=0.98, help="int4-weights,int8 row: its cosine gate (0: skip)"
+    )
+    parser.add_argument(
         "--algorithms", default="rtn,awq,gptq,awq-gptq", help="trtbuild INT4 algorithms, comma-separated"
     )
     args = parser.parse_args()
@@ -298,6 +301,25 @@ def main() -> int:
         int4_paths[algorithm] = result.onnx_path
         cpu = time.process_time() - cpu_start
         add(f"trtbuild {algorithm}", result.onnx_path, time.perf_counter() - start, cpu=cpu)
+
+    if args.mixed_gate > 0 and not args.memory_only:
+        from calibrators.int4.mixed import quantize_int4_int8
+
+        start, cpu_start = time.perf_counter(), time.process_time()
+        mixed = quantize_int4_int8(
+            model_path,
+            lambda: iter(held + calib),
+            work / "mixed",
+            algorithm="awq",
+            block_size=args.block_size,
+            holdout=args.holdout,
+            min_fidelity=f"cosine={args.mixed_gate}",
+            threads=args.threads,
+        )
+        cpu = time.process_time() - cpu_start
+        kinds = f"{len(mixed.int4_layers)} INT4 + {len(mixed.int8_layers)} INT8 weight layers"
+        note = f"{kinds}, gate cosine {args.mixed_gate}"
+        add("trtbuild int4-weights,int8 (awq)", mixed.onnx_path, time.perf_counter() - start, note, cpu)
 
     calib_npz = work / "calib.npz"
     np.savez(calib_npz, **{k: np.concatenate([s[k] for s in calib]) for k in calib[0]})

@@ -38,7 +38,7 @@ from trtbuild.core.errors import TrtbuildError
 log = logging.getLogger(__name__)
 
 ALGORITHMS = ("awq-gptq", "awq", "gptq", "rtn")
-DEFAULT_ALGORITHM = "awq"
+DEFAULT_ALGORITHM = "awq-gptq"  # best on held-out sentences (bench/bench_int4.py, docs/int4-weight-only.md)
 DEFAULT_HOLDOUT: int | None = None  # auto: sized to the data, as INT8 (calibrators/gate_stats.py)
 MAX_ROWS = 8192  # calibration rows per activation: GPTQ needs more rows than K (1536 in BERT's FFN)
 PRECISION = "int4-weights"
