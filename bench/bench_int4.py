@@ -286,7 +286,7 @@ def main() -> int:
         print(json.dumps(rows[-1]), flush=True)
 
     int4_paths: dict[str, Path] = {}
-    for algorithm in ("rtn",) if args.memory_only else args.algorithms.split(","):
+    for algorithm in ("rtn",) if args.memory_only else [a for a in args.algorithms.split(",") if a]:
         start, cpu_start = time.perf_counter(), time.process_time()
         result = quantize_int4(
             model_path,
@@ -304,22 +304,29 @@ def main() -> int:
 
     if args.mixed_gate > 0 and not args.memory_only:
         from calibrators.int4.mixed import quantize_int4_int8
+        from calibrators.int4.pipeline import Int4GateError
 
         start, cpu_start = time.perf_counter(), time.process_time()
-        mixed = quantize_int4_int8(
-            model_path,
-            lambda: iter(held + calib),
-            work / "mixed",
-            algorithm="awq",
-            block_size=args.block_size,
-            holdout=args.holdout,
-            min_fidelity=f"cosine={args.mixed_gate}",
-            threads=args.threads,
-        )
+        try:
+            mixed = quantize_int4_int8(
+                model_path,
+                lambda: iter(held + calib),
+                work / "mixed",
+                algorithm="awq",
+                block_size=args.block_size,
+                holdout=args.holdout,
+                min_fidelity=f"cosine={args.mixed_gate}",
+                threads=args.threads,
+            )
+        except Int4GateError as exc:  # even all-INT8 fails this gate: recorded, not a crash
+            mixed = None
+            note = exc.problem[:200]
+        else:
+            kinds = f"{len(mixed.int4_layers)} INT4 + {len(mixed.int8_layers)} INT8 weight layers"
+            note = f"{kinds}, gate cosine {args.mixed_gate}"
         cpu = time.process_time() - cpu_start
-        kinds = f"{len(mixed.int4_layers)} INT4 + {len(mixed.int8_layers)} INT8 weight layers"
-        note = f"{kinds}, gate cosine {args.mixed_gate}"
-        add("trtbuild int4-weights,int8 (awq)", mixed.onnx_path, time.perf_counter() - start, note, cpu)
+        name, path = "trtbuild int4-weights,int8 (awq)", mixed.onnx_path if mixed else None
+        add(name, path, time.perf_counter() - start, note, cpu)
 
     calib_npz = work / "calib.npz"
     np.savez(calib_npz, **{k: np.concatenate([s[k] for s in calib]) for k in calib[0]})
