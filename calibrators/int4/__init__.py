@@ -1,8 +1,10 @@
 """INT4 weight-only quantization (W4A16): block-wise INT4 MatMul/Gemm weights, float activations.
 
 ``quantize_int4`` (calibrators/int4/pipeline.py) is the entry point; the weight algorithms live in
-blocks.py (round-to-nearest), awq.py (activation-aware scales) and gptq.py (Hessian error compensation);
-graph.py writes TensorRT's weight-only pattern (INT4 DequantizeLinear with block_size feeding the MatMul).
+blocks.py (round-to-nearest), awq.py (activation-aware scales), gptq.py (Hessian error compensation) and
+sequential.py (AWQ scales + GPTQ rounding fitted group by group to the FP32 output, the default); mixed.py
+is `--precision int4-weights,int8`; graph.py writes TensorRT's weight-only pattern (INT4
+DequantizeLinear with block_size feeding the MatMul).
 """
 
 from calibrators.int4.blocks import DEFAULT_BLOCK_SIZE, BlockQuant, dequantize, quantize_blocks

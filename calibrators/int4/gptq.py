@@ -24,9 +24,15 @@ def _inverse_hessian_upper(h: np.ndarray) -> np.ndarray:
 
 def gptq(x: np.ndarray, weight: np.ndarray, block: int, act_order: bool = True) -> BlockQuant:
     """GPTQ of ``weight`` [K, N] with calibration inputs ``x`` [rows, K]."""
+    h = x.astype(np.float64).T @ x.astype(np.float64)
+    return gptq_hessian(h, weight, block, act_order)
+
+
+def gptq_hessian(h: np.ndarray, weight: np.ndarray, block: int, act_order: bool = True) -> BlockQuant:
+    """GPTQ of ``weight`` [K, N] given the Hessian ``h`` = X^T X [K, K] of its inputs."""
     k, n = weight.shape
     scales = block_scales(weight, block)  # [K / block, N], static groups
-    h = x.astype(np.float64).T @ x.astype(np.float64)
+    h = np.array(h, np.float64)
     dead = np.diag(h) == 0
     h[dead, dead] = 1.0
     w = weight.T.astype(np.float64).copy()  # [N, K]: columns are input channels, as in the paper

@@ -26,7 +26,7 @@ from calibrators.collect import DEFAULT_BATCH_SIZE, instrument, load_model
 from calibrators.data import CalibrationData, model_inputs, open_data
 from calibrators.fidelity import FidelityReport, FidelityThreshold
 from calibrators.fidelity_spec import check_outputs
-from calibrators.int4 import awq, gptq
+from calibrators.int4 import awq, gptq, sequential
 from calibrators.int4.blocks import DEFAULT_BLOCK_SIZE, BlockQuant, quantize_blocks
 from calibrators.int4.graph import WeightLayer, find_layers, hoist_constants, weight_kn, write_int4
 from calibrators.preprocess import Preprocess
@@ -37,10 +37,10 @@ from trtbuild.core.errors import TrtbuildError
 
 log = logging.getLogger(__name__)
 
-ALGORITHMS = ("awq", "gptq", "rtn")
-DEFAULT_ALGORITHM = "awq"
+ALGORITHMS = ("awq-gptq", "awq", "gptq", "rtn")
+DEFAULT_ALGORITHM = "awq-gptq"  # best on held-out sentences (bench/bench_int4.py, docs/int4-weight-only.md)
 DEFAULT_HOLDOUT: int | None = None  # auto: sized to the data, as INT8 (calibrators/gate_stats.py)
-MAX_ROWS = 2048  # calibration rows per activation: enough for AWQ/GPTQ statistics, bounded memory
+MAX_ROWS = 8192  # calibration rows per activation: GPTQ needs more rows than K (1536 in BERT's FFN)
 PRECISION = "int4-weights"
 
 
@@ -133,7 +133,7 @@ def check_block_size(layers: Sequence[WeightLayer], block: int) -> None:
     )
 
 
-def _collect_inputs(
+def collect_inputs(
     model: onnx.ModelProto,
     activations: Sequence[str],
     calib: CalibrationData,
@@ -154,11 +154,13 @@ def _collect_inputs(
         for name in activations:
             array = np.asarray(batch[name] if name in fed else values[name], np.float32)
             parts[name].append(_real_token_rows(array, batch))
-    rng = np.random.default_rng(seed)
     rows = {}
     for name, chunks in parts.items():
         x = np.concatenate(chunks, axis=0)
-        rows[name] = x[np.sort(rng.choice(len(x), MAX_ROWS, replace=False))] if len(x) > MAX_ROWS else x
+        # one generator per activation: the same rows are picked from every model (awq-gptq pairs them)
+        if len(x) > MAX_ROWS:
+            x = x[np.sort(np.random.default_rng(seed).choice(len(x), MAX_ROWS, replace=False))]
+        rows[name] = x
     return rows, count
 
 
@@ -174,7 +176,7 @@ def _real_token_rows(array: np.ndarray, batch: Mapping[str, np.ndarray]) -> np.n
     return rows
 
 
-def _quantize_layers(
+def quantize_layers(
     model: onnx.ModelProto,
     layers: Sequence[WeightLayer],
     rows: Mapping[str, np.ndarray],
@@ -236,8 +238,9 @@ def quantize_int4(
 ) -> Int4Result:
     """INT4 weight-only quantization of ``model_path``'s MatMul/Gemm weights, block-wise along K.
 
-    ``algorithm``: awq (activation-aware scales + clip, default), gptq (Hessian error compensation) or rtn
-    (round-to-nearest, needs no data but still gated). Writes ``<stem>.int4.onnx`` and
+    ``algorithm``: awq-gptq (AWQ scales, GPTQ rounding, groups fitted in order to the FP32 outputs on the
+    quantized inputs, default), awq (activation-aware scales + clip), gptq (Hessian error compensation) or
+    rtn (round-to-nearest, needs no data but still gated). Writes ``<stem>.int4.onnx`` and
     ``<stem>.int4.json`` into ``out_dir`` only when the held-out fidelity meets ``min_fidelity``; raises
     :class:`Int4GateError` otherwise.
     """
@@ -271,11 +274,20 @@ def quantize_int4(
         calib = calib.sample(samples, seed)
         activations = list(dict.fromkeys(layer.activation for layer in layers))
         rows, calib_count = (
-            _collect_inputs(model, activations, calib, batch_size, threads, seed)
+            collect_inputs(model, activations, calib, batch_size, threads, seed)
             if algorithm != "rtn"
             else ({}, 0)
         )
-        quants, scales, details = _quantize_layers(model, layers, rows, algorithm, block_size)
+        if algorithm == "awq-gptq":
+            quants, scales, details = sequential.quantize_sequential(
+                model,
+                layers,
+                rows,
+                lambda m, a: collect_inputs(m, [a], calib, batch_size, threads, seed)[0][a],
+                block_size,
+            )
+        else:
+            quants, scales, details = quantize_layers(model, layers, rows, algorithm, block_size)
         qmodel, placed = write_int4(model, layers, quants, scales)
 
         held_batches = list(held.batches(batch_size))

@@ -69,14 +69,15 @@ def _worst_table(result: QuantizeResult) -> Table:
 @data_option
 @click.option(
     "--precision",
-    type=click.Choice(["int8", "fp8", "int8,fp8", "int4-weights"]),
+    type=click.Choice(["int8", "fp8", "int8,fp8", "int4-weights", "int4-weights,int8"]),
     default="int8",
     show_default=True,
     help="int8: Q/DQ activations and weights. fp8: E4M3 Q/DQ (opset 19) for TensorRT on sm89+ GPUs "
     "(docs/fp8.md). int8,fp8: INT8, with FP8 on the layers whose INT8 error fails the gate (mixed per "
     "layer, chosen by the auto-fallback's sensitivity; TensorRT on sm89+). "
     "int4-weights: INT4 block-wise MatMul/Gemm weights only (W4A16), activations stay float "
-    "(docs/int4-weight-only.md).",
+    "(docs/int4-weight-only.md). int4-weights,int8: per weight layer INT4 weight-only or INT8 Q/DQ, "
+    "as many INT4 as the gate allows, least noisy first (TensorRT 10+, sm80+).",
 )
 @click.option(
     "--block-size",
@@ -90,7 +91,8 @@ def _worst_table(result: QuantizeResult) -> Table:
     type=click.Choice(list(INT4_ALGORITHMS)),
     default=INT4_DEFAULT,
     show_default=True,
-    help="int4-weights: awq (activation-aware scales + clip), gptq (Hessian error compensation), rtn.",
+    help="int4-weights: awq-gptq (AWQ scales, GPTQ rounding, layers fitted in order to the FP32 output), "
+    "awq (activation-aware scales + clip), gptq (Hessian error compensation), rtn.",
 )
 @click.option(
     "--method",
@@ -288,13 +290,14 @@ def quantize_command(
             "drop --activation-type",
         )
     threshold = parse_min_fidelity(list(min_fidelity) or None)
-    if precision == "int4-weights":
+    if precision.startswith("int4-weights"):
         if auto_fallback or activation_type != "int8":
             raise TrtbuildError(
-                "--auto-fallback and --activation-type apply to int8, not int4-weights",
+                f"--auto-fallback and --activation-type apply to int8, not {precision}",
                 "drop them, or use --exclude to keep sensitive layers float",
             )
-        _quantize_int4(
+        quantize_int4 = _quantize_int4 if precision == "int4-weights" else _quantize_int4_int8
+        quantize_int4(
             model,
             data_path,
             out_dir or model.parent,
@@ -425,6 +428,30 @@ def _quantize_int4(model: Path, data_path: Path, out_dir: Path, as_json: bool, *
         f"{result.fp32_weight_bytes / 2**20:.1f} MiB FP32 -> {result.int4_weight_bytes / 2**20:.1f} MiB "
         f"({ratio:.3f}x); {result.calibration_samples} calibration / {result.holdout_samples} held-out "
         "samples"
+    )
+    for label, path in (("onnx", result.onnx_path), ("report", result.report_path)):
+        console.out.print(f"{label:7s}{path}")
+
+
+def _quantize_int4_int8(model: Path, data_path: Path, out_dir: Path, as_json: bool, **options: Any) -> None:
+    from calibrators.int4.mixed import quantize_int4_int8
+    from calibrators.int4.pipeline import Int4GateError
+
+    options.pop("output_kind", None)
+    title = "INT4/INT8 fidelity vs FP32 (held-out samples)"
+    try:
+        result = quantize_int4_int8(model, data_path, out_dir, **options)
+    except Int4GateError as exc:
+        console.err.print(exc.report.table(title))
+        raise
+    if as_json:
+        console.emit_json(result.to_json())
+        return
+    console.out.print(result.fidelity.table(title))
+    console.out.print(
+        f"{len(result.int4_layers)} MatMul/Gemm weight layers INT4 weight-only, {len(result.int8_layers)} "
+        f"INT8: weights {result.fp32_weight_bytes / 2**20:.1f} MiB FP32 -> {result.weight_bytes / 2**20:.1f} "
+        f"MiB; {result.calibration_samples} calibration / {result.holdout_samples} held-out samples"
     )
     for label, path in (("onnx", result.onnx_path), ("report", result.report_path)):
         console.out.print(f"{label:7s}{path}")
