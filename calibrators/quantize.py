@@ -305,9 +305,10 @@ def quantize(
         kinds = fidelity.decide_kinds(model, reference, kind_overrides)
         report = fidelity.compare(reference, test, threshold, kinds, semantics)
         fallback: FallbackResult | None = None
-        if not report.passed and s.auto_fallback and learned is not None:
+        if not report.passed and s.auto_fallback and learned is not None and not mixed:
             # Fallback on a learned graph undoes what the learning compensated: decide the float layers
-            # with round-to-nearest, then learn for that graph (calibrators/learned_fallback.py).
+            # with round-to-nearest, then learn for that graph (calibrators/learned_fallback.py; float
+            # fallback only: the FP8 layers of a mixed plan are not re-planned there).
             refit = learned_fallback.learned_fallback(
                 model,
                 ranges,
@@ -324,7 +325,6 @@ def quantize(
                     "strategy": s.fallback_strategy,
                     "max_float_compute": s.max_float_compute,
                     "ranking": s.fallback_rank,
-                    "fp8_ranges": fp8_ranges,
                 },
             )
             fallback, learned = refit.fallback, refit.rounding
