@@ -49,8 +49,11 @@ _ZETA, _GAMMA = 1.1, -0.1  # the rectified sigmoid's stretch (paper's values)
 class AdaRoundConfig:
     """How hard to learn. Defaults: measured on EfficientNet-Lite0 / MiniLM (bench/bench_int8_accuracy.py)."""
 
-    samples: int = 32  # calibration samples whose layer inputs are used
-    rows: int = 2048  # sampled rows (conv output positions, Gemm/MatMul rows) per layer
+    # Calibration samples whose layer inputs are used, and sampled rows (conv output positions, Gemm/MatMul
+    # rows) per layer: 64 rows per sample either way. 64 samples (was 32) measured better on both exports
+    # (192 held-out crops: top-1 96.4/94.8 % -> 96.9/96.9 %, TorchScript/dynamo) for ~25 CPU s more.
+    samples: int = 64
+    rows: int = 4096
     iterations: int = 150  # full-batch Adam steps (300 measured no better on EfficientNet-Lite0)
     lr: float = 1e-2
     reg_weight: float = 0.01

@@ -25,6 +25,7 @@ from calibrators import (
     gate_stats,
     layer_cost,
     layer_report,
+    learned_fallback,
     ort_cpu,
     output_aware,
     output_kinds,
@@ -304,7 +305,31 @@ def quantize(
         kinds = fidelity.decide_kinds(model, reference, kind_overrides)
         report = fidelity.compare(reference, test, threshold, kinds, semantics)
         fallback: FallbackResult | None = None
-        if not report.passed and s.auto_fallback:
+        if not report.passed and s.auto_fallback and learned is not None and not mixed:
+            # Fallback on a learned graph undoes what the learning compensated: decide the float layers
+            # with round-to-nearest, then learn for that graph (calibrators/learned_fallback.py; float
+            # fallback only: the FP8 layers of a mixed plan are not re-planned there).
+            refit = learned_fallback.learned_fallback(
+                model,
+                ranges,
+                replace(options, learned_rounding=None),
+                list(calib.sample(config.samples, config.seed).batches(s.batch_size)),
+                held_batches,
+                threshold,
+                config,
+                reference=reference,
+                kinds=kinds,
+                semantics=semantics,
+                threads=s.threads,
+                fallback_args={
+                    "strategy": s.fallback_strategy,
+                    "max_float_compute": s.max_float_compute,
+                    "ranking": s.fallback_rank,
+                },
+            )
+            fallback, learned = refit.fallback, refit.rounding
+            plan, qmodel, report = fallback.plan, fallback.model, fallback.final
+        elif not report.passed and s.auto_fallback:
             fallback = fallback_search.auto_fallback(
                 model,
                 ranges,
