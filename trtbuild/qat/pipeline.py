@@ -32,7 +32,7 @@ from calibrators.data import ModelInput, model_inputs, open_data
 from calibrators.fidelity import FidelityReport
 from calibrators.methods import DEFAULT_METHOD
 from calibrators.preprocess import Preprocess
-from calibrators.qdq import QdqOptions, apply_qdq, plan_qdq, quantizable_activations
+from calibrators.qdq import QdqOptions, QdqPlan, apply_qdq, plan_qdq, quantizable_activations
 from calibrators.quantize import QuantizeResult, quantize
 from calibrators.quantize_settings import QuantizeSettings
 from calibrators.ranges import RangeSet, TensorRange
@@ -41,9 +41,9 @@ from trtbuild.core import atomic
 from trtbuild.core.defaults import DEFAULT_TRT_VERSION
 from trtbuild.core.errors import TrtbuildError
 from trtbuild.qat.fake_quant import ActivationQuantizer, QuantHooks
+from trtbuild.qat.losses import LOSSES, kind_loss
 from trtbuild.qat.mapping import QuantMap, map_plan, weighted_modules
 from trtbuild.qat.prune import PruneDecision, plan_pruning
-from trtbuild.qat.losses import LOSSES, kind_loss
 from trtbuild.qat.prune_fit import prune_fitted
 from trtbuild.qat.ptq_start import fold_plan, learned_plan
 from trtbuild.qat.train import Evaluation, LossFn, TrainConfig, Trainer, TrainResult
@@ -154,6 +154,34 @@ def _learned_ranges(ranges: RangeSet, quantizers: Mapping[str, ActivationQuantiz
     return learned
 
 
+def quantize_student(
+    model: nn.Module,
+    qmap: QuantMap,
+    plan: QdqPlan,
+    masks: Mapping[str, torch.Tensor],
+    device: torch.device,
+) -> tuple[QuantHooks, dict[str, ActivationQuantizer]]:
+    """Fake-quantize ``model`` as ``plan`` places Q/DQ (mapped by ``qmap``); 2:4 ``masks`` stay applied."""
+    quantizers = {t: ActivationQuantizer(t, plan.activations[t].scale * 127.0) for t in qmap.inputs}
+    for q in quantizers.values():
+        q.to(device)
+    hooks = QuantHooks()
+    modules = dict(model.named_modules())
+    for tensor, users in qmap.inputs.items():
+        if tensor in qmap.outputs:  # quantized where it is computed: its Add reader sees int8 too
+            hooks.quantize_output(modules[qmap.outputs[tensor]], quantizers[tensor])
+            continue
+        for module_name in users:
+            hooks.quantize_input(modules[module_name], quantizers[tensor])
+    for module_name in qmap.weighted:
+        wmask = masks.get(module_name)
+        hooks.quantize_weight(modules[module_name], None if wmask is None else wmask.to(device))
+    for module_name, mask in masks.items():
+        if module_name not in qmap.weighted:
+            hooks.mask_weight(modules[module_name], mask.to(device))
+    return hooks, quantizers
+
+
 def qat(
     source: str | nn.Module,
     inputs: Sequence[str],
@@ -167,7 +195,7 @@ def qat(
     sparse_steps: int | None = None,
     batch_size: int = DEFAULT_BATCH_SIZE,
     lr: float = 1e-5,
-    step_lr: float = 1e-3,
+    step_lr: float = 1e-5,
     eval_every: int = 25,
     patience: int = 3,
     checkpoint_every: int = 50,
@@ -328,23 +356,7 @@ def qat(
         qmap = map_plan(model.cpu(), graph, plan, train[0], input_names)
         if start == "learned":  # after the mapping: it matches the unchanged model's values
             fold_plan(model, graph, plan, qmap.weighted)
-        quantizers = {t: ActivationQuantizer(t, plan.activations[t].scale * 127.0) for t in qmap.inputs}
-        for q in quantizers.values():
-            q.to(dev)
-        hooks = QuantHooks()
-        modules = dict(model.named_modules())
-        for tensor, users in qmap.inputs.items():
-            if tensor in qmap.outputs:  # quantized where it is computed: its Add reader sees int8 too
-                hooks.quantize_output(modules[qmap.outputs[tensor]], quantizers[tensor])
-                continue
-            for module_name in users:
-                hooks.quantize_input(modules[module_name], quantizers[tensor])
-        for module_name in qmap.weighted:
-            wmask = masks.get(module_name)
-            hooks.quantize_weight(modules[module_name], None if wmask is None else wmask.to(dev))
-        for module_name, mask in masks.items():
-            if module_name not in qmap.weighted:
-                hooks.mask_weight(modules[module_name], mask.to(dev))
+        hooks, quantizers = quantize_student(model, qmap, plan, masks, dev)
         ckpt_dir.mkdir(parents=True, exist_ok=True)
         steps_params = [q.step for q in quantizers.values()]
         result_training["qat"] = trainer(config, steps_params, "QAT").fit(

@@ -26,6 +26,7 @@ from torch import nn
 
 from calibrators import adaround
 from calibrators.qdq import QdqOptions, QdqPlan, plan_qdq
+from calibrators.qdq_types import WeightQdq
 from calibrators.ranges import RangeSet
 from calibrators.weights import dequantize_weight
 
@@ -69,7 +70,9 @@ def fold_plan(model: nn.Module, graph: onnx.ModelProto, plan: QdqPlan, module_na
     changed = 0
     for name in module_names:
         module = modules[name]
-        w_t = module.weight.detach().cpu().numpy()
+        weight = module.weight
+        assert isinstance(weight, torch.Tensor)
+        w_t = weight.detach().cpu().numpy()
         for key, wplan in pending.items():
             w_o = numpy_helper.to_array(inits[wplan.tensor])
             transposed = w_o.ndim == 2 and w_o.shape != w_t.shape and w_o.T.shape == w_t.shape
@@ -88,19 +91,23 @@ def fold_plan(model: nn.Module, graph: onnx.ModelProto, plan: QdqPlan, module_na
     return changed
 
 
-def _fold_one(module: nn.Module, plan: QdqPlan, key: str, wplan, s: np.ndarray, transposed: bool) -> None:  # type: ignore[no-untyped-def]
+def _fold_one(
+    module: nn.Module, plan: QdqPlan, key: str, wplan: WeightQdq, s: np.ndarray, transposed: bool
+) -> None:
     param = module.weight
+    assert isinstance(param, torch.Tensor)
     shape = (-1,) + (1,) * (param.dim() - 1)
+    factor = torch.from_numpy(s).to(param)
     with torch.no_grad():
         learned = plan.rounded_weights.get(key)
         if learned is not None:
             w = dequantize_weight(learned, np.asarray(wplan.scales, np.float32), wplan.axis)
             w = w.T if transposed else w
-            new = torch.from_numpy(np.ascontiguousarray(w)).to(param) / torch.from_numpy(s).to(param).view(shape)
-            param.copy_(new)
+            param.copy_(torch.from_numpy(np.ascontiguousarray(w)).to(param) / factor.view(shape))
         if wplan.bias_shift is not None and wplan.corrected_bias is not None:
-            delta = -torch.from_numpy(np.asarray(wplan.bias_shift, np.float64) / s).to(param)
-            if module.bias is None:
-                module.bias = nn.Parameter(delta.clone())
+            delta = -torch.from_numpy(np.asarray(wplan.bias_shift, np.float64)).to(param) / factor
+            bias = module.bias
+            if isinstance(bias, torch.Tensor):
+                bias.add_(delta)
             else:
-                module.bias.add_(delta)
+                module.bias = nn.Parameter(delta.clone())
