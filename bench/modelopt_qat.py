@@ -2,7 +2,8 @@
 
 The same photo crops, the same train/held-out split (calibrators.data's seeded permutation), the same
 distillation loss (KL on the logits, or --loss mse), optimizer, batch size and number of steps as
-`trtbuild qat`; ModelOpt's INT8 default config (per-channel int8 weights, per-tensor int8 activations, max calibration) on its own placement.
+`trtbuild qat`; ModelOpt's INT8 default config (per-channel int8 weights, per-tensor int8 activations,
+max calibration) on its own placement.
 Prints one JSON line: top-1 agreement with FP32 on the held-out crops before and after training, evaluated
 in PyTorch with ModelOpt's fake quantization (ModelOpt's own deployment path is its ONNX export).
 
