@@ -8,6 +8,7 @@ import copy
 from pathlib import Path
 
 import numpy as np
+import pytest
 import torch
 from qat_models import tiny_data, tiny_net
 
@@ -57,3 +58,31 @@ def test_step_zero_is_the_learned_rounding_ptq_graph(tmp_path: Path) -> None:
     hooks.remove()
     plain = _run(apply_qdq(graph, plan_qdq(graph, ranges, options)), held)  # nearest, unfolded
     assert np.abs(student - ptq).mean() < 0.1 * np.abs(plain - ptq).mean()
+
+
+def test_kl_loss_on_logits_and_mse_elsewhere() -> None:
+    """KL at a temperature on classifier logits (zero only at the teacher), normalised MSE on the rest."""
+    from calibrators.output_kinds import OutputKind
+    from trtbuild.qat.losses import kind_loss
+    from trtbuild.qat.train import distillation_loss
+
+    kinds = {"logits": OutputKind("classification", "test"), "emb": OutputKind("embedding", "test")}
+    loss = kind_loss(kinds, ["logits", "emb"], temperature=2.0)
+    g = torch.Generator().manual_seed(0)
+    t_logits, t_emb = torch.randn(4, 10, generator=g), torch.randn(4, 8, generator=g)
+    assert float(loss([t_logits, t_emb], [t_logits, t_emb])) == pytest.approx(0.0, abs=1e-6)
+    shifted = t_logits + 5.0  # softmax is shift-invariant: KL stays 0 where MSE would not
+    assert float(loss([shifted, t_emb], [t_logits, t_emb])) == pytest.approx(0.0, abs=1e-5)
+    s_logits = t_logits.clone().requires_grad_(True)
+    other = torch.randn(4, 10, generator=g)
+    value = loss([other, t_emb * 1.1], [t_logits, t_emb])
+    kl = torch.nn.functional.kl_div(
+        torch.log_softmax(other / 2, 1),
+        torch.log_softmax(t_logits / 2, 1),
+        log_target=True,
+        reduction="batchmean",
+    )
+    expected = kl * 4 + distillation_loss([t_emb * 1.1], [t_emb])
+    assert float(value) == pytest.approx(float(expected), rel=1e-5)
+    loss([s_logits + other, t_emb], [t_logits, t_emb]).backward()
+    assert s_logits.grad is not None and float(s_logits.grad.abs().sum()) > 0
