@@ -72,7 +72,7 @@ def main() -> None:
     parser.add_argument("--holdout", type=int, default=64)
     parser.add_argument("--out", type=Path, default=None)
     parser.add_argument("--threads", type=int, default=1, help="torch threads, for ours and ModelOpt alike")
-    parser.add_argument("--lr", type=float, default=1e-5, help="weight learning rate, ours and ModelOpt's")
+    parser.add_argument("--lr", type=float, default=2e-6, help="weight learning rate, ours and ModelOpt's")
     parser.add_argument("--skip-sparse", action="store_true", help="only the INT8 rows (and ModelOpt)")
     args = parser.parse_args()
     import torch

@@ -30,8 +30,8 @@ from trtbuild.core.defaults import DEFAULT_TRT_VERSION
 @click.option("--sparsity", type=click.Choice(["2:4"]), default=None, help="Prune to 2:4 first, recover.")
 @click.option("--steps", type=int, default=200, show_default=True, help="QAT steps (and 2:4 recovery steps).")
 @click.option("--batch-size", type=int, default=DEFAULT_BATCH_SIZE, show_default=True)
-@click.option("--lr", type=float, default=1e-5, show_default=True, help="Weight learning rate (Adam).")
-@click.option("--step-lr", type=float, default=1e-5, show_default=True, help="LSQ step-size learning rate.")
+@click.option("--lr", type=float, default=2e-6, show_default=True, help="Weight learning rate (Adam).")
+@click.option("--step-lr", type=float, default=2e-6, show_default=True, help="LSQ step-size learning rate.")
 @click.option(
     "--eval-every", type=int, default=25, show_default=True, help="Held-out fidelity every N steps."
 )
