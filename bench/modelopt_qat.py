@@ -1,8 +1,9 @@
 """ModelOpt's PyTorch QAT on EfficientNet-Lite0, run from .venv-modelopt by bench/bench_qat.py.
 
 The same photo crops, the same train/held-out split (calibrators.data's seeded permutation), the same
-distillation loss, optimizer, batch size and number of steps as `trtbuild qat`; ModelOpt's INT8 default
-config (per-channel int8 weights, per-tensor int8 activations, max calibration) on its own placement.
+distillation loss (KL on the logits, or --loss mse), optimizer, batch size and number of steps as
+`trtbuild qat`; ModelOpt's INT8 default config (per-channel int8 weights, per-tensor int8 activations,
+max calibration) on its own placement.
 Prints one JSON line: top-1 agreement with FP32 on the held-out crops before and after training, evaluated
 in PyTorch with ModelOpt's fake quantization (ModelOpt's own deployment path is its ONNX export).
 
@@ -34,8 +35,9 @@ def main() -> None:
     parser.add_argument("--train", type=int, default=128)
     parser.add_argument("--holdout", type=int, default=64)
     parser.add_argument("--batch-size", type=int, default=8)
-    parser.add_argument("--lr", type=float, default=1e-5)
+    parser.add_argument("--lr", type=float, default=2e-6)
     parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--loss", choices=("kl", "mse"), default="kl", help="as `trtbuild qat --loss`")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     torch.manual_seed(0)
@@ -69,7 +71,12 @@ def main() -> None:
     for _ in range(args.steps):
         index = torch.randperm(len(train), generator=gen)[: args.batch_size]
         out, t = student(train[index]), targets[index]
-        loss = ((out - t) ** 2).mean() / (t**2).mean()
+        if args.loss == "kl":
+            loss = torch.nn.functional.kl_div(
+                out.log_softmax(1), t.log_softmax(1), log_target=True, reduction="batchmean"
+            )
+        else:
+            loss = ((out - t) ** 2).mean() / (t**2).mean()
         opt.zero_grad()
         loss.backward()
         opt.step()

@@ -30,8 +30,8 @@ from trtbuild.core.defaults import DEFAULT_TRT_VERSION
 @click.option("--sparsity", type=click.Choice(["2:4"]), default=None, help="Prune to 2:4 first, recover.")
 @click.option("--steps", type=int, default=200, show_default=True, help="QAT steps (and 2:4 recovery steps).")
 @click.option("--batch-size", type=int, default=DEFAULT_BATCH_SIZE, show_default=True)
-@click.option("--lr", type=float, default=1e-5, show_default=True, help="Weight learning rate (Adam).")
-@click.option("--step-lr", type=float, default=1e-3, show_default=True, help="LSQ step-size learning rate.")
+@click.option("--lr", type=float, default=2e-6, show_default=True, help="Weight learning rate (Adam).")
+@click.option("--step-lr", type=float, default=2e-6, show_default=True, help="LSQ step-size learning rate.")
 @click.option(
     "--eval-every", type=int, default=25, show_default=True, help="Held-out fidelity every N steps."
 )
@@ -46,6 +46,17 @@ from trtbuild.core.defaults import DEFAULT_TRT_VERSION
 @click.option("--exclude-op-type", multiple=True, help="Op type to keep in float (repeatable).")
 @click.option("--output-name", "output_names", multiple=True, help="Output names in order.")
 @click.option("--trt-version", default=DEFAULT_TRT_VERSION, show_default=True)
+@click.option(
+    "--start",
+    type=click.Choice(["learned", "nearest"]),
+    default="learned",
+    show_default=True,
+    help="Start from learned-rounding PTQ (integers + bias correction folded in) or round-to-nearest.",
+)
+@click.option(
+    "--loss", type=click.Choice(["kl", "mse"]), default="kl", show_default=True, help="Distillation."
+)
+@click.option("--temperature", type=float, default=1.0, show_default=True, help="Of the KL on logits.")
 @click.option("--device", default="auto", show_default=True, help="auto (CUDA when present), cpu, cuda[:N].")
 @click.option("--seed", type=int, default=0, show_default=True)
 @preprocess_options
@@ -74,6 +85,9 @@ def qat_command(
     exclude_op_type: tuple[str, ...],
     output_names: tuple[str, ...],
     trt_version: str,
+    start: str,
+    loss: str,
+    temperature: float,
     device: str,
     seed: int,
     preprocess: Preprocess,
@@ -125,6 +139,9 @@ def qat_command(
                 trt_version=trt_version,
                 seed=seed,
                 device=device,
+                start=start,
+                loss=loss,
+                temperature=temperature,
                 on_step=None if as_json else on_step,
             )
         except FidelityGateError as exc:

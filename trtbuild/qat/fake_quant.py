@@ -78,6 +78,14 @@ class QuantHooks:
 
         self._handles.append(module.register_forward_pre_hook(hook))
 
+    def quantize_output(self, module: nn.Module, quantizer: ActivationQuantizer) -> None:
+        """Fake-quantize what ``module`` returns (a tensor every later reader then sees quantized)."""
+
+        def hook(_: nn.Module, __: tuple[Any, ...], out: Any) -> Any:
+            return quantizer(out)
+
+        self._handles.append(module.register_forward_hook(hook))
+
     def quantize_weight(self, module: nn.Module, mask: torch.Tensor | None = None) -> None:
         """Swap in the fake-quantized (and, with ``mask``, 2:4-pruned) weight for each forward call."""
         axis = weight_axis(module)

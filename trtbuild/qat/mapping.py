@@ -36,6 +36,9 @@ class QuantMap:
     weighted: list[str] = field(default_factory=list)
     unmapped: list[str] = field(default_factory=list)  # quantized tensors no module reads (keep PTQ ranges)
     float_modules: list[str] = field(default_factory=list)  # weighted modules the plan keeps in float
+    # Tensors whose dequantized value also feeds other ops (a residual Add): fake-quantized at the output of
+    # the module computing them, so every reader sees the int8 value as in the Q/DQ graph.
+    outputs: dict[str, str] = field(default_factory=dict)
 
     def to_json(self) -> dict[str, Any]:
         return {
@@ -43,6 +46,7 @@ class QuantMap:
             "quantized_modules": len(self.weighted),
             "float_modules": self.float_modules,
             "unmapped_tensors": self.unmapped,
+            "output_quantized": self.outputs,
         }
 
 
@@ -74,6 +78,57 @@ def _module_inputs(model: nn.Module, feeds: Sequence[torch.Tensor]) -> dict[str,
     return seen
 
 
+def _module_outputs(model: nn.Module, feeds: Sequence[torch.Tensor]) -> dict[str, np.ndarray]:
+    """The tensor output of every module on one forward pass (the first call of each)."""
+    seen: dict[str, np.ndarray] = {}
+    handles = []
+    for name, module in model.named_modules():
+        if not name:
+            continue
+
+        def hook(_: nn.Module, __: Any, out: Any, name: str = name) -> None:
+            if name not in seen and isinstance(out, torch.Tensor):
+                seen[name] = out.detach().float().cpu().numpy()
+
+        handles.append(module.register_forward_hook(hook))
+    try:
+        with torch.no_grad():
+            model(*feeds)
+    finally:
+        for handle in handles:
+            handle.remove()
+    return seen
+
+
+def _match(value: np.ndarray, candidates: Mapping[str, np.ndarray]) -> str | None:
+    """The candidate equal to ``value`` within MATCH_TOLERANCE (the closest one), or None."""
+    best, best_err = None, MATCH_TOLERANCE
+    for key, other in candidates.items():
+        if other.size != value.size:
+            continue
+        scale = float(np.abs(value).max()) or 1.0
+        err = float(np.abs(other.reshape(-1) - value.reshape(-1)).max()) / scale
+        if err < best_err:
+            best, best_err = key, err
+    return best
+
+
+def _shared_tensors(onnx_model: onnx.ModelProto, plan: QdqPlan, tensors: Sequence[str]) -> list[str]:
+    """Quantized tensors whose every reader takes the dequantized value and some reader is no weighted op."""
+    readers: dict[str, set[tuple[str, int]]] = {}
+    kinds: dict[str, str] = {}
+    for node in onnx_model.graph.node:
+        kinds[node.name] = node.op_type
+        for i, name in enumerate(node.input):
+            readers.setdefault(name, set()).add((node.name, i))
+    out = []
+    for t in tensors:
+        consumers = set(plan.activations[t].consumers)
+        if readers.get(t, set()) == consumers and any(kinds.get(n) not in WEIGHTED_OPS for n, _ in consumers):
+            out.append(t)
+    return out
+
+
 def _onnx_values(model: onnx.ModelProto, tensors: Sequence[str], feeds: Mapping[str, np.ndarray]) -> dict:
     graph_inputs = {i.name for i in model.graph.input}
     wanted = [t for t in tensors if t not in graph_inputs]
@@ -102,22 +157,22 @@ def map_plan(
     torch_feeds = [torch.from_numpy(np.ascontiguousarray(feeds[n])) for n in input_names]
     seen = _module_inputs(model, torch_feeds)
     result = QuantMap()
+    candidates = {t: onnx_values[t] for t in tensors}
     for module_name, value in seen.items():
-        best, best_err = None, MATCH_TOLERANCE
-        for tensor in tensors:
-            other = onnx_values[tensor]
-            if other.size != value.size:
-                continue
-            scale = float(np.abs(other).max()) or 1.0
-            err = float(np.abs(other.reshape(-1) - value.reshape(-1)).max()) / scale
-            if err < best_err:
-                best, best_err = tensor, err
+        best = _match(value, candidates)
         if best is None:
             result.float_modules.append(module_name)
             continue
         result.inputs.setdefault(best, []).append(module_name)
         result.weighted.append(module_name)
     result.unmapped = [t for t in tensors if t not in result.inputs]
+    shared = _shared_tensors(onnx_model, plan, [t for t in tensors if t in result.inputs])
+    if shared:
+        outputs = _module_outputs(model, torch_feeds)
+        for tensor in shared:
+            producer = _match(onnx_values[tensor], outputs)
+            if producer is not None:
+                result.outputs[tensor] = producer
     if not result.weighted:
         raise TrtbuildError(
             "no PyTorch Conv/Linear module matches a layer the Q/DQ placement quantizes",

@@ -32,7 +32,7 @@ from calibrators.data import ModelInput, model_inputs, open_data
 from calibrators.fidelity import FidelityReport
 from calibrators.methods import DEFAULT_METHOD
 from calibrators.preprocess import Preprocess
-from calibrators.qdq import QdqOptions, apply_qdq, plan_qdq, quantizable_activations
+from calibrators.qdq import QdqOptions, QdqPlan, apply_qdq, plan_qdq, quantizable_activations
 from calibrators.quantize import QuantizeResult, quantize
 from calibrators.quantize_settings import QuantizeSettings
 from calibrators.ranges import RangeSet, TensorRange
@@ -41,13 +41,16 @@ from trtbuild.core import atomic
 from trtbuild.core.defaults import DEFAULT_TRT_VERSION
 from trtbuild.core.errors import TrtbuildError
 from trtbuild.qat.fake_quant import ActivationQuantizer, QuantHooks
+from trtbuild.qat.losses import LOSSES, kind_loss
 from trtbuild.qat.mapping import QuantMap, map_plan, weighted_modules
 from trtbuild.qat.prune import PruneDecision, plan_pruning
 from trtbuild.qat.prune_fit import prune_fitted
+from trtbuild.qat.ptq_start import fold_plan, learned_plan
 from trtbuild.qat.train import Evaluation, LossFn, TrainConfig, Trainer, TrainResult
 
 log = logging.getLogger(__name__)
 SPARSITY_PATTERNS = (PATTERN,)
+STARTS = ("learned", "nearest")  # QAT's starting point: learned-rounding PTQ (ptq_start.py) or nearest
 FIT_SAMPLES = 64  # calibration samples the 2:4 re-fit uses (input covariances of each layer)
 FIT_BATCH = 16
 StepCallback = Callable[[str, int, int, float, Evaluation | None], None]
@@ -151,6 +154,34 @@ def _learned_ranges(ranges: RangeSet, quantizers: Mapping[str, ActivationQuantiz
     return learned
 
 
+def quantize_student(
+    model: nn.Module,
+    qmap: QuantMap,
+    plan: QdqPlan,
+    masks: Mapping[str, torch.Tensor],
+    device: torch.device,
+) -> tuple[QuantHooks, dict[str, ActivationQuantizer]]:
+    """Fake-quantize ``model`` as ``plan`` places Q/DQ (mapped by ``qmap``); 2:4 ``masks`` stay applied."""
+    quantizers = {t: ActivationQuantizer(t, plan.activations[t].scale * 127.0) for t in qmap.inputs}
+    for q in quantizers.values():
+        q.to(device)
+    hooks = QuantHooks()
+    modules = dict(model.named_modules())
+    for tensor, users in qmap.inputs.items():
+        if tensor in qmap.outputs:  # quantized where it is computed: its Add reader sees int8 too
+            hooks.quantize_output(modules[qmap.outputs[tensor]], quantizers[tensor])
+            continue
+        for module_name in users:
+            hooks.quantize_input(modules[module_name], quantizers[tensor])
+    for module_name in qmap.weighted:
+        wmask = masks.get(module_name)
+        hooks.quantize_weight(modules[module_name], None if wmask is None else wmask.to(device))
+    for module_name, mask in masks.items():
+        if module_name not in qmap.weighted:
+            hooks.mask_weight(modules[module_name], mask.to(device))
+    return hooks, quantizers
+
+
 def qat(
     source: str | nn.Module,
     inputs: Sequence[str],
@@ -163,8 +194,8 @@ def qat(
     steps: int = 200,
     sparse_steps: int | None = None,
     batch_size: int = DEFAULT_BATCH_SIZE,
-    lr: float = 1e-5,
-    step_lr: float = 1e-3,
+    lr: float = 2e-6,
+    step_lr: float = 2e-6,
     eval_every: int = 25,
     patience: int = 3,
     checkpoint_every: int = 50,
@@ -181,6 +212,10 @@ def qat(
     trt_version: str = DEFAULT_TRT_VERSION,
     seed: int = 0,
     device: str = "auto",
+    start: str = "learned",
+    loss: str = "kl",
+    temperature: float = 1.0,
+    rounding_budget_s: float = QuantizeSettings.rounding_budget_s,
     loss_fn: LossFn | None = None,
     train_loader: Iterable[tuple[Any, Any]] | None = None,
     on_step: StepCallback | None = None,
@@ -190,15 +225,24 @@ def qat(
     ``data``: unlabeled samples (anything :func:`calibrators.data.open_data` takes); ``holdout`` of them
     measure fidelity, the rest train. ``loss_fn(student_outputs, targets)`` replaces the distillation loss;
     with ``train_loader`` (``(inputs, labels)`` batches of tensors) the targets are the user's labels.
-    ``sparse_steps``: FP32 recovery steps after pruning (default: ``steps``).
+    ``sparse_steps``: FP32 recovery steps after pruning (default: ``steps``). ``start``: "learned" starts
+    from learned-rounding PTQ (its integers and bias correction folded into the weights, ptq_start.py),
+    "nearest" from round-to-nearest without bias correction.
     """
     from trtbuild.core.output_set import check_writable_folder
 
-    start = time.perf_counter()
+    began = time.perf_counter()
     if sparsity is not None and sparsity not in SPARSITY_PATTERNS:
         raise TrtbuildError(
             f"sparsity pattern '{sparsity}' is not one TensorRT's sparse kernels take",
             f"use --sparsity {PATTERN}",
+        )
+    if start not in STARTS:
+        raise TrtbuildError(f"unknown QAT start '{start}'", f"use one of {', '.join(STARTS)}")
+    if loss not in LOSSES or not temperature > 0:
+        raise TrtbuildError(
+            f"unknown QAT loss '{loss}' at temperature {temperature}",
+            f"use one of {', '.join(LOSSES)} with a temperature > 0",
         )
     config = TrainConfig(steps, batch_size, lr, step_lr, eval_every, patience, checkpoint_every, seed)
     sparse_config = TrainConfig(
@@ -242,6 +286,8 @@ def qat(
         input_names = [i.name for i in model_inputs(graph)]
         reference = fidelity.run_batches(fidelity.session(graph), held_batches)
         kinds = fidelity.decide_kinds(graph, reference)
+        if loss_fn is None and train_loader is None and loss == "kl":
+            loss_fn = kind_loss(kinds, [o.name for o in graph.graph.output], temperature)
         teacher.to(dev)
 
         def stage(label: str) -> Callable[[int, int, float, Evaluation | None], None] | None:
@@ -300,25 +346,17 @@ def qat(
         )
         ranges = compute_ranges(collection, method)
         plan = plan_qdq(graph, ranges, options)
+        if start == "learned":
+            batches = calib.sample(32, seed).batches(batch_size)
+            plan, _ = learned_plan(graph, ranges, options, batches, rounding_budget_s, seed)
         ptq_test = fidelity.run_batches(fidelity.session(apply_qdq(graph, plan)), held_batches)
         ptq = fidelity.compare(reference, ptq_test, kinds=kinds)
         log.info("PTQ fidelity (%s ranges): %s", method, ptq.summary())
 
         qmap = map_plan(model.cpu(), graph, plan, train[0], input_names)
-        quantizers = {t: ActivationQuantizer(t, plan.activations[t].scale * 127.0) for t in qmap.inputs}
-        for q in quantizers.values():
-            q.to(dev)
-        hooks = QuantHooks()
-        modules = dict(model.named_modules())
-        for tensor, users in qmap.inputs.items():
-            for module_name in users:
-                hooks.quantize_input(modules[module_name], quantizers[tensor])
-        for module_name in qmap.weighted:
-            wmask = masks.get(module_name)
-            hooks.quantize_weight(modules[module_name], None if wmask is None else wmask.to(dev))
-        for module_name, mask in masks.items():
-            if module_name not in qmap.weighted:
-                hooks.mask_weight(modules[module_name], mask.to(dev))
+        if start == "learned":  # after the mapping: it matches the unchanged model's values
+            fold_plan(model, graph, plan, qmap.weighted)
+        hooks, quantizers = quantize_student(model, qmap, plan, masks, dev)
         ckpt_dir.mkdir(parents=True, exist_ok=True)
         steps_params = [q.step for q in quantizers.values()]
         result_training["qat"] = trainer(config, steps_params, "QAT").fit(
@@ -363,7 +401,7 @@ def qat(
         training=result_training,
         mapping=qmap,
         pruning=decisions,
-        seconds=time.perf_counter() - start,
+        seconds=time.perf_counter() - began,
     )
     atomic.write_text(result.report_path, json.dumps(result.to_json(), indent=2, default=_plain) + "\n")
     return result
