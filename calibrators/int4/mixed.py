@@ -13,7 +13,6 @@ runs), the rest of the weight layers INT8. Written as ``<model>.int4int8.onnx`` 
 
 from __future__ import annotations
 
-import json
 import logging
 import time
 from collections.abc import Mapping, Sequence
@@ -44,8 +43,8 @@ from calibrators.preprocess import Preprocess
 from calibrators.qdq import QdqOptions, QdqPlan, apply_qdq, ensure_node_names, plan_qdq
 from calibrators.qdq_scales import GraphCache
 from calibrators.ranges import RangeSet
-from trtbuild.core import atomic, output_set
 from trtbuild.core import ort as ort_core
+from trtbuild.core import output_set
 from trtbuild.core.errors import TrtbuildError
 
 log = logging.getLogger(__name__)
@@ -267,16 +266,9 @@ def quantize_int4_int8(
             holdout_samples=sum(int(next(iter(b.values())).shape[0]) for b in held_batches),
             seconds=time.perf_counter() - start,
         )
-        ort_core.set_metadata(
-            qmodel,
-            {
-                ort_core.META_TARGET: "tensorrt",
-                "trtbuild.precision": PRECISION,
-                "trtbuild.int4.block_size": str(block_size),
-                "trtbuild.int4.algorithm": algorithm,
-            },
+        pipeline.write_set(
+            qmodel, result.onnx_path, result.report_path, result.to_json(), PRECISION, block_size, algorithm
         )
-        _write(result, qmodel)
         log.info("INT4/INT8: %d layers INT4 weight-only, %d INT8", len(int4), len(int8))
         return result
 
@@ -293,14 +285,3 @@ def _weight_bytes(
         else:
             total += layer.k * layer.n * 4
     return total
-
-
-def _write(result: MixedResult, qmodel: onnx.ModelProto) -> None:
-    """The ONNX, then the report naming it by sha256 (the set's manifest, removed first, written last)."""
-    result.report_path.unlink(missing_ok=True)
-    atomic.write_bytes(result.onnx_path, qmodel.SerializeToString())
-    report = {
-        **result.to_json(),
-        output_set.MANIFEST_KEY: output_set.manifest_entries({"onnx": result.onnx_path}),
-    }
-    atomic.write_text(result.report_path, json.dumps(report, indent=2, default=str) + "\n")

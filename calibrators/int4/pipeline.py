@@ -310,16 +310,9 @@ def quantize_int4(
             holdout_samples=held_count,
             seconds=time.perf_counter() - start,
         )
-        ort_core.set_metadata(
-            qmodel,
-            {
-                ort_core.META_TARGET: "tensorrt",
-                "trtbuild.precision": PRECISION,
-                "trtbuild.int4.block_size": str(block_size),
-                "trtbuild.int4.algorithm": algorithm,
-            },
+        write_set(
+            qmodel, result.onnx_path, result.report_path, result.to_json(), PRECISION, block_size, algorithm
         )
-        _write(result, qmodel)
         log.info("INT4 weight-only: %d layers, %s, block %d", len(layers), algorithm, block_size)
         return result
 
@@ -342,12 +335,27 @@ def _layer_report(
     )
 
 
-def _write(result: Int4Result, qmodel: onnx.ModelProto) -> None:
-    """The ONNX, then the report naming it by sha256 (the set's manifest, removed first, written last)."""
-    result.report_path.unlink(missing_ok=True)
-    atomic.write_bytes(result.onnx_path, qmodel.SerializeToString())
-    report = {
-        **result.to_json(),
-        output_set.MANIFEST_KEY: output_set.manifest_entries({"onnx": result.onnx_path}),
-    }
-    atomic.write_text(result.report_path, json.dumps(report, indent=2, default=str) + "\n")
+def write_set(
+    qmodel: onnx.ModelProto,
+    onnx_path: Path,
+    report_path: Path,
+    report_json: dict[str, Any],
+    precision: str,
+    block_size: int,
+    algorithm: str,
+) -> None:
+    """Tag the graph (target, precision, block, algorithm), write it, then the report naming it by sha256
+    (the set's manifest: removed first, written last). Shared by int4-weights and int4-weights,int8."""
+    ort_core.set_metadata(
+        qmodel,
+        {
+            ort_core.META_TARGET: "tensorrt",
+            "trtbuild.precision": precision,
+            "trtbuild.int4.block_size": str(block_size),
+            "trtbuild.int4.algorithm": algorithm,
+        },
+    )
+    report_path.unlink(missing_ok=True)
+    atomic.write_bytes(onnx_path, qmodel.SerializeToString())
+    report = {**report_json, output_set.MANIFEST_KEY: output_set.manifest_entries({"onnx": onnx_path})}
+    atomic.write_text(report_path, json.dumps(report, indent=2, default=str) + "\n")

@@ -60,37 +60,33 @@ def weighted_modules(model: nn.Module) -> dict[str, nn.Module]:
 
 def _module_inputs(model: nn.Module, feeds: Sequence[torch.Tensor]) -> dict[str, np.ndarray]:
     """The first input each Conv/Linear module sees on one forward pass."""
-    seen: dict[str, np.ndarray] = {}
-    handles = []
-    for name, module in weighted_modules(model).items():
-
-        def hook(_: nn.Module, args: tuple[Any, ...], name: str = name) -> None:
-            if name not in seen and args and isinstance(args[0], torch.Tensor):
-                seen[name] = args[0].detach().float().cpu().numpy()
-
-        handles.append(module.register_forward_pre_hook(hook))
-    try:
-        with torch.no_grad():
-            model(*feeds)
-    finally:
-        for handle in handles:
-            handle.remove()
-    return seen
+    return _first_tensors(model, feeds, weighted_modules(model), inputs=True)
 
 
 def _module_outputs(model: nn.Module, feeds: Sequence[torch.Tensor]) -> dict[str, np.ndarray]:
     """The tensor output of every module on one forward pass (the first call of each)."""
+    modules = {name: module for name, module in model.named_modules() if name}
+    return _first_tensors(model, feeds, modules, inputs=False)
+
+
+def _first_tensors(
+    model: nn.Module, feeds: Sequence[torch.Tensor], modules: dict[str, nn.Module], inputs: bool
+) -> dict[str, np.ndarray]:
+    """Per module, its first call's input (``inputs``) or output tensor, on one forward pass."""
     seen: dict[str, np.ndarray] = {}
+
+    def keep(name: str, value: Any) -> None:
+        if name not in seen and isinstance(value, torch.Tensor):
+            seen[name] = value.detach().float().cpu().numpy()
+
     handles = []
-    for name, module in model.named_modules():
-        if not name:
-            continue
-
-        def hook(_: nn.Module, __: Any, out: Any, name: str = name) -> None:
-            if name not in seen and isinstance(out, torch.Tensor):
-                seen[name] = out.detach().float().cpu().numpy()
-
-        handles.append(module.register_forward_hook(hook))
+    for name, module in modules.items():
+        if inputs:
+            handles.append(
+                module.register_forward_pre_hook(lambda _m, args, n=name: keep(n, args[0] if args else None))
+            )
+        else:
+            handles.append(module.register_forward_hook(lambda _m, _a, out, n=name: keep(n, out)))
     try:
         with torch.no_grad():
             model(*feeds)
