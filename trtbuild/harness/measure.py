@@ -4,7 +4,7 @@
 from __future__ import annotations
 
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -102,6 +102,74 @@ def measure(
         device_bytes=runner.device_memory_bytes(),
     )
     spread = result.stats().spread_warning(runner.name)
+    if spread:
+        result.warnings.append(spread)
+    return result
+
+
+INTERLEAVE_ROUNDS = 5
+
+
+def measure_interleaved(
+    items: Sequence[tuple[Runner, Feed]],
+    *,
+    batch: int = 1,
+    warmup_s: float = 0.5,
+    iterations: int = 100,
+    duration_s: float = 0.0,
+    max_s: float | None = None,
+    rounds: int = INTERLEAVE_ROUNDS,
+    on_iteration: Callable[[int, int], None] | None = None,
+) -> list[Measurement]:
+    """Time several active runners in alternating rounds (each round: every runner for 1/``rounds`` of the
+    iterations and duration), so load from other jobs on a shared machine hits every candidate alike and
+    their ratio holds; measured alone one after another, a load change between them shows up as a speed-up
+    or slow-down that is not there. Each runner warms up fully once, then one iteration per round (the
+    cache state the other runners left). ``on_iteration(index, done)`` reports progress per runner."""
+    rounds = max(1, min(rounds, iterations))
+    parts: list[list[Measurement]] = [[] for _ in items]
+    for r in range(rounds):
+        per_iterations = iterations // rounds + (1 if r < iterations % rounds else 0)  # sums to iterations
+        for i, (runner, feed) in enumerate(items):
+            done = sum(len(p.timings) for p in parts[i])
+            parts[i].append(
+                measure(
+                    runner,
+                    feed,
+                    batch=batch,
+                    warmup_s=warmup_s if r == 0 else 0.0,
+                    iterations=per_iterations,
+                    duration_s=duration_s / rounds,
+                    max_s=None if max_s is None else max_s / rounds,
+                    on_iteration=_progress(on_iteration, i, done),
+                    min_warmup=3 if r == 0 else 1,
+                )
+            )
+    return [_merged(runner.name, p) for (runner, _), p in zip(items, parts, strict=True)]
+
+
+def _progress(
+    on_iteration: Callable[[int, int], None] | None, index: int, done: int
+) -> Callable[[int], None] | None:
+    if on_iteration is None:
+        return None
+    callback = on_iteration
+    return lambda n: callback(index, done + n)
+
+
+def _merged(name: str, parts: Sequence[Measurement]) -> Measurement:
+    """One measurement from a runner's rounds; the spread warning is judged on all rounds together."""
+    round_spreads = {p.stats().spread_warning(name) for p in parts}
+    result = Measurement(
+        [t for p in parts for t in p.timings],
+        parts[0].batch,
+        sum(p.warmup_iterations for p in parts),
+        sum(p.warmup_s for p in parts),
+        sum(p.wall_s for p in parts),
+        device_bytes=parts[-1].device_bytes,
+        warnings=list(dict.fromkeys(w for p in parts for w in p.warnings if w not in round_spreads)),
+    )
+    spread = result.stats().spread_warning(name)
     if spread:
         result.warnings.append(spread)
     return result

@@ -7,7 +7,7 @@ import logging
 import os
 import platform
 from collections.abc import Callable, Sequence
-from contextlib import nullcontext
+from contextlib import ExitStack, nullcontext
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -16,7 +16,7 @@ from trtbuild.core import console
 from trtbuild.core.errors import TrtbuildError
 from trtbuild.harness.accuracy import AccuracyResult, compare_onnx
 from trtbuild.harness.inputs import accuracy_feeds, make_feed
-from trtbuild.harness.measure import measure
+from trtbuild.harness.measure import Measurement, measure, measure_interleaved
 from trtbuild.harness.memory_probe import probe_peak_rss
 from trtbuild.harness.report import CandidateResult, ProfileReport
 from trtbuild.harness.runner import Runner, RunnerTensor
@@ -197,27 +197,30 @@ def profile_models(
         settings=s.to_json(),
     )
     bar = console.progress() if show_progress else None
+    timing = _Timing(
+        device=device,
+        threads=threads,
+        cuda_backend=cuda_backend,
+        cuda_graph=s.cuda_graph,
+        torch_inputs=torch_inputs,
+        data=data,
+        seed=seed,
+        iterations=s.iterations,
+        warmup_s=s.warmup_s,
+        duration_s=s.duration_s,
+        max_s=s.max_s,
+    )
+    results: dict[tuple[int, int], CandidateResult] = {}
     with bar if bar is not None else nullcontext():
-        for cand in candidates:
+        if _interleavable(candidates, device):
             for b in s.batches:
-                report.candidates.append(
-                    _profile_one(
-                        cand,
-                        b,
-                        bar,
-                        device=device,
-                        threads=threads,
-                        cuda_backend=cuda_backend,
-                        cuda_graph=s.cuda_graph,
-                        torch_inputs=torch_inputs,
-                        data=data,
-                        seed=seed,
-                        iterations=s.iterations,
-                        warmup_s=s.warmup_s,
-                        duration_s=s.duration_s,
-                        max_s=s.max_s,
-                    )
-                )
+                for index, result in enumerate(_profile_interleaved(candidates, b, bar, timing)):
+                    results[(index, b)] = result
+        else:
+            for index, cand in enumerate(candidates):
+                for b in s.batches:
+                    results[(index, b)] = _profile_one(cand, b, bar, timing)
+    report.candidates.extend(results[(i, b)] for i in range(len(candidates)) for b in s.batches)
     if s.accuracy:
         _add_accuracy(
             report,
@@ -233,41 +236,89 @@ def profile_models(
     return report
 
 
-def _profile_one(
-    cand: Candidate,
-    batch: int,
-    bar: Any,
-    *,
-    device: str,
-    threads: int | None,
-    cuda_backend: str,
-    cuda_graph: bool,
-    torch_inputs: list[RunnerTensor] | None,
-    data: str | Path | None,
-    seed: int,
-    iterations: int,
-    warmup_s: float,
-    duration_s: float,
-    max_s: float | None,
-) -> CandidateResult:
-    runner = _make_runner(
-        cand, "cuda" if cand.runtime == "trt" else device, threads, cuda_backend, cuda_graph, torch_inputs
-    )
-    task = bar.add_task(f"{cand.name} b{batch}", total=iterations) if bar is not None else None
-    with runner:
-        feed = make_feed(runner.input_info(), batch, data, seed=seed)
+@dataclass(frozen=True)
+class _Timing:
+    """How every candidate is run and timed (from ProfileSettings)."""
+
+    device: str
+    threads: int | None
+    cuda_backend: str
+    cuda_graph: bool
+    torch_inputs: list[RunnerTensor] | None
+    data: str | Path | None
+    seed: int
+    iterations: int
+    warmup_s: float
+    duration_s: float
+    max_s: float | None
+
+    def runner(self, cand: Candidate) -> Runner:
+        device = "cuda" if cand.runtime == "trt" else self.device
+        return _make_runner(cand, device, self.threads, self.cuda_backend, self.cuda_graph, self.torch_inputs)
+
+    def guard_s(self) -> float | None:
+        return None if self.max_s is None else max(self.max_s, self.duration_s + 1.0)
+
+
+def _interleavable(candidates: Sequence[Candidate], device: str) -> bool:
+    """CPU candidates are timed in alternating rounds (measure_interleaved): the machine they share is the
+    noisy part. GPU candidates keep one at a time: each holds device memory, and the GPU is not shared."""
+    return len(candidates) > 1 and device == "cpu" and all(c.runtime in ("ort", "torch") for c in candidates)
+
+
+def _profile_interleaved(
+    candidates: Sequence[Candidate], batch: int, bar: Any, timing: _Timing
+) -> list[CandidateResult]:
+    tasks = [
+        bar.add_task(f"{c.name} b{batch}", total=timing.iterations) if bar is not None else None
+        for c in candidates
+    ]
+
+    def progress(index: int, done: int) -> None:
+        if bar is not None:
+            bar.update(tasks[index], completed=min(done, timing.iterations))
+
+    with ExitStack() as stack:
+        runners = [stack.enter_context(timing.runner(c)) for c in candidates]
+        feeds = [make_feed(r.input_info(), batch, timing.data, seed=timing.seed) for r in runners]
+        measured = measure_interleaved(
+            list(zip(runners, feeds, strict=True)),
+            batch=batch,
+            warmup_s=timing.warmup_s,
+            iterations=timing.iterations,
+            duration_s=timing.duration_s,
+            max_s=timing.guard_s(),
+            on_iteration=progress,
+        )
+    # Peak memory is probed in a fresh process per model, after every runner here has let go.
+    return [
+        _result(c, r, f, m, batch, timing)
+        for c, r, f, m in zip(candidates, runners, feeds, measured, strict=True)
+    ]
+
+
+def _profile_one(cand: Candidate, batch: int, bar: Any, timing: _Timing) -> CandidateResult:
+    task = bar.add_task(f"{cand.name} b{batch}", total=timing.iterations) if bar is not None else None
+    with timing.runner(cand) as runner:
+        feed = make_feed(runner.input_info(), batch, timing.data, seed=timing.seed)
         m = measure(
             runner,
             feed,
             batch=batch,
-            warmup_s=warmup_s,
-            iterations=iterations,
-            duration_s=duration_s,
-            max_s=None if max_s is None else max(max_s, duration_s + 1.0),
-            on_iteration=(lambda i: bar.update(task, completed=min(i, iterations))) if bar else None,
+            warmup_s=timing.warmup_s,
+            iterations=timing.iterations,
+            duration_s=timing.duration_s,
+            max_s=timing.guard_s(),
+            on_iteration=(lambda i: bar.update(task, completed=min(i, timing.iterations))) if bar else None,
         )
+    return _result(cand, runner, feed, m, batch, timing)
+
+
+def _result(
+    cand: Candidate, runner: Runner, feed: Any, m: Measurement, batch: int, timing: _Timing
+) -> CandidateResult:
     if runner.device == "cpu" and cand.runtime in ("ort", "torch"):
-        peak = probe_peak_rss(cand.runtime, cand.path, feed, threads)
+        peak = probe_peak_rss(cand.runtime, cand.path, feed, timing.threads)
         if isinstance(peak, str):
             m.warnings.append(f"{cand.name}: peak memory not measured ({peak})")
         else:

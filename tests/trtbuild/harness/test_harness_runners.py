@@ -11,7 +11,7 @@ import torch
 
 from trtbuild.core.errors import TrtbuildError
 from trtbuild.harness.inputs import accuracy_feeds, make_feed
-from trtbuild.harness.measure import measure
+from trtbuild.harness.measure import measure, measure_interleaved
 from trtbuild.harness.ort_runner import OrtRunner
 from trtbuild.harness.runner import RunnerTensor
 from trtbuild.harness.torch_runner import TorchRunner
@@ -34,6 +34,30 @@ def test_ort_measurement_is_sane(effnet_onnx: Path) -> None:
     # the recorded latencies account for the measured wall time (host clock, nothing dropped)
     assert sum(m.latencies_ms()) / 1e3 <= m.wall_s <= wall
     assert m.split_stats() == {}  # CPU runner: host time only, no H2D/compute/D2H split
+
+
+def test_interleaved_rounds_alternate_the_runners(effnet_onnx: Path, tmp_path: Path) -> None:
+    """Two real ORT runners timed in alternating rounds: the calls really alternate block by block (so load
+    from other jobs hits both alike), and each gets its iterations."""
+    import onnx
+
+    calls: list[str] = []
+    second = tmp_path / "copy.onnx"
+    onnx.save(onnx.load(str(effnet_onnx)), str(second))
+    with OrtRunner(effnet_onnx, threads=1) as a, OrtRunner(second, threads=1) as b:
+        for runner, tag in ((a, "a"), (b, "b")):
+            timed = runner.timed_iteration
+
+            def logged(feed: object, timed: object = timed, tag: str = tag) -> object:
+                calls.append(tag)
+                return timed(feed)  # type: ignore[operator]
+
+            runner.timed_iteration = logged  # type: ignore[method-assign]
+        feed = make_feed(a.input_info(), batch=1)
+        ma, mb = measure_interleaved([(a, feed), (b, feed)], warmup_s=0.0, iterations=6, rounds=3)
+    assert len(ma.timings) >= 6 and len(mb.timings) >= 6
+    blocks = [tag for i, tag in enumerate(calls) if i == 0 or calls[i - 1] != tag]
+    assert blocks == ["a", "b"] * 3  # three rounds, each runner once per round
 
 
 def test_duration_extends_beyond_iterations(effnet_onnx: Path) -> None:
