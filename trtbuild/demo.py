@@ -8,7 +8,6 @@ a signed fleet bundle. Every stage calls the same Python API a user would.
 
 from __future__ import annotations
 
-import os
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -205,7 +204,10 @@ class Demo:
             ProfileSettings(
                 runtime="ort",
                 batches=(1,),
-                threads=os.cpu_count() or 1,  # explicit: ORT's default thread setup made timings erratic
+                # One thread: the per-core speed of the INT8 and FP32 kernels, which a second job on the
+                # other core does not skew (2-thread sessions spin on a busy core: 0.99x beside the test
+                # suite against 1.28x quiet); bench/bench_ort_cpu_fusion.py has the 2-thread column.
+                threads=1,
                 iterations=self.profile_iterations,
             ),
             show_progress=not self.quiet,
@@ -218,7 +220,7 @@ class Demo:
         return StageResult(
             "profile",
             0.0,
-            f"ONNX Runtime CPU, batch 1, median: FP32 {fp32['latency']['median_ms']:.1f} ms; "
+            f"ONNX Runtime CPU, batch 1, 1 thread, median: FP32 {fp32['latency']['median_ms']:.1f} ms; "
             "INT8 for ORT CPU "
             f"(uint8 activations) {cpu_int8['latency']['median_ms']:.1f} ms "
             f"({cpu_int8['vs_baseline']['speedup']:.2f}x, cosine {cpu_int8['accuracy']['cosine']:.4f}); "
