@@ -168,10 +168,7 @@ def quantize_int4_int8(
 ) -> MixedResult:
     """INT4 weight-only where the gate allows, INT8 Q/DQ elsewhere (see the module docstring). Raises
     :class:`calibrators.int4.pipeline.Int4GateError` when not even the all-INT8 graph passes."""
-    if algorithm not in pipeline.ALGORITHMS:
-        raise TrtbuildError(
-            f"unknown INT4 algorithm '{algorithm}'", f"use one of {', '.join(pipeline.ALGORITHMS)}"
-        )
+    pipeline.check_algorithm(algorithm)
     start = time.perf_counter()
     with output_set.writer_lock(out_dir):
         threshold = (

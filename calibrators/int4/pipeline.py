@@ -219,6 +219,11 @@ def quantize_layers(
     return quants, scales, details
 
 
+def check_algorithm(algorithm: str) -> None:
+    if algorithm not in ALGORITHMS:
+        raise TrtbuildError(f"unknown INT4 algorithm '{algorithm}'", f"use one of {', '.join(ALGORITHMS)}")
+
+
 def quantize_int4(
     model_path: str | Path,
     data: Any,
@@ -244,8 +249,7 @@ def quantize_int4(
     ``<stem>.int4.json`` into ``out_dir`` only when the held-out fidelity meets ``min_fidelity``; raises
     :class:`Int4GateError` otherwise.
     """
-    if algorithm not in ALGORITHMS:
-        raise TrtbuildError(f"unknown INT4 algorithm '{algorithm}'", f"use one of {', '.join(ALGORITHMS)}")
+    check_algorithm(algorithm)
     start = time.perf_counter()
     with output_set.writer_lock(out_dir):
         threshold = (
