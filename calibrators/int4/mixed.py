@@ -23,7 +23,7 @@ from typing import Any
 import numpy as np
 import onnx
 
-from calibrators import fidelity, gate_stats
+from calibrators import fidelity, gate_stats, output_kinds
 from calibrators.calibrate import compute_ranges
 from calibrators.collect import DEFAULT_BATCH_SIZE, collect, load_model, tensors_to_collect
 from calibrators.data import model_inputs, open_data
@@ -160,6 +160,7 @@ def quantize_int4_int8(
     samples: int | None = None,
     holdout: int | None = None,
     min_fidelity: str | float | Sequence[str] | FidelityThreshold | None = None,
+    output_kind: Sequence[str] | Mapping[str, str] | None = None,
     exclude: Sequence[str] = (),
     preprocess: Preprocess | None = None,
     batch_size: int = DEFAULT_BATCH_SIZE,
@@ -176,9 +177,12 @@ def quantize_int4_int8(
             if isinstance(min_fidelity, FidelityThreshold)
             else fidelity.parse_min_fidelity(min_fidelity)
         )
+        kind_overrides = output_kinds.parse_output_kinds(output_kind)
         model = ensure_node_names(upgrade_opset(load_model(model_path)))
         hoist_constants(model)
-        check_outputs(threshold, [o.name for o in model.graph.output])
+        graph_outputs = [o.name for o in model.graph.output]
+        check_outputs(threshold, graph_outputs)
+        output_kinds.check_overrides(kind_overrides, graph_outputs)
         layers = find_layers(model, exclude)
         if not layers:
             raise TrtbuildError(
@@ -217,7 +221,7 @@ def quantize_int4_int8(
         builder = _Builder(model, compute_ranges(collection), layers, quants, scales)
         held_batches = list(held.batches(batch_size))
         reference = fidelity.run_batches(fidelity.session(model, threads), held_batches)
-        kinds = fidelity.decide_kinds(model, reference)
+        kinds = fidelity.decide_kinds(model, reference, kind_overrides)
         order = sorted(noise, key=noise.__getitem__)
         trials: list[dict[str, Any]] = []
 

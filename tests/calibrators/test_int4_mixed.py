@@ -36,10 +36,14 @@ def test_int4_int8_mixes_weight_layers_and_plan_rules(
     out = tmp_path / "out"
     args = ["quantize", str(path), "--data", str(data), "--precision", "int4-weights,int8"]
     args += ["--int4-algorithm", "awq", "--holdout", "8", "--out-dir", str(out), "--json"]
-    # all-INT4 fails this gate on MiniLM and all-INT8 passes it, so the search has to mix
-    code, stdout, err = run_cli([*args, "--min-fidelity", "cosine=0.975"], capsys)
+    # all-INT4 fails this gate on MiniLM and all-INT8 passes it, so the search has to mix; the output
+    # kind override reaches the gate (it used to be dropped silently in this mode)
+    output = onnx.load(str(path), load_external_data=False).graph.output[0].name
+    kind = ["--output-kind", f"{output}=regression"]
+    code, stdout, err = run_cli([*args, *kind, "--min-fidelity", "cosine=0.975"], capsys)
     assert code == 0, err
     summary = json.loads(stdout)
+    assert summary["fidelity"]["outputs"][0]["kind"] == "regression"
     assert sorted(p.name for p in out.iterdir()) == ["minilm.int4int8.json", "minilm.int4int8.onnx"]
     assert output_set.verify(out / "minilm.int4int8.json") == []
     int4, int8 = set(summary["int4_layers"]), set(summary["int8_weight_layers"])
@@ -89,6 +93,8 @@ def test_int4_int8_mixes_weight_layers_and_plan_rules(
     code, _, err = run_cli([*args, "--min-fidelity", "cosine=0.9999"], capsys)
     assert code == 2 and err.count("error:") == 1 and "every weight layer INT8" in err
     assert "Traceback" not in err and not failed.exists()
+    code, _, err = run_cli([*args, "--output-kind", "nope=regression"], capsys)
+    assert code == 2 and err.count("error:") == 1 and "nope" in err and not failed.exists()
 
 
 def test_awq_gptq_beats_rtn_on_held_out_sentences(

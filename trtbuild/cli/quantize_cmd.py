@@ -437,7 +437,6 @@ def _quantize_int4_int8(model: Path, data_path: Path, out_dir: Path, as_json: bo
     from calibrators.int4.mixed import quantize_int4_int8
     from calibrators.int4.pipeline import Int4GateError
 
-    options.pop("output_kind", None)
     title = "INT4/INT8 fidelity vs FP32 (held-out samples)"
     try:
         result = quantize_int4_int8(model, data_path, out_dir, **options)
