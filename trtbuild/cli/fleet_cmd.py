@@ -1,4 +1,4 @@
-"""CLI: `fleet init|publish|refresh|update|rollback|status` (thin over trtbuild.fleet)."""
+"""CLI: `fleet init|publish|refresh|rotate|update|rollback|status` (thin over trtbuild.fleet)."""
 
 from __future__ import annotations
 
@@ -117,6 +117,66 @@ def refresh_cmd(registry: str, online_key: str, hours: float, plain_http: bool |
 
     version = refresh(_registry(registry, plain_http), signer(online_key), timedelta(hours=hours))
     out.print(f"timestamp v{version} valid for {hours:g} h")
+
+
+@fleet.command("rotate")
+@click.option("--registry", required=True, help=_REGISTRY_HELP)
+@click.option(
+    "--root-key", "root_keys", required=True, multiple=True, type=click.Path(dir_okay=False),
+    help="The current root key(s): enough to meet the current root threshold.",
+)  # fmt: skip
+@click.option(
+    "--new-root-key", "new_root_keys", multiple=True, type=click.Path(dir_okay=False),
+    help="Replace the root keys with these [keep the current ones].",
+)  # fmt: skip
+@click.option("--root-threshold", type=int, help="Root signatures required from now on [unchanged].")
+@click.option("--new-targets-key", type=click.Path(dir_okay=False), help="Replace the targets key.")
+@click.option(
+    "--online-key", required=True, type=click.Path(dir_okay=False),
+    help="The snapshot/timestamp key from now on (a new one replaces the current).",
+)  # fmt: skip
+@click.option("--out", "root_out", default="root.json", show_default=True, type=click.Path(dir_okay=False))
+@_plain_http_option
+@click.option("--json", "as_json", is_flag=True, help="Print the result as JSON.")
+def rotate_cmd(
+    registry: str,
+    root_keys: tuple[str, ...],
+    new_root_keys: tuple[str, ...],
+    root_threshold: int | None,
+    new_targets_key: str | None,
+    online_key: str,
+    root_out: str,
+    plain_http: bool | None,
+    as_json: bool,
+) -> None:
+    """Sign a new root version: replace leaked or lost keys, or renew root's expiry (devices follow the
+    root chain by themselves; root.json written to --out is the trust anchor for new devices)."""
+    from trtbuild.fleet.keys import signer
+    from trtbuild.fleet.rotate import rotate
+
+    done = rotate(
+        _registry(registry, plain_http),
+        [signer(k) for k in root_keys],
+        signer(online_key),
+        Path(root_out),
+        new_root_keys=[signer(k) for k in new_root_keys],
+        root_threshold=root_threshold,
+        new_targets=signer(new_targets_key) if new_targets_key else None,
+    )
+    if as_json:
+        emit_json(
+            {
+                "root_version": done.root_version,
+                "rotated": list(done.rotated),
+                "targets_version": done.targets_version,
+                "root": str(done.root_path),
+            }
+        )
+        return
+    what = ", ".join(done.rotated) or "no keys (expiry renewed)"
+    out.print(
+        f"root v{done.root_version} signed: rotated {what}; new devices' trust anchor: {done.root_path}"
+    )
 
 
 @fleet.command("update")

@@ -43,11 +43,11 @@ class RoleKeys:
     online: CryptoSigner  # snapshot and timestamp
 
 
-def _now() -> datetime:
+def utc_now() -> datetime:
     return datetime.now(timezone.utc).replace(microsecond=0)
 
 
-def _sign(md: Metadata[Any], signers: Sequence[CryptoSigner]) -> bytes:
+def sign_metadata(md: Metadata[Any], signers: Sequence[CryptoSigner]) -> bytes:
     md.signatures.clear()
     for s in signers:
         md.sign(s, append=True)
@@ -68,7 +68,7 @@ def init_repository(reg: oci.Registry, keys: RoleKeys, root_out: Path, root_thre
             "pass more --root-key or a lower --root-threshold",
         )
     assert keys.targets is not None
-    now = _now()
+    now = utc_now()
     root = Metadata(Root(expires=now + EXPIRY["root"], consistent_snapshot=True))
     for s in keys.root:
         root.signed.add_key(public(s), "root")
@@ -76,17 +76,17 @@ def init_repository(reg: oci.Registry, keys: RoleKeys, root_out: Path, root_thre
     root.signed.add_key(public(keys.targets), "targets")
     root.signed.add_key(public(keys.online), "snapshot")
     root.signed.add_key(public(keys.online), "timestamp")
-    root_bytes = _sign(root, keys.root)
+    root_bytes = sign_metadata(root, keys.root)
     targets = Metadata(Targets(expires=now + EXPIRY["targets"]))
-    targets_bytes = _sign(targets, [keys.targets])
+    targets_bytes = sign_metadata(targets, [keys.targets])
     metadata_store.push(reg, "root", root_bytes, 1)
     metadata_store.push(reg, "targets", targets_bytes, 1)
-    _push_snapshot_and_timestamp(reg, keys.online, targets.signed.version, targets_bytes, None, None)
+    push_snapshot_and_timestamp(reg, keys.online, targets.signed.version, targets_bytes, None, None)
     atomic.write_bytes(root_out, root_bytes)
     return root_out
 
 
-def _push_snapshot_and_timestamp(
+def push_snapshot_and_timestamp(
     reg: oci.Registry,
     online: CryptoSigner,
     targets_version: int,
@@ -95,10 +95,10 @@ def _push_snapshot_and_timestamp(
     timestamp_version: int | None,
     timestamp_ttl: timedelta = EXPIRY["timestamp"],
 ) -> None:
-    now = _now()
+    now = utc_now()
     snapshot = Metadata(Snapshot(version=(snapshot_version or 0) + 1, expires=now + EXPIRY["snapshot"]))
     snapshot.signed.meta["targets.json"] = MetaFile.from_data(targets_version, targets_bytes, ["sha256"])
-    snapshot_bytes = _sign(snapshot, [online])
+    snapshot_bytes = sign_metadata(snapshot, [online])
     metadata_store.push(reg, "snapshot", snapshot_bytes, snapshot.signed.version)
     _push_timestamp(reg, online, snapshot.signed.version, snapshot_bytes, timestamp_version, timestamp_ttl)
 
@@ -111,9 +111,9 @@ def _push_timestamp(
     timestamp_version: int | None,
     ttl: timedelta,
 ) -> None:
-    timestamp = Metadata(Timestamp(version=(timestamp_version or 0) + 1, expires=_now() + ttl))
+    timestamp = Metadata(Timestamp(version=(timestamp_version or 0) + 1, expires=utc_now() + ttl))
     timestamp.signed.snapshot_meta = MetaFile.from_data(snapshot_version, snapshot_bytes, ["sha256"])
-    metadata_store.push(reg, "timestamp", _sign(timestamp, [online]), None)
+    metadata_store.push(reg, "timestamp", sign_metadata(timestamp, [online]), None)
 
 
 @dataclass
@@ -158,6 +158,16 @@ def load_current(reg: oci.Registry) -> Current:
     return Current(root, timestamp, snapshot_bytes, snapshot, targets, targets_bytes)
 
 
+def check_key(root: Root, role: str, sig: CryptoSigner, flag: str) -> None:
+    """Refuse a key the current root does not delegate ``role`` to (e.g. one rotated out by `fleet rotate`):
+    metadata signed with it would be pushed and then refused by every device."""
+    if public(sig).keyid not in root.roles[role].keyids:
+        raise TrtbuildError(
+            f"{flag} is not the {role} key root v{root.version} trusts (rotated out, or another fleet's)",
+            f"pass the current {role} key",
+        )
+
+
 def target_path(model: str, target: str, precision: str, file_name: str) -> str:
     return f"{model}/{target}/{precision}/{file_name}"
 
@@ -172,16 +182,18 @@ def add_targets(
     if keys.targets is None:
         raise TrtbuildError("publishing needs the targets key", "pass --targets-key (kept offline)")
     cur = load_current(reg)
+    check_key(cur.root.signed, "targets", keys.targets, "--targets-key")
+    check_key(cur.root.signed, "timestamp", keys.online, "--online-key")
     targets = cur.targets
     for path, local, custom in entries:
         info = TargetFile.from_file(path, os.fspath(local), ["sha256"])
         info.unrecognized_fields["custom"] = custom
         targets.signed.targets[path] = info
     targets.signed.version += 1
-    targets.signed.expires = _now() + EXPIRY["targets"]
-    targets_bytes = _sign(targets, [keys.targets])
+    targets.signed.expires = utc_now() + EXPIRY["targets"]
+    targets_bytes = sign_metadata(targets, [keys.targets])
     metadata_store.push(reg, "targets", targets_bytes, targets.signed.version)
-    _push_snapshot_and_timestamp(
+    push_snapshot_and_timestamp(
         reg,
         keys.online,
         targets.signed.version,
@@ -197,7 +209,8 @@ def refresh(reg: oci.Registry, online: CryptoSigner, ttl: timedelta = EXPIRY["ti
     """Re-sign snapshot and timestamp (online key only) so devices keep trusting an unchanged release set;
     return the new timestamp version. Run it more often than the timestamp expires (e.g. hourly)."""
     cur = load_current(reg)
-    _push_snapshot_and_timestamp(
+    check_key(cur.root.signed, "timestamp", online, "--online-key")
+    push_snapshot_and_timestamp(
         reg,
         online,
         cur.targets.signed.version,

@@ -18,6 +18,7 @@ from cli_helpers import run_cli
 from fleet_support import REGISTRY_BIN, RunningRegistry, free_port, make_bundle, run_registry
 
 from trtbuild.bundle import signing
+from trtbuild.core.errors import TrtbuildError
 from trtbuild.fleet import install, metadata_store, oci, repository
 from trtbuild.fleet.keys import signer
 from trtbuild.fleet.publish import publish
@@ -323,6 +324,69 @@ def test_cli_init_publish_and_bad_input(
     dead = f"127.0.0.1:{free_port()}/fleet/x"
     _refused([*args[:3], dead, *args[4:], "--device", "orin-jp6.1"], capsys, "download failed")
     assert install.current_name(tmp_path / "dev") is None
+
+
+def test_rotate_keys_devices_follow_and_old_keys_refused(
+    fleet: Fleet,
+    bundles: dict[str, Path],
+    keys: dict[str, Path],
+    tmp_path: Path,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    fleet.publish(bundles["1-orin-jp6.1"])
+    device = tmp_path / "dev"
+    assert _ok(fleet.update_args(device), capsys)["release"] == "tiny-1-orin-jp6.1-fp16"
+    new = {
+        role: signing.generate_keypair(tmp_path / f"{role}.pem")[0] for role in ("root", "targets", "online")
+    }
+    anchor = tmp_path / "root-v2.json"
+    base = [
+        "fleet",
+        "rotate",
+        "--registry",
+        fleet.ref,
+        "--out",
+        str(anchor),
+        "--online-key",
+        str(new["online"]),
+    ]
+    # not the current root key: one error line, nothing pushed or written
+    _refused([*base, "--root-key", str(keys["targets"])], capsys, "0 of the root keys root v1 trusts")
+    assert metadata_store.fetch(fleet.reg, "root", 2) is None and not anchor.exists()
+    rotate = [*base, "--root-key", str(keys["root"]), "--new-root-key", str(new["root"])]
+    done = _ok([*rotate, "--new-targets-key", str(new["targets"])], capsys)
+    assert done["root_version"] == 2 and done["rotated"] == ["root", "targets", "online"] and anchor.is_file()
+    # the rotated-out keys can no longer publish or refresh: refused before anything is pushed
+    with pytest.raises(TrtbuildError, match="rotated out"):
+        fleet.publish(bundles["2-orin-jp6.1"])
+    _refused(
+        ["fleet", "refresh", "--registry", fleet.ref, "--online-key", str(keys["online"])], capsys, "rotated"
+    )
+    # a release signed with the new keys reaches the device, which walked root v1 -> v2 by itself
+    fleet.role_keys = RoleKeys([], signer(new["targets"]), signer(new["online"]))
+    fleet.publish(bundles["2-orin-jp6.1"])
+    assert _ok(fleet.update_args(device), capsys)["release"] == "tiny-2-orin-jp6.1-fp16"
+    # and a new device starting from the new trust anchor gets the same release
+    fresh = [*fleet.update_args(tmp_path / "fresh")]
+    fresh[fresh.index(str(fleet.root_json))] = str(anchor)
+    assert _ok(fresh, capsys)["release"] == "tiny-2-orin-jp6.1-fp16"
+    # renewing root's expiry: the old root key no longer meets the threshold, the new one does
+    _refused(rotate, capsys, "0 of the root keys root v2 trusts")
+    renew = [*base, "--root-key", str(new["root"])]
+    assert _ok(renew, capsys)["rotated"] == [] and metadata_store.fetch(fleet.reg, "root", 3) is not None
+    assert _ok(fleet.update_args(device), capsys)["result"] == "up-to-date"
+    # a release forged with the leaked old online key is refused by the device
+    cur = repository.load_current(fleet.reg)
+    repository.push_snapshot_and_timestamp(
+        fleet.reg,
+        signer(keys["online"]),
+        cur.targets.signed.version,
+        cur.targets_bytes,
+        cur.snapshot.signed.version,
+        cur.timestamp.signed.version,
+    )
+    _refused(fleet.update_args(device), capsys, "without valid signatures")
+    assert _current(device) == "tiny-2-orin-jp6.1-fp16"
 
 
 def test_damaged_installed_version_is_refused_then_reinstalled(
