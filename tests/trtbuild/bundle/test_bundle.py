@@ -152,7 +152,12 @@ def test_verify_and_extract_on_the_stated_device(
     assert result.returncode == 0, result.stderr
     report = json.loads(result.stdout)
     assert report["ok"] and report["files_checked"] == len([p for p in dest.rglob("*") if p.is_file()])
-    assert (dest / "smoke" / "index.json").is_file() or any((dest / "smoke").iterdir())  # the smoke record
+    # the smoke record, signed with the bundle: the device agent's check runs it and it passes
+    from trtbuild.fleet.smoke import SMOKE_DIR, SMOKE_INDEX, run_smoke
+
+    assert (dest / SMOKE_DIR / SMOKE_INDEX).is_file()
+    manifest = verify_bundle(bundles[0], signing.load_public_key(str(keys[1])), device="orin-jp6.1").manifest
+    assert "not run" not in run_smoke(dest, manifest)
     assert report["device_check"] == "stated device 'orin-jp6.1' matches target"
     assert (dest / effnet_onnx.name).read_bytes() == effnet_onnx.read_bytes()
     assert os.access(dest / "build.sh", os.X_OK)
