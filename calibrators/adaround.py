@@ -87,6 +87,10 @@ class LearnedRounding:
     layers: list[LayerResult] = field(default_factory=list)
     skipped: list[str] = field(default_factory=list)  # out of time budget
     seconds: float = 0.0
+    # Held-out gate score (lower is better) of the learned graph and of round-to-nearest, when both were
+    # measured; the pipeline keeps nearest when it measured better (end_to_end_kept False).
+    end_to_end: dict[str, float] = field(default_factory=dict)
+    end_to_end_kept: bool = True
 
     def to_json(self) -> dict[str, Any]:
         return {
@@ -96,6 +100,8 @@ class LearnedRounding:
             "bias_correction_off": sorted(self.decided),
             "skipped_for_time": list(self.skipped),
             "seconds": round(self.seconds, 2),
+            "end_to_end": {k: round(v, 6) for k, v in self.end_to_end.items()},
+            "end_to_end_kept": self.end_to_end_kept,
             "layers": [
                 {
                     "weight": r.weight,

@@ -122,6 +122,13 @@ def test_quantize_learned_rounding_end_to_end(
     for name, q in result.rounding.weights.items():
         assert np.array_equal(stored[f"{name}_quantized"], q)
     report = json.loads(result.report_path.read_text())
+    # the learned graph was also measured end to end against round-to-nearest on the held-out photos
+    scores = report["learned_rounding"]["end_to_end"]
+    kept = report["learned_rounding"]["end_to_end_kept"]
+    assert set(scores) == {"learned", "nearest"} and (kept or scores["nearest"] < scores["learned"])
+    if not result.rounding.end_to_end_kept:
+        assert report["rounding"] == "nearest" and not result.plan.rounded_weights
+        return
     assert report["rounding"] == "learned"
     assert sorted(report["plan"]["learned_rounding"]) == sorted(result.rounding.decided)
     # Bias correction stays off where the learning decided the rounding, on where it ran out of time.
@@ -211,3 +218,49 @@ def test_the_budget_stops_a_layer_mid_way(setup: tuple, photo_batch: np.ndarray)
     assert adaround._learn_layer(*args, deadline=time.perf_counter() - 1) is None
     learned = adaround._learn_layer(*args, deadline=None)
     assert learned is not None and learned[0].shape == w.shape
+
+
+def test_nearest_is_kept_when_the_learned_graph_measures_worse(setup: tuple, photo_batch: np.ndarray) -> None:
+    """The end-to-end check after learning (calibrators/quantize.py `_nearest_if_better`): a rounding that
+    went wrong -- every conv weight rounded the other way -- loses to round-to-nearest on held-out photos,
+    so nearest is kept and the scores of both are recorded; a learned graph that is not worse is kept."""
+    from dataclasses import replace
+
+    from calibrators import fidelity
+    from calibrators.quantize import _nearest_if_better
+
+    cache, ranges, _ = setup
+    options = QdqOptions()
+    plan = plan_qdq(cache, ranges, options)
+    wrong = {}
+    for layer in learnable_layers(cache.model, cache.graph, plan.weights):
+        if layer.op_type != "Conv":
+            continue
+        w = cache.graph.constant(layer.weight)
+        scaled = w / np.asarray(plan.weights[layer.weight].scales).reshape(-1, 1, 1, 1)
+        other_way = np.where(np.rint(scaled) == np.floor(scaled), np.ceil(scaled), np.floor(scaled))
+        wrong[layer.weight] = np.clip(other_way, -127, 127).astype(np.int8)
+    held = [{"images": photo_batch[16:24]}]
+    reference = fidelity.run_batches(fidelity.session(cache.model, 1), held)
+    kinds = fidelity.decide_kinds(cache.model, reference)
+    gate = fidelity.parse_min_fidelity("cosine=0")
+
+    def measured(learned_rounding: dict[str, np.ndarray] | None) -> fidelity.FidelityReport:
+        qmodel = apply_qdq(
+            cache, plan_qdq(cache, ranges, replace(options, learned_rounding=learned_rounding))
+        )
+        test = fidelity.run_batches(fidelity.session(qmodel, 1, ort_core.REFERENCE), held)
+        return fidelity.compare(reference, test, gate, kinds, ort_core.REFERENCE)
+
+    bad = adaround.LearnedRounding(weights=wrong, decided=wrong)
+    bad_report = measured(wrong)
+    chosen = _nearest_if_better(cache.model, ranges, options, bad, bad_report, held, reference, kinds, 1)
+    assert chosen is not None and not bad.end_to_end_kept
+    assert chosen[2].score() == bad.end_to_end["nearest"] < bad.end_to_end["learned"] == bad_report.score()
+    assert not chosen[0].rounded_weights  # the plan kept is round-to-nearest, with its bias correction
+    same = adaround.LearnedRounding()
+    assert (
+        _nearest_if_better(cache.model, ranges, options, same, measured(None), held, reference, kinds, 1)
+        is None
+    )
+    assert same.end_to_end_kept and same.end_to_end["learned"] == same.end_to_end["nearest"]
