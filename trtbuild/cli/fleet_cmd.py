@@ -109,13 +109,20 @@ def publish_cmd(
 @click.option("--registry", required=True, help=_REGISTRY_HELP)
 @click.option("--online-key", required=True, type=click.Path(dir_okay=False), help="Snapshot/timestamp key.")
 @click.option("--hours", default=24.0, show_default=True, help="Timestamp lifetime.")
+@click.option(
+    "--repair",
+    is_flag=True,
+    help="The newest timestamp/snapshot is not validly signed (pushed with a leaked or wrong key): "
+    "re-sign the newest release that is.",
+)
 @_plain_http_option
-def refresh_cmd(registry: str, online_key: str, hours: float, plain_http: bool | None) -> None:
+def refresh_cmd(registry: str, online_key: str, hours: float, repair: bool, plain_http: bool | None) -> None:
     """Re-sign snapshot and timestamp with the online key (run it well within the timestamp lifetime)."""
     from trtbuild.fleet.keys import signer
     from trtbuild.fleet.repository import refresh
 
-    version = refresh(_registry(registry, plain_http), signer(online_key), timedelta(hours=hours))
+    reg = _registry(registry, plain_http)
+    version = refresh(reg, signer(online_key), timedelta(hours=hours), repair=repair)
     out.print(f"timestamp v{version} valid for {hours:g} h")
 
 

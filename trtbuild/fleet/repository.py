@@ -124,6 +124,7 @@ class Current:
     snapshot: Metadata[Snapshot]
     targets: Metadata[Targets]
     targets_bytes: bytes
+    snapshot_seen: int  # the newest snapshot version in the registry (a repair signs past it)
 
 
 def _load(reg: oci.Registry, role: str, version: int | None) -> bytes:
@@ -136,26 +137,54 @@ def _load(reg: oci.Registry, role: str, version: int | None) -> bytes:
     return data
 
 
-def load_current(reg: oci.Registry) -> Current:
-    """The newest metadata in the registry, each role checked against the keys root delegates to it."""
-    version = 1
+def load_current(reg: oci.Registry, *, repair: bool = False) -> Current:
+    """The newest metadata in the registry: the root chain (each version signed by a threshold of the one
+    before and of its own keys, as devices check it), then each role against the keys root delegates to.
+    ``repair``: when the newest timestamp/snapshot is not validly signed (pushed with a leaked or wrong
+    key), fall back to the newest snapshot that is, so that `fleet refresh --repair` can re-sign it."""
     root: Metadata[Root] = Metadata[Root].from_bytes(_load(reg, "root", 1))
-    while (data := metadata_store.fetch(reg, "root", version + 1)) is not None:
-        root = Metadata[Root].from_bytes(data)
-        version += 1
+    while (data := metadata_store.fetch(reg, "root", root.signed.version + 1)) is not None:
+        newer = Metadata[Root].from_bytes(data)
+        try:
+            root.verify_delegate("root", newer)
+            newer.verify_delegate("root", newer)
+        except UnsignedMetadataError as exc:
+            raise TrtbuildError(
+                f"root v{newer.signed.version} in the registry is not signed by the keys of "
+                f"root v{root.signed.version} ({exc})",
+                "remove that tag from the registry; sign new roots with `trtbuild fleet rotate`",
+            ) from exc
+        root = newer
     timestamp = Metadata[Timestamp].from_bytes(_load(reg, "timestamp", None))
-    snapshot_bytes = _load(reg, "snapshot", timestamp.signed.snapshot_meta.version)
+    try:
+        root.verify_delegate("timestamp", timestamp)
+        return _verified_from(reg, root, timestamp, timestamp.signed.snapshot_meta.version)
+    except UnsignedMetadataError as exc:
+        if not repair:
+            raise TrtbuildError(
+                f"the registry's release metadata is not validly signed ({exc})",
+                "if a key leaked, `trtbuild fleet rotate` it, then `trtbuild fleet refresh --repair`",
+            ) from exc
+    for version in range(timestamp.signed.snapshot_meta.version, 0, -1):
+        try:
+            cur = _verified_from(reg, root, timestamp, version)
+        except (UnsignedMetadataError, TrtbuildError):
+            continue
+        cur.snapshot_seen = timestamp.signed.snapshot_meta.version
+        return cur
+    raise TrtbuildError(f"{reg.host}/{reg.repo} holds no validly signed snapshot", "re-run `fleet init`")
+
+
+def _verified_from(
+    reg: oci.Registry, root: Metadata[Root], timestamp: Metadata[Timestamp], version: int
+) -> Current:
+    snapshot_bytes = _load(reg, "snapshot", version)
     snapshot = Metadata[Snapshot].from_bytes(snapshot_bytes)
+    root.verify_delegate("snapshot", snapshot)
     targets_bytes = _load(reg, "targets", snapshot.signed.meta["targets.json"].version)
     targets = Metadata[Targets].from_bytes(targets_bytes)
-    try:
-        for role, md in (("timestamp", timestamp), ("snapshot", snapshot), ("targets", targets)):
-            root.verify_delegate(role, md)
-    except UnsignedMetadataError as exc:
-        raise TrtbuildError(
-            f"the registry's release metadata is not validly signed ({exc})", "check it"
-        ) from exc
-    return Current(root, timestamp, snapshot_bytes, snapshot, targets, targets_bytes)
+    root.verify_delegate("targets", targets)
+    return Current(root, timestamp, snapshot_bytes, snapshot, targets, targets_bytes, version)
 
 
 def check_key(root: Root, role: str, sig: CryptoSigner, flag: str) -> None:
@@ -198,24 +227,27 @@ def add_targets(
         keys.online,
         targets.signed.version,
         targets_bytes,
-        cur.snapshot.signed.version,
+        cur.snapshot_seen,
         cur.timestamp.signed.version,
         timestamp_ttl,
     )
     return targets.signed.version
 
 
-def refresh(reg: oci.Registry, online: CryptoSigner, ttl: timedelta = EXPIRY["timestamp"]) -> int:
+def refresh(
+    reg: oci.Registry, online: CryptoSigner, ttl: timedelta = EXPIRY["timestamp"], *, repair: bool = False
+) -> int:
     """Re-sign snapshot and timestamp (online key only) so devices keep trusting an unchanged release set;
-    return the new timestamp version. Run it more often than the timestamp expires (e.g. hourly)."""
-    cur = load_current(reg)
+    return the new timestamp version. Run it more often than the timestamp expires (e.g. hourly).
+    ``repair``: re-sign the newest validly signed release when the newest metadata is not (load_current)."""
+    cur = load_current(reg, repair=repair)
     check_key(cur.root.signed, "timestamp", online, "--online-key")
     push_snapshot_and_timestamp(
         reg,
         online,
         cur.targets.signed.version,
         cur.targets_bytes,
-        cur.snapshot.signed.version,
+        cur.snapshot_seen,
         cur.timestamp.signed.version,
         ttl,
     )

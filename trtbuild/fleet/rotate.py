@@ -65,7 +65,7 @@ def rotate(
 ) -> Rotation:
     """Sign root v(N+1) with ``root_keys`` (root N's) and ``new_root_keys`` (default: the same keys);
     ``new_targets`` and an ``online`` key root N does not know become the targets / online keys."""
-    cur = repository.load_current(reg)
+    cur = repository.load_current(reg, repair=True)  # metadata pushed with a leaked key is passed over
     old = cur.root
     version = old.signed.version
     _check_signers(old.signed, "root", root_keys, "--root-key", version)
@@ -123,7 +123,7 @@ def rotate(
         online,
         targets_version,
         targets_bytes,
-        cur.snapshot.signed.version,
+        cur.snapshot_seen,
         cur.timestamp.signed.version,
     )
     atomic.write_bytes(root_out, root_bytes)

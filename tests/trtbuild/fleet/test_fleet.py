@@ -387,6 +387,20 @@ def test_rotate_keys_devices_follow_and_old_keys_refused(
     )
     _refused(fleet.update_args(device), capsys, "without valid signatures")
     assert _current(device) == "tiny-2-orin-jp6.1-fp16"
+    # the publisher sees it too, and `refresh --repair` re-signs the newest validly signed release
+    refresh = ["fleet", "refresh", "--registry", fleet.ref, "--online-key", str(new["online"])]
+    _refused(refresh, capsys, "not validly signed", "--repair")
+    code, _, err = run_cli([*refresh, "--repair"], capsys)
+    assert code == 0, err
+    assert _ok(fleet.update_args(device), capsys)["result"] == "up-to-date"
+    fleet.publish(bundles["3-orin-jp6.1"])  # and publishing works again
+    assert _ok(fleet.update_args(device), capsys)["release"] == "tiny-3-orin-jp6.1-fp16"
+    # a root pushed by someone without the root keys breaks the chain: the publisher refuses it
+    forged = repository.load_current(fleet.reg).root
+    forged.signed.version += 1
+    repository.sign_metadata(forged, [signer(keys["online"])])
+    metadata_store.push(fleet.reg, "root", forged.to_bytes(), forged.signed.version)
+    _refused(refresh, capsys, f"root v{forged.signed.version} in the registry is not signed")
 
 
 def test_damaged_installed_version_is_refused_then_reinstalled(
