@@ -291,7 +291,7 @@ def quantize(
         reference = fidelity.run_batches(fidelity.session(model, s.threads), held_batches)
         plan = plan_qdq(model, ranges, options)
         learned: adaround.LearnedRounding | None = None
-        if s.rounding == "learned" and options.weight_format == "int8":
+        if s.rounding == "learned" and options.weight_format in ("int8", FP8):
             config = adaround.AdaRoundConfig(budget_s=s.rounding_budget_s, seed=s.seed)
             # Learned on the graph without bias correction (a nearest-rounding shift would be wrong for
             # the learned layers upstream); the final plan corrects only the layers the learning did not reach
