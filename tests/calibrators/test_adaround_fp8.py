@@ -84,3 +84,31 @@ def test_learned_fp8_rounding_beats_nearest_and_is_stored_exactly(
 def test_unknown_grid_is_refused(grid: str) -> None:
     with pytest.raises(ValueError, match="unknown rounding grid"):
         rounding_grid.neighbours(np.zeros(3, np.float32), grid)
+
+
+def test_quantize_fp8_with_learned_rounding_stores_the_learned_float8(tmp_path: Path) -> None:
+    """`quantize(activation_type="fp8", rounding="learned")`: the FP8 layer's weight is learned on the E4M3
+    grid and written as those float8 values; the layers FP8 keeps in FP16 are left alone."""
+    from test_fp8 import _conv_net
+
+    from calibrators.quantize import quantize
+
+    model = tmp_path / "net.onnx"
+    onnx.save(_conv_net(), str(model))
+    x = np.random.default_rng(3).standard_normal((40, 3, 16, 16)).astype(np.float32)
+    result = quantize(
+        model,
+        x,
+        tmp_path / "out",
+        activation_type="fp8",
+        rounding="learned",
+        holdout=8,
+        min_fidelity="cosine=0.9",
+        show_progress=False,
+    )
+    assert result.rounding is not None and [r.weight for r in result.rounding.layers] == ["w/pw"]
+    stored = {i.name: numpy_helper.to_array(i) for i in onnx.load(str(result.onnx_path)).graph.initializer}
+    q = result.rounding.decided["w/pw"]
+    key = next(k for k in stored if k.endswith("_quantized") and "pw" in k)
+    assert stored[key].dtype == fp8.FP8_DTYPE and np.array_equal(stored[key], q)
+    assert result.plan.weights["w/pw"].bias_shift is None  # learned: no bias correction on top
