@@ -3,7 +3,8 @@ Quantization", 2020).
 
 Round-to-nearest minimises each weight's own error, not the layer's output error: rounding a few weights the
 other way can cancel errors that add up over a dot product. Per weighted layer in graph order this learns,
-for every weight, floor or ceil of w/s (s: the plan's per-channel scale) that minimises
+for every weight, the grid value below or above w/s (s: the plan's per-channel scale; the int8 grid, or
+the FP8 E4M3 grid whose step grows with the magnitude: calibrators/rounding_grid.py) that minimises
 ||W x_fp - W~ x_q||^2 where x_q is the layer's input in the graph quantized so far (activations through
 their Q/DQ, earlier layers with their learned weights: errors do not compound) and W x_fp the float model's
 output. The up/down choice is a continuous variable h = clip(sigmoid(V)(zeta - gamma) + gamma, 0, 1),
@@ -29,7 +30,7 @@ from typing import Any
 import numpy as np
 import onnx
 
-from calibrators import weights as wq
+from calibrators import rounding_grid
 from calibrators.adaround_layers import Layer, batch_size_of, learnable_layers, row_rng
 from calibrators.adaround_prefix import PrefixRunner
 from calibrators.collect import instrument
@@ -78,7 +79,8 @@ class LayerResult:
 
 @dataclass
 class LearnedRounding:
-    """Integer weights (the plan's per-channel scales, int8 grid) by weight name, and what was measured."""
+    """Grid weights (the plan's per-channel scales; int8, or float8 on the E4M3 grid) by weight name, and
+    what was measured."""
 
     weights: dict[str, np.ndarray] = field(default_factory=dict)
     # Every layer the learning reached (learned, or nearest where that measured better): its integers. The
@@ -124,7 +126,7 @@ def learn_rounding(
     progress: Callable[[int, int], None] | None = None,
     only: Sequence[str] | None = None,
 ) -> LearnedRounding:
-    """Learn the rounding of every int8 weight in ``plan`` (or of the weights named in ``only``) that
+    """Learn the rounding of every int8 or fp8 weight in ``plan`` (or of the weights named in ``only``) that
     :func:`learnable_layers` accepts.
 
     ``batches``: calibration feeds (at most ``config.samples`` samples are used). ``progress(done, total)``
@@ -135,10 +137,13 @@ def learn_rounding(
     cache = model if isinstance(model, GraphCache) else GraphCache(model)
     start = time.perf_counter()
     feeds = first_samples(batches, config.samples)
-    int8 = {
-        k: w for k, w in plan.weights.items() if w.weight_format == "int8" and (only is None or k in only)
+    # the int8 grid (TensorRT INT8) or the E4M3 grid (TensorRT FP8): calibrators/rounding_grid.py
+    learnable = {
+        k: w
+        for k, w in plan.weights.items()
+        if w.weight_format in rounding_grid.GRIDS and (only is None or k in only)
     }
-    layers = learnable_layers(cache.model, cache.graph, int8)
+    layers = learnable_layers(cache.model, cache.graph, learnable)
     result = LearnedRounding()
     if not layers or not feeds:
         return result
@@ -193,7 +198,8 @@ def _learn_all(
         # The budget also stops a layer mid-way (one large head can take minutes: ddddocr's 8210-class
         # Gemm took 365 s of a 411 s run); only the first layer always finishes.
         deadline = start + config.budget_s if result.layers else None
-        learned_layer = _learn_layer(layer, w, scales, x_q, targets[layer.weight], config, deadline)
+        grid = plan.weights[layer.weight].weight_format
+        learned_layer = _learn_layer(layer, w, scales, x_q, targets[layer.weight], config, deadline, grid)
         if learned_layer is None:
             result.skipped.append(layer.weight)
             continue
@@ -266,19 +272,22 @@ def _learn_layer(
     target: np.ndarray,
     config: AdaRoundConfig,
     deadline: float | None = None,
+    grid: str = "int8",
 ) -> tuple[np.ndarray, np.ndarray, float, float] | None:
-    """(learned and nearest int8 weight in ONNX layout, nearest relative error, learned relative error);
-    None when ``deadline`` (perf_counter seconds) passes before the steps are done."""
+    """(learned and nearest weight on ``grid`` in ONNX layout and storage type, nearest relative error,
+    learned relative error); None when ``deadline`` (perf_counter seconds) passes before the steps are
+    done."""
     import torch
 
-    qmax = wq.INT8_MAX
     wm = layer.to_matrix(w)  # [G, O, I]
     if not config.asymmetric:
         target = np.einsum("rgi,goi->rgo", x_q, wm).astype(np.float32)
     s = scales.reshape(wm.shape[0], wm.shape[1], 1)
-    scaled = wm / s
-    floor = np.floor(scaled)
-    rest = np.clip(scaled - floor, 1e-4, 1 - 1e-4)
+    scaled = (wm / s).astype(np.float32)
+    below, above = rounding_grid.neighbours(scaled, grid)
+    step = above - below
+    frac = np.divide(scaled - below, step, out=np.full_like(step, 0.5), where=step > 0)
+    rest = np.clip(frac, 1e-4, 1 - 1e-4)
     # The last quarter of the rows (other images: rows are stored sample by sample) only judges the result.
     split = max(1, (3 * x_q.shape[0]) // 4) if x_q.shape[0] > 1 else 1
     held = slice(split, None) if split < x_q.shape[0] else slice(None)
@@ -288,10 +297,11 @@ def _learn_layer(
     x_val = torch.from_numpy(np.ascontiguousarray(x_q[held].transpose(1, 0, 2)))
     y_val = torch.from_numpy(np.ascontiguousarray(target[held].transpose(1, 0, 2)))
     ts = torch.from_numpy(s.astype(np.float32))
-    tfloor = torch.from_numpy(floor.astype(np.float32))
-    # W = (lo + h * (hi - lo)) * s: floor or ceil of w/s on the int8 grid (a ceil past qmax stays at qmax).
-    lo = torch.clamp(tfloor, -qmax, qmax)
-    slope = (torch.clamp(tfloor + 1, -qmax, qmax) - lo) * ts  # dW/dh
+    # W = (lo + h * (hi - lo)) * s: the grid value below or above w/s (int8: floor or ceil, a ceil past
+    # qmax stays at qmax; fp8: the E4M3 neighbours, whose step grows with the magnitude).
+    lo = torch.from_numpy(below)
+    tstep = torch.from_numpy(step)
+    slope = tstep * ts  # dW/dh
     base = lo * ts
     gradient = _recon_gradient(x, y)
     # V such that h(V) = the fractional part: learning starts at the float weight itself.
@@ -325,15 +335,15 @@ def _learn_layer(
 
     with torch.no_grad():
         hard = (soft() >= 0.5).float()
-        learned = torch.clamp(tfloor + hard, -qmax, qmax)
-        nearest = torch.clamp(torch.round(torch.from_numpy(scaled.astype(np.float32))), -qmax, qmax)
+        learned = lo + hard * tstep
+        nearest = torch.from_numpy(rounding_grid.nearest(scaled, grid))
 
         def error(q: torch.Tensor) -> float:
             return float(((torch.bmm(x_val, (q * ts).transpose(1, 2)) - y_val) ** 2).mean()) / denom
 
-        q_int = learned.numpy().astype(np.int8)
-        near = layer.from_matrix(nearest.numpy().astype(np.int8))
-        return layer.from_matrix(q_int), near, error(nearest), error(learned)
+        q = rounding_grid.stored(learned.numpy(), grid)
+        near = layer.from_matrix(rounding_grid.stored(nearest.numpy(), grid))
+        return layer.from_matrix(q), near, error(nearest), error(learned)
 
 
 def _recon_gradient(x: Any, y: Any) -> Callable[[Any], Any]:

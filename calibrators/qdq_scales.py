@@ -92,7 +92,7 @@ def plan_qdq(
     quantized_nodes = [n for n in sel.quantized_nodes if n not in dropped_nodes]
     keep = set(quantized_nodes)
     means = bc.means_from(ranges)
-    learned = options.learned_rounding if options.weight_format == "int8" else None
+    learned = options.learned_rounding if options.weight_format in ("int8", wq.FP8) else None
     for w_name, (consumers, axis, bias) in sel.weights.items():
         live = tuple(c for c in consumers if c[0] in keep)
         if not live:

@@ -275,8 +275,8 @@ def select_qdq(
             consumers.append((node.name, w_index))
         quantized.append(node.name)
 
-    # 2. Residual Add: quantize the skip input; the conv branch fuses as the conv's epilogue (INT8: not
-    # where the Add's output only feeds a LayerNorm, calibrators/qdq_residual.py).
+    # 2. Residual Add: quantize the skip input; the conv branch fuses as the conv's epilogue (INT8 and FP8:
+    # not where the Add's output only feeds a LayerNorm, calibrators/qdq_residual.py).
     quantized_set = set(quantized)
     for node in g.nodes:
         if rules.ROLES.get(node.op_type) is not rules.Role.RESIDUAL_ADD or node.name in excluded:
@@ -294,8 +294,8 @@ def select_qdq(
         sides: tuple[int, ...] = (skip,)
         if options.activation_type == "uint8":
             sides = (0, 1) if ort_placement.will_be_quantized(g, node.output[0], acts) else ()
-        elif options.activation_type == "int8" and qdq_residual.output_stays_float(g, node.output[0]):
-            sides = ()  # Add -> LayerNorm: the fused output stays float, an INT8 skip only adds error
+        elif options.activation_type in ("int8", FP8) and qdq_residual.output_stays_float(g, node.output[0]):
+            sides = ()  # Add -> LayerNorm: the fused output stays float, an INT8/FP8 skip only adds error
         for i in sides:
             acts.setdefault(node.input[i], []).append((node.name, i))
 

@@ -39,9 +39,9 @@ class QdqOptions:
     # How weights are stored: int8 (TensorRT, VNNI CPUs), or int7/uint8 for ORT's x86 kernels on CPUs
     # whose u8 x s8 multiply-add saturates (calibrators/weights.py, trtbuild/core/cpu.py).
     weight_format: str = "int8"
-    # Learned rounding (calibrators/adaround.py): int8 weights by name on the per-channel grid plan_qdq
-    # computes; used instead of round-to-nearest for int8 weights, and without bias correction (the learning
-    # targets the float output already). Data, not part of equality.
+    # Learned rounding (calibrators/adaround.py): int8 (or float8 E4M3) weights by name on the per-channel
+    # grid plan_qdq computes; used instead of round-to-nearest for int8/fp8 weights, and without bias
+    # correction (the learning targets the float output already). Data, not part of equality.
     learned_rounding: Mapping[str, np.ndarray] | None = field(default=None, compare=False, repr=False)
 
     def __post_init__(self) -> None:

@@ -173,9 +173,9 @@ def quantize(
     ``write_report``: also write the per-layer accuracy report (calibrators/layer_report.py) as
     ``<model>.int8.report.html`` with its PNGs in ``<model>.int8.report/``.
     ``bias_correction``: fold each quantized layer's mean weight-rounding error into its float bias.
-    ``rounding``: "nearest", or "learned" (calibrators/adaround.py: each int8 weight rounded up or down to
-    minimise its layer's output error on the calibration data, within ``rounding_budget_s`` seconds,
-    deterministic for ``seed``).
+    ``rounding``: "nearest", or "learned" (calibrators/adaround.py: each int8 or fp8 weight rounded up or
+    down on its grid to minimise its layer's output error on the calibration data, within
+    ``rounding_budget_s`` seconds, deterministic for ``seed``).
     ``activation_type``: int8 writes the TensorRT graph, judged by its reference Q/DQ semantics; fp8 the
     TensorRT FP8 (E4M3) graph at opset 19, judged the same way (docs/fp8.md); uint8
     writes a graph for ONNX Runtime's CPU kernels on ``ort_cpu_kind`` (``auto``: this machine), with the
@@ -294,7 +294,7 @@ def quantize(
         reference = fidelity.run_batches(fidelity.session(model, s.threads), held_batches)
         plan = plan_qdq(model, ranges, options)
         learned: adaround.LearnedRounding | None = None
-        if s.rounding == "learned" and options.weight_format == "int8":
+        if s.rounding == "learned" and options.weight_format in ("int8", FP8):
             config = adaround.AdaRoundConfig(budget_s=s.rounding_budget_s, seed=s.seed)
             # Learned on the graph without bias correction (a nearest-rounding shift would be wrong for
             # the learned layers upstream); the final plan corrects only the layers the learning did not reach

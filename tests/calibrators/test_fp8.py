@@ -198,6 +198,11 @@ def test_quantize_fp8_minilm_beats_int8(minilm: tuple[Path, list], tmp_path: Pat
     assert report["activation_type"] == "fp8" and report["fidelity"]["semantics"] == ort_core.REFERENCE
     attention = [e for e in fp8_result.plan.excluded if "attention" in e.reason]
     assert attention  # score MatMuls on unknown sequence length stay float, as for INT8
+    # No residual Add reads an FP8 Q/DQ: each feeds a LayerNorm, so its fused output stays FP16 in TensorRT
+    # and a Q/DQ on its skip would only add rounding error (calibrators/qdq_residual.py).
+    dequantized = {n.output[0] for n in qmodel.graph.node if n.op_type == "DequantizeLinear"}
+    adds = [n for n in qmodel.graph.node if n.op_type == "Add"]
+    assert adds and not [n.name for n in adds if dequantized & set(n.input)]
     cos = {p: r.fidelity.outputs[0].cosine for p, r in results.items()}
     assert cos["fp8"] > cos["int8"] and cos["fp8"] > 0.99, cos
     # The written graph, re-run from disk in a fresh session, gives the reported fidelity.

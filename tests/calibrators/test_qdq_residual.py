@@ -1,6 +1,6 @@
-"""INT8 placement of residual Adds (calibrators/qdq_residual.py): the skip input of an Add that only feeds a
-LayerNorm (fused or decomposed, as third-party opset-13 exports write it) gets no Q/DQ; a conv-style
-residual whose output is requantized keeps it."""
+"""INT8 and FP8 placement of residual Adds (calibrators/qdq_residual.py): the skip input of an Add that only
+feeds a LayerNorm (fused or decomposed, as third-party opset-13 exports write it) gets no Q/DQ; a
+conv-style residual whose output is requantized keeps it."""
 
 from __future__ import annotations
 
@@ -67,9 +67,10 @@ def _plan(model: onnx.ModelProto, activation_type: str = "int8"):
     return names, plan_qdq(model, ranges, QdqOptions(activation_type=activation_type))
 
 
+@pytest.mark.parametrize("activation_type", ["int8", "fp8"])
 @pytest.mark.parametrize("decomposed", [False, True], ids=["LayerNormalization", "opset13-decomposed"])
-def test_skip_into_layernorm_gets_no_qdq(decomposed: bool) -> None:
-    names, plan = _plan(_block(decomposed))
+def test_skip_into_layernorm_gets_no_qdq(decomposed: bool, activation_type: str) -> None:
+    names, plan = _plan(_block(decomposed), activation_type)
     readers = {(node, idx) for node, idx in plan.activations["x"].consumers}
     assert readers == {("fc", 0)}  # the MatMul's input, not the residual Add's skip
     assert "hb" not in plan.activations and "s" not in plan.activations
@@ -77,8 +78,9 @@ def test_skip_into_layernorm_gets_no_qdq(decomposed: bool) -> None:
     assert "ln" in names and "ln" in plan.activations  # fc2's input still calibrated and quantized
 
 
-def test_skip_keeps_qdq_where_the_add_output_is_requantized() -> None:
-    _, plan = _plan(_block(decomposed=False, residual_also_to_matmul=True))
+@pytest.mark.parametrize("activation_type", ["int8", "fp8"])
+def test_skip_keeps_qdq_where_the_add_output_is_requantized(activation_type: str) -> None:
+    _, plan = _plan(_block(decomposed=False, residual_also_to_matmul=True), activation_type)
     assert ("residual", 1) in plan.activations["x"].consumers
     assert ("fc3", 0) in plan.activations["s"].consumers
 
