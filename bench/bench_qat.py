@@ -6,6 +6,7 @@ engine; bench/bench_sparsity_prune.py estimates that one), eligible 2:4 layers a
 The held-out crops also pick the best training step (early stopping), so they are not an unseen test set.
 
 Run: python3 bench/bench_qat.py [--steps 30] [--train 128] [--holdout 64] [--skip-sparse] [--out result.json]
+     [--only-sparse] [--sparse-steps N] [--sparse-budget KL]   (2:4 rows only; qat's sparse options)
 QAT starts from learned-rounding PTQ (trtbuild/qat/ptq_start.py) and distills with KL on the logits; the
 "seconds" of each row are wall seconds, "cpu_s" CPU seconds of this process (ModelOpt: of its subprocess).
 ModelOpt's torch QAT (same crops, split, loss, optimizer and steps) runs from .venv-modelopt through

@@ -5,6 +5,10 @@ re-fit after N steps of the same distillation recovery `qat` runs (masks held). 
 against the unpruned FP32 model on held-out crops, plus weight bytes as TensorRT would store them.
 
 Run: python3 bench/bench_sparsity_prune.py [--fit 64] [--train 128] [--holdout 64] [--steps 30]
+     [--budget KL [--aug-steps N --aug-lr 1e-4]] [--skip-baseline]
+--budget adds the re-fit with `qat --sparse-budget` (prune_select.py: layers over their per-weight share of
+the KL budget stay dense, listed in the report) and --aug-steps the recovery `qat --sparsity 2:4` runs now
+(augmented views of the training crops, KL + block-feature loss; sparse_recover.py) on that model.
 """
 
 from __future__ import annotations
