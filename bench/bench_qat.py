@@ -6,6 +6,7 @@ engine; bench/bench_sparsity_prune.py estimates that one), eligible 2:4 layers a
 The held-out crops also pick the best training step (early stopping), so they are not an unseen test set.
 
 Run: python3 bench/bench_qat.py [--steps 30] [--train 128] [--holdout 64] [--skip-sparse] [--out result.json]
+     [--only-sparse] [--sparse-steps N] [--sparse-budget KL]   (2:4 rows only; qat's sparse options)
 QAT starts from learned-rounding PTQ (trtbuild/qat/ptq_start.py) and distills with KL on the logits; the
 "seconds" of each row are wall seconds, "cpu_s" CPU seconds of this process (ModelOpt: of its subprocess).
 ModelOpt's torch QAT (same crops, split, loss, optimizer and steps) runs from .venv-modelopt through
@@ -74,6 +75,9 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=1, help="torch threads, for ours and ModelOpt alike")
     parser.add_argument("--lr", type=float, default=2e-6, help="weight learning rate, ours and ModelOpt's")
     parser.add_argument("--skip-sparse", action="store_true", help="only the INT8 rows (and ModelOpt)")
+    parser.add_argument("--only-sparse", action="store_true", help="FP32 + the 2:4 rows only (no QAT/PTQ)")
+    parser.add_argument("--sparse-steps", type=int, default=None, help="2:4 recovery steps [--steps]")
+    parser.add_argument("--sparse-budget", type=float, default=None, help="qat's sparse_budget [none]")
     args = parser.parse_args()
     import torch
 
@@ -95,6 +99,9 @@ def main() -> None:
         "patience": 10,
         "on_step": progress,
     }
+    if args.only_sparse:
+        _only_sparse(args, common, tmp)
+        return
     start, cpu0 = time.perf_counter(), time.process_time()
     q = qat(examples.efficientnet_lite0(), out_dir=tmp / "qat", **common)
     qat_s, qat_cpu = time.perf_counter() - start, time.process_time() - cpu0
@@ -151,13 +158,54 @@ def main() -> None:
     print(json.dumps(report, indent=2, default=str), file=sys.stderr)
     if not args.skip_sparse:
         start, cpu0 = time.perf_counter(), time.process_time()
-        s = qat(examples.efficientnet_lite0(), out_dir=tmp / "sparse", sparsity="2:4", **common)
+        s = qat(examples.efficientnet_lite0(), out_dir=tmp / "sparse", **_sparse_options(args), **common)
         sparse_s, sparse_cpu = time.perf_counter() - start, time.process_time() - cpu0
         report.update(_sparse(s, sparse_s, sparse_cpu, rows))
     text = json.dumps(report, indent=2, default=str)
     print(text)
     if args.out:
         args.out.write_text(text + "\n")
+
+
+def _sparse_options(args: argparse.Namespace) -> dict[str, Any]:
+    return {"sparsity": "2:4", "sparse_steps": args.sparse_steps, "sparse_budget": args.sparse_budget}
+
+
+def _only_sparse(args: argparse.Namespace, common: dict[str, Any], tmp: Path) -> None:
+    """FP32 and the 2:4 rows without the INT8 PTQ/QAT ones (the sparse recipe's own measurement)."""
+    from export.pipeline import export_model
+
+    fp32 = tmp / "fp32" / "efficientnet_lite0.onnx"
+    export_model(
+        examples.efficientnet_lite0(),
+        ["images:1x3x224x224"],
+        fp32,
+        dynamic_batch=True,
+        output_names=["logits"],
+    )
+    rows = [
+        {
+            "model": "FP32",
+            "top1": 1.0,
+            "size_mib": compressed_mib(fp32),
+            "raw_mib": fp32.stat().st_size / 2**20,
+        }
+    ]
+    start, cpu0 = time.perf_counter(), time.process_time()
+    s = qat(examples.efficientnet_lite0(), out_dir=tmp / "sparse", **_sparse_options(args), **common)
+    report: dict[str, Any] = {
+        "held_out": args.holdout,
+        "train": args.train,
+        "steps": args.steps,
+        "rows": rows,
+    }
+    report.update(_sparse(s, time.perf_counter() - start, time.process_time() - cpu0, rows))
+    report["sparse_options"] = _sparse_options(args)
+    report["qat_sparsity"] = s.to_json()["sparsity"]
+    report["out"] = str(tmp)
+    print(json.dumps(report, indent=2, default=str))
+    if args.out:
+        args.out.write_text(json.dumps(report, indent=2, default=str) + "\n")
 
 
 def _sparse(s: Any, sparse_s: float, sparse_cpu: float, rows: list[dict[str, Any]]) -> dict[str, Any]:
@@ -182,6 +230,7 @@ def _sparse(s: Any, sparse_s: float, sparse_cpu: float, rows: list[dict[str, Any
         {
             "model": "2:4 + INT8 QAT",
             "top1": top1(s.qat),
+            "kl": s.qat.outputs[0].kl,
             "size_mib": compressed_mib(s.quantized.onnx_path),
             "seconds": sparse_s,
             "cpu_s": sparse_cpu,

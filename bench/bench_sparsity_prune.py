@@ -5,6 +5,10 @@ re-fit after N steps of the same distillation recovery `qat` runs (masks held). 
 against the unpruned FP32 model on held-out crops, plus weight bytes as TensorRT would store them.
 
 Run: python3 bench/bench_sparsity_prune.py [--fit 64] [--train 128] [--holdout 64] [--steps 30]
+     [--budget KL [--aug-steps N --aug-lr 1e-4]] [--skip-baseline]
+--budget adds the re-fit with `qat --sparse-budget` (prune_select.py: layers over their per-weight share of
+the KL budget stay dense, listed in the report) and --aug-steps the recovery `qat --sparsity 2:4` runs now
+(augmented views of the training crops, KL + block-feature loss; sparse_recover.py) on that model.
 """
 
 from __future__ import annotations
@@ -15,6 +19,7 @@ import json
 import resource
 import sys
 import time
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -27,6 +32,8 @@ from trtbuild import examples  # noqa: E402
 from trtbuild.qat.fake_quant import QuantHooks  # noqa: E402
 from trtbuild.qat.prune import mask_2to4, plan_pruning  # noqa: E402
 from trtbuild.qat.prune_fit import prune_fitted  # noqa: E402
+from trtbuild.qat.sparse_recipe import prune as recipe_prune  # noqa: E402
+from trtbuild.qat.sparse_recipe import recovery  # noqa: E402
 from trtbuild.qat.train import distillation_loss  # noqa: E402
 
 
@@ -96,6 +103,46 @@ def recover(
             modules[name].weight.mul_(mask)
 
 
+def kl_loss(student: Sequence[torch.Tensor], teacher: Sequence[torch.Tensor]) -> torch.Tensor:
+    """`qat`'s KL on classifier logits (losses.kind_loss at temperature 1)."""
+    log_s, log_t = torch.log_softmax(student[0], 1), torch.log_softmax(teacher[0], 1)
+    return torch.nn.functional.kl_div(log_s, log_t, log_target=True, reduction="batchmean")
+
+
+def recover_augmented(
+    model: nn.Module,
+    teacher: nn.Module,
+    masks: dict[str, torch.Tensor],
+    train: torch.Tensor,
+    steps: int,
+    lr: float,
+    on_eval: Any,
+) -> None:
+    """What `qat --sparsity 2:4` runs now: KL on logits + block-output MSE on fresh augmented views of the
+    training crops (trtbuild/qat/sparse_recover.py), Adam, masks held, BatchNorm frozen."""
+    hooks, modules = QuantHooks(), dict(model.named_modules())
+    for name, mask in masks.items():
+        hooks.mask_weight(modules[name], mask)
+    for p in model.parameters():
+        p.requires_grad_(True)
+    samples = [{"images": train[i : i + 1].numpy()} for i in range(len(train))]
+    fd = recovery(model, teacher, samples, ["images"], masks, kl_loss, 8, 0)
+    assert fd is not None
+    opt = torch.optim.Adam(list(model.parameters()), lr=lr)
+    batches = iter(fd)
+    model.eval()
+    for step in range(1, steps + 1):
+        x, targets = next(batches)
+        loss = fd.loss([model(x)], targets)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        if step % 25 == 0 or step == steps:
+            on_eval(step)
+    hooks.remove()
+    fd.remove()
+
+
 def stored_mib(model: nn.Module, sparse: set[str], bytes_per_weight: float) -> float:
     """Conv/Linear weights as TensorRT stores them (an estimate from the weight counts, not an engine):
     dense at ``bytes_per_weight``; a 2:4 layer keeps half its values plus a 2-bit index per kept value.
@@ -117,6 +164,10 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=30, help="recovery steps after the re-fit")
     parser.add_argument("--lr", type=float, default=1e-4, help="recovery learning rate (qat: 10x --lr)")
     parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--aug-steps", type=int, default=0, help="augmented feature-distillation steps")
+    parser.add_argument("--aug-lr", type=float, default=1e-4)
+    parser.add_argument("--budget", type=float, default=None, help="also: re-fit with this KL budget")
+    parser.add_argument("--skip-baseline", action="store_true", help="skip magnitude / old re-fit rows")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     torch.manual_seed(0)
@@ -136,21 +187,45 @@ def main() -> None:
         print(json.dumps(rows[-1]), file=sys.stderr, flush=True)
 
     row("FP32", teacher, 0, 0)
-    t, c = time.perf_counter(), cpu_s()
-    plain = copy.deepcopy(teacher)
-    masks = magnitude(plain)
-    row("2:4 magnitude masks", plain, time.perf_counter() - t, cpu_s() - c)
-    batchnorm_reestimate(plain, train)
-    row("2:4 magnitude + BatchNorm re-estimated", plain, time.perf_counter() - t, cpu_s() - c)
-    t, c = time.perf_counter(), cpu_s()
-    fitted = copy.deepcopy(teacher)
     feeds = [[train[i : i + 16]] for i in range(0, args.fit, 16)]
-    fit_masks = prune_fitted(fitted, teacher, plan_pruning(fitted), feeds)
-    row(f"2:4 re-fitted on {args.fit} crops", fitted, time.perf_counter() - t, cpu_s() - c)
-    if args.steps:
+    masks = {d.module: torch.ones(1) for d in plan_pruning(teacher) if d.reason is None}
+    if not args.skip_baseline:
         t, c = time.perf_counter(), cpu_s()
-        recover(fitted, teacher, fit_masks, train, args.steps, args.lr)
-        row(f"2:4 re-fitted + {args.steps} recovery steps", fitted, time.perf_counter() - t, cpu_s() - c)
+        plain = copy.deepcopy(teacher)
+        masks = magnitude(plain)
+        row("2:4 magnitude masks", plain, time.perf_counter() - t, cpu_s() - c)
+        batchnorm_reestimate(plain, train)
+        row("2:4 magnitude + BatchNorm re-estimated", plain, time.perf_counter() - t, cpu_s() - c)
+        t, c = time.perf_counter(), cpu_s()
+        fitted = copy.deepcopy(teacher)
+        fit_masks = prune_fitted(fitted, teacher, plan_pruning(fitted), feeds)
+        row(f"2:4 re-fitted on {args.fit} crops", fitted, time.perf_counter() - t, cpu_s() - c)
+        if args.steps:
+            t, c = time.perf_counter(), cpu_s()
+            recover(fitted, teacher, fit_masks, train, args.steps, args.lr)
+            row(f"2:4 re-fitted + {args.steps} recovery steps", fitted, time.perf_counter() - t, cpu_s() - c)
+    chosen: dict[str, Any] = {}
+    if args.budget is not None:
+        t, c = time.perf_counter(), cpu_s()
+        budgeted = copy.deepcopy(teacher)
+        b_masks, decisions, _ = recipe_prune(budgeted, teacher, plan_pruning(budgeted), feeds, args.budget)
+        dense = [d for d in decisions if d.reason and d.reason.startswith("kept dense")]
+        chosen = {
+            "budget": args.budget,
+            "sparse_layers": len(b_masks),
+            "dense_layers": [d.module for d in dense],
+            "sparse_weights": sum(int(m.numel()) for m in b_masks.values()),
+        }
+        label = f"2:4 re-fitted, KL budget {args.budget} ({len(b_masks)} layers 2:4, {len(dense)} dense)"
+        row(label, budgeted, time.perf_counter() - t, cpu_s() - c)
+        masks = b_masks
+        if args.aug_steps:
+            t, c = time.perf_counter(), cpu_s()
+
+            def on_eval(step: int) -> None:
+                row(f"{label} + {step} augmented steps", budgeted, time.perf_counter() - t, cpu_s() - c)
+
+            recover_augmented(budgeted, teacher, b_masks, train, args.aug_steps, args.aug_lr, on_eval)
     sizes = {
         "FP32": stored_mib(teacher, set(), 4),
         "INT8": stored_mib(teacher, set(), 1),
@@ -167,6 +242,7 @@ def main() -> None:
         "eligible_layers": len(eligible),
         "eligible_weights": sum(d.params for d in eligible),
         "total_weights": sum(d.params for d in plan_pruning(teacher)),
+        "budget_choice": chosen,
     }
     print(json.dumps(report, indent=2))
 

@@ -28,6 +28,14 @@ from trtbuild.core.defaults import DEFAULT_TRT_VERSION
 @click.option("--weights", type=click.Path(dir_okay=False), help="State dict (.pt/.pth) to load first.")
 @click.option("--out-dir", type=click.Path(path_type=Path), default=None, help="[engines/<name>/qat]")
 @click.option("--sparsity", type=click.Choice(["2:4"]), default=None, help="Prune to 2:4 first, recover.")
+@click.option(
+    "--sparse-budget",
+    type=float,
+    default=None,  # = trtbuild.qat.sparse_recipe.DEFAULT_BUDGET (no torch import here)
+    help="2:4: output-KL budget on the fit samples; layers over their per-weight share stay dense "
+    "(reported). Default: prune every eligible layer.",
+)
+@click.option("--sparse-lr", type=float, default=1e-4, show_default=True, help="2:4 recovery lr.")
 @click.option("--steps", type=int, default=200, show_default=True, help="QAT steps (and 2:4 recovery steps).")
 @click.option("--batch-size", type=int, default=DEFAULT_BATCH_SIZE, show_default=True)
 @click.option("--lr", type=float, default=2e-6, show_default=True, help="Weight learning rate (Adam).")
@@ -69,6 +77,8 @@ def qat_command(
     weights: str | None,
     out_dir: Path | None,
     sparsity: str | None,
+    sparse_budget: float | None,
+    sparse_lr: float,
     steps: int,
     batch_size: int,
     lr: float,
@@ -120,6 +130,8 @@ def qat_command(
                 weights=weights,
                 dynamic_batch=dynamic_batch,
                 sparsity=sparsity,
+                sparse_budget=sparse_budget,
+                sparse_lr=sparse_lr,
                 steps=steps,
                 batch_size=batch_size,
                 lr=lr,

@@ -40,13 +40,13 @@ from calibrators.sparsity import PATTERN
 from trtbuild.core import atomic
 from trtbuild.core.defaults import DEFAULT_TRT_VERSION
 from trtbuild.core.errors import TrtbuildError
+from trtbuild.qat import sparse_recipe
 from trtbuild.qat.fake_quant import ActivationQuantizer, QuantHooks
 from trtbuild.qat.losses import LOSSES, kind_loss
 from trtbuild.qat.mapping import QuantMap, map_plan, weighted_modules
 from trtbuild.qat.prune import PruneDecision, plan_pruning
-from trtbuild.qat.prune_fit import prune_fitted
 from trtbuild.qat.ptq_start import fold_plan, learned_plan
-from trtbuild.qat.train import Evaluation, LossFn, TrainConfig, Trainer, TrainResult
+from trtbuild.qat.train import Evaluation, LossFn, TrainConfig, Trainer, TrainResult, distillation_loss
 
 log = logging.getLogger(__name__)
 SPARSITY_PATTERNS = (PATTERN,)
@@ -193,6 +193,8 @@ def qat(
     sparsity: str | None = None,
     steps: int = 200,
     sparse_steps: int | None = None,
+    sparse_lr: float = sparse_recipe.RECOVERY_LR,
+    sparse_budget: float | None = sparse_recipe.DEFAULT_BUDGET,
     batch_size: int = DEFAULT_BATCH_SIZE,
     lr: float = 2e-6,
     step_lr: float = 2e-6,
@@ -225,9 +227,10 @@ def qat(
     ``data``: unlabeled samples (anything :func:`calibrators.data.open_data` takes); ``holdout`` of them
     measure fidelity, the rest train. ``loss_fn(student_outputs, targets)`` replaces the distillation loss;
     with ``train_loader`` (``(inputs, labels)`` batches of tensors) the targets are the user's labels.
-    ``sparse_steps``: FP32 recovery steps after pruning (default: ``steps``). ``start``: "learned" starts
-    from learned-rounding PTQ (its integers and bias correction folded into the weights, ptq_start.py),
-    "nearest" from round-to-nearest without bias correction.
+    ``sparse_steps``: FP32 recovery steps after pruning (default: ``steps``) at ``sparse_lr``;
+    ``sparse_budget``: KL budget that keeps the most sensitive layers dense (None: prune all eligible).
+    ``start``: "learned" starts from learned-rounding PTQ (its integers and bias correction folded into
+    the weights, ptq_start.py), "nearest" from round-to-nearest without bias correction.
     """
     from trtbuild.core.output_set import check_writable_folder
 
@@ -246,7 +249,7 @@ def qat(
         )
     config = TrainConfig(steps, batch_size, lr, step_lr, eval_every, patience, checkpoint_every, seed)
     sparse_config = TrainConfig(
-        sparse_steps or steps, batch_size, lr * 10, step_lr, eval_every, patience, checkpoint_every, seed
+        sparse_steps or steps, batch_size, sparse_lr, step_lr, eval_every, patience, checkpoint_every, seed
     )
     out = Path(out_dir)
     check_writable_folder(out, "--out")
@@ -295,7 +298,12 @@ def qat(
                 return None
             return lambda *args: on_step(label, *args)
 
-        def trainer(cfg: TrainConfig, extra: Sequence[nn.Parameter], label: str) -> Trainer:
+        def trainer(
+            cfg: TrainConfig,
+            extra: Sequence[nn.Parameter],
+            label: str,
+            recover: sparse_recipe.FeatureDistillation | None = None,
+        ) -> Trainer:
             return Trainer(
                 model.to(dev),
                 teacher,
@@ -307,8 +315,8 @@ def qat(
                 kinds,
                 cfg,
                 dev,
-                loss_fn,
-                train_loader,
+                loss_fn if recover is None else recover.loss,
+                train_loader if recover is None else recover,
                 stage(label),
             )
 
@@ -324,17 +332,25 @@ def qat(
                 [torch.from_numpy(np.concatenate([t[n] for t in fit[i : i + size]])) for n in input_names]
                 for i in range(0, len(fit), size)
             ]
-            masks = prune_fitted(model, teacher.cpu(), decisions, feeds)
+            masks, decisions, _ = sparse_recipe.prune(model, teacher.cpu(), decisions, feeds, sparse_budget)
             teacher.to(dev)
             hooks = QuantHooks()
             modules = dict(model.named_modules())
             for module_name, mask in masks.items():
                 hooks.mask_weight(modules[module_name], mask.to(dev))
             ckpt_dir.mkdir(parents=True, exist_ok=True)
-            result_training["sparse"] = trainer(sparse_config, [], "2:4 recovery").fit(
+            recover = None
+            if train_loader is None:  # augmented feature distillation (image inputs; else fixed samples)
+                recover = sparse_recipe.recovery(
+                    model.to(dev), teacher, train, input_names, masks,
+                    loss_fn or distillation_loss, batch_size, seed,
+                )  # fmt: skip
+            result_training["sparse"] = trainer(sparse_config, [], "2:4 recovery", recover).fit(
                 ckpt_dir / f"{name}.sparse.ckpt", resume
             )
             hooks.remove()
+            if recover is not None:
+                recover.remove()
             graph = _export(model, inputs, onnx_path, output_names, opset, dynamic_batch)
 
         options = QdqOptions(

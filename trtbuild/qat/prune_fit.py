@@ -18,7 +18,7 @@ other eligible layers fall back to magnitude masks.
 from __future__ import annotations
 
 import logging
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 import torch
 from torch import nn
@@ -142,9 +142,12 @@ def prune_fitted(
     original: nn.Module,
     decisions: Sequence[PruneDecision],
     batches: Sequence[Sequence[torch.Tensor]],
+    accept: Callable[[str, int], bool] | None = None,
 ) -> dict[str, torch.Tensor]:
     """Prune ``model``'s eligible layers to 2:4 in forward order, re-fitting 1x1 conv / Linear weights on
-    ``batches`` against ``original`` (an unpruned copy); returns the masks (weights changed in place)."""
+    ``batches`` against ``original`` (an unpruned copy); returns the masks (weights changed in place).
+    ``accept(name, params)``, asked after each layer is pruned (prune_select.py), may keep it dense: its
+    original weights come back and it gets no mask."""
     modules = dict(model.named_modules())
     order = [name for name, _ in model.named_modules()]
     eligible = sorted((d.module for d in decisions if d.reason is None), key=order.index)
@@ -153,15 +156,20 @@ def prune_fitted(
     for name in eligible:
         module = modules[name]
         weight = module.weight
+        dense = weight.detach().clone()
         if not _fittable(module):
             masks[name] = mask_2to4(weight)
             with torch.no_grad():
                 weight.mul_(masks[name])
-            continue
-        h, g = _statistics(model, name, x_orig.pop(name), batches)
-        fitted, mask = fit_2to4(weight.detach().reshape(weight.shape[0], -1), h, g)
-        with torch.no_grad():
-            weight.copy_(fitted.reshape(weight.shape))
-        masks[name] = mask.reshape(weight.shape)
-        log.info("2:4 re-fitted %s", name)
+        else:
+            h, g = _statistics(model, name, x_orig.pop(name), batches)
+            fitted, mask = fit_2to4(weight.detach().reshape(weight.shape[0], -1), h, g)
+            with torch.no_grad():
+                weight.copy_(fitted.reshape(weight.shape))
+            masks[name] = mask.reshape(weight.shape)
+            log.info("2:4 re-fitted %s", name)
+        if accept is not None and not accept(name, int(weight.numel())):
+            with torch.no_grad():
+                weight.copy_(dense)
+            del masks[name]
     return masks

@@ -1,0 +1,76 @@
+"""`qat --sparsity 2:4`'s recipe before QAT: data-aware prune with a layer budget, then the recovery set-up.
+
+prune: Wanda masks + ridge re-fit in forward order (prune_fit.py); with ``budget`` the layers whose added
+output KL exceeds their per-weight share stay dense (prune_select.py) and say so in their decision.
+recovery: feature distillation on freshly augmented views of the calibration samples (sparse_recover.py)
+when the model has one image-like input, else the plain distillation on the fixed samples.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+import torch
+from torch import nn
+
+from trtbuild.qat.augment import augmentable
+from trtbuild.qat.prune import PruneDecision
+from trtbuild.qat.prune_fit import prune_fitted
+from trtbuild.qat.prune_select import LayerChoice, OutputBudget
+from trtbuild.qat.sparse_recover import FeatureDistillation, feature_points, stack_pool
+from trtbuild.qat.train import LossFn
+
+DEFAULT_BUDGET: float | None = None  # KL budget on the fit samples; None prunes every eligible layer
+RECOVERY_LR = 1e-4  # Adam on the pruned FP32 weights (larger than QAT's: pruning moves them far)
+
+
+def prune(
+    model: nn.Module,
+    teacher: nn.Module,
+    decisions: Sequence[PruneDecision],
+    feeds: Sequence[Sequence[torch.Tensor]],
+    budget: float | None,
+) -> tuple[dict[str, torch.Tensor], list[PruneDecision], list[LayerChoice]]:
+    """(masks, decisions with the kept-dense layers' reasons, per-layer choices) after pruning ``model``."""
+    eligible = [d for d in decisions if d.reason is None]
+    selector = (
+        None
+        if budget is None
+        else OutputBudget(model, teacher, feeds, budget, sum(d.params for d in eligible))
+    )
+    masks = prune_fitted(model, teacher, decisions, feeds, None if selector is None else selector.accept)
+    choices = [] if selector is None else selector.choices
+    dense = {c.module: c for c in choices if not c.sparse}
+    updated = [
+        dataclasses.replace(
+            d,
+            reason=f"kept dense: pruning it added KL {dense[d.module].added_kl:.4f} on the fit samples, "
+            f"over its budget share {dense[d.module].allowed_kl:.4f}",
+        )
+        if d.module in dense
+        else d
+        for d in decisions
+    ]
+    return masks, updated, choices
+
+
+def recovery(
+    model: nn.Module,
+    teacher: nn.Module,
+    train: Sequence[Mapping[str, Any]],
+    input_names: Sequence[str],
+    masks: Mapping[str, torch.Tensor],
+    output_loss: LossFn,
+    batch_size: int,
+    seed: int,
+) -> FeatureDistillation | None:
+    """The augmented feature-distillation loader/loss for an image model, None for other inputs."""
+    if len(input_names) != 1 or not train:
+        return None
+    pool = stack_pool(train, input_names[0])
+    if not augmentable([pool]):
+        return None
+    points = feature_points(model, list(masks))
+    return FeatureDistillation(model, teacher, pool, points, output_loss, batch_size, seed)
