@@ -12,7 +12,11 @@ Wilson interval (calibrators/gate_stats.py), mean cosine, and the held-out crops
 the FP32 model's top-2 logit margin on them (a small margin: a coin flip, not a broken layer). Times: wall
 and process CPU seconds (the machine is shared; CPU seconds are what free cores would need).
 
-Run: python3 bench/bench_int8_accuracy.py [--holdout 128] [--peers --aimet-iterations 10]
+Rows of learned rounding are chosen with ``--learned`` (all, edges, qdrop: QDrop input mixing at ``--drop``,
+calibrators/adaround_qdrop.py; old: the pre-2026-12-01 sample count).
+
+Run: python3 bench/bench_int8_accuracy.py [--holdout 192] [--learned edges,qdrop] [--budget 5000]
+     [--peers --aimet-iterations 100 --aimet-samples 16]
 """
 
 from __future__ import annotations
