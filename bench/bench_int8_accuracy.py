@@ -12,7 +12,11 @@ Wilson interval (calibrators/gate_stats.py), mean cosine, and the held-out crops
 the FP32 model's top-2 logit margin on them (a small margin: a coin flip, not a broken layer). Times: wall
 and process CPU seconds (the machine is shared; CPU seconds are what free cores would need).
 
-Run: python3 bench/bench_int8_accuracy.py [--holdout 128] [--peers --aimet-iterations 10]
+Rows of learned rounding are chosen with ``--learned`` (all, edges, qdrop: QDrop input mixing at ``--drop``,
+calibrators/adaround_qdrop.py; old: the pre-2026-12-01 sample count).
+
+Run: python3 bench/bench_int8_accuracy.py [--holdout 192] [--learned edges,qdrop] [--budget 5000]
+     [--peers --aimet-iterations 100 --aimet-samples 16]
 """
 
 from __future__ import annotations
@@ -160,18 +164,24 @@ def trtbuild_rows(
             f"{len(learned.skipped)} out of time; {wall:.0f} s wall, {cpu:.0f} CPU s"
         )
 
+    wanted = set(args.learned.split(","))
     for keep, where in (((), "all INT8"), (edges, "stem+classifier float")):
         for bc in (True, False):
             plan = plan_qdq(cache, mse, QdqOptions(bias_correction=bc, keep_float=keep))
             name = f"nearest{' + bias corr.' if bc else ''}, {where}"
             rows.append((name, apply_qdq(cache, plan), calib_s, None))
-        learned_row(f"learned, {where}", mse, keep)
-    # The default before 2026-12-01: half the crops and rows (the late 7x7 layers have 1152-1280 inputs but
-    # only 49 positions per crop, so 32 crops give them barely more rows than unknowns).
-    fewer = replace(config, samples=32, rows=2048)
-    learned_row(
-        f"learned ({fewer.samples} crops, {fewer.rows} rows), stem+classifier float", mse, edges, fewer
-    )
+        if ("all" if keep == () else "edges") in wanted:
+            learned_row(f"learned, {where}", mse, keep)
+    qdrop = replace(config, drop=args.drop)
+    if "qdrop" in wanted:
+        learned_row(f"learned + QDrop {args.drop:g}, stem+classifier float", mse, edges, qdrop)
+    if "old" in wanted:
+        # The default before 2026-12-01: half the crops and rows (the late 7x7 layers have 1152-1280
+        # inputs but only 49 positions per crop, so 32 crops give them barely more rows than unknowns).
+        fewer = replace(config, samples=32, rows=2048)
+        learned_row(
+            f"learned ({fewer.samples} crops, {fewer.rows} rows), stem+classifier float", mse, edges, fewer
+        )
     if args.output_aware:
         plan = plan_qdq(cache, mse, QdqOptions(keep_float=edges))
         aware, wall, _ = timed(
@@ -186,6 +196,10 @@ def trtbuild_rows(
             )
         )
         learned_row("output-aware + learned, stem+classifier float", aware, edges)
+        if "qdrop" in wanted:
+            learned_row(
+                f"output-aware + learned + QDrop {args.drop:g}, stem+classifier float", aware, edges, qdrop
+            )
     return rows
 
 
@@ -199,6 +213,12 @@ def main() -> None:
     parser.add_argument("--output-aware", action="store_true", help="also output-aware range rows")
     parser.add_argument("--budget", type=float, default=adaround.AdaRoundConfig.budget_s, help="learning s")
     parser.add_argument("--exporters", default="torchscript,dynamo")
+    parser.add_argument(
+        "--learned",
+        default="all,edges,qdrop,old",
+        help="learned-rounding rows: all (every layer INT8), edges (stem+classifier float), qdrop, old",
+    )
+    parser.add_argument("--drop", type=float, default=0.5, help="QDrop: share of inputs fitted float")
     parser.add_argument("--json", type=Path, default=None)
     args = parser.parse_args()
     tmp = Path(tempfile.mkdtemp(prefix="bench_int8_accuracy_"))

@@ -53,6 +53,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--roundings", default="nearest,learned")
     parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--holdout", type=int, default=demo.HOLDOUT_PHOTOS, help="held-out photos")
     parser.add_argument("--json", type=Path, default=None)
     args = parser.parse_args()
     logging.getLogger().setLevel(logging.ERROR)
@@ -67,9 +68,9 @@ def main() -> None:
         tmp / "efficientnet_lite0.onnx",
         ExportSettings(dynamic_batch=True, output_names=["logits"]),
     ).onnx_path
-    count = demo.CALIBRATION_PHOTOS + demo.HOLDOUT_PHOTOS
+    count = demo.CALIBRATION_PHOTOS + args.holdout
     photos = examples.write_photo_folder(tmp / "photos", count, size=demo.PHOTO_SIZE, seed=7)
-    base = QuantizeSettings(holdout=demo.HOLDOUT_PHOTOS, auto_fallback=True, threads=args.threads)
+    base = QuantizeSettings(holdout=args.holdout, auto_fallback=True, threads=args.threads)
     held, margin = held_out_margins(model_path, photos, base)
     reference = fidelity.run_batches(fidelity.session(load_model(model_path), args.threads), held)["logits"]
     rows: list[dict[str, Any]] = []
@@ -91,6 +92,8 @@ def main() -> None:
                 "learned_used": res.rounding is not None,
                 "passed": res.passed,
                 "float_layers": [] if fb is None else list(fb.kept_float),
+                # The learned steps (learned_fallback.py): float set size, gate, fidelity of each.
+                "learned_steps": [] if fb is None else [t for t in fb.trials if "learned_rounding" in t],
                 "float_compute": res.float_compute,
                 "summary": res.fidelity.summary(),
                 "cosine": res.fidelity.outputs[0].cosine,

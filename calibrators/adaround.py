@@ -30,7 +30,7 @@ from typing import Any
 import numpy as np
 import onnx
 
-from calibrators import rounding_grid
+from calibrators import adaround_qdrop, rounding_grid
 from calibrators.adaround_layers import Layer, batch_size_of, learnable_layers, row_rng
 from calibrators.adaround_prefix import PrefixRunner
 from calibrators.collect import instrument
@@ -66,6 +66,9 @@ class AdaRoundConfig:
     # Total seconds; the layers left when it runs out keep round-to-nearest (the first layer always runs).
     budget_s: float = 110.0
     seed: int = 0
+    # QDrop (calibrators/adaround_qdrop.py): share of each layer's input elements fitted at their float
+    # value instead of the quantized one; 0 fits on the quantized input only (plain AdaRound).
+    drop: float = 0.0
 
 
 @dataclass
@@ -180,6 +183,7 @@ def _learn_all(
     start: float,
 ) -> None:
     prefix = PrefixRunner(feeds, threads)
+    floats = adaround_qdrop.FloatInputs(cache, feeds, threads) if config.drop > 0 else None
     per = _rows_per_sample(config, feeds)
     for index, layer in enumerate(layers):
         if result.layers and time.perf_counter() - start > config.budget_s:
@@ -192,6 +196,13 @@ def _learn_all(
         tensor = next(n for n in qmodel.graph.node if n.name == layer.node).input[0]
         values = prefix.run(qmodel, [tensor])
         x_q = _quantized_rows(layer, [v[tensor] for v in values], config, index, per)
+        x_fit = None
+        if floats is not None:  # fitted on a float/quantized mix, judged on the quantized rows
+            mixed = adaround_qdrop.mix(
+                [v[tensor] for v in values], floats.values(layer.activation), config.drop, config.seed, index
+            )
+            x_fit = _quantized_rows(layer, mixed, config, index, per)
+            del mixed
         del values
         scales = np.asarray(plan.weights[layer.weight].scales, np.float32)
         w = cache.graph.constant(layer.weight).astype(np.float32)
@@ -199,7 +210,9 @@ def _learn_all(
         # Gemm took 365 s of a 411 s run); only the first layer always finishes.
         deadline = start + config.budget_s if result.layers else None
         grid = plan.weights[layer.weight].weight_format
-        learned_layer = _learn_layer(layer, w, scales, x_q, targets[layer.weight], config, deadline, grid)
+        learned_layer = _learn_layer(
+            layer, w, scales, x_q, targets[layer.weight], config, deadline, grid, x_fit
+        )
         if learned_layer is None:
             result.skipped.append(layer.weight)
             continue
@@ -273,10 +286,12 @@ def _learn_layer(
     config: AdaRoundConfig,
     deadline: float | None = None,
     grid: str = "int8",
+    x_fit: np.ndarray | None = None,
 ) -> tuple[np.ndarray, np.ndarray, float, float] | None:
     """(learned and nearest weight on ``grid`` in ONNX layout and storage type, nearest relative error,
     learned relative error); None when ``deadline`` (perf_counter seconds) passes before the steps are
-    done."""
+    done. ``x_fit``: the rows to fit on instead of ``x_q`` (QDrop's mixed input; the same positions),
+    ``x_q`` still judges."""
     import torch
 
     wm = layer.to_matrix(w)  # [G, O, I]
@@ -292,7 +307,8 @@ def _learn_layer(
     split = max(1, (3 * x_q.shape[0]) // 4) if x_q.shape[0] > 1 else 1
     held = slice(split, None) if split < x_q.shape[0] else slice(None)
     # Group-major [G, R, I] / [G, R, O]: batched matrix products per group.
-    x = torch.from_numpy(np.ascontiguousarray(x_q[:split].transpose(1, 0, 2)))
+    fit = x_q if x_fit is None else x_fit
+    x = torch.from_numpy(np.ascontiguousarray(fit[:split].transpose(1, 0, 2)))
     y = torch.from_numpy(np.ascontiguousarray(target[:split].transpose(1, 0, 2)))
     x_val = torch.from_numpy(np.ascontiguousarray(x_q[held].transpose(1, 0, 2)))
     y_val = torch.from_numpy(np.ascontiguousarray(target[held].transpose(1, 0, 2)))
