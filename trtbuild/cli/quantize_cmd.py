@@ -214,7 +214,8 @@ def _worst_table(result: QuantizeResult) -> Table:
     type=click.FloatRange(min=0.0),
     default=Q.rounding_budget_s,
     show_default=True,
-    help="Seconds learned rounding may take in all; layers left keep round-to-nearest.",
+    help="CPU seconds learned rounding may take in all (the same work on a quiet or a busy machine); "
+    "layers left keep round-to-nearest.",
 )
 @click.option(
     "--trt-version", default=Q.trt_version, show_default=True, help="Calibration cache header version."
