@@ -1,12 +1,15 @@
-"""QAT and 2:4 sparsity on EfficientNet-Lite0, side by side in one run on the same photos and threads:
+"""QAT and 2:4 sparsity on EfficientNet-Lite0 (INT8 QAT on MiniLM-L6 with `--model minilm`), side by side
+in one run on the same photos and threads:
 FP32 / our best PTQ INT8 (`quantize` defaults) / QAT INT8 / 2:4 FP32 (recovered) / 2:4 + INT8, with
 top-1 agreement vs FP32 on the same held-out photo crops, the compressed size of each deployable file
 (zlib -9 of the ONNX: what a tar.gz bundle carries -- not the packed 2:4 format TensorRT stores in an
 engine; bench/bench_sparsity_prune.py estimates that one), eligible 2:4 layers and wall time.
 The held-out crops also pick the best training step (early stopping), so they are not an unseen test set.
 
-Run: python3 bench/bench_qat.py [--steps 30] [--train 128] [--holdout 64] [--skip-sparse] [--out result.json]
+Run: python3 bench/bench_qat.py [--steps 30] [--train 128] [--holdout 128] [--skip-sparse] [--out result.json]
      [--only-sparse] [--sparse-steps N] [--sparse-budget KL]   (2:4 rows only; qat's sparse options)
+     python3 bench/bench_qat.py --model minilm --steps 200 --lr 1e-5 --train 128 --holdout 64
+Every row reports KL (top-1 alone ties at 100 % on these crops) or, for MiniLM, mean / worst cosine.
 QAT starts from learned-rounding PTQ (trtbuild/qat/ptq_start.py) and distills with KL on the logits; the
 "seconds" of each row are wall seconds, "cpu_s" CPU seconds of this process (ModelOpt: of its subprocess).
 ModelOpt's torch QAT (same crops, split, loss, optimizer and steps) runs from .venv-modelopt through
@@ -25,6 +28,7 @@ import zlib
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import onnx
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
@@ -48,6 +52,13 @@ def top1(report: Any) -> float:
     return float(report.outputs[0].top1_agreement)
 
 
+def scores(report: Any) -> dict[str, Any]:
+    o = report.outputs[0]
+    if o.top1_agreement is not None:
+        return {"top1": o.top1_agreement, "kl": o.kl}
+    return {"cosine": o.cosine, "worst_cosine": o.min_cosine}
+
+
 def modelopt_row(args: argparse.Namespace) -> dict[str, Any] | str:
     import subprocess
 
@@ -55,7 +66,16 @@ def modelopt_row(args: argparse.Namespace) -> dict[str, Any] | str:
     if not python.exists():
         return "skipped: no .venv-modelopt (setup in README)"
     script = Path(__file__).with_name("modelopt_qat.py")
-    cmd = [str(python), str(script), "--steps", str(args.steps), "--train", str(args.train)]
+    cmd = [
+        str(python),
+        str(script),
+        "--model",
+        args.model,
+        "--steps",
+        str(args.steps),
+        "--train",
+        str(args.train),
+    ]
     cmd += ["--threads", str(args.threads), "--lr", str(args.lr)]
     before = resource.getrusage(resource.RUSAGE_CHILDREN)
     run = subprocess.run([*cmd, "--holdout", str(args.holdout)], capture_output=True, text=True)
@@ -70,7 +90,9 @@ def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--steps", type=int, default=30)
     parser.add_argument("--train", type=int, default=128)
-    parser.add_argument("--holdout", type=int, default=64)
+    parser.add_argument("--holdout", type=int, default=128)
+    parser.add_argument("--model", choices=("efficientnet", "minilm"), default="efficientnet")
+    parser.add_argument("--test", type=int, default=64, help="MiniLM: unseen test sentences")
     parser.add_argument("--out", type=Path, default=None)
     parser.add_argument("--threads", type=int, default=1, help="torch threads, for ours and ModelOpt alike")
     parser.add_argument("--lr", type=float, default=2e-6, help="weight learning rate, ours and ModelOpt's")
@@ -82,6 +104,8 @@ def main() -> None:
     import torch
 
     torch.set_num_threads(args.threads)
+    if args.model == "minilm":
+        return minilm(args)
     x = examples.normalize_imagenet(examples.photo_crops(args.train + args.holdout, seed=11))
     samples = [{"images": x[i : i + 1]} for i in range(len(x))]
     tmp = Path(tempfile.mkdtemp(prefix="bench-qat-"))
@@ -128,6 +152,7 @@ def main() -> None:
         {
             "model": "INT8 PTQ (quantize defaults)",
             "top1": top1(ptq.fidelity),
+            **scores(ptq.fidelity),
             "size_mib": compressed_mib(ptq.onnx_path),
             "seconds": ptq_s,
             "cpu_s": ptq_cpu,
@@ -135,12 +160,14 @@ def main() -> None:
         {
             "model": "INT8 PTQ, learned rounding (QAT's start)",
             "top1": top1(q.ptq),
+            **scores(q.ptq),
             "size_mib": None,
             "seconds": None,
         },
         {
             "model": f"INT8 QAT ({args.steps} steps)",
             "top1": top1(q.qat),
+            **scores(q.qat),
             "size_mib": compressed_mib(q.quantized.onnx_path),
             "seconds": qat_s,
             "cpu_s": qat_cpu,
@@ -206,6 +233,90 @@ def _only_sparse(args: argparse.Namespace, common: dict[str, Any], tmp: Path) ->
     print(json.dumps(report, indent=2, default=str))
     if args.out:
         args.out.write_text(json.dumps(report, indent=2, default=str) + "\n")
+
+
+def minilm(args: argparse.Namespace) -> None:
+    """MiniLM-L6: `quantize` defaults (SmoothQuant auto, mse) vs `qat` from that PTQ (--start nearest: bias
+    correction does not touch MatMul layers, so nearest *is* the default PTQ) vs ModelOpt's QAT."""
+    from calibrators import fidelity
+    from export.pipeline import export_model
+
+    inputs = ["input_ids:1x32:int64", "attention_mask:1x32:int64"]
+    every = examples.sentences(args.train + args.holdout + args.test)
+    # --test sentences neither train nor pick the training step (the held-out ones do): an unseen test set.
+    samples, unseen = every[: args.train + args.holdout], every[args.train + args.holdout :]
+    tmp = Path(tempfile.mkdtemp(prefix="bench-qat-minilm-"))
+    start, cpu0 = time.perf_counter(), time.process_time()
+    q = qat(
+        examples.minilm_l6(),
+        inputs,
+        samples,
+        tmp / "qat",
+        holdout=args.holdout,
+        output_names=["embedding"],
+        min_fidelity="0.9",
+        eval_every=20,
+        batch_size=8,
+        dynamic_batch=True,
+        steps=args.steps,
+        lr=args.lr,
+        step_lr=args.lr,
+        patience=10,
+        start="nearest",
+        on_step=progress,
+    )
+    qat_s, qat_cpu = time.perf_counter() - start, time.process_time() - cpu0
+    fp32 = tmp / "fp32" / "minilm.onnx"
+    export_model(examples.minilm_l6(), inputs, fp32, dynamic_batch=True, output_names=["embedding"])
+    start, cpu0 = time.perf_counter(), time.process_time()
+    ptq = quantize(
+        fp32, samples, tmp / "ptq", holdout=args.holdout, min_fidelity="0.9", show_progress=False, threads=1
+    )
+    ptq_s, ptq_cpu = time.perf_counter() - start, time.process_time() - cpu0
+    batches = [
+        {k: np.concatenate([s[k] for s in unseen[i : i + 16]]) for k in unseen[0]}
+        for i in range(0, len(unseen), 16)
+    ]
+
+    def on_unseen(path: Path) -> dict[str, Any]:
+        out = fidelity.run_batches(fidelity.session(str(path)), batches)
+        return {f"unseen_{k}": v for k, v in scores(fidelity.compare(reference, out)).items()}
+
+    reference = fidelity.run_batches(fidelity.session(str(fp32)), batches)
+    rows = [
+        {
+            "model": "INT8 PTQ (quantize defaults)",
+            **scores(ptq.fidelity),
+            **on_unseen(ptq.onnx_path),
+            "seconds": ptq_s,
+            "cpu_s": ptq_cpu,
+        },
+        {"model": "INT8 PTQ inside qat (its start)", **scores(q.ptq)},
+        {
+            "model": f"INT8 QAT ({args.steps} steps)",
+            **scores(q.qat),
+            **on_unseen(q.quantized.onnx_path),
+            "seconds": qat_s,
+            "cpu_s": qat_cpu,
+        },
+    ]
+    report = {
+        "model": "minilm",
+        "modelopt": modelopt_row(args),
+        "held_out": args.holdout,
+        "unseen": len(unseen),
+        "train": args.train,
+        "steps": args.steps,
+        "lr": args.lr,
+        "rows": rows,
+        "qat_history": [(e.step, e.summary) for e in q.training["qat"].history],
+        "best_step": q.training["qat"].best_step,
+        "out": str(tmp),
+    }
+    text = json.dumps(report, indent=2, default=str)
+    print(text)
+    if args.out:
+        args.out.write_text(text + "\n")
 
 
 def _sparse(s: Any, sparse_s: float, sparse_cpu: float, rows: list[dict[str, Any]]) -> dict[str, Any]:

@@ -98,6 +98,8 @@ class SmoothReport:
     reason: str
     groups: list[SmoothGroup] = field(default_factory=list)
     skipped: dict[str, str] = field(default_factory=dict)  # tensor -> why it cannot be smoothed
+    # tensor -> (its group, s) as folded: QAT re-applies the same s to its fine-tuned export (not in JSON)
+    scales: dict[str, tuple[Candidate, np.ndarray]] = field(default_factory=dict, repr=False)
 
     @property
     def smoothed(self) -> list[SmoothGroup]:
@@ -302,7 +304,7 @@ def smooth(
         len(groups),
         len(skipped),
     )
-    return smooth_groups.apply(model, scales), SmoothReport(mode, True, reason, groups, skipped)
+    return smooth_groups.apply(model, scales), SmoothReport(mode, True, reason, groups, skipped, scales)
 
 
 def for_quantize(

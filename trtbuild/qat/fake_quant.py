@@ -31,10 +31,13 @@ def _round_ste(x: torch.Tensor) -> torch.Tensor:
 
 
 def fake_quant_activation(x: torch.Tensor, step: torch.Tensor) -> torch.Tensor:
-    """round(x / step) clipped to +-127, times step; LSQ gradients for ``step``."""
+    """round(x / step) saturated to [-128, 127], times step; LSQ gradients for ``step``. The scale is
+    amax / 127, but QuantizeLinear (ONNX Runtime, TensorRT) saturates int8 at -128: a clipped negative
+    value dequantizes to -128 steps, and clipping it at -127 made the student differ from the Q/DQ graph
+    (MiniLM-L6 layer 0's attention context: 1 - cosine 5e-5 -> 5e-4 against it)."""
     g = 1.0 / math.sqrt(max(x[0].numel(), 1) * QMAX)
     s = _scale_grad(step.abs().clamp_min(_MIN_STEP), g)
-    return _round_ste(torch.clamp(x / s, -QMAX, QMAX)) * s
+    return _round_ste(torch.clamp(x / s, -QMAX - 1, QMAX)) * s
 
 
 def weight_axis(module: nn.Module) -> int:
@@ -72,9 +75,17 @@ class QuantHooks:
     def __init__(self) -> None:
         self._handles: list[Any] = []
 
-    def quantize_input(self, module: nn.Module, quantizer: ActivationQuantizer) -> None:
+    def quantize_input(
+        self, module: nn.Module, quantizer: ActivationQuantizer, smooth: torch.Tensor | None = None
+    ) -> None:
+        """Fake-quantize the module's input; with a SmoothQuant ``smooth`` (s per input channel), x / s
+        -- pair it with ``quantize_weight(..., smooth=s)`` so the module computes (x / s) (W diag(s))^T."""
+
+        divisor = None if smooth is None else smooth.float()
+
         def hook(_: nn.Module, args: tuple[Any, ...]) -> tuple[Any, ...]:
-            return (quantizer(args[0]), *args[1:])
+            x = args[0] if divisor is None else args[0] / divisor
+            return (quantizer(x), *args[1:])
 
         self._handles.append(module.register_forward_pre_hook(hook))
 
@@ -86,10 +97,20 @@ class QuantHooks:
 
         self._handles.append(module.register_forward_hook(hook))
 
-    def quantize_weight(self, module: nn.Module, mask: torch.Tensor | None = None) -> None:
-        """Swap in the fake-quantized (and, with ``mask``, 2:4-pruned) weight for each forward call."""
+    def quantize_weight(
+        self, module: nn.Module, mask: torch.Tensor | None = None, smooth: torch.Tensor | None = None
+    ) -> None:
+        """Swap in the fake-quantized (and, with ``mask``, 2:4-pruned) weight for each forward call;
+        ``smooth``: SmoothQuant's s per input channel (axis 1), multiplied in before quantizing."""
         axis = weight_axis(module)
-        transform: Callable[[torch.Tensor], torch.Tensor] = lambda w: fake_quant_weight(w, axis)  # noqa: E731
+        if smooth is None:
+            transform: Callable[[torch.Tensor], torch.Tensor] = lambda w: fake_quant_weight(w, axis)  # noqa: E731
+        else:
+            # In float64, rounded once to float32: the same weights smooth_groups.apply writes.
+            weight = module.weight
+            assert isinstance(weight, torch.Tensor)
+            s = smooth.double().reshape(1, -1, *([1] * (weight.dim() - 2)))
+            transform = lambda w: fake_quant_weight((w.double() * s).to(w.dtype), axis)  # noqa: E731
         self._handles.append(_WeightSwap(module, transform, mask).install())
 
     def mask_weight(self, module: nn.Module, mask: torch.Tensor) -> None:

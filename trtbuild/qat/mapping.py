@@ -39,6 +39,9 @@ class QuantMap:
     # Tensors whose dequantized value also feeds other ops (a residual Add): fake-quantized at the output of
     # the module computing them, so every reader sees the int8 value as in the Q/DQ graph.
     outputs: dict[str, str] = field(default_factory=dict)
+    # SmoothQuant (smoothing.py): module -> the ``s`` its input is divided by (and its weight multiplied by
+    # per input channel) in the smoothed graph; the ONNX tensor holds x / s where the module sees x.
+    scales: dict[str, np.ndarray] = field(default_factory=dict)
 
     def to_json(self) -> dict[str, Any]:
         return {
@@ -47,6 +50,7 @@ class QuantMap:
             "float_modules": self.float_modules,
             "unmapped_tensors": self.unmapped,
             "output_quantized": self.outputs,
+            "smoothed_modules": sorted(self.scales),
         }
 
 
@@ -136,20 +140,44 @@ def _onnx_values(model: onnx.ModelProto, tensors: Sequence[str], feeds: Mapping[
     return values
 
 
+def _map_reshaped_outputs(
+    model: nn.Module, feeds: Sequence[torch.Tensor], onnx_values: Mapping[str, np.ndarray], result: QuantMap
+) -> None:
+    """Quantized tensors no module reads -- the inputs of a MatMul between two activations, e.g. the
+    attention scores' Q and K^T -- that are a Conv/Linear output reshaped or permuted: per-tensor fake
+    quantization commutes with any reshape/permutation, so it goes on that module's output. Matched by
+    value up to order (sorted values), which reshapes and transposes keep."""
+    outputs = _first_tensors(model, feeds, weighted_modules(model), inputs=False)
+    ordered = {name: np.sort(v.reshape(-1)) for name, v in outputs.items()}
+    for tensor in result.unmapped:
+        producer = _match(np.sort(np.asarray(onnx_values[tensor]).reshape(-1)), ordered)
+        if producer is not None and producer not in result.outputs.values():
+            result.inputs[tensor] = []
+            result.outputs[tensor] = producer
+
+
 def map_plan(
     model: nn.Module,
     onnx_model: onnx.ModelProto,
     plan: QdqPlan,
     feeds: Mapping[str, np.ndarray],
     input_names: Sequence[str],
+    tensor_scales: Mapping[str, np.ndarray] | None = None,
 ) -> QuantMap:
-    """Match every quantized activation tensor read by a weighted node to the modules reading it."""
+    """Match every quantized activation tensor read by a weighted node to the modules reading it.
+
+    ``tensor_scales``: the SmoothQuant ``s`` of smoothed tensors (their ONNX values are the module's
+    input divided by ``s`` per channel, so ``value * s`` is matched)."""
     tensors = [
         t
         for t, act in plan.activations.items()
         if any(plan.node_types.get(node) in WEIGHTED_OPS for node, _ in act.consumers)
     ]
     onnx_values = _onnx_values(onnx_model, tensors, feeds)
+    scales = dict(tensor_scales or {})
+    for t, s in scales.items():
+        if t in onnx_values:  # back to what PyTorch computes: the smoothed graph holds x / s
+            onnx_values[t] = onnx_values[t] * s
     torch_feeds = [torch.from_numpy(np.ascontiguousarray(feeds[n])) for n in input_names]
     seen = _module_inputs(model, torch_feeds)
     result = QuantMap()
@@ -161,14 +189,19 @@ def map_plan(
             continue
         result.inputs.setdefault(best, []).append(module_name)
         result.weighted.append(module_name)
+        if best in scales:
+            result.scales[module_name] = scales[best]
     result.unmapped = [t for t in tensors if t not in result.inputs]
-    shared = _shared_tensors(onnx_model, plan, [t for t in tensors if t in result.inputs])
+    shared = _shared_tensors(onnx_model, plan, [t for t in tensors if t in result.inputs and t not in scales])
     if shared:
         outputs = _module_outputs(model, torch_feeds)
         for tensor in shared:
             producer = _match(onnx_values[tensor], outputs)
             if producer is not None:
                 result.outputs[tensor] = producer
+    if result.unmapped:
+        _map_reshaped_outputs(model, torch_feeds, onnx_values, result)
+        result.unmapped = [t for t in tensors if t not in result.inputs]
     if not result.weighted:
         raise TrtbuildError(
             "no PyTorch Conv/Linear module matches a layer the Q/DQ placement quantizes",

@@ -46,6 +46,7 @@ from trtbuild.qat.losses import LOSSES, kind_loss
 from trtbuild.qat.mapping import QuantMap, map_plan, weighted_modules
 from trtbuild.qat.prune import PruneDecision, plan_pruning
 from trtbuild.qat.ptq_start import fold_plan, learned_plan
+from trtbuild.qat.smoothing import Smoothing, smooth_graph
 from trtbuild.qat.train import Evaluation, LossFn, TrainConfig, Trainer, TrainResult, distillation_loss
 
 log = logging.getLogger(__name__)
@@ -68,6 +69,7 @@ class QatResult:
     mapping: QuantMap | None = None
     pruning: list[PruneDecision] = field(default_factory=list)
     seconds: float = 0.0
+    smoothing: Smoothing | None = None  # SmoothQuant groups trained and shipped (smoothing.py)
 
     def to_json(self) -> dict[str, Any]:
         eligible = [d for d in self.pruning if d.reason is None]
@@ -88,6 +90,7 @@ class QatResult:
                 "skipped": [{"module": d.module, "reason": d.reason} for d in self.pruning if d.reason],
             },
             "seconds": round(self.seconds, 1),
+            "smooth_quant": None if self.smoothing is None else self.smoothing.report.to_json(),
         }
 
 
@@ -167,15 +170,18 @@ def quantize_student(
         q.to(device)
     hooks = QuantHooks()
     modules = dict(model.named_modules())
+    smooth = {m: torch.from_numpy(s).to(device) for m, s in qmap.scales.items()}  # SmoothQuant's s
     for tensor, users in qmap.inputs.items():
         if tensor in qmap.outputs:  # quantized where it is computed: its Add reader sees int8 too
             hooks.quantize_output(modules[qmap.outputs[tensor]], quantizers[tensor])
             continue
         for module_name in users:
-            hooks.quantize_input(modules[module_name], quantizers[tensor])
+            hooks.quantize_input(modules[module_name], quantizers[tensor], smooth.get(module_name))
     for module_name in qmap.weighted:
         wmask = masks.get(module_name)
-        hooks.quantize_weight(modules[module_name], None if wmask is None else wmask.to(device))
+        hooks.quantize_weight(
+            modules[module_name], None if wmask is None else wmask.to(device), smooth.get(module_name)
+        )
     for module_name, mask in masks.items():
         if module_name not in qmap.weighted:
             hooks.mask_weight(modules[module_name], mask.to(device))
@@ -215,6 +221,7 @@ def qat(
     seed: int = 0,
     device: str = "auto",
     start: str = "learned",
+    smooth_quant: str = QuantizeSettings.smooth_quant,
     loss: str = "kl",
     temperature: float = 1.0,
     rounding_budget_s: float = QuantizeSettings.rounding_budget_s,
@@ -230,7 +237,9 @@ def qat(
     ``sparse_steps``: FP32 recovery steps after pruning (default: ``steps``) at ``sparse_lr``;
     ``sparse_budget``: KL budget that keeps the most sensitive layers dense (None: prune all eligible).
     ``start``: "learned" starts from learned-rounding PTQ (its integers and bias correction folded into
-    the weights, ptq_start.py), "nearest" from round-to-nearest without bias correction.
+    the weights, ptq_start.py), "nearest" from round-to-nearest without bias correction. ``smooth_quant``:
+    as `quantize` (auto: where MatMul inputs have outlier channels); the student trains the smoothed model
+    (smoothing.py).
     """
     from trtbuild.core.output_set import check_writable_folder
 
@@ -357,6 +366,9 @@ def qat(
             exclude_nodes=tuple(exclude), exclude_op_types=tuple(exclude_op_types), bias_correction=False
         )
         tensors = quantizable_activations(graph, exclude, exclude_op_types)
+        graph, smoothing = smooth_graph(graph, calib.batches(batch_size), smooth_quant, set(tensors), seed)
+        if smoothing is not None:  # a duplicated LayerNorm adds a tensor to quantize
+            tensors = quantizable_activations(graph, exclude, exclude_op_types)
         collection = collect(
             graph, calib, tensors=tensors, batch_size=batch_size, seed=seed, show_progress=False
         )
@@ -369,9 +381,10 @@ def qat(
         ptq = fidelity.compare(reference, ptq_test, kinds=kinds)
         log.info("PTQ fidelity (%s ranges): %s", method, ptq.summary())
 
-        qmap = map_plan(model.cpu(), graph, plan, train[0], input_names)
+        scales = None if smoothing is None else smoothing.tensor_scales(plan)
+        qmap = map_plan(model.cpu(), graph, plan, train[0], input_names, scales)
         if start == "learned":  # after the mapping: it matches the unchanged model's values
-            fold_plan(model, graph, plan, qmap.weighted)
+            fold_plan(model, graph, plan, qmap.weighted, qmap.scales)
         hooks, quantizers = quantize_student(model, qmap, plan, masks, dev)
         ckpt_dir.mkdir(parents=True, exist_ok=True)
         steps_params = [q.step for q in quantizers.values()]
@@ -385,6 +398,8 @@ def qat(
 
         learned = _learned_ranges(ranges, quantizers)
         graph = _export(model, inputs, onnx_path, output_names, opset, dynamic_batch)
+        if smoothing is not None:  # the same s as trained; quantize must not smooth again
+            onnx.save(smoothing.reapply(graph), str(onnx_path))
         quantized = quantize(
             onnx_path,
             all_data,
@@ -400,6 +415,7 @@ def qat(
             seed=seed,
             show_progress=False,
             ranges=learned,
+            smooth_quant="off",  # the graph is smoothed (or not) as trained; the ranges are its own
         )
         qat_test = fidelity.run_batches(fidelity.session(str(quantized.onnx_path)), held_batches)
         qat_report = fidelity.compare(reference, qat_test, kinds=kinds)
@@ -418,6 +434,7 @@ def qat(
         mapping=qmap,
         pruning=decisions,
         seconds=time.perf_counter() - began,
+        smoothing=smoothing,
     )
     atomic.write_text(result.report_path, json.dumps(result.to_json(), indent=2, default=_plain) + "\n")
     return result

@@ -62,8 +62,15 @@ def _channel_factor(w_onnx: np.ndarray, w_torch: np.ndarray, axis: int) -> np.nd
     return s if err < MATCH_TOLERANCE else None
 
 
-def fold_plan(model: nn.Module, graph: onnx.ModelProto, plan: QdqPlan, module_names: Iterable[str]) -> int:
-    """Fold ``plan``'s learned integers and bias shifts into the named modules; returns how many changed."""
+def fold_plan(
+    model: nn.Module,
+    graph: onnx.ModelProto,
+    plan: QdqPlan,
+    module_names: Iterable[str],
+    smooth: Mapping[str, np.ndarray] | None = None,
+) -> int:
+    """Fold ``plan``'s learned integers and bias shifts into the named modules; returns how many changed.
+    ``smooth``: module -> SmoothQuant s (its ONNX weight is ``W diag(s)``, smoothing.py)."""
     inits = {i.name: i for i in graph.graph.initializer}
     modules = dict(model.named_modules())
     pending = {k: w for k, w in plan.weights.items() if w.tensor in inits and w.weight_format == "int8"}
@@ -73,6 +80,9 @@ def fold_plan(model: nn.Module, graph: onnx.ModelProto, plan: QdqPlan, module_na
         weight = module.weight
         assert isinstance(weight, torch.Tensor)
         w_t = weight.detach().cpu().numpy()
+        s_in = None if smooth is None else smooth.get(name)
+        if s_in is not None:
+            w_t = (w_t.astype(np.float64) * s_in[None, :]).astype(np.float32)
         for key, wplan in pending.items():
             w_o = numpy_helper.to_array(inits[wplan.tensor])
             transposed = w_o.ndim == 2 and w_o.shape != w_t.shape and w_o.T.shape == w_t.shape
@@ -84,7 +94,7 @@ def fold_plan(model: nn.Module, graph: onnx.ModelProto, plan: QdqPlan, module_na
             if s is None:
                 continue
             del pending[key]
-            _fold_one(module, plan, key, wplan, s, transposed)
+            _fold_one(module, plan, key, wplan, s, transposed, s_in)
             changed += 1
             break
     log.info("QAT starts from the PTQ plan: %d layers folded (learned rounding / bias correction)", changed)
@@ -92,7 +102,13 @@ def fold_plan(model: nn.Module, graph: onnx.ModelProto, plan: QdqPlan, module_na
 
 
 def _fold_one(
-    module: nn.Module, plan: QdqPlan, key: str, wplan: WeightQdq, s: np.ndarray, transposed: bool
+    module: nn.Module,
+    plan: QdqPlan,
+    key: str,
+    wplan: WeightQdq,
+    s: np.ndarray,
+    transposed: bool,
+    s_in: np.ndarray | None = None,
 ) -> None:
     param = module.weight
     assert isinstance(param, torch.Tensor)
@@ -103,6 +119,7 @@ def _fold_one(
         if learned is not None:
             w = dequantize_weight(learned, np.asarray(wplan.scales, np.float32), wplan.axis)
             w = w.T if transposed else w
+            w = w if s_in is None else w / s_in[None, :]  # the parameter stays unsmoothed
             param.copy_(torch.from_numpy(np.ascontiguousarray(w)).to(param) / factor.view(shape))
         if wplan.bias_shift is not None and wplan.corrected_bias is not None:
             delta = -torch.from_numpy(np.asarray(wplan.bias_shift, np.float64)).to(param) / factor

@@ -17,6 +17,7 @@ import torch
 from cli_helpers import run_cli
 from qat_models import tiny_data, tiny_net
 
+from calibrators import fidelity
 from calibrators import weights as wq
 from calibrators.quantize import quantize
 from calibrators.sparsity import analyze, is_2to4
@@ -43,7 +44,25 @@ def test_fake_quant_is_the_qdq_arithmetic() -> None:
     np.testing.assert_allclose(fake_quant_weight(w).numpy(), expected, rtol=1e-6, atol=1e-7)
     x = torch.linspace(-3, 3, 601).reshape(1, -1)
     step = torch.tensor(2.0 / 127)
-    q = np.clip(np.rint(x.numpy() / step.item()), -127, 127) * step.item()
+    # ONNX Runtime's QuantizeLinear -> DequantizeLinear (int8, zero point 0): it saturates at -128, so a
+    # clipped negative value is -128 steps (the student used to clip at -127).
+    h = onnx.helper
+    graph = h.make_graph(
+        [
+            h.make_node("QuantizeLinear", ["x", "s", "z"], ["q"]),
+            h.make_node("DequantizeLinear", ["q", "s", "z"], ["y"]),
+        ],
+        "qdq",
+        [h.make_tensor_value_info("x", onnx.TensorProto.FLOAT, [1, 601])],
+        [h.make_tensor_value_info("y", onnx.TensorProto.FLOAT, [1, 601])],
+        [
+            h.make_tensor("s", onnx.TensorProto.FLOAT, [], [step.item()]),
+            h.make_tensor("z", onnx.TensorProto.INT8, [], [0]),
+        ],
+    )
+    model = h.make_model(graph, opset_imports=[h.make_opsetid("", 13)])
+    q = fidelity.session(model).run(None, {"x": x.numpy()})[0]
+    assert q.min() == pytest.approx(-128 * step.item()) and q.max() == pytest.approx(127 * step.item())
     np.testing.assert_allclose(fake_quant_activation(x, step).detach().numpy(), q, atol=1e-6)
     # Gradients flow to both the input (inside the range only) and the step size.
     x.requires_grad_(True)
