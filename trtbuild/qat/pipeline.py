@@ -70,6 +70,10 @@ class QatResult:
     pruning: list[PruneDecision] = field(default_factory=list)
     seconds: float = 0.0
     smoothing: Smoothing | None = None  # SmoothQuant groups trained and shipped (smoothing.py)
+    # the PTQ training started from: "learned", or "nearest" (asked, or measured better), and the
+    # held-out error of each start measured
+    start: str = "nearest"
+    start_scores: dict[str, float] = field(default_factory=dict)
 
     def to_json(self) -> dict[str, Any]:
         eligible = [d for d in self.pruning if d.reason is None]
@@ -77,6 +81,8 @@ class QatResult:
             "onnx": str(self.onnx_path),
             "report": str(self.report_path),
             "quantize": self.quantized.to_json(),
+            "start": self.start,
+            "start_scores": self.start_scores,
             "ptq_fidelity": self.ptq.to_json(),
             "qat_fidelity": self.qat.to_json(),
             "training": {k: v.to_json() for k, v in self.training.items()},
@@ -374,16 +380,35 @@ def qat(
         )
         ranges = compute_ranges(collection, method)
         plan = plan_qdq(graph, ranges, options)
+
+        def measured(candidate: QdqPlan) -> FidelityReport:
+            test = fidelity.run_batches(fidelity.session(apply_qdq(graph, candidate)), held_batches)
+            return fidelity.compare(reference, test, kinds=kinds)
+
+        ptq = measured(plan)
+        start_used, start_scores = "nearest", {"nearest": ptq.score()}
         if start == "learned":
             batches = calib.sample(32, seed).batches(batch_size)
-            plan, _ = learned_plan(graph, ranges, options, batches, rounding_budget_s, seed)
-        ptq_test = fidelity.run_batches(fidelity.session(apply_qdq(graph, plan)), held_batches)
-        ptq = fidelity.compare(reference, ptq_test, kinds=kinds)
+            learned_start, _ = learned_plan(graph, ranges, options, batches, rounding_budget_s, seed)
+            learned_ptq = measured(learned_start)
+            start_scores["learned"] = learned_ptq.score()
+            # As in `quantize`: learned rounding can end worse than nearest as a whole (MiniLM-L6,
+            # docs/int8-accuracy.md), so the start is the one closer to FP32 on the held-out samples.
+            if learned_ptq.score() <= ptq.score():
+                plan, ptq, start_used = learned_start, learned_ptq, "learned"
+            else:
+                log.warning(
+                    "learned-rounding start measured worse than round-to-nearest on %d held-out samples "
+                    "(error %.4g vs %.4g); QAT starts from nearest",
+                    ptq.samples,
+                    learned_ptq.score(),
+                    ptq.score(),
+                )
         log.info("PTQ fidelity (%s ranges): %s", method, ptq.summary())
 
         scales = None if smoothing is None else smoothing.tensor_scales(plan)
         qmap = map_plan(model.cpu(), graph, plan, train[0], input_names, scales)
-        if start == "learned":  # after the mapping: it matches the unchanged model's values
+        if start_used == "learned":  # after the mapping: it matches the unchanged model's values
             fold_plan(model, graph, plan, qmap.weighted, qmap.scales)
         hooks, quantizers = quantize_student(model, qmap, plan, masks, dev)
         ckpt_dir.mkdir(parents=True, exist_ok=True)
@@ -435,6 +460,8 @@ def qat(
         pruning=decisions,
         seconds=time.perf_counter() - began,
         smoothing=smoothing,
+        start=start_used,
+        start_scores=start_scores,
     )
     atomic.write_text(result.report_path, json.dumps(result.to_json(), indent=2, default=_plain) + "\n")
     return result

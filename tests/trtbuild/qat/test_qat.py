@@ -322,6 +322,11 @@ def test_effnet_qat_keeps_ptq_structure_and_fidelity(
         dynamic_batch=True,
         rounding_budget_s=20.0,  # the learned-rounding start, bounded for test time
     )
+    # the start is whichever PTQ measured closer to FP32 on the held-out crops (learned on a tie)
+    scores = result.start_scores
+    assert set(scores) == {"learned", "nearest"}
+    assert result.start == ("learned" if scores["learned"] <= scores["nearest"] else "nearest")
+    assert result.ptq.score() == scores[result.start]
     stem = result.onnx_path.stem  # an nn.Module instance is named after its class
     for suffix in ARTIFACTS:
         assert (tmp_path / "qat" / f"{stem}{suffix}").is_file(), suffix
