@@ -29,10 +29,8 @@ MiniLM's). --modelopt-timeout stops a ModelOpt mode that runs longer (recorded, 
 from __future__ import annotations
 
 import argparse
-import importlib
 import json
 import os
-import re
 import resource
 import subprocess
 import sys
@@ -53,48 +51,6 @@ from tests.calibrators.test_quantize_models import build_minilm_onnx  # noqa: E4
 from trtbuild.core import metrics  # noqa: E402
 from trtbuild.memory_plan import activation_peak, weight_bytes  # noqa: E402
 
-MODULES = [
-    "json",
-    "argparse",
-    "collections",
-    "functools",
-    "itertools",
-    "pathlib",
-    "subprocess",
-    "threading",
-    "logging",
-    "email",
-    "http.client",
-    "urllib.request",
-    "datetime",
-    "decimal",
-    "fractions",
-    "statistics",
-    "random",
-    "textwrap",
-    "string",
-    "csv",
-    "sqlite3",
-    "zipfile",
-    "tarfile",
-    "shutil",
-    "tempfile",
-    "unittest",
-    "doctest",
-    "pdb",
-    "inspect",
-    "typing",
-    "dataclasses",
-    "enum",
-    "abc",
-    "contextlib",
-    "asyncio",
-    "socket",
-    "ssl",
-    "heapq",
-    "bisect",
-    "array",
-]
 SEQ = 32
 MODELS = {"minilm": "all-MiniLM-L6-v2", "mpnet": "all-mpnet-base-v2"}
 
@@ -122,28 +78,11 @@ print(status("VmHWM:") - before)
 
 
 def sentences(tokenizer, count: int) -> list[dict[str, np.ndarray]]:
-    """Real English sentences from the standard library's docstrings, tokenized; seeded order."""
-    found: list[str] = []
-    for name in MODULES:
-        module = importlib.import_module(name)
-        for obj in [module, *[getattr(module, a) for a in dir(module) if not a.startswith("_")]]:
-            doc = getattr(obj, "__doc__", None)
-            if not isinstance(doc, str):
-                continue
-            for s in re.split(r"(?<=[.!?])\s+", " ".join(doc.split())):
-                if 40 <= len(s) <= 160 and s[0].isupper() and not re.search(r"[>{}\[\]=_()]", s):
-                    found.append(s)
-    unique = list(dict.fromkeys(found))
-    np.random.default_rng(0).shuffle(unique)
-    if len(unique) < count:
-        raise SystemExit(f"only {len(unique)} sentences found, {count} needed")
-    tokens = tokenizer(
-        unique[:count], padding="max_length", max_length=SEQ, truncation=True, return_tensors="np"
-    )
-    return [
-        {k: tokens[k][i : i + 1].astype(np.int64) for k in ("input_ids", "attention_mask")}
-        for i in range(count)
-    ]
+    """Real English sentences from the standard library's docstrings, tokenized; seeded order (the same
+    sentences as trtbuild.examples.sentences, padded to SEQ tokens)."""
+    from trtbuild import examples
+
+    return examples.sentences(count, SEQ, tokenizer)
 
 
 def embeddings(path: Path, held: list[dict[str, np.ndarray]], threads: int) -> np.ndarray:

@@ -197,13 +197,11 @@ def minilm_l6() -> Any:
     return SentenceEncoder().eval()
 
 
-def sentences(count: int, seq: int = MINILM_SEQ) -> list[dict[str, np.ndarray]]:
-    """``count`` real sentences (stdlib docstrings, seeded order) tokenized for MiniLM: batch-1 samples of
-    int64 input_ids / attention_mask, padded to ``seq`` tokens."""
+def sentences(count: int, seq: int = MINILM_SEQ, tokenizer: Any = None) -> list[dict[str, np.ndarray]]:
+    """``count`` real sentences (stdlib docstrings, seeded order) tokenized by ``tokenizer`` (default:
+    MiniLM's): batch-1 samples of int64 input_ids / attention_mask, padded to ``seq`` tokens."""
     import importlib
     import re
-
-    from transformers import AutoTokenizer
 
     found: list[str] = []
     for name in SENTENCE_MODULES:
@@ -219,7 +217,11 @@ def sentences(count: int, seq: int = MINILM_SEQ) -> list[dict[str, np.ndarray]]:
     np.random.default_rng(0).shuffle(unique)
     if len(unique) < count:
         raise TrtbuildError(f"only {len(unique)} example sentences, {count} asked for", "ask for fewer")
-    tokens = AutoTokenizer.from_pretrained(_minilm_dir())(
+    if tokenizer is None:
+        from transformers import AutoTokenizer
+
+        tokenizer = AutoTokenizer.from_pretrained(_minilm_dir())
+    tokens = tokenizer(
         unique[:count], padding="max_length", max_length=seq, truncation=True, return_tensors="np"
     )
     return [
