@@ -56,8 +56,9 @@ def sign_metadata(md: Metadata[Any], signers: Sequence[CryptoSigner]) -> bytes:
 
 def init_repository(reg: oci.Registry, keys: RoleKeys, root_out: Path, root_threshold: int = 1) -> Path:
     """Create version 1 of every role in an empty registry repository; write the devices' trust anchor."""
-    from trtbuild.core import atomic
+    from trtbuild.core import atomic, output_set
 
+    output_set.check_writable_folder(root_out.parent, "--out")  # before anything is pushed
     if metadata_store.fetch(reg, "root", 1) is not None:
         raise TrtbuildError(
             f"{reg.host}/{reg.repo} already holds release metadata", "publish into it instead"

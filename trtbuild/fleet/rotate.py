@@ -15,7 +15,7 @@ from securesystemslib.signer import CryptoSigner
 from tuf.api.exceptions import UnsignedMetadataError
 from tuf.api.metadata import Metadata, Role, Root
 
-from trtbuild.core import atomic
+from trtbuild.core import atomic, output_set
 from trtbuild.core.errors import TrtbuildError
 from trtbuild.fleet import metadata_store, oci, repository
 from trtbuild.fleet.keys import public
@@ -65,6 +65,7 @@ def rotate(
 ) -> Rotation:
     """Sign root v(N+1) with ``root_keys`` (root N's) and ``new_root_keys`` (default: the same keys);
     ``new_targets`` and an ``online`` key root N does not know become the targets / online keys."""
+    output_set.check_writable_folder(root_out.parent, "--out")  # before anything is pushed
     cur = repository.load_current(reg, repair=True)  # metadata pushed with a leaked key is passed over
     old = cur.root
     version = old.signed.version

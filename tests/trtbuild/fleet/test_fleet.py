@@ -353,6 +353,13 @@ def test_rotate_keys_devices_follow_and_old_keys_refused(
     # not the current root key: one error line, nothing pushed or written
     _refused([*base, "--root-key", str(keys["targets"])], capsys, "0 of the root keys root v1 trusts")
     assert metadata_store.fetch(fleet.reg, "root", 2) is None and not anchor.exists()
+    # an --out that cannot be written is refused before anything is pushed
+    blocker = tmp_path / "a-file"
+    blocker.write_text("")
+    bad_out = [*base, "--root-key", str(keys["root"])]
+    bad_out[bad_out.index(str(anchor))] = str(blocker / "root.json")
+    _refused(bad_out, capsys, "is a file, not a folder")
+    assert metadata_store.fetch(fleet.reg, "root", 2) is None
     rotate = [*base, "--root-key", str(keys["root"]), "--new-root-key", str(new["root"])]
     done = _ok([*rotate, "--new-targets-key", str(new["targets"])], capsys)
     assert done["root_version"] == 2 and done["rotated"] == ["root", "targets", "online"] and anchor.is_file()
