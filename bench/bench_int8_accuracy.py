@@ -13,7 +13,10 @@ the FP32 model's top-2 logit margin on them (a small margin: a coin flip, not a 
 and process CPU seconds (the machine is shared; CPU seconds are what free cores would need).
 
 Rows of learned rounding are chosen with ``--learned`` (all, edges, qdrop: QDrop input mixing at ``--drop``,
-calibrators/adaround_qdrop.py; old: the pre-2026-12-01 sample count).
+calibrators/adaround_qdrop.py; old: the pre-2026-12-01 sample count; fisher: output-channel weights at
+``--output-weight``, calibrators/adaround_fisher.py; bc: the learned integers with the analytic bias
+correction added on every layer, to show why quantize() leaves it off there; split: the learned graph's
+weight and activation quantization each alone, to show which error is left).
 
 Run: python3 bench/bench_int8_accuracy.py [--holdout 192] [--learned edges,qdrop] [--budget 5000]
      [--peers --aimet-iterations 100 --aimet-samples 16]
@@ -44,9 +47,11 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from bench_quantize import modelopt_quantize, ort_static  # noqa: E402
 
 from calibrators import adaround, fidelity, gate_stats, output_aware  # noqa: E402
+from calibrators import bias_correction as bcm  # noqa: E402
 from calibrators.calibrate import compute_ranges  # noqa: E402
 from calibrators.collect import collect  # noqa: E402
 from calibrators.qdq import GraphCache, QdqOptions, apply_qdq, plan_qdq, quantizable_activations  # noqa: E402
+from calibrators.qdq_scales import _bias_correction  # noqa: E402
 from calibrators.ranges import RangeSet  # noqa: E402
 from trtbuild import examples  # noqa: E402
 
@@ -152,7 +157,12 @@ def trtbuild_rows(
     rows: list[tuple[str, Any, float, float | None]] = []
 
     def learned_row(
-        name: str, ranges: RangeSet, keep: tuple[tuple[str, str], ...], cfg: adaround.AdaRoundConfig = config
+        name: str,
+        ranges: RangeSet,
+        keep: tuple[tuple[str, str], ...],
+        cfg: adaround.AdaRoundConfig = config,
+        with_bc: bool = False,
+        split: bool = False,
     ) -> None:
         plan = plan_qdq(cache, ranges, QdqOptions(bias_correction=False, keep_float=keep))
         learned, wall, cpu = timed(lambda: adaround.learn_rounding(cache, plan, calib, cfg, threads=2))
@@ -163,6 +173,18 @@ def trtbuild_rows(
             f"  {name}: kept on {len(learned.weights)} of {len(learned.layers)} layers, "
             f"{len(learned.skipped)} out of time; {wall:.0f} s wall, {cpu:.0f} CPU s"
         )
+        if split:
+            # Where the remaining error comes from: each half of the quantization alone.
+            plan = plan_qdq(cache, ranges, options)
+            rows.append(
+                (f"{name}: its weights, float activations", _only(cache, plan, weights=True), 0, None)
+            )
+            nearest = plan_qdq(cache, ranges, QdqOptions(keep_float=keep))
+            rows.append(("int8 activations, float weights", _only(cache, nearest, weights=False), 0, None))
+        if with_bc:
+            rows.append(
+                (f"{name} + bias corr. on every layer", with_bias_correction(cache, ranges, options), 0, None)
+            )
 
     wanted = set(args.learned.split(","))
     for keep, where in (((), "all INT8"), (edges, "stem+classifier float")):
@@ -171,10 +193,21 @@ def trtbuild_rows(
             name = f"nearest{' + bias corr.' if bc else ''}, {where}"
             rows.append((name, apply_qdq(cache, plan), calib_s, None))
         if ("all" if keep == () else "edges") in wanted:
-            learned_row(f"learned, {where}", mse, keep)
+            edge = keep != ()
+            learned_row(
+                f"learned, {where}",
+                mse,
+                keep,
+                with_bc="bc" in wanted and edge,
+                split="split" in wanted and edge,
+            )
     qdrop = replace(config, drop=args.drop)
     if "qdrop" in wanted:
         learned_row(f"learned + QDrop {args.drop:g}, stem+classifier float", mse, edges, qdrop)
+    if "fisher" in wanted:
+        weighted = replace(config, output_weight=args.output_weight)
+        name = f"learned + output weight {args.output_weight:g}, stem+classifier float"
+        learned_row(name, mse, edges, weighted, with_bc="bc" in wanted)
     if "old" in wanted:
         # The default before 2026-12-01: half the crops and rows (the late 7x7 layers have 1152-1280
         # inputs but only 49 positions per crop, so 32 crops give them barely more rows than unknowns).
@@ -203,6 +236,28 @@ def trtbuild_rows(
     return rows
 
 
+def with_bias_correction(cache: GraphCache, ranges: RangeSet, options: QdqOptions) -> onnx.ModelProto:
+    """The learned integers with the analytic bias correction (E[(W_q - W) x] from the float channel means,
+    as round-to-nearest gets it) on every layer, which plan_qdq leaves off for learned layers."""
+    plan = plan_qdq(cache, ranges, options)
+    means = bcm.means_from(ranges)
+    for key, w in list(plan.weights.items()):
+        rounded = plan.rounded_weights.get(key)
+        scales = np.asarray(w.scales, np.float32)
+        fix = rounded is not None and _bias_correction(
+            cache.graph, key, w.consumers, w.axis, scales, means, w.weight_format, rounded
+        )
+        if fix:
+            plan.weights[key] = replace(w, corrected_bias=fix[0], bias_shift=fix[1])
+    return apply_qdq(cache, plan)
+
+
+def _only(cache: GraphCache, plan: Any, weights: bool) -> onnx.ModelProto:
+    """The plan's weight Q/DQ only (``weights``), or its activation Q/DQ only."""
+    part = replace(plan, activations={}) if weights else replace(plan, weights={}, rounded_weights={})
+    return apply_qdq(cache, part, check=False)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--holdout", type=int, default=HOLDOUT, help="held-out crops")
@@ -216,9 +271,11 @@ def main() -> None:
     parser.add_argument(
         "--learned",
         default="all,edges,qdrop,old",
-        help="learned-rounding rows: all (every layer INT8), edges (stem+classifier float), qdrop, old",
+        help="learned-rounding rows: all (every layer INT8), edges (stem+classifier float), qdrop, old, "
+        "fisher, bc, split",
     )
     parser.add_argument("--drop", type=float, default=0.5, help="QDrop: share of inputs fitted float")
+    parser.add_argument("--output-weight", type=float, default=1.0, help="fisher rows: weight exponent")
     parser.add_argument("--json", type=Path, default=None)
     args = parser.parse_args()
     tmp = Path(tempfile.mkdtemp(prefix="bench_int8_accuracy_"))

@@ -30,7 +30,7 @@ from typing import Any
 import numpy as np
 import onnx
 
-from calibrators import adaround_qdrop, rounding_grid
+from calibrators import adaround_fisher, adaround_qdrop, rounding_grid
 from calibrators.adaround_layers import Layer, batch_size_of, learnable_layers, row_rng
 from calibrators.adaround_prefix import PrefixRunner
 from calibrators.collect import instrument
@@ -72,6 +72,9 @@ class AdaRoundConfig:
     # QDrop (calibrators/adaround_qdrop.py): share of each layer's input elements fitted at their float
     # value instead of the quantized one; 0 fits on the quantized input only (plain AdaRound).
     drop: float = 0.0
+    # Output weighting (calibrators/adaround_fisher.py): each output channel's error weighted by its diagonal
+    # Fisher (how much the model's outputs depend on it) to this power; 0 counts every channel alike.
+    output_weight: float = 0.0
 
 
 @dataclass
@@ -160,7 +163,12 @@ def learn_rounding(
     torch_threads = torch.get_num_threads()
     torch.set_num_threads(1)
     try:
-        _learn_all(cache, plan, layers, feeds, targets, config, threads, progress, result, start)
+        weights = None
+        if config.output_weight > 0:
+            weights = adaround_fisher.channel_weights(
+                cache.model, layers, feeds, config.seed, config.output_weight
+            )
+        _learn_all(cache, plan, layers, feeds, targets, config, threads, progress, result, start, weights)
     finally:
         torch.set_num_threads(torch_threads)
     if result.skipped:
@@ -184,6 +192,7 @@ def _learn_all(
     progress: Callable[[int, int], None] | None,
     result: LearnedRounding,
     start: float,
+    channel_weights: Mapping[str, np.ndarray] | None = None,
 ) -> None:
     prefix = PrefixRunner(feeds, threads)
     floats = adaround_qdrop.FloatInputs(cache, feeds, threads) if config.drop > 0 else None
@@ -214,7 +223,16 @@ def _learn_all(
         deadline = start + config.budget_s if result.layers else None
         grid = plan.weights[layer.weight].weight_format
         learned_layer = _learn_layer(
-            layer, w, scales, x_q, targets[layer.weight], config, deadline, grid, x_fit
+            layer,
+            w,
+            scales,
+            x_q,
+            targets[layer.weight],
+            config,
+            deadline,
+            grid,
+            x_fit,
+            (channel_weights or {}).get(layer.weight),
         )
         if learned_layer is None:
             result.skipped.append(layer.weight)
@@ -290,11 +308,13 @@ def _learn_layer(
     deadline: float | None = None,
     grid: str = "int8",
     x_fit: np.ndarray | None = None,
+    channel_weight: np.ndarray | None = None,
 ) -> tuple[np.ndarray, np.ndarray, float, float] | None:
     """(learned and nearest weight on ``grid`` in ONNX layout and storage type, nearest relative error,
     learned relative error); None when ``deadline`` (budget_clock seconds) passes before the steps are
     done. ``x_fit``: the rows to fit on instead of ``x_q`` (QDrop's mixed input; the same positions),
-    ``x_q`` still judges."""
+    ``x_q`` still judges. ``channel_weight`` ([G, O/G]): each output channel's weight in the loss (and in
+    the held-out errors), calibrators/adaround_fisher.py."""
     import torch
 
     wm = layer.to_matrix(w)  # [G, O, I]
@@ -323,12 +343,16 @@ def _learn_layer(
     slope = tstep * ts  # dW/dh
     base = lo * ts
     gradient = _recon_gradient(x, y)
+    cw_w = cw_y = torch.ones(1)  # output-channel weights, shaped for [G, O, I] and [G, R, O]
+    if channel_weight is not None:
+        cw = torch.from_numpy(channel_weight.astype(np.float32))
+        cw_w, cw_y = cw.reshape(-1, s.shape[1], 1), cw.reshape(-1, 1, s.shape[1])
     # V such that h(V) = the fractional part: learning starts at the float weight itself.
     v = torch.nn.Parameter(
         torch.from_numpy(-np.log((_ZETA - _GAMMA) / (rest - _GAMMA) - 1).astype(np.float32))
     )
     opt = torch.optim.Adam([v], lr=config.lr)
-    denom = float((y_val**2).mean()) or 1.0
+    denom = float((y_val**2 * cw_y).mean()) or 1.0
     warm = int(config.warmup * config.iterations)
     with torch.no_grad():  # gradients by hand: autograd's graph costs more than these elementwise ops
         for step in range(config.iterations):
@@ -338,7 +362,7 @@ def _learn_layer(
             raw = sig * (_ZETA - _GAMMA) + _GAMMA
             live = (raw > 0) & (raw < 1)  # outside, the rectifying clamp passes no gradient
             h = raw.clamp(0.0, 1.0)
-            grad_h = gradient(base + h * slope) * slope
+            grad_h = gradient(base + h * slope) * cw_w * slope
             if step >= warm:  # the rounding regulariser 1 - |2h - 1|^beta, beta annealed high -> low
                 frac = (step - warm) / max(1, config.iterations - warm)
                 beta = config.beta[1] + 0.5 * (config.beta[0] - config.beta[1]) * (
@@ -358,7 +382,8 @@ def _learn_layer(
         nearest = torch.from_numpy(rounding_grid.nearest(scaled, grid))
 
         def error(q: torch.Tensor) -> float:
-            return float(((torch.bmm(x_val, (q * ts).transpose(1, 2)) - y_val) ** 2).mean()) / denom
+            diff = torch.bmm(x_val, (q * ts).transpose(1, 2)) - y_val
+            return float((diff**2 * cw_y).mean()) / denom
 
         q = rounding_grid.stored(learned.numpy(), grid)
         near = layer.from_matrix(rounding_grid.stored(nearest.numpy(), grid))
