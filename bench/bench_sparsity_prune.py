@@ -6,6 +6,9 @@ against the unpruned FP32 model on held-out crops, plus weight bytes as TensorRT
 
 Run: python3 bench/bench_sparsity_prune.py [--fit 64] [--train 128] [--holdout 64] [--steps 30]
      [--budget KL [--aug-steps N --aug-lr 1e-4]] [--skip-baseline]
+     [--methods wanda,sparsegpt [--recon-steps N --recon-views 256 --recon-lr 1e-4 --recon-only]]
+--methods adds one all-layer re-fit row per mask rule (Wanda, SparseGPT's OBS pass: prune_obs.py) and
+--recon-steps the block-wise prune + reconstruction (block_recon.py) with that rule.
 --budget adds the re-fit with `qat --sparse-budget` (prune_select.py: layers over their per-weight share of
 the KL budget stay dense, listed in the report) and --aug-steps the recovery `qat --sparsity 2:4` runs now
 (augmented views of the training crops, KL + block-feature loss; sparse_recover.py) on that model.
