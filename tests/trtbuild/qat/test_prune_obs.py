@@ -16,6 +16,7 @@ from trtbuild.qat.block_recon import ReconConfig, prune_blockwise
 from trtbuild.qat.prune import plan_pruning
 from trtbuild.qat.prune_fit import DAMP, _original_inputs, fit_2to4, wanda_mask
 from trtbuild.qat.prune_obs import sparsegpt_mask
+from trtbuild.qat.sparse_recipe import VIEWS_PER_SAMPLE, reconstruction_views
 
 
 def _relative_error(x: torch.Tensor, fitted: torch.Tensor, w: torch.Tensor) -> float:
@@ -86,3 +87,12 @@ def test_block_reconstruction_lowers_block_error_and_keeps_masks(
     for name, p in pruned.named_parameters():
         if not name.startswith(("_blocks.1.", "_blocks.2.")):
             assert torch.equal(p, original[name]), name
+
+
+def test_reconstruction_views_only_for_one_image_input(photo_batch: np.ndarray) -> None:
+    x = torch.from_numpy(photo_batch[:4])
+    views = reconstruction_views([[x[:2]], [x[2:]]], seed=0)
+    assert views is not None and views.shape == (4 * VIEWS_PER_SAMPLE, *x.shape[1:])
+    assert torch.equal(views[:4], x) and not torch.equal(views[4:8], x)  # the samples, then new views
+    assert reconstruction_views([[x, x]], seed=0) is None  # two inputs: the plain re-fit
+    assert reconstruction_views([[torch.zeros(4, 16)]], seed=0) is None  # not an image
