@@ -6,6 +6,9 @@ against the unpruned FP32 model on held-out crops, plus weight bytes as TensorRT
 
 Run: python3 bench/bench_sparsity_prune.py [--fit 64] [--train 128] [--holdout 64] [--steps 30]
      [--budget KL [--aug-steps N --aug-lr 1e-4]] [--skip-baseline]
+     [--methods wanda,sparsegpt [--recon-steps N --recon-views 256 --recon-lr 1e-4 --recon-only]]
+--methods adds one all-layer re-fit row per mask rule (Wanda, SparseGPT's OBS pass: prune_obs.py) and
+--recon-steps the block-wise prune + reconstruction (block_recon.py) with that rule.
 --budget adds the re-fit with `qat --sparse-budget` (prune_select.py: layers over their per-weight share of
 the KL budget stay dense, listed in the report) and --aug-steps the recovery `qat --sparsity 2:4` runs now
 (augmented views of the training crops, KL + block-feature loss; sparse_recover.py) on that model.
@@ -29,9 +32,12 @@ from torch import nn
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from trtbuild import examples  # noqa: E402
+from trtbuild.qat.augment import augment  # noqa: E402
+from trtbuild.qat.block_recon import ReconConfig, prune_blockwise  # noqa: E402
 from trtbuild.qat.fake_quant import QuantHooks  # noqa: E402
 from trtbuild.qat.prune import mask_2to4, plan_pruning  # noqa: E402
-from trtbuild.qat.prune_fit import prune_fitted  # noqa: E402
+from trtbuild.qat.prune_fit import prune_fitted, wanda_mask  # noqa: E402
+from trtbuild.qat.prune_obs import sparsegpt_mask  # noqa: E402
 from trtbuild.qat.sparse_recipe import prune as recipe_prune  # noqa: E402
 from trtbuild.qat.sparse_recipe import recovery  # noqa: E402
 from trtbuild.qat.train import distillation_loss  # noqa: E402
@@ -168,6 +174,11 @@ def main() -> None:
     parser.add_argument("--aug-lr", type=float, default=1e-4)
     parser.add_argument("--budget", type=float, default=None, help="also: re-fit with this KL budget")
     parser.add_argument("--skip-baseline", action="store_true", help="skip magnitude / old re-fit rows")
+    parser.add_argument("--methods", default="", help="comma list of wanda,sparsegpt: all-layer re-fit rows")
+    parser.add_argument("--recon-steps", type=int, default=0, help="block reconstruction steps per block")
+    parser.add_argument("--recon-views", type=int, default=256, help="augmented views for reconstruction")
+    parser.add_argument("--recon-lr", type=float, default=1e-4)
+    parser.add_argument("--recon-only", action="store_true", help="--methods: skip the plain re-fit rows")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     torch.manual_seed(0)
@@ -204,6 +215,26 @@ def main() -> None:
             t, c = time.perf_counter(), cpu_s()
             recover(fitted, teacher, fit_masks, train, args.steps, args.lr)
             row(f"2:4 re-fitted + {args.steps} recovery steps", fitted, time.perf_counter() - t, cpu_s() - c)
+    choosers = {"wanda": wanda_mask, "sparsegpt": sparsegpt_mask}
+    blocks: dict[str, Any] = {}
+    for method in [m for m in args.methods.split(",") if m]:
+        if not args.recon_only:
+            t, c = time.perf_counter(), cpu_s()
+            pruned = copy.deepcopy(teacher)
+            masks = prune_fitted(pruned, teacher, plan_pruning(pruned), feeds, choose=choosers[method])
+            row(f"2:4 {method} masks + re-fit, all layers", pruned, time.perf_counter() - t, cpu_s() - c)
+        if args.recon_steps:
+            t, c = time.perf_counter(), cpu_s()
+            gen = torch.Generator().manual_seed(1)
+            views = torch.cat([train, augment(train, args.recon_views - len(train), gen)])
+            config = ReconConfig(steps=args.recon_steps, lr=args.recon_lr)
+            recon = copy.deepcopy(teacher)
+            masks, results = prune_blockwise(
+                recon, teacher, plan_pruning(recon), feeds, views, config, choose=choosers[method]
+            )
+            label = f"2:4 {method} + block reconstruction ({args.recon_steps} steps, {len(views)} views)"
+            row(label, recon, time.perf_counter() - t, cpu_s() - c)
+            blocks[method] = [(r.block, round(r.before, 4), round(r.after, 4)) for r in results]
     chosen: dict[str, Any] = {}
     if args.budget is not None:
         t, c = time.perf_counter(), cpu_s()
@@ -243,6 +274,7 @@ def main() -> None:
         "eligible_weights": sum(d.params for d in eligible),
         "total_weights": sum(d.params for d in plan_pruning(teacher)),
         "budget_choice": chosen,
+        "block_reconstruction": blocks,
     }
     print(json.dumps(report, indent=2))
 

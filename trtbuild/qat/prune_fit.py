@@ -115,17 +115,28 @@ def _statistics(
     return h, g
 
 
-def fit_2to4(weight: torch.Tensor, h: torch.Tensor, g: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+MaskChooser = Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
+
+
+def wanda_mask(w: torch.Tensor, h: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+    """Keep the 2 of every 4 inputs with the largest |w_j| * ||x_j|| (Wanda), per output row."""
+    groups = (w.abs() * h.diagonal().sqrt()).reshape(w.shape[0], -1, GROUP)
+    keep = groups.topk(KEEP, dim=2).indices
+    return torch.zeros_like(groups).scatter_(2, keep, 1.0).reshape(w.shape)
+
+
+def fit_2to4(
+    weight: torch.Tensor, h: torch.Tensor, g: torch.Tensor, choose: MaskChooser = wanda_mask
+) -> tuple[torch.Tensor, torch.Tensor]:
     """(2:4 weight [out, in], its 0/1 mask): the weight whose output on the pruned model's inputs best
-    matches ``weight`` on the original inputs, given H = X_p'X_p and G = X_p'X_o."""
+    matches ``weight`` on the original inputs, given H = X_p'X_p and G = X_p'X_o. ``choose(w, H + damp,
+    target)`` picks the mask (Wanda by default, prune_obs.sparsegpt_mask), the kept entries are then solved
+    exactly."""
     w = weight.double()
     damp = DAMP * h.diagonal().mean().clamp_min(1e-12)
     h = h + torch.eye(h.shape[0], dtype=h.dtype) * damp
-    score = w.abs() * h.diagonal().sqrt()
-    groups = score.reshape(w.shape[0], -1, GROUP)
-    keep = groups.topk(KEEP, dim=2).indices
-    mask = torch.zeros_like(groups).scatter_(2, keep, 1.0).reshape(w.shape)
     target = w @ g.T + damp * w  # row k: X_p' X_o w_k, plus the ridge pulling toward the original w_k
+    mask = choose(w, h, target)
     kept = w.shape[1] // GROUP * KEEP
     result = torch.zeros_like(w)
     for start in range(0, w.shape[0], ROW_CHUNK):
@@ -133,7 +144,10 @@ def fit_2to4(weight: torch.Tensor, h: torch.Tensor, g: torch.Tensor) -> tuple[to
         index = mask[rows].nonzero()[:, 1].reshape(len(rows), kept)  # kept input channels, per row
         sub_h = h[index.unsqueeze(-1), index.unsqueeze(-2)]
         sub_t = torch.gather(target[rows], 1, index)
-        result[rows.unsqueeze(-1), index] = torch.linalg.solve(sub_h, sub_t.unsqueeze(-1)).squeeze(-1)
+        # Cholesky, not linalg.solve: sub_h is SPD (damped), and MKL's batched LU failed with 2 threads
+        # ("Pivots given to lu_solve must all be >= 1" on _blocks.9._project_conv of EfficientNet-Lite0).
+        chol = torch.linalg.cholesky(sub_h)
+        result[rows.unsqueeze(-1), index] = torch.cholesky_solve(sub_t.unsqueeze(-1), chol).squeeze(-1)
     return result.to(weight.dtype), mask.to(weight.dtype)
 
 
@@ -143,11 +157,12 @@ def prune_fitted(
     decisions: Sequence[PruneDecision],
     batches: Sequence[Sequence[torch.Tensor]],
     accept: Callable[[str, int], bool] | None = None,
+    choose: MaskChooser = wanda_mask,
 ) -> dict[str, torch.Tensor]:
     """Prune ``model``'s eligible layers to 2:4 in forward order, re-fitting 1x1 conv / Linear weights on
     ``batches`` against ``original`` (an unpruned copy); returns the masks (weights changed in place).
     ``accept(name, params)``, asked after each layer is pruned (prune_select.py), may keep it dense: its
-    original weights come back and it gets no mask."""
+    original weights come back and it gets no mask. ``choose``: the mask rule of re-fitted layers."""
     modules = dict(model.named_modules())
     order = [name for name, _ in model.named_modules()]
     eligible = sorted((d.module for d in decisions if d.reason is None), key=order.index)
@@ -163,7 +178,7 @@ def prune_fitted(
                 weight.mul_(masks[name])
         else:
             h, g = _statistics(model, name, x_orig.pop(name), batches)
-            fitted, mask = fit_2to4(weight.detach().reshape(weight.shape[0], -1), h, g)
+            fitted, mask = fit_2to4(weight.detach().reshape(weight.shape[0], -1), h, g, choose)
             with torch.no_grad():
                 weight.copy_(fitted.reshape(weight.shape))
             masks[name] = mask.reshape(weight.shape)

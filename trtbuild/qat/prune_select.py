@@ -62,6 +62,10 @@ class OutputBudget:
             total += float(F.kl_div(out, ref, log_target=True, reduction="sum"))
         return total / sum(len(r) for r in self.reference)
 
+    def refresh(self) -> None:
+        """Re-read the current KL after the model changed outside ``accept`` (a block reconstruction)."""
+        self.current = self._kl()
+
     def accept(self, name: str, params: int) -> bool:
         kl = self._kl()
         added, allowed = kl - self.current, self.budget * params / self.total
