@@ -222,6 +222,8 @@ def _top1_text(o: OutputFidelity, samples: int) -> str:
     text = f"{o.top1_agreement:.2%} {_interval(o.top1_interval, True)}"
     if not o.tie_rule or o.raw_top1 is None:
         return text
+    if not o.decisive_samples:
+        return f"{text} on {samples}: every sample a near-tie ({o.tie_rule}), so raw top-1 decides"
     return (
         f"{text} on {o.decisive_samples} decisive samples ({len(o.near_ties)} near-tie row(s) excluded, "
         f"{o.tie_rule}); raw top-1 {o.raw_top1:.2%} {_interval(o.raw_top1_interval, True)} on {samples}"

@@ -74,39 +74,32 @@ def test_gate_decides_on_decisive_samples_and_lists_every_tie(held: tuple) -> No
     assert len(report.near_tie_lines()) == 1 and f"#{ties.tied[0]} (" in report.near_tie_lines()[0]
 
 
-def test_quantize_reports_near_ties_in_json_and_cli(
+def test_quantize_reports_near_ties_in_json_cli_and_report(
     effnet_onnx: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
-    photos = examples.write_photo_folder(tmp_path / "photos", 80, size=examples.EFFNET_SIZE, seed=7)
+    photos = examples.write_photo_folder(tmp_path / "photos", 56, size=examples.EFFNET_SIZE, seed=7)
     res = quantize(
         effnet_onnx,
         photos,
         tmp_path / "auto",
-        QuantizeSettings(holdout=48, min_fidelity="50%", threads=1, batch_size=16),
+        QuantizeSettings(holdout=32, min_fidelity="50%", threads=1, batch_size=16),
         show_progress=False,
     )
     logits = json.loads(res.report_path.read_text())["fidelity"]["outputs"][0]
-    assert logits["decisive_samples"] + len({t["sample"] for t in logits["near_ties"]}) == 48
+    assert logits["decisive_samples"] + len(logits["near_ties"]) == 32
     assert "FP16 graph" in logits["tie_rule"] and logits["raw_top1"] is not None
-    off = quantize(
-        effnet_onnx,
-        photos,
-        tmp_path / "off",
-        QuantizeSettings(holdout=48, min_fidelity="50%", threads=1, batch_size=16, tie_margin=0),
-        show_progress=False,
-    )
-    out = off.fidelity.outputs[0]
-    assert out.tie_rule is None and out.top1_agreement == logits["raw_top1"]
     code, out, err = run_cli(
-        ["quantize", str(effnet_onnx), str(photos), "--out-dir", str(tmp_path / "cli"), "--holdout", "48"]
-        + ["--min-fidelity", "50%", "--tie-margin", "100", "--threads", "1"],
+        ["quantize", str(effnet_onnx), "--data", str(photos), "--out-dir", str(tmp_path / "cli")]
+        + ["--holdout", "32", "--min-fidelity", "50%", "--tie-margin", "100", "--threads", "1", "--report"],
         capsys,
     )
     text = " ".join((out + err).split())  # rich wraps long lines
     assert code == 0, text
     assert "decisive" in text and "near-tie(s) not counted by top-1" in text
-    # a huge margin sets every sample aside: nothing decisive, the gate falls back to raw and warns
+    # a huge margin sets every sample aside: nothing decisive, raw top-1 decides, and the table warns
     assert "0 of them decisive" in text
+    page = next((tmp_path / "cli").glob("*.report.html")).read_text()
+    assert "near-ties" in page and "#0 (" in page and "#31 (" in page  # every one listed on the page
 
 
 def test_bad_tie_margin_is_one_error_line(
@@ -114,5 +107,7 @@ def test_bad_tie_margin_is_one_error_line(
 ) -> None:
     with pytest.raises(TrtbuildError, match="--tie-margin -1"):
         QuantizeSettings(tie_margin=-1.0)
-    code, _, err = run_cli(["quantize", str(effnet_onnx), str(tmp_path), "--tie-margin", "often"], capsys)
+    code, _, err = run_cli(
+        ["quantize", str(effnet_onnx), "--data", str(tmp_path), "--tie-margin", "often"], capsys
+    )
     assert code == 2 and "neither auto nor a number" in err

@@ -57,6 +57,22 @@ def test_demo_int8_artifacts_come_from_one_set_of_ranges(demo_run: tuple[dict, P
     assert sum(n.op_type == "QuantizeLinear" for n in qdq.graph.node) >= quant["qdq_tensors"] > 0
 
 
+def test_demo_gate_is_decided_on_at_least_100_held_out_photos(demo_run: tuple[dict, Path]) -> None:
+    from trtbuild import demo
+
+    quant = demo_run[0]["stages"][1]["quantize"]
+    logits = quant["fidelity"]["outputs"][0]
+    assert (
+        quant["holdout_samples"] == demo.HOLDOUT_PHOTOS >= 100 and quant["fidelity"]["sample_warning"] is None
+    )
+    # near-ties listed, not counted: decisive + set-aside photos are the held-out split
+    assert logits["decisive_samples"] + len(logits["near_ties"]) == quant["holdout_samples"]
+    assert (
+        logits["top1_agreement"] >= quant["fidelity"]["threshold"]["top1"] == float(demo.DEMO_GATE[:-1]) / 100
+    )
+    assert logits["raw_top1"] is not None and "FP16 graph" in logits["tie_rule"]
+
+
 def test_demo_plans_match_their_targets(demo_run: tuple[dict, Path]) -> None:
     _, folder = demo_run
     plans = {
