@@ -1,8 +1,9 @@
 """The demo's gate, round-to-nearest vs learned rounding + auto-fallback (calibrators/learned_fallback.py).
 
-Setup of `trtbuild demo`: EfficientNet-Lite0 through the default (dynamo) export, 64 calibration / 32
-held-out photos (seed 7, 256 px, resized and center-cropped to 224), mse ranges, the default 99 % top-1
-gate, auto-fallback. Per rounding: whether the gate passed, the layers kept float and their share of the
+Setup of `trtbuild demo`: EfficientNet-Lite0 through the default (dynamo) export, 64 calibration / 200
+held-out photos (seed 7, 256 px, resized and center-cropped to 224; --holdout), mse ranges, the default
+99 % top-1 gate decided on the decisive photos (near-ties listed, calibrators/near_ties.py; --tie-margin),
+auto-fallback. Per rounding: whether the gate passed, the layers kept float and their share of the
 MACs, top-1 agreement and cosine on the held-out photos, the held-out photos whose top-1 differs with the
 FP32 top-2 logit margin on each (a tiny margin decides a 32-photo gate by chance), and wall / process CPU
 seconds of the whole `quantize()` (the machine is shared: CPU seconds are the measure).
