@@ -13,6 +13,7 @@ import pytest
 from cli_helpers import run_cli
 
 from calibrators import fidelity, near_ties
+from calibrators.output_kinds import OutputKind
 from calibrators.quantize import quantize
 from calibrators.quantize_settings import QuantizeSettings
 from trtbuild import examples
@@ -111,3 +112,21 @@ def test_bad_tie_margin_is_one_error_line(
         ["quantize", str(effnet_onnx), "--data", str(tmp_path), "--tie-margin", "often"], capsys
     )
     assert code == 2 and "neither auto nor a number" in err
+
+
+def test_per_position_outputs_set_aside_positions_not_whole_samples() -> None:
+    """[N, T, C] character scores (a CTC reader): a tied position is left out of its sample's share."""
+    rng = np.random.default_rng(3)
+    ref = rng.normal(size=(40, 6, 12))
+    ref[5, 2, :2] = [9.0, 8.999]  # one position whose top-2 margin is 0.001
+    test = ref.copy()
+    test[5, 2, 1] = 9.5  # flipped exactly there
+    test[7, 0] = np.roll(ref[7, 0], 1)  # and one decisive position elsewhere
+    ties = near_ties.find(ref, 0.01, near_ties.SET_SOURCE)
+    assert ties.rows == 6 and (5 * 6 + 2) in ties.tied
+    kind = OutputKind("classification", "test", ties=ties)
+    out = fidelity.compare_output("chars", ref, test, kind)
+    assert out.decisive_samples == 40  # every sample still has decisive positions
+    decisive_7 = 6 - sum(1 for i in ties.tied if i // 6 == 7)
+    assert out.top1_agreement == pytest.approx(1 - (1 / decisive_7) / 40)
+    assert {"sample": 5, "position": 2}.items() <= next(t for t in out.near_ties if t["sample"] == 5).items()
