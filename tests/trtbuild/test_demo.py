@@ -95,8 +95,10 @@ def test_demo_profile_and_bundles(demo_run: tuple[dict, Path]) -> None:
         "efficientnet_lite0.int8.onnx",
         "efficientnet_lite0.int8.ortcpu.onnx",
     ]
-    # the uint8 CPU variant comes from the same ranges and keeps the FP32 answers
-    assert profile["candidates"][2]["accuracy"]["cosine"] > 0.99
+    # the uint8 CPU variant comes from the same ranges and stays close to FP32. It keeps float only what
+    # the gate kept float (now just the stem: learned rounding needs no fallback) and rounds its int7
+    # weights to nearest: measured cosine 0.9873 (0.9952 with the 8 float layers of the old 32-photo demo).
+    assert profile["candidates"][2]["accuracy"]["cosine"] > 0.98
     assert all(c["latency"]["median_ms"] > 0 for c in profile["candidates"])
     assert (folder / "profile" / "latency.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     bundles = result["stages"][5]["bundles"]
