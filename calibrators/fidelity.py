@@ -139,9 +139,12 @@ class FidelityReport:
         """Set when the gate is decided on fewer samples than can support it (calibrators/gate_stats.py)."""
         decisive = [o.decisive_samples for o in self.outputs if o.decisive_samples is not None]
         fewest = min([self.samples, *decisive])
-        warning = gate_stats.small_sample_warning(fewest)
-        if warning and fewest < self.samples:  # the held-out split is big enough, its decisive part is not
-            warning += f" ({self.samples} held out, {fewest} of them decisive for top-1)"
+        warning = gate_stats.small_sample_warning(self.samples)
+        if warning is None and fewest < gate_stats.MIN_TRUSTED_SAMPLES:  # enough held out, too few decide
+            warning = gate_stats.small_sample_warning(fewest)
+            return f"{warning} ({self.samples} held out, {fewest} of them decisive for top-1)"
+        if warning and fewest < self.samples:
+            warning += f" ({fewest} of them decisive for top-1)"
         return warning
 
     def near_tie_lines(self) -> list[str]:
@@ -183,19 +186,16 @@ class FidelityReport:
         maps = any(o.iou is not None for o in self.outputs)  # detector probability maps: IoU column
         tied = any(o.tie_rule for o in self.outputs)  # near-ties set aside: the raw top-1 beside it
         columns = ("output", "kind", "gate", "top-1", "KL", "cosine", "min cos", "SQNR dB", "err/range")
-        tie_columns = ("decisive", "raw top-1") if tied else ()
+        tie_columns = ("raw (ties)",) if tied else ()  # the near-ties themselves are in the caption
         iou_column = (f"IoU@{metrics.PROB_MAP_THRESHOLD:g}",) if maps else ()
         for col in (*columns[:4], *tie_columns, *columns[4:], *iou_column, ""):
             table.add_column(col, justify="left" if col in ("output", "kind", "gate") else "right")
         for o in self.outputs:
             iou = ("-" if o.iou is None else f"{o.iou:.4f}",) if maps else ()
             ties = (
-                (
-                    f"{o.decisive_samples} ({len(o.near_ties)} tie{'s' * (len(o.near_ties) != 1)})",
-                    f"{o.raw_top1:.2%} {_interval(o.raw_top1_interval, True)}",
-                )
+                (f"{o.raw_top1:.2%} ({len(o.near_ties)})",)
                 if o.tie_rule and o.raw_top1 is not None
-                else ("-", "-")
+                else ("-",)
             )
             table.add_row(
                 o.name,
