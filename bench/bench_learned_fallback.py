@@ -1,8 +1,9 @@
 """The demo's gate, round-to-nearest vs learned rounding + auto-fallback (calibrators/learned_fallback.py).
 
-Setup of `trtbuild demo`: EfficientNet-Lite0 through the default (dynamo) export, 64 calibration / 32
-held-out photos (seed 7, 256 px, resized and center-cropped to 224), mse ranges, the default 99 % top-1
-gate, auto-fallback. Per rounding: whether the gate passed, the layers kept float and their share of the
+Setup of `trtbuild demo`: EfficientNet-Lite0 through the default (dynamo) export, 64 calibration / 200
+held-out photos (seed 7, 256 px, resized and center-cropped to 224; --holdout), mse ranges, the default
+99 % top-1 gate decided on the decisive photos (near-ties listed, calibrators/near_ties.py; --tie-margin),
+auto-fallback. Per rounding: whether the gate passed, the layers kept float and their share of the
 MACs, top-1 agreement and cosine on the held-out photos, the held-out photos whose top-1 differs with the
 FP32 top-2 logit margin on each (a tiny margin decides a 32-photo gate by chance), and wall / process CPU
 seconds of the whole `quantize()` (the machine is shared: CPU seconds are the measure).
@@ -55,6 +56,10 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--holdout", type=int, default=demo.HOLDOUT_PHOTOS, help="held-out photos")
     parser.add_argument("--json", type=Path, default=None)
+    parser.add_argument(
+        "--tie-margin", default="auto", help="near-ties (calibrators/near_ties.py): auto, 0 (raw) or a margin"
+    )
+    parser.add_argument("--budget", type=float, default=1e4, help="learned rounding CPU seconds")
     args = parser.parse_args()
     logging.getLogger().setLevel(logging.ERROR)
     tmp = Path(tempfile.mkdtemp(prefix="bench_learned_fallback_"))
@@ -70,12 +75,17 @@ def main() -> None:
     ).onnx_path
     count = demo.CALIBRATION_PHOTOS + args.holdout
     photos = examples.write_photo_folder(tmp / "photos", count, size=demo.PHOTO_SIZE, seed=7)
-    base = QuantizeSettings(holdout=args.holdout, auto_fallback=True, threads=args.threads)
+    tie_margin = None if args.tie_margin == "auto" else float(args.tie_margin)
+    base = QuantizeSettings(
+        holdout=args.holdout, auto_fallback=True, threads=args.threads, tie_margin=tie_margin
+    )
     held, margin = held_out_margins(model_path, photos, base)
     reference = fidelity.run_batches(fidelity.session(load_model(model_path), args.threads), held)["logits"]
     rows: list[dict[str, Any]] = []
     for rounding in args.roundings.split(","):
-        settings = QuantizeSettings.from_overrides(base, {"rounding": rounding, "rounding_budget_s": 1e4})
+        settings = QuantizeSettings.from_overrides(
+            base, {"rounding": rounding, "rounding_budget_s": args.budget}
+        )
         wall, cpu = time.perf_counter(), time.process_time()
         try:
             res = quantize(model_path, photos, tmp / rounding, settings, show_progress=False)
@@ -97,6 +107,12 @@ def main() -> None:
                 "float_compute": res.float_compute,
                 "summary": res.fidelity.summary(),
                 "cosine": res.fidelity.outputs[0].cosine,
+                "top1": res.fidelity.outputs[0].top1_agreement,
+                "top1_interval": res.fidelity.outputs[0].top1_interval,
+                "raw_top1": res.fidelity.outputs[0].raw_top1,
+                "raw_top1_interval": res.fidelity.outputs[0].raw_top1_interval,
+                "decisive": res.fidelity.outputs[0].decisive_samples,
+                "near_ties": res.fidelity.outputs[0].near_ties,
                 "differ": {int(i): round(float(margin[i]), 3) for i in np.flatnonzero(~agree)},
                 "trials": [] if fb is None else fb.trials,
                 "wall_s": wall,
@@ -108,18 +124,20 @@ def main() -> None:
     table = Table(
         title=f"Demo gate (99% top-1, {len(margin)} held-out photos; smallest FP32 top-2 margins {smallest})"
     )
-    for col in ("rounding", "passed", "float layers", "float MACs", "fidelity", "cosine", "CPU s", "wall s"):
+    columns = ("rounding", "passed", "float layers", "float MACs", "top-1 decisive", "raw top-1", "cosine")
+    for col in (*columns, "CPU s", "wall s"):
         table.add_column(col)
     for r in rows:
         if "error" in r:
-            table.add_row(r["rounding"], "no", "", "", r["error"][:60], "", "", "")
+            table.add_row(r["rounding"], "no", "", "", r["error"][:60], "", "", "", "")
             continue
         table.add_row(
             r["rounding"] + ("" if r["learned_used"] or r["rounding"] == "nearest" else " (nearest kept)"),
             str(r["passed"]),
             str(len(r["float_layers"])),
             f"{r['float_compute']:.1%}",
-            r["summary"],
+            _top1(r["top1"], r["top1_interval"], r["decisive"]),
+            _top1(r["raw_top1"] if r["raw_top1"] is not None else r["top1"], r["raw_top1_interval"], None),
             f"{r['cosine']:.5f}",
             f"{r['cpu_s']:.0f}",
             f"{r['wall_s']:.0f}",
@@ -127,6 +145,11 @@ def main() -> None:
     console.print(table)
     if args.json:
         args.json.write_text(json.dumps(rows, indent=1, default=str) + "\n")
+
+
+def _top1(value: float, interval: Any, samples: int | None) -> str:
+    shown = f"{value:.2%}" + ("" if interval is None else f" [{interval[0]:.1%}, {interval[1]:.1%}]")
+    return shown + ("" if samples is None else f" on {samples}")
 
 
 if __name__ == "__main__":

@@ -18,7 +18,7 @@ import onnx
 import onnxruntime as ort
 from rich.table import Table
 
-from calibrators import gate_stats, output_kinds
+from calibrators import gate_stats, near_ties, output_kinds
 from calibrators.fidelity_spec import (
     DEFAULT_THRESHOLD,
     METRICS,
@@ -64,6 +64,13 @@ class OutputFidelity:
     top1_interval: tuple[float, float] | None = None  # Wilson 95% interval of top-1 agreement
     cosine_interval: tuple[float, float] | None = None  # t 95% interval of the mean cosine
     iou: float | None = None  # prob_map outputs: mean IoU of the maps thresholded at 0.3
+    # Near-ties (calibrators/near_ties.py): top1_agreement above is decided on the decisive samples; the
+    # raw agreement on every sample, and every sample set aside, are reported next to it.
+    raw_top1: float | None = None
+    raw_top1_interval: tuple[float, float] | None = None
+    decisive_samples: int | None = None  # samples with a decisive row (None: no near-tie rule applied)
+    tie_rule: str | None = None  # how near-ties were decided
+    near_ties: list[dict[str, Any]] = field(default_factory=list)  # each one: sample, margin, agrees
 
     def measured(self, metric: str) -> float | None:
         return {
@@ -118,7 +125,9 @@ class FidelityReport:
         parts = []
         for o in self.outputs:
             shown = [
-                f"{METRICS[m][1]} {o.measured(m):.4g}" if m != "top1" else f"top-1 {o.top1_agreement:.2%}"
+                f"top-1 {_top1_text(o, self.samples)}"
+                if m == "top1"
+                else f"{METRICS[m][1]} {o.measured(m):.4g}"
                 for m in o.bounds(self.threshold)
                 if o.measured(m) is not None
             ]
@@ -128,7 +137,19 @@ class FidelityReport:
     @property
     def sample_warning(self) -> str | None:
         """Set when the gate is decided on fewer samples than can support it (calibrators/gate_stats.py)."""
-        return gate_stats.small_sample_warning(self.samples)
+        decisive = [o.decisive_samples for o in self.outputs if o.decisive_samples is not None]
+        fewest = min([self.samples, *decisive])
+        warning = gate_stats.small_sample_warning(self.samples)
+        if warning is None and fewest < gate_stats.MIN_TRUSTED_SAMPLES:  # enough held out, too few decide
+            warning = gate_stats.small_sample_warning(fewest)
+            return f"{warning} ({self.samples} held out, {fewest} of them decisive for top-1)"
+        if warning and fewest < self.samples:
+            warning += f" ({fewest} of them decisive for top-1)"
+        return warning
+
+    def near_tie_lines(self) -> list[str]:
+        """Per top-1 output with the near-tie rule on: every held-out sample it set aside, and why."""
+        return [_ties_caption(o) for o in self.outputs if o.tie_rule]
 
     def to_json(self) -> dict[str, Any]:
         return {
@@ -156,18 +177,26 @@ class FidelityReport:
             caption="\n".join(
                 [
                     *why,
+                    *self.near_tie_lines(),
                     f"measured with {ort_core.describe(self.semantics)}; [..] = 95% interval",
                     *([f"[yellow]{self.sample_warning}[/yellow]"] if self.sample_warning else []),
                 ]
             ),
         )
         maps = any(o.iou is not None for o in self.outputs)  # detector probability maps: IoU column
+        tied = any(o.tie_rule for o in self.outputs)  # near-ties set aside: the raw top-1 beside it
         columns = ("output", "kind", "gate", "top-1", "KL", "cosine", "min cos", "SQNR dB", "err/range")
+        tie_columns = ("raw (ties)",) if tied else ()  # the near-ties themselves are in the caption
         iou_column = (f"IoU@{metrics.PROB_MAP_THRESHOLD:g}",) if maps else ()
-        for col in (*columns, *iou_column, ""):
+        for col in (*columns[:4], *tie_columns, *columns[4:], *iou_column, ""):
             table.add_column(col, justify="left" if col in ("output", "kind", "gate") else "right")
         for o in self.outputs:
             iou = ("-" if o.iou is None else f"{o.iou:.4f}",) if maps else ()
+            ties = (
+                (f"{o.raw_top1:.2%} ({len(o.near_ties)})",)
+                if o.tie_rule and o.raw_top1 is not None
+                else ("-",)
+            )
             table.add_row(
                 o.name,
                 o.kind,
@@ -175,6 +204,7 @@ class FidelityReport:
                 "-"
                 if o.top1_agreement is None
                 else f"{o.top1_agreement:.2%} {_interval(o.top1_interval, True)}",
+                *(ties if tied else ()),
                 "-" if o.kl is None else f"{o.kl:.4f}",
                 f"{o.cosine:.5f} {_interval(o.cosine_interval, False)}",
                 f"{o.min_cosine:.5f}",
@@ -184,6 +214,35 @@ class FidelityReport:
                 "[green]pass[/green]" if o.passes(self.threshold) else "[red]FAIL[/red]",
             )
         return table
+
+
+def _top1_text(o: OutputFidelity, samples: int) -> str:
+    """'99.50% [97.2%, 99.9%] on 196 decisive samples (4 near-tie row(s) excluded, FP32 top-2 margin <=
+    0.016 (...)); raw top-1 98.00% [95.0%, 99.2%] on 200'."""
+    text = f"{o.top1_agreement:.2%} {_interval(o.top1_interval, True)}"
+    if not o.tie_rule or o.raw_top1 is None:
+        return text
+    if not o.decisive_samples:
+        return f"{text} on {samples}: every sample a near-tie ({o.tie_rule}), so raw top-1 decides"
+    return (
+        f"{text} on {o.decisive_samples} decisive samples ({len(o.near_ties)} near-tie row(s) excluded, "
+        f"{o.tie_rule}); raw top-1 {o.raw_top1:.2%} {_interval(o.raw_top1_interval, True)} on {samples}"
+    )
+
+
+def _ties_caption(o: OutputFidelity) -> str:
+    """One line naming every near-tie set aside: sample, FP32 margin, whether the model agreed."""
+    if not o.near_ties:
+        return f"{o.name}: no near-ties ({o.tie_rule})"
+    listed = ", ".join(
+        f"#{t['sample']}"
+        + (f"@{t['position']}" if "position" in t else "")
+        + f" ({t['margin']:.4g}"
+        + ("" if t.get("agrees", True) else ", differs")
+        + ")"
+        for t in o.near_ties
+    )
+    return f"{o.name}: {len(o.near_ties)} near-tie(s) not counted by top-1 ({o.tie_rule}): {listed}"
 
 
 def _interval(bounds: tuple[float, float] | None, percent: bool) -> str:
@@ -212,12 +271,25 @@ def compare_output(
     cos = metrics.cosine_per_sample(ref, test)
     top1 = kl = None
     top1_interval = None
+    tie_fields: dict[str, Any] = {}
     if kind.kind in ("classification", "probability") and ref.ndim in (2, 3) and ref.shape[-1] >= 2:
         # [N, C], or [N, T, C] per-position classes (a CTC text reader: characters per time step). The
         # interval counts samples, not positions: the positions of one input are not independent draws.
-        agree = (ref.argmax(axis=-1) == test.argmax(axis=-1)).reshape(ref.shape[0], -1).mean(axis=1)
+        rows = (ref.argmax(axis=-1) == test.argmax(axis=-1)).reshape(ref.shape[0], -1)
+        agree = rows.mean(axis=1)
         top1 = float(agree.mean())
         top1_interval = gate_stats.wilson_interval(float(agree.sum()), ref.shape[0])
+        ties = kind.ties if kind.ties is not None and kind.ties.samples == ref.shape[0] else None
+        if ties is not None:  # decide on the decisive rows; raw agreement reported beside it
+            decided = near_ties.decide(rows, ties)
+            tie_fields = {
+                "raw_top1": top1,
+                "raw_top1_interval": top1_interval,
+                "decisive_samples": decided.samples,
+                "tie_rule": ties.describe(),
+                "near_ties": ties.listed(rows),
+            }
+            top1, top1_interval = decided.agreement, decided.interval
         if kind.kind == "classification":
             kl = metrics.kl_divergence(metrics.softmax(ref), metrics.softmax(test))
         elif kind.log_probabilities:
@@ -238,6 +310,7 @@ def compare_output(
         top1_interval,
         gate_stats.mean_interval(cos),
         iou,
+        **tie_fields,
     )
 
 

@@ -22,11 +22,15 @@ from __future__ import annotations
 import re
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import numpy as np
 import onnx
 
 from trtbuild.core.errors import TrtbuildError
+
+if TYPE_CHECKING:
+    from calibrators.near_ties import NearTies
 
 KINDS = ("classification", "probability", "regression", "embedding", "prob_map")
 MIN_CLASSES = 10
@@ -47,6 +51,8 @@ class OutputKind:
     kind: str
     reason: str
     log_probabilities: bool = False  # LogSoftmax output: exponentiate before top-1/KL
+    # held-out rows whose FP32 top-1 is within float noise: top-1 is decided without them (near_ties.py)
+    ties: NearTies | None = None
 
 
 def _producer_op(model: onnx.ModelProto, name: str) -> str | None:

@@ -27,6 +27,7 @@ from calibrators import (
     layer_cost,
     layer_report,
     learned_fallback,
+    near_ties,
     ort_cpu,
     output_aware,
     output_kinds,
@@ -306,6 +307,8 @@ def quantize(
         qmodel = apply_qdq(model, plan)
         test = fidelity.run_batches(fidelity.session(qmodel, s.threads, semantics), held_batches)
         kinds = fidelity.decide_kinds(model, reference, kind_overrides)
+        # held-out samples whose FP32 top-1 is within FP16 noise are not counted by top-1 (near_ties.py)
+        kinds = near_ties.attach(kinds, model, reference, held_batches, s.tie_margin, s.threads)
         report = fidelity.compare(reference, test, threshold, kinds, semantics)
         if learned is not None:
             nearest = _nearest_if_better(
@@ -534,6 +537,7 @@ def _write(result: QuantizeResult, qmodel: onnx.ModelProto, trt_version: str) ->
                 "gate": f"{'passed' if result.passed else 'failed'} on {result.fidelity.samples} held-out "
                 f"samples: {result.fidelity.summary()}",
                 "float compute": f"{result.float_compute:.1%} of the Conv/Gemm/MatMul MACs kept float",
+                **({"near-ties": "; ".join(ties)} if (ties := result.fidelity.near_tie_lines()) else {}),
             },
         )
         with atomic.atomic_dir(result.report_png_dir) as folder:

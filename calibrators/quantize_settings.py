@@ -59,6 +59,8 @@ class QuantizeSettings:
     min_fidelity: str | float | Sequence[str] | FidelityThreshold | None = None
     output_kind: Sequence[str] | Mapping[str, str] | None = None
     write_report: bool = False  # the per-layer accuracy report (calibrators/layer_report.py)
+    # top-1 near-ties (calibrators/near_ties.py): None measures the floor with the FP16 graph, 0 = raw top-1
+    tie_margin: float | None = None
     # the fallback
     auto_fallback: bool = False
     fallback_strategy: str = "auto"
@@ -88,6 +90,10 @@ class QuantizeSettings:
             raise TrtbuildError(
                 "mixed INT8/FP8 picks its FP8 layers through auto-fallback on an int8 graph",
                 "use --precision int8,fp8 (it turns --auto-fallback on), or auto_fallback=True with int8",
+            )
+        if self.tie_margin is not None and not self.tie_margin >= 0.0:
+            raise TrtbuildError(
+                f"--tie-margin {self.tie_margin} is negative", "pass auto, 0 (raw top-1) or a margin >= 0"
             )
         if not 0.0 <= self.max_float_compute <= 1.0:
             raise TrtbuildError(

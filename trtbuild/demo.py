@@ -20,7 +20,15 @@ from trtbuild.core.defaults import OUTPUT_ROOT
 
 MODEL_NAME = "efficientnet_lite0"
 CALIBRATION_PHOTOS = 64
-HOLDOUT_PHOTOS = 32
+# 200 held-out crops (disjoint from the 64 calibration ones): enough for a top-1 gate to separate models
+# (docs/fidelity-gate.md); near-ties (FP32 top-2 margin within FP16 noise) are listed, not counted.
+HOLDOUT_PHOTOS = 200
+# The demo's gate on them. The default 99 % is not reachable on these photos with at most half the MACs
+# float (measured: docs/int8-accuracy.md, "The demo with 200 held-out photos"), so the demo states its own:
+# learned rounding with every layer INT8 meets it (96.8 % on the 190 decisive photos) without a fallback
+# search, which on 200 held-out photos costs minutes per verification round.
+DEMO_GATE = "96%"
+DEMO_ROUNDING = "learned"
 PHOTO_SIZE = 256  # stored photos; the calibration preprocessing resizes to 256 and center-crops 224
 JETSON_TARGET = "orin-jp6.2"
 PLANNED = (("h100", "int8"), ("a100", "fp16"), (JETSON_TARGET, "int8"))
@@ -119,7 +127,9 @@ class Demo:
             self.dir / "calibration_photos", CALIBRATION_PHOTOS + HOLDOUT_PHOTOS, size=PHOTO_SIZE, seed=7
         )
         self.artifacts["photos"] = photos
-        settings = QuantizeSettings(holdout=HOLDOUT_PHOTOS, auto_fallback=True)
+        settings = QuantizeSettings(
+            holdout=HOLDOUT_PHOTOS, min_fidelity=DEMO_GATE, rounding=DEMO_ROUNDING, auto_fallback=True
+        )
         res = quantize(self.artifacts["onnx"], photos, self.dir, settings, show_progress=not self.quiet)
         cpu_int8, cpu_target = write_variant(
             self.artifacts["onnx"], res, self.dir / f"{MODEL_NAME}.int8.ortcpu.onnx"
@@ -132,8 +142,9 @@ class Demo:
             "quantize",
             0.0,
             f"{res.onnx_path.name}: {len(res.plan.quantized_nodes)} layers INT8 "
-            f"({res.ranges.method}, {res.calibration_samples} photos); held-out fidelity "
-            f"{res.fidelity.summary()}{fallback} ({res.fidelity.semantics} semantics); ORT-CPU graph with "
+            f"({res.ranges.method}, {res.calibration_samples} photos); fidelity on {res.holdout_samples} "
+            f"held-out photos (gate: top-1 >= {DEMO_GATE}) {res.fidelity.summary()}{fallback} "
+            f"({res.fidelity.semantics} semantics); ORT-CPU graph with "
             f"{cpu_target.weight_format} weights for {cpu_target.cpu.kind}",
             {"quantize": res.to_json(), "ort_cpu": cpu_target.to_json()},
         )

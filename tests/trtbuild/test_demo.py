@@ -22,7 +22,7 @@ def demo_run(tmp_path_factory: pytest.TempPathFactory) -> tuple[dict, Path]:
         [sys.executable, "-m", "trtbuild", "demo", "--out", str(out), "--json", "--profile-iterations", "10"],
         capture_output=True,
         text=True,
-        timeout=900,
+        timeout=1500,  # learned rounding on 200 held-out photos: ~13 min wall at load 9-10 on 2 cores
     )
     assert proc.returncode == 0, proc.stderr[-3000:]
     return json.loads(proc.stdout), out / "efficientnet_lite0"
@@ -57,6 +57,22 @@ def test_demo_int8_artifacts_come_from_one_set_of_ranges(demo_run: tuple[dict, P
     assert sum(n.op_type == "QuantizeLinear" for n in qdq.graph.node) >= quant["qdq_tensors"] > 0
 
 
+def test_demo_gate_is_decided_on_at_least_100_held_out_photos(demo_run: tuple[dict, Path]) -> None:
+    from trtbuild import demo
+
+    quant = demo_run[0]["stages"][1]["quantize"]
+    logits = quant["fidelity"]["outputs"][0]
+    assert (
+        quant["holdout_samples"] == demo.HOLDOUT_PHOTOS >= 100 and quant["fidelity"]["sample_warning"] is None
+    )
+    # near-ties listed, not counted: decisive + set-aside photos are the held-out split
+    assert logits["decisive_samples"] + len(logits["near_ties"]) == quant["holdout_samples"]
+    assert (
+        logits["top1_agreement"] >= quant["fidelity"]["threshold"]["top1"] == float(demo.DEMO_GATE[:-1]) / 100
+    )
+    assert logits["raw_top1"] is not None and "FP16 graph" in logits["tie_rule"]
+
+
 def test_demo_plans_match_their_targets(demo_run: tuple[dict, Path]) -> None:
     _, folder = demo_run
     plans = {
@@ -79,8 +95,10 @@ def test_demo_profile_and_bundles(demo_run: tuple[dict, Path]) -> None:
         "efficientnet_lite0.int8.onnx",
         "efficientnet_lite0.int8.ortcpu.onnx",
     ]
-    # the uint8 CPU variant comes from the same ranges and keeps the FP32 answers
-    assert profile["candidates"][2]["accuracy"]["cosine"] > 0.99
+    # the uint8 CPU variant comes from the same ranges and stays close to FP32. It keeps float only what
+    # the gate kept float (now just the stem: learned rounding needs no fallback) and rounds its int7
+    # weights to nearest: measured cosine 0.9873 (0.9952 with the 8 float layers of the old 32-photo demo).
+    assert profile["candidates"][2]["accuracy"]["cosine"] > 0.98
     assert all(c["latency"]["median_ms"] > 0 for c in profile["candidates"])
     assert (folder / "profile" / "latency.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     bundles = result["stages"][5]["bundles"]

@@ -33,6 +33,23 @@ from trtbuild.core.errors import TrtbuildError
 Q = QuantizeSettings  # the defaults of every quantize flag live in the settings object
 
 
+class TieMargin(click.ParamType):
+    """``auto`` (None: measured with the FP16 graph) or a margin >= 0 (0: raw top-1)."""
+
+    name = "auto|MARGIN"
+
+    def convert(self, value: Any, param: click.Parameter | None, ctx: click.Context | None) -> float | None:
+        if value is None or isinstance(value, float) or value == "auto":
+            return None if value in (None, "auto") else value
+        try:
+            margin = float(value)
+        except ValueError:
+            self.fail(f"'{value}' is neither auto nor a number", param, ctx)
+        if not margin >= 0:
+            self.fail(f"{value} is negative: pass auto, 0 (raw top-1) or a margin > 0", param, ctx)
+        return margin
+
+
 def _float_table(result: QuantizeResult) -> Table:
     table = Table(title=f"Layers kept in float ({len(result.plan.excluded)})")
     table.add_column("node", overflow="fold")
@@ -131,6 +148,13 @@ def _worst_table(result: QuantizeResult) -> Table:
     help="Gate (repeatable): '99%', '0.99', 'top1=0.98,cosine=0.995', or per output "
     "'NAME:METRIC=VALUE[,...]' with metrics top1, cosine, sqnr (dB), kl, err (max error/range). "
     "Default: 99% top-1 for classification/probability outputs, cosine 0.99 for the others.",
+)
+@click.option(
+    "--tie-margin",
+    type=TieMargin(),
+    default=Q.tie_margin,
+    help="Top-1 near-ties: held-out samples whose FP32 top-2 margin is at most this are listed, not "
+    "counted by top-1 (default auto: the largest margin shift the FP16 graph causes; 0: raw top-1).",
 )
 @click.option(
     "--output-kind",
@@ -248,6 +272,7 @@ def quantize_command(
     samples: int | None,
     holdout: int | None,
     min_fidelity: tuple[str, ...],
+    tie_margin: float | None,
     output_kind: tuple[str, ...],
     max_float_compute: float,
     auto_fallback: bool,
@@ -323,6 +348,7 @@ def quantize_command(
         samples=samples,
         holdout=holdout,
         min_fidelity=threshold,
+        tie_margin=tie_margin,
         output_kind=output_kind,
         max_float_compute=max_float_compute,
         auto_fallback=auto_fallback or mixed,
