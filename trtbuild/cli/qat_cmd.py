@@ -38,8 +38,8 @@ from trtbuild.core.defaults import DEFAULT_TRT_VERSION
 @click.option("--sparse-lr", type=float, default=1e-4, show_default=True, help="2:4 recovery lr.")
 @click.option("--steps", type=int, default=200, show_default=True, help="QAT steps (and 2:4 recovery steps).")
 @click.option("--batch-size", type=int, default=DEFAULT_BATCH_SIZE, show_default=True)
-@click.option("--lr", type=float, default=2e-6, show_default=True, help="Weight learning rate (Adam).")
-@click.option("--step-lr", type=float, default=2e-6, show_default=True, help="LSQ step-size learning rate.")
+@click.option("--lr", type=float, default=1e-5, show_default=True, help="Weight learning rate (Adam).")
+@click.option("--step-lr", type=float, default=1e-5, show_default=True, help="LSQ step-size learning rate.")
 @click.option(
     "--eval-every", type=int, default=25, show_default=True, help="Held-out fidelity every N steps."
 )
@@ -72,6 +72,20 @@ from trtbuild.core.defaults import DEFAULT_TRT_VERSION
     "--loss", type=click.Choice(["kl", "mse"]), default="kl", show_default=True, help="Distillation."
 )
 @click.option("--temperature", type=float, default=1.0, show_default=True, help="Of the KL on logits.")
+@click.option(
+    "--augment",
+    type=click.Choice(["auto", "off"]),
+    default="auto",
+    show_default=True,
+    help="QAT on fresh augmented views of the training samples (image models) or on the fixed samples.",
+)
+@click.option(
+    "--schedule",
+    type=click.Choice(["cosine", "constant"]),
+    default="cosine",
+    show_default=True,
+    help="QAT learning-rate schedule over --steps.",
+)
 @click.option("--device", default="auto", show_default=True, help="auto (CUDA when present), cpu, cuda[:N].")
 @click.option("--seed", type=int, default=0, show_default=True)
 @preprocess_options
@@ -106,6 +120,8 @@ def qat_command(
     smooth_quant: str,
     loss: str,
     temperature: float,
+    augment: str,
+    schedule: str,
     device: str,
     seed: int,
     preprocess: Preprocess,
@@ -163,6 +179,8 @@ def qat_command(
                 smooth_quant=smooth_quant,
                 loss=loss,
                 temperature=temperature,
+                augment=augment,
+                schedule=schedule,
                 on_step=None if as_json else on_step,
             )
         except FidelityGateError as exc:
