@@ -96,7 +96,7 @@ def main() -> None:
     parser.add_argument("--train", type=int, default=128)
     parser.add_argument("--holdout", type=int, default=128)
     parser.add_argument("--batch-size", type=int, default=8)
-    parser.add_argument("--lr", type=float, default=1e-5)
+    parser.add_argument("--lr", type=float, default=2e-6)
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--loss", choices=("kl", "mse"), default="kl", help="as `trtbuild qat --loss`")
     args = parser.parse_args()

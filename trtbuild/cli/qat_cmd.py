@@ -38,8 +38,8 @@ from trtbuild.core.defaults import DEFAULT_TRT_VERSION
 @click.option("--sparse-lr", type=float, default=1e-4, show_default=True, help="2:4 recovery lr.")
 @click.option("--steps", type=int, default=200, show_default=True, help="QAT steps (and 2:4 recovery steps).")
 @click.option("--batch-size", type=int, default=DEFAULT_BATCH_SIZE, show_default=True)
-@click.option("--lr", type=float, default=1e-5, show_default=True, help="Weight learning rate (Adam).")
-@click.option("--step-lr", type=float, default=1e-5, show_default=True, help="LSQ step-size learning rate.")
+@click.option("--lr", type=float, default=2e-6, show_default=True, help="Weight learning rate (Adam).")
+@click.option("--step-lr", type=float, default=2e-6, show_default=True, help="LSQ step-size learning rate.")
 @click.option(
     "--eval-every", type=int, default=25, show_default=True, help="Held-out fidelity every N steps."
 )
@@ -75,14 +75,14 @@ from trtbuild.core.defaults import DEFAULT_TRT_VERSION
 @click.option(
     "--augment",
     type=click.Choice(["auto", "off"]),
-    default="auto",
+    default="off",
     show_default=True,
     help="QAT on fresh augmented views of the training samples (image models) or on the fixed samples.",
 )
 @click.option(
     "--schedule",
     type=click.Choice(["cosine", "constant"]),
-    default="cosine",
+    default="constant",
     show_default=True,
     help="QAT learning-rate schedule over --steps.",
 )

@@ -38,8 +38,8 @@ SCHEDULES = ("constant", "cosine")  # cosine: lr x (1 + cos(pi step / steps)) / 
 class TrainConfig:
     steps: int = 200
     batch_size: int = 8
-    lr: float = 1e-5  # weights (Adam); with cosine decay and fresh augmented views (qat_views.py)
-    step_lr: float = 1e-5  # LSQ step sizes (Adam moves each by ~lr per step: 1e-3 is ~2 % of a typical one)
+    lr: float = 2e-6  # weights (Adam); small: AdaRound already left them near an optimum
+    step_lr: float = 2e-6  # LSQ step sizes (Adam moves each by ~lr per step: 1e-3 is ~2 % of a typical one)
     eval_every: int = 25
     patience: int = 3  # evaluations without improvement before stopping
     checkpoint_every: int = 50
