@@ -4,10 +4,12 @@ FP32 / our best PTQ INT8 (`quantize` defaults) / QAT INT8 / 2:4 FP32 (recovered)
 top-1 agreement vs FP32 on the same held-out photo crops, the compressed size of each deployable file
 (zlib -9 of the ONNX: what a tar.gz bundle carries -- not the packed 2:4 format TensorRT stores in an
 engine; bench/bench_sparsity_prune.py estimates that one), eligible 2:4 layers and wall time.
-The held-out crops also pick the best training step (early stopping), so they are not an unseen test set.
+The held-out crops also pick the best training step (early stopping), so they are not an unseen test set;
+the next --test crops are (top-1 / KL on them, and FP32's top-1 minus top-2 probability on each miss).
 
 Run: python3 bench/bench_qat.py [--steps 30] [--train 128] [--holdout 128] [--skip-sparse] [--out result.json]
      [--only-sparse] [--sparse-steps N] [--sparse-budget KL]   (2:4 rows only; qat's sparse options)
+     [--test 128] [--eval-every 10] [--augment auto] [--schedule cosine]   (qat's QAT data / lr options)
      python3 bench/bench_qat.py --model minilm --steps 200 --lr 1e-5 --train 128 --holdout 64
 Every row reports KL (top-1 alone ties at 100 % on these crops) or, for MiniLM, mean / worst cosine.
 QAT starts from learned-rounding PTQ (trtbuild/qat/ptq_start.py) and distills with KL on the logits; the
