@@ -4,10 +4,12 @@ FP32 / our best PTQ INT8 (`quantize` defaults) / QAT INT8 / 2:4 FP32 (recovered)
 top-1 agreement vs FP32 on the same held-out photo crops, the compressed size of each deployable file
 (zlib -9 of the ONNX: what a tar.gz bundle carries -- not the packed 2:4 format TensorRT stores in an
 engine; bench/bench_sparsity_prune.py estimates that one), eligible 2:4 layers and wall time.
-The held-out crops also pick the best training step (early stopping), so they are not an unseen test set.
+The held-out crops also pick the best training step (early stopping), so they are not an unseen test set;
+the next --test crops are (top-1 / KL on them, and FP32's top-1 minus top-2 probability on each miss).
 
 Run: python3 bench/bench_qat.py [--steps 30] [--train 128] [--holdout 128] [--skip-sparse] [--out result.json]
      [--only-sparse] [--sparse-steps N] [--sparse-budget KL]   (2:4 rows only; qat's sparse options)
+     [--test 128] [--eval-every 10] [--augment auto] [--schedule cosine]   (qat's QAT data / lr options)
      python3 bench/bench_qat.py --model minilm --steps 200 --lr 1e-5 --train 128 --holdout 64
 Every row reports KL (top-1 alone ties at 100 % on these crops) or, for MiniLM, mean / worst cosine.
 QAT starts from learned-rounding PTQ (trtbuild/qat/ptq_start.py) and distills with KL on the logits; the
@@ -92,7 +94,10 @@ def main() -> None:
     parser.add_argument("--train", type=int, default=128)
     parser.add_argument("--holdout", type=int, default=128)
     parser.add_argument("--model", choices=("efficientnet", "minilm"), default="efficientnet")
-    parser.add_argument("--test", type=int, default=64, help="MiniLM: unseen test sentences")
+    parser.add_argument("--test", type=int, default=64, help="unseen crops / sentences")
+    parser.add_argument("--eval-every", type=int, default=10, help="held-out evaluation every N steps")
+    parser.add_argument("--augment", choices=("auto", "off"), default="off", help="qat's --augment")
+    parser.add_argument("--schedule", choices=("cosine", "constant"), default="constant", help="qat's")
     parser.add_argument("--out", type=Path, default=None)
     parser.add_argument("--threads", type=int, default=1, help="torch threads, for ours and ModelOpt alike")
     parser.add_argument("--lr", type=float, default=2e-6, help="weight learning rate, ours and ModelOpt's")
@@ -106,7 +111,10 @@ def main() -> None:
     torch.set_num_threads(args.threads)
     if args.model == "minilm":
         return minilm(args)
-    x = examples.normalize_imagenet(examples.photo_crops(args.train + args.holdout, seed=11))
+    # The first train + holdout crops as before; the next --test crops (other crops of the same photos)
+    # neither train nor pick the step: an unseen test split.
+    every = examples.normalize_imagenet(examples.photo_crops(args.train + args.holdout + args.test, seed=11))
+    x, unseen = every[: args.train + args.holdout], every[args.train + args.holdout :]
     samples = [{"images": x[i : i + 1]} for i in range(len(x))]
     tmp = Path(tempfile.mkdtemp(prefix="bench-qat-"))
     common: dict[str, Any] = {
@@ -115,13 +123,15 @@ def main() -> None:
         "holdout": args.holdout,
         "output_names": ["logits"],
         "min_fidelity": "0.5",
-        "eval_every": 10,
+        "eval_every": args.eval_every,
         "batch_size": 8,
         "dynamic_batch": True,
         "steps": args.steps,
         "lr": args.lr,
         "patience": 10,
         "on_step": progress,
+        "augment": args.augment,
+        "schedule": args.schedule,
     }
     if args.only_sparse:
         _only_sparse(args, common, tmp)
@@ -147,12 +157,14 @@ def main() -> None:
         fp32, samples, tmp / "ptq", holdout=args.holdout, min_fidelity="0.5", show_progress=False, threads=1
     )
     ptq_s, ptq_cpu = time.perf_counter() - start, time.process_time() - cpu0
+    on_unseen = _unseen_scorer(fp32, unseen)
     rows = [
         {"model": "FP32", "top1": 1.0, "size_mib": compressed_mib(fp32), "seconds": None},
         {
             "model": "INT8 PTQ (quantize defaults)",
             "top1": top1(ptq.fidelity),
             **scores(ptq.fidelity),
+            **on_unseen(ptq.onnx_path),
             "size_mib": compressed_mib(ptq.onnx_path),
             "seconds": ptq_s,
             "cpu_s": ptq_cpu,
@@ -168,6 +180,7 @@ def main() -> None:
             "model": f"INT8 QAT ({args.steps} steps)",
             "top1": top1(q.qat),
             **scores(q.qat),
+            **on_unseen(q.quantized.onnx_path),
             "size_mib": compressed_mib(q.quantized.onnx_path),
             "seconds": qat_s,
             "cpu_s": qat_cpu,
@@ -177,9 +190,13 @@ def main() -> None:
         "modelopt": modelopt_row(args),
         "held_out": args.holdout,
         "train": args.train,
+        "unseen": len(unseen),
         "steps": args.steps,
+        "augment": args.augment,
+        "schedule": args.schedule,
         "rows": rows,
         "qat_history": [(e.step, e.summary) for e in q.training["qat"].history],
+        "best_step": q.training["qat"].best_step,
         "out": str(tmp),
     }
     print(json.dumps(report, indent=2, default=str), file=sys.stderr)
@@ -192,6 +209,32 @@ def main() -> None:
     print(text)
     if args.out:
         args.out.write_text(text + "\n")
+
+
+def _unseen_scorer(fp32: Path, unseen: np.ndarray) -> Any:
+    """Top-1 / KL of an INT8 graph vs FP32 on the unseen crops (empty with --test 0)."""
+    from calibrators import fidelity
+
+    batches = [{"images": unseen[i : i + 16]} for i in range(0, len(unseen), 16)]
+    reference = fidelity.run_batches(fidelity.session(str(fp32)), batches) if batches else {}
+
+    def on_unseen(path: Path) -> dict[str, Any]:
+        if not batches:
+            return {}
+        out = fidelity.run_batches(fidelity.session(str(path)), batches)
+        found = {f"unseen_{k}": v for k, v in scores(fidelity.compare(reference, out)).items()}
+        # FP32's top-1 minus top-2 softmax probability on each crop INT8 labels differently: near-ties?
+        ref, test = next(iter(reference.values())), next(iter(out.values()))
+        prob = np.exp(ref - ref.max(1, keepdims=True))
+        prob /= prob.sum(1, keepdims=True)
+        top2 = np.sort(prob, axis=1)[:, -2:]
+        missed = ref.argmax(1) != test.argmax(1)
+        return {
+            **found,
+            "unseen_miss_fp32_margins": [round(float(m), 3) for m in (top2[:, 1] - top2[:, 0])[missed]],
+        }
+
+    return on_unseen
 
 
 def _sparse_options(args: argparse.Namespace) -> dict[str, Any]:

@@ -72,6 +72,20 @@ from trtbuild.core.defaults import DEFAULT_TRT_VERSION
     "--loss", type=click.Choice(["kl", "mse"]), default="kl", show_default=True, help="Distillation."
 )
 @click.option("--temperature", type=float, default=1.0, show_default=True, help="Of the KL on logits.")
+@click.option(
+    "--augment",
+    type=click.Choice(["auto", "off"]),
+    default="off",
+    show_default=True,
+    help="QAT on fresh augmented views of the training samples (image models) or on the fixed samples.",
+)
+@click.option(
+    "--schedule",
+    type=click.Choice(["cosine", "constant"]),
+    default="constant",
+    show_default=True,
+    help="QAT learning-rate schedule over --steps.",
+)
 @click.option("--device", default="auto", show_default=True, help="auto (CUDA when present), cpu, cuda[:N].")
 @click.option("--seed", type=int, default=0, show_default=True)
 @preprocess_options
@@ -106,6 +120,8 @@ def qat_command(
     smooth_quant: str,
     loss: str,
     temperature: float,
+    augment: str,
+    schedule: str,
     device: str,
     seed: int,
     preprocess: Preprocess,
@@ -163,6 +179,8 @@ def qat_command(
                 smooth_quant=smooth_quant,
                 loss=loss,
                 temperature=temperature,
+                augment=augment,
+                schedule=schedule,
                 on_step=None if as_json else on_step,
             )
         except FidelityGateError as exc:

@@ -46,6 +46,7 @@ from trtbuild.qat.losses import LOSSES, kind_loss
 from trtbuild.qat.mapping import QuantMap, map_plan, weighted_modules
 from trtbuild.qat.prune import PruneDecision, plan_pruning
 from trtbuild.qat.ptq_start import fold_plan, learned_plan
+from trtbuild.qat.qat_views import AUGMENTS, AugmentedViews, augmented_views
 from trtbuild.qat.smoothing import Smoothing, smooth_graph
 from trtbuild.qat.train import Evaluation, LossFn, TrainConfig, Trainer, TrainResult, distillation_loss
 
@@ -231,6 +232,8 @@ def qat(
     loss: str = "kl",
     temperature: float = 1.0,
     rounding_budget_s: float = QuantizeSettings.rounding_budget_s,
+    augment: str = "off",
+    schedule: str = "constant",
     loss_fn: LossFn | None = None,
     train_loader: Iterable[tuple[Any, Any]] | None = None,
     on_step: StepCallback | None = None,
@@ -245,7 +248,8 @@ def qat(
     ``start``: "learned" starts from learned-rounding PTQ (its integers and bias correction folded into
     the weights, ptq_start.py), "nearest" from round-to-nearest without bias correction. ``smooth_quant``:
     as `quantize` (auto: where MatMul inputs have outlier channels); the student trains the smoothed model
-    (smoothing.py).
+    (smoothing.py). ``augment``: "auto" trains QAT on fresh augmented views of an image model's training
+    samples (qat_views.py), "off" on the fixed samples; ``schedule``: the QAT lr schedule (train.py).
     """
     from trtbuild.core.output_set import check_writable_folder
 
@@ -255,6 +259,8 @@ def qat(
             f"sparsity pattern '{sparsity}' is not one TensorRT's sparse kernels take",
             f"use --sparsity {PATTERN}",
         )
+    if augment not in AUGMENTS:
+        raise TrtbuildError(f"unknown --augment '{augment}'", f"use one of {', '.join(AUGMENTS)}")
     if start not in STARTS:
         raise TrtbuildError(f"unknown QAT start '{start}'", f"use one of {', '.join(STARTS)}")
     if loss not in LOSSES or not temperature > 0:
@@ -262,7 +268,9 @@ def qat(
             f"unknown QAT loss '{loss}' at temperature {temperature}",
             f"use one of {', '.join(LOSSES)} with a temperature > 0",
         )
-    config = TrainConfig(steps, batch_size, lr, step_lr, eval_every, patience, checkpoint_every, seed)
+    config = TrainConfig(
+        steps, batch_size, lr, step_lr, eval_every, patience, checkpoint_every, seed, schedule
+    )
     sparse_config = TrainConfig(
         sparse_steps or steps, batch_size, sparse_lr, step_lr, eval_every, patience, checkpoint_every, seed
     )
@@ -317,7 +325,7 @@ def qat(
             cfg: TrainConfig,
             extra: Sequence[nn.Parameter],
             label: str,
-            recover: sparse_recipe.FeatureDistillation | None = None,
+            recover: sparse_recipe.FeatureDistillation | AugmentedViews | None = None,
         ) -> Trainer:
             return Trainer(
                 model.to(dev),
@@ -413,7 +421,12 @@ def qat(
         hooks, quantizers = quantize_student(model, qmap, plan, masks, dev)
         ckpt_dir.mkdir(parents=True, exist_ok=True)
         steps_params = [q.step for q in quantizers.values()]
-        result_training["qat"] = trainer(config, steps_params, "QAT").fit(
+        views = None
+        if train_loader is None:  # fresh augmented views of the training samples (image inputs)
+            views = augmented_views(
+                augment, teacher, train, input_names, loss_fn or distillation_loss, batch_size, seed
+            )
+        result_training["qat"] = trainer(config, steps_params, "QAT", views).fit(
             ckpt_dir / f"{name}.qat.ckpt", resume
         )
         hooks.remove()

@@ -31,6 +31,7 @@ log = logging.getLogger(__name__)
 Batch = Mapping[str, np.ndarray]
 LossFn = Callable[[Sequence[torch.Tensor], Sequence[torch.Tensor]], torch.Tensor]
 CHECKPOINT_SCHEMA = 1
+SCHEDULES = ("constant", "cosine")  # cosine: lr x (1 + cos(pi step / steps)) / 2, from the set lr to 0
 
 
 @dataclass(frozen=True)
@@ -43,8 +44,11 @@ class TrainConfig:
     patience: int = 3  # evaluations without improvement before stopping
     checkpoint_every: int = 50
     seed: int = 0
+    schedule: str = "constant"
 
     def __post_init__(self) -> None:
+        if self.schedule not in SCHEDULES:
+            raise TrtbuildError(f"unknown --schedule '{self.schedule}'", f"use one of {', '.join(SCHEDULES)}")
         for name in ("steps", "batch_size", "eval_every", "checkpoint_every", "patience"):
             if getattr(self, name) < 1:
                 raise TrtbuildError(
@@ -185,6 +189,7 @@ class Trainer:
     # ------------------------------------------------------------------------------------------ checkpoints
 
     def _state(self, step: int, best: dict[str, Any], history: list[Evaluation], bad: int) -> dict:
+        loader_rng = self._loader_rng()
         return {
             "schema": CHECKPOINT_SCHEMA,
             "config": asdict(self.config),
@@ -194,6 +199,7 @@ class Trainer:
             "optimizer": self.optimizer.state_dict(),
             "generator": self.generator.get_state(),
             "torch_rng": torch.get_rng_state(),
+            "loader_rng": None if loader_rng is None else loader_rng.get_state(),
             "best": best,
             "history": [asdict(e) for e in history],
             "bad_evals": bad,
@@ -221,7 +227,24 @@ class Trainer:
         self.optimizer.load_state_dict(state["optimizer"])
         self.generator.set_state(state["generator"])
         torch.set_rng_state(state["torch_rng"])
+        loader_rng = self._loader_rng()
+        if loader_rng is not None and state.get("loader_rng") is not None:
+            loader_rng.set_state(state["loader_rng"])
         return state
+
+    def _loader_rng(self) -> torch.Generator | None:
+        """A labeled loader's own generator (qat_views.AugmentedViews): checkpointed for exact resume."""
+        rng = getattr(self.labeled, "generator", None)
+        return rng if isinstance(rng, torch.Generator) else None
+
+    def _set_lr(self, step: int) -> None:
+        """The learning rates for ``step`` (0-based) under the schedule: stateless, so resume is exact."""
+        factor = 1.0
+        if self.config.schedule == "cosine":
+            factor = 0.5 * (1 + math.cos(math.pi * step / self.config.steps))
+        bases = (self.config.lr, self.config.step_lr)
+        for group, base in zip(self.optimizer.param_groups, bases, strict=True):
+            group["lr"] = base * factor
 
     # ------------------------------------------------------------------------------------------ training
 
@@ -266,6 +289,7 @@ class Trainer:
                 )
             self.optimizer.zero_grad(set_to_none=True)
             loss.backward()
+            self._set_lr(step)
             self.optimizer.step()
             step += 1
             loss_value = float(loss.detach())
