@@ -24,7 +24,7 @@ from dataclasses import dataclass
 import numpy as np
 import onnx
 
-from calibrators.int4 import awq, gptq
+from calibrators.int4 import awq, gptq, ridge
 from calibrators.int4.blocks import BlockQuant
 from calibrators.int4.graph import WeightLayer, weight_kn
 from calibrators.int4.segments import SegmentRunner
@@ -37,36 +37,30 @@ class GroupResult:
     alpha: float
     error_rtn: float  # || X_f (RTN(W) - W) ||^2, each layer's error alone on FP32 inputs
     error: float  # || X_f W - X_q Q(W*) / s ||^2 of the group, with the errors before it
-
-
-def gram(a: np.ndarray, b: np.ndarray) -> np.ndarray:
-    """a^T b in float64: a float32 product moved awq-gptq at 64 MiniLM sentences from 0.9791 to 0.9775 (the
-    Hessian is near singular there), so the products stay float64."""
-    return np.asarray(a, np.float64).T @ np.asarray(b, np.float64)
+    ridges: list[float | None]  # per layer: the least-squares target's ridge (None: W itself)
 
 
 def fit_group(xf: np.ndarray, xq: np.ndarray, weights: Sequence[np.ndarray], block: int) -> GroupResult:
     """AWQ scale + GPTQ rounding of the layers reading one activation: FP32 rows ``xf``, the quantized
-    model's rows ``xq`` (same rows) [rows, K]; weights [K, N] each."""
+    model's rows ``xq`` (same rows) [rows, K]; weights [K, N] each. The least-squares target's ridge is
+    chosen per layer on held-out rows (ridge.py)."""
     hf32 = xf.T @ xf  # float32: AWQ's grid search multiplies it 11 times per layer
-    hf = hf32.astype(np.float64)
     scale, alpha, error_rtn = awq.search_scale(xf, weights, block, hf32)
     s = scale.astype(np.float64)
-    hq = gram(xq, xq) if xq is not xf else hf
-    cross = gram(xq, xf) if xq is not xf else hf
-    damp = gptq.DAMP * float(np.mean(np.diag(hq))) * np.eye(len(hq))
-    h_scaled = hq / np.outer(s, s)
-    quants, error = [], 0.0
+    # float64 products: in float32, awq-gptq at 64 MiniLM sentences moved from 0.9791 to 0.9775 (the
+    # Hessian is near singular there)
+    full = ridge.grams(xq, xf)
+    h_scaled = full.hq / np.outer(s, s)
+    quants, error, ridges = [], 0.0, []
     for w in weights:
         w64 = w.astype(np.float64)
-        restored = cross @ w64
-        target = np.linalg.solve(hq + damp, restored + damp @ w64)
+        chosen = ridge.choose_ridge(xq, xf, full, w64) if xq is not xf else ridge.RIDGES[0]
+        ridges.append(chosen)
+        target = ridge.target(full, w64, chosen)
         quant = gptq.gptq_hessian(h_scaled, (target * s[:, None]).astype(np.float32), block)
         quants.append(quant)
-        v = quant.dequantized().astype(np.float64) / s[:, None]
-        # || X_q V - X_f W ||^2 from the Gram matrices
-        error += float(np.sum(v * (hq @ v)) - 2 * np.sum(v * restored) + np.sum(w64 * (hf @ w64)))
-    return GroupResult(quants, scale, alpha, error_rtn, max(error, 0.0))
+        error += ridge.error(full, quant.dequantized().astype(np.float64) / s[:, None], w64)
+    return GroupResult(quants, scale, alpha, error_rtn, max(error, 0.0), ridges)
 
 
 def stored_weight(layer: WeightLayer, quant: BlockQuant, scale: np.ndarray | None) -> np.ndarray:

@@ -11,7 +11,7 @@ from test_quantize_models import build_minilm_onnx
 
 from calibrators.collect import load_model
 from calibrators.data import model_inputs, open_data
-from calibrators.int4 import sequential
+from calibrators.int4 import ridge, sequential
 from calibrators.int4.blocks import quantize_blocks
 from calibrators.int4.graph import find_layers, weight_kn
 from calibrators.int4.pipeline import collect_inputs
@@ -78,3 +78,21 @@ def test_fit_group_error_from_grams_matches_the_rows(
         for q, w in zip(result.quants, weights, strict=True)
     )
     assert result.error == pytest.approx(direct, rel=1e-3)
+
+
+def test_ridge_is_chosen_on_held_out_rows(
+    minilm: tuple[onnx.ModelProto, list[dict[str, np.ndarray]]],
+) -> None:
+    """A systematic input error (each channel scaled) is worth correcting; pure noise on too few rows is
+    not: the least-squares correction would fit it, so W itself (no ridge) is kept."""
+    model, samples = minilm
+    calib = open_data(samples, model_inputs(model), None)
+    layer = find_layers(model, ())[-1]  # the FFN's second MatMul: 1536 inputs, fewer rows than that
+    xf = collect_inputs(model, [layer.activation], calib, 4, None, 0)[0][layer.activation]
+    w = weight_kn(model, layer).astype(np.float64)
+    assert len(xf) < w.shape[0]
+    rng = np.random.default_rng(0)
+    scaled = xf * np.asarray(rng.uniform(0.8, 1.2, xf.shape[1]), np.float32)
+    assert ridge.choose_ridge(scaled, xf, ridge.grams(scaled, xf), w) == ridge.RIDGES[0]
+    noisy = xf + rng.normal(0, float(xf.std()), xf.shape).astype(np.float32)
+    assert ridge.choose_ridge(noisy, xf, ridge.grams(noisy, xf), w) != ridge.RIDGES[0]
