@@ -33,9 +33,11 @@ def output_error(gram: np.ndarray, delta: np.ndarray) -> float:
     return float(np.sum(delta * (gram @ delta)))
 
 
-def search_scale(x: np.ndarray, weights: Sequence[np.ndarray], block: int) -> tuple[np.ndarray, float, float]:
-    """(s, alpha, RTN error) minimising the group's output error over ALPHA_GRID."""
-    gram = x.T @ x
+def search_scale(
+    x: np.ndarray, weights: Sequence[np.ndarray], block: int, gram: np.ndarray | None = None
+) -> tuple[np.ndarray, float, float]:
+    """(s, alpha, RTN error) minimising the group's output error over ALPHA_GRID; ``gram``: X^T X if known."""
+    gram = x.T @ x if gram is None else gram
     mean_abs = np.maximum(np.abs(x).mean(axis=0), 1e-8)
     best: tuple[float, np.ndarray, float] | None = None
     error_rtn = 0.0

@@ -39,6 +39,7 @@ from calibrators.int4.graph import (
     weight_kn,
     write_int4,
 )
+from calibrators.int4.segments import SegmentRunner
 from calibrators.preprocess import Preprocess
 from calibrators.qdq import QdqOptions, QdqPlan, apply_qdq, ensure_node_names, plan_qdq
 from calibrators.qdq_scales import GraphCache
@@ -202,7 +203,7 @@ def quantize_int4_int8(
                 model,
                 layers,
                 rows,
-                lambda m, a: pipeline.collect_inputs(m, [a], calib, batch_size, threads, seed)[0][a],
+                SegmentRunner(model, calib.batches(batch_size), threads, seed),
                 block_size,
             )
         else:

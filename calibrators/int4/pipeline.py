@@ -29,6 +29,8 @@ from calibrators.fidelity_spec import check_outputs
 from calibrators.int4 import awq, gptq, sequential
 from calibrators.int4.blocks import DEFAULT_BLOCK_SIZE, BlockQuant, quantize_blocks
 from calibrators.int4.graph import WeightLayer, find_layers, hoist_constants, weight_kn, write_int4
+from calibrators.int4.rows import real_token_rows, sample_rows
+from calibrators.int4.segments import SegmentRunner
 from calibrators.preprocess import Preprocess
 from calibrators.qdq import ensure_node_names
 from trtbuild.core import atomic, output_set
@@ -40,7 +42,6 @@ log = logging.getLogger(__name__)
 ALGORITHMS = ("awq-gptq", "awq", "gptq", "rtn")
 DEFAULT_ALGORITHM = "awq-gptq"  # best on held-out sentences (bench/bench_int4.py, docs/int4-weight-only.md)
 DEFAULT_HOLDOUT: int | None = None  # auto: sized to the data, as INT8 (calibrators/gate_stats.py)
-MAX_ROWS = 8192  # calibration rows per activation: GPTQ needs more rows than K (1536 in BERT's FFN)
 PRECISION = "int4-weights"
 
 
@@ -153,27 +154,8 @@ def collect_inputs(
         values = dict(zip(wanted, session.run(wanted, dict(batch)), strict=True)) if session else {}
         for name in activations:
             array = np.asarray(batch[name] if name in fed else values[name], np.float32)
-            parts[name].append(_real_token_rows(array, batch))
-    rows = {}
-    for name, chunks in parts.items():
-        x = np.concatenate(chunks, axis=0)
-        # one generator per activation: the same rows are picked from every model (awq-gptq pairs them)
-        if len(x) > MAX_ROWS:
-            x = x[np.sort(np.random.default_rng(seed).choice(len(x), MAX_ROWS, replace=False))]
-        rows[name] = x
-    return rows, count
-
-
-def _real_token_rows(array: np.ndarray, batch: Mapping[str, np.ndarray]) -> np.ndarray:
-    """Rows [rows, K] of ``array``, without padded tokens: where a 2-D ``*mask`` input lines up with the
-    activation's [batch, seq] axes, rows whose mask is 0 are dropped (the FP32 model ignores them too, so
-    fitting the weights to them would only spend accuracy)."""
-    rows = array.reshape(-1, array.shape[-1])
-    for name, mask in batch.items():
-        if "mask" in name.lower() and mask.ndim == 2 and array.ndim == 3 and mask.shape == array.shape[:2]:
-            keep = mask.reshape(-1) != 0
-            return rows[keep] if keep.any() else rows
-    return rows
+            parts[name].append(real_token_rows(array, batch))
+    return {name: sample_rows(chunks, seed) for name, chunks in parts.items()}, count
 
 
 def quantize_layers(
@@ -204,13 +186,16 @@ def quantize_layers(
                     "error": choice.error,
                 }
             continue
+        # one Hessian / Gram matrix per group: Q, K and V read the same rows
+        x64 = x.astype(np.float64) if algorithm == "gptq" and x is not None else None
+        hessian = x64.T @ x64 if x64 is not None else None
+        gram = x.T @ x if x is not None else None
         for layer, weight in zip(group, weights, strict=True):
-            if algorithm == "gptq" and x is not None:
-                quants[layer.node] = gptq.gptq(x, weight, block)
+            if hessian is not None:
+                quants[layer.node] = gptq.gptq_hessian(hessian, weight, block)
             else:
                 quants[layer.node] = quantize_blocks(weight, block)
-            if x is not None:
-                gram = x.T @ x
+            if gram is not None:
                 rtn = quantize_blocks(weight, block).dequantized()
                 details[layer.node] = {
                     "error_rtn": awq.output_error(gram, rtn - weight),
@@ -287,7 +272,7 @@ def quantize_int4(
                 model,
                 layers,
                 rows,
-                lambda m, a: collect_inputs(m, [a], calib, batch_size, threads, seed)[0][a],
+                SegmentRunner(model, calib.batches(batch_size), threads, seed),
                 block_size,
             )
         else:
