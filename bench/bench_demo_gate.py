@@ -21,9 +21,11 @@ import onnx
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from bench_learned_fallback import demo_setup  # noqa: E402
+
 from calibrators.quantize import quantize  # noqa: E402
 from calibrators.quantize_settings import QuantizeSettings  # noqa: E402
-from trtbuild import demo, examples  # noqa: E402
+from trtbuild import demo  # noqa: E402
 
 
 def main() -> None:
@@ -32,20 +34,8 @@ def main() -> None:
     parser.add_argument("--holdout", type=int, default=demo.HOLDOUT_PHOTOS)
     parser.add_argument("--threads", type=int, default=1)
     args = parser.parse_args()
-    from export.pipeline import export_model
-    from export.settings import ExportSettings
-
     tmp = Path(tempfile.mkdtemp(prefix="bench_demo_gate_"))
-    size = examples.EFFNET_SIZE
-    model_path = export_model(
-        "trtbuild.examples:efficientnet_lite0",
-        [f"{examples.EFFNET_INPUT}:1x3x{size}x{size}"],
-        tmp / "efficientnet_lite0.onnx",
-        ExportSettings(dynamic_batch=True, output_names=["logits"]),
-    ).onnx_path
-    photos = examples.write_photo_folder(
-        tmp / "photos", demo.CALIBRATION_PHOTOS + args.holdout, size=demo.PHOTO_SIZE, seed=7
-    )
+    model_path, photos = demo_setup(tmp, args.holdout)
     graph = onnx.load(str(model_path), load_external_data=False)
     head = [n.name for n in graph.graph.node if n.op_type in ("Conv", "Gemm", "MatMul")][-1]
     for row in args.rows.split(","):

@@ -50,6 +50,22 @@ def held_out_margins(model_path: Path, photos: Path, settings: QuantizeSettings)
     return batches, top2[:, 1] - top2[:, 0]
 
 
+def demo_setup(folder: Path, holdout: int) -> tuple[Path, Path]:
+    """The demo's model (dynamo export, dynamic batch) and its seed-7 photos: calibration + ``holdout``."""
+    from export.pipeline import export_model
+    from export.settings import ExportSettings
+
+    size = examples.EFFNET_SIZE
+    model_path = export_model(
+        "trtbuild.examples:efficientnet_lite0",
+        [f"{examples.EFFNET_INPUT}:1x3x{size}x{size}"],
+        folder / "efficientnet_lite0.onnx",
+        ExportSettings(dynamic_batch=True, output_names=["logits"]),
+    ).onnx_path
+    count = demo.CALIBRATION_PHOTOS + holdout
+    return model_path, examples.write_photo_folder(folder / "photos", count, size=demo.PHOTO_SIZE, seed=7)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--roundings", default="nearest,learned")
@@ -63,18 +79,7 @@ def main() -> None:
     args = parser.parse_args()
     logging.getLogger().setLevel(logging.ERROR)
     tmp = Path(tempfile.mkdtemp(prefix="bench_learned_fallback_"))
-    from export.pipeline import export_model
-    from export.settings import ExportSettings
-
-    size = examples.EFFNET_SIZE
-    model_path = export_model(
-        "trtbuild.examples:efficientnet_lite0",
-        [f"{examples.EFFNET_INPUT}:1x3x{size}x{size}"],
-        tmp / "efficientnet_lite0.onnx",
-        ExportSettings(dynamic_batch=True, output_names=["logits"]),
-    ).onnx_path
-    count = demo.CALIBRATION_PHOTOS + args.holdout
-    photos = examples.write_photo_folder(tmp / "photos", count, size=demo.PHOTO_SIZE, seed=7)
+    model_path, photos = demo_setup(tmp, args.holdout)
     tie_margin = None if args.tie_margin == "auto" else float(args.tie_margin)
     base = QuantizeSettings(
         holdout=args.holdout, auto_fallback=True, threads=args.threads, tie_margin=tie_margin
