@@ -8,8 +8,10 @@ under learned rounding; with ``--peers``: Qualcomm AIMET QuantSim + AdaRound (ai
 via bench/aimet_quantize.py, ``--aimet-iterations`` steps per layer), ONNX Runtime quantize_static
 (Entropy, QDQ, per-channel) and NVIDIA ModelOpt 0.47 (entropy, `.venv-modelopt`). Every graph is judged
 here with reference Q/DQ semantics (the model, not this CPU's int8 kernels): top-1 agreement with its 95%
-Wilson interval (calibrators/gate_stats.py), mean cosine, and the held-out crops whose top-1 differs with
-the FP32 model's top-2 logit margin on them (a small margin: a coin flip, not a broken layer). Times: wall
+Wilson interval (calibrators/gate_stats.py), the same on the decisive crops as the gate decides it (near-ties
+set aside: FP32 top-2 margin within the FP16 graph's largest margin shift, calibrators/near_ties.py), mean
+cosine, and the held-out crops whose top-1 differs with the FP32 model's top-2 logit margin on them (a small
+margin: a coin flip, not a broken layer). Times: wall
 and process CPU seconds (the machine is shared; CPU seconds are what free cores would need).
 
 Rows of learned rounding are chosen with ``--learned`` (all, edges, qdrop: QDrop input mixing at ``--drop``,
@@ -46,10 +48,11 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from bench_quantize import modelopt_quantize, ort_static  # noqa: E402
 
-from calibrators import adaround, fidelity, gate_stats, output_aware  # noqa: E402
+from calibrators import adaround, fidelity, gate_stats, near_ties, output_aware  # noqa: E402
 from calibrators import bias_correction as bcm  # noqa: E402
 from calibrators.calibrate import compute_ranges  # noqa: E402
 from calibrators.collect import collect  # noqa: E402
+from calibrators.near_ties import NearTies  # noqa: E402
 from calibrators.qdq import GraphCache, QdqOptions, apply_qdq, plan_qdq, quantizable_activations  # noqa: E402
 from calibrators.qdq_scales import _bias_correction  # noqa: E402
 from calibrators.ranges import RangeSet  # noqa: E402
@@ -110,9 +113,19 @@ def aimet_adaround(
     return onnx.load(str(out)), float(times["seconds"]), times.get("cpu_seconds")
 
 
-def judge(qmodel: onnx.ModelProto, held: list[Sample], reference: dict[str, np.ndarray]) -> dict[str, Any]:
-    """Top-1 agreement (with its 95 % interval), mean cosine, and the disagreeing crops with the FP32
-    top-2 logit margin on each."""
+def near_tie_rows(model: onnx.ModelProto, held: list[Sample], reference: dict[str, np.ndarray]) -> NearTies:
+    """The held-out crops the gate sets aside as near-ties (calibrators/near_ties.py): FP32 top-2 margin
+    within the largest margin shift the FP16 graph of the same model causes on these crops."""
+    fp16 = fidelity.run_batches(fidelity.session(near_ties.fp16_graph(model), 2), held)
+    floor = near_ties.margin_shift(reference["logits"], fp16["logits"])
+    return near_ties.find(reference["logits"], floor, near_ties.FP16_SOURCE)
+
+
+def judge(
+    qmodel: onnx.ModelProto, held: list[Sample], reference: dict[str, np.ndarray], ties: NearTies
+) -> dict[str, Any]:
+    """Top-1 agreement (with its 95 % interval), the same on the decisive crops (near-ties set aside, as
+    the gate decides), mean cosine, and the disagreeing crops with the FP32 top-2 logit margin on each."""
     out = fidelity.run_batches(fidelity.session(qmodel, 2), held)
     a, b = reference["logits"], out["logits"]
     cos = np.sum(a * b, 1) / (np.linalg.norm(a, axis=1) * np.linalg.norm(b, axis=1))
@@ -120,10 +133,16 @@ def judge(qmodel: onnx.ModelProto, held: list[Sample], reference: dict[str, np.n
     top2 = np.sort(a, axis=1)[:, -2:]
     margin = top2[:, 1] - top2[:, 0]
     lo, hi = gate_stats.wilson_interval(float(agree.sum()), len(agree))
+    decided = near_ties.decide(agree[:, None], ties)
     wrong = [int(i) for i in np.flatnonzero(~agree)]
     return {
         "top1": float(agree.mean()),
         "top1_interval": [lo, hi],
+        "decisive_top1": decided.agreement,
+        "decisive_interval": list(decided.interval),
+        "decisive_samples": decided.samples,
+        "near_ties": len(ties.tied),
+        "tie_floor": ties.floor,
         "cosine": float(cos.mean()),
         "disagree": {i: round(float(margin[i]), 3) for i in wrong},
     }
@@ -289,6 +308,7 @@ def main() -> None:
         "export",
         "quantizer",
         "top-1 agreement [95% interval]",
+        "decisive top-1 [95% interval] (ties)",
         "cosine",
         "differ",
         "wall s",
@@ -300,6 +320,8 @@ def main() -> None:
         path = export(exporter, tmp)
         model = onnx.load(str(path))
         reference = fidelity.run_batches(fidelity.session(model, 2), held)
+        ties = near_tie_rows(model, held, reference)
+        console.print(f"  {exporter}: {len(ties.tied)} near-tie crops ({ties.describe()})")
         rows = [] if args.only_peers else trtbuild_rows(model, calib, args)
         if args.peers:
             # AIMET's per-layer cost is mostly re-running the model for each layer's inputs: fewer crops
@@ -315,14 +337,16 @@ def main() -> None:
             rows.append(("NVIDIA ModelOpt entropy", mo, mo_s, None))
         for name, qmodel, seconds, cpu_s in rows:
             if isinstance(qmodel, str):
-                table.add_row(exporter, name, qmodel, "", "", "", "")
+                table.add_row(exporter, name, qmodel, "", "", "", "", "")
                 continue
-            r = judge(qmodel, held, reference)
+            r = judge(qmodel, held, reference, ties)
             lo, hi = r["top1_interval"]
+            dlo, dhi = r["decisive_interval"]
             table.add_row(
                 exporter,
                 name,
                 f"{r['top1']:.1%} [{lo:.1%}, {hi:.1%}]",
+                f"{r['decisive_top1']:.1%} [{dlo:.1%}, {dhi:.1%}] ({r['near_ties']})",
                 f"{r['cosine']:.4f}",
                 str(len(r["disagree"])),
                 f"{seconds:.1f}",

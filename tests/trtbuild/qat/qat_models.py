@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
+from pathlib import Path
+
 import numpy as np
 import torch
 from torch import nn
@@ -46,3 +49,27 @@ def tiny_data(count: int, seed: int = 0) -> np.ndarray:
         coarse.repeat(4, axis=2).repeat(4, axis=3)
         + 0.3 * rng.normal(size=(count, 3, 16, 16)).astype(np.float32)
     )
+
+
+def checkpoint_state(path: Path) -> dict[str, torch.Tensor]:
+    """The trained state a checkpoint holds at its last step (student, step sizes, Adam moments), flat."""
+    state = torch.load(path, weights_only=False)
+    flat = {f"student.{k}": v for k, v in state["student"].items()}
+    flat.update({f"extra.{i}": v for i, v in enumerate(state["extra"])})
+    for i, moments in state["optimizer"]["state"].items():
+        flat.update({f"adam.{i}.{k}": v for k, v in moments.items()})
+    return flat
+
+
+class Interrupt(Exception):
+    """Raised by ``stop_at`` to simulate an interrupted training run."""
+
+
+def stop_at(step: int) -> Callable[..., None]:
+    """An ``on_step`` callback that interrupts training when it reaches ``step``."""
+
+    def stop(at: int, *_: object) -> None:
+        if at == step:
+            raise Interrupt
+
+    return stop

@@ -15,7 +15,7 @@ import onnx
 import pytest
 import torch
 from cli_helpers import run_cli
-from qat_models import tiny_data, tiny_net
+from qat_models import Interrupt, checkpoint_state, stop_at, tiny_data, tiny_net
 
 from calibrators import fidelity
 from calibrators import weights as wq
@@ -129,33 +129,17 @@ def test_resume_equals_uninterrupted_and_seed_repeats(tmp_path: Path, one_thread
         steps=4, batch_size=4, lr=1e-3, eval_every=2, checkpoint_every=2, patience=10, seed=3
     )
 
-    def last(path: Path) -> dict[str, torch.Tensor]:
-        """The trained state at the last step (student, step sizes, Adam moments)."""
-        state = torch.load(path, weights_only=False)
-        flat = {f"student.{k}": v for k, v in state["student"].items()}
-        flat.update({f"extra.{i}": v for i, v in enumerate(state["extra"])})
-        for i, moments in state["optimizer"]["state"].items():
-            flat.update({f"adam.{i}.{k}": v for k, v in moments.items()})
-        return flat
-
     _trainer(model, config)[0].fit(tmp_path / "a.ckpt")
     _trainer(model, config)[0].fit(tmp_path / "b.ckpt")
-    a, b = last(tmp_path / "a.ckpt"), last(tmp_path / "b.ckpt")
+    a, b = checkpoint_state(tmp_path / "a.ckpt"), checkpoint_state(tmp_path / "b.ckpt")
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
     assert not torch.equal(a["student.pw.0.weight"], model.state_dict()["pw.0.weight"])  # it trained
 
-    class Interrupt(Exception):
-        pass
-
-    def stop(step: int, *_: object) -> None:
-        if step == 3:
-            raise Interrupt
-
     with pytest.raises(Interrupt):
-        _trainer(model, config, on_step=stop)[0].fit(tmp_path / "c.ckpt")
+        _trainer(model, config, on_step=stop_at(3))[0].fit(tmp_path / "c.ckpt")
     result = _trainer(model, config)[0].fit(tmp_path / "c.ckpt", resume=True)
     assert result.resumed_from == 2 and result.steps_run == 4
-    c = last(tmp_path / "c.ckpt")
+    c = checkpoint_state(tmp_path / "c.ckpt")
     assert all(torch.equal(a[k], c[k]) for k in a)
     # The returned model is the best held-out one: step 0 (PTQ) unless training improved on it.
     scores = {e.step: e.score for e in result.history}

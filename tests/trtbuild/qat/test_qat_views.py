@@ -11,7 +11,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from qat_models import tiny_data, tiny_net
+from qat_models import Interrupt, checkpoint_state, stop_at, tiny_data, tiny_net
 
 from trtbuild.core.errors import TrtbuildError
 from trtbuild.qat.fake_quant import ActivationQuantizer, QuantHooks
@@ -98,43 +98,28 @@ def test_augmented_cosine_resume_equals_uninterrupted(tmp_path: Path, one_thread
         schedule="cosine",
     )
 
-    def last(path: Path) -> dict[str, torch.Tensor]:
-        state = torch.load(path, weights_only=False)
-        flat = {f"student.{k}": v for k, v in state["student"].items()}
-        flat.update({f"extra.{i}": v for i, v in enumerate(state["extra"])})
-        for i, moments in state["optimizer"]["state"].items():
-            flat.update({f"adam.{i}.{k}": v for k, v in moments.items()})
-        return flat
-
     lrs: list[float] = []
     full = _trainer(model, config, on_step=lambda *_: lrs.append(full.optimizer.param_groups[0]["lr"]))
     full.fit(tmp_path / "a.ckpt")
     # cosine from the set lr toward 0: lr x (1 + cos(pi step / steps)) / 2 at steps 0..3
     assert lrs == pytest.approx([1e-3 * (1 + np.cos(np.pi * s / 4)) / 2 for s in range(4)])
-    a = last(tmp_path / "a.ckpt")
+    a = checkpoint_state(tmp_path / "a.ckpt")
     assert not torch.equal(a["student.pw.0.weight"], model.state_dict()["pw.0.weight"])  # it trained
 
-    class Interrupt(Exception):
-        pass
-
-    def stop(step: int, *_: object) -> None:
-        if step == 3:
-            raise Interrupt
-
     with pytest.raises(Interrupt):
-        _trainer(model, config, on_step=stop).fit(tmp_path / "c.ckpt")
+        _trainer(model, config, on_step=stop_at(3)).fit(tmp_path / "c.ckpt")
     result = _trainer(model, config).fit(tmp_path / "c.ckpt", resume=True)
     assert result.resumed_from == 2 and result.steps_run == 4
-    c = last(tmp_path / "c.ckpt")
+    c = checkpoint_state(tmp_path / "c.ckpt")
     assert all(torch.equal(a[k], c[k]) for k in a)  # the views after resume are the uninterrupted ones
     # Without the views' generator in the checkpoint, steps 3-4 draw other views and the weights differ.
     other = _trainer(model, config)
     assert other.labeled is not None
     with pytest.raises(Interrupt):
-        _trainer(model, config, on_step=stop).fit(tmp_path / "d.ckpt")
+        _trainer(model, config, on_step=stop_at(3)).fit(tmp_path / "d.ckpt")
     state = torch.load(tmp_path / "d.ckpt", weights_only=False)
     state["loader_rng"] = None
     torch.save(state, tmp_path / "d.ckpt")
     _trainer(model, config).fit(tmp_path / "d.ckpt", resume=True)
-    d = last(tmp_path / "d.ckpt")
+    d = checkpoint_state(tmp_path / "d.ckpt")
     assert not torch.equal(a["student.pw.0.weight"], d["student.pw.0.weight"])
