@@ -55,9 +55,12 @@ def top1(report: Any) -> float:
 
 
 def scores(report: Any) -> dict[str, Any]:
+    """Top-1 (decided on the non-near-tie crops when the report set near-ties aside, as the gate does),
+    raw top-1 on every crop, near-tie count and KL; or cosines for an embedding."""
     o = report.outputs[0]
     if o.top1_agreement is not None:
-        return {"top1": o.top1_agreement, "kl": o.kl}
+        raw = o.top1_agreement if o.raw_top1 is None else o.raw_top1
+        return {"top1": o.top1_agreement, "raw_top1": raw, "near_ties": len(o.near_ties), "kl": o.kl}
     return {"cosine": o.cosine, "worst_cosine": o.min_cosine}
 
 
@@ -213,16 +216,21 @@ def main() -> None:
 
 def _unseen_scorer(fp32: Path, unseen: np.ndarray) -> Any:
     """Top-1 / KL of an INT8 graph vs FP32 on the unseen crops (empty with --test 0)."""
-    from calibrators import fidelity
+    from calibrators import fidelity, near_ties
 
     batches = [{"images": unseen[i : i + 16]} for i in range(0, len(unseen), 16)]
     reference = fidelity.run_batches(fidelity.session(str(fp32)), batches) if batches else {}
+    kinds = {}
+    if batches:
+        fp32_graph = onnx.load(str(fp32))
+        decided = fidelity.decide_kinds(fp32_graph, reference)
+        kinds = near_ties.attach(decided, fp32_graph, reference, batches)
 
     def on_unseen(path: Path) -> dict[str, Any]:
         if not batches:
             return {}
         out = fidelity.run_batches(fidelity.session(str(path)), batches)
-        found = {f"unseen_{k}": v for k, v in scores(fidelity.compare(reference, out)).items()}
+        found = {f"unseen_{k}": v for k, v in scores(fidelity.compare(reference, out, kinds=kinds)).items()}
         # FP32's top-1 minus top-2 softmax probability on each crop INT8 labels differently: near-ties?
         ref, test = next(iter(reference.values())), next(iter(out.values()))
         prob = np.exp(ref - ref.max(1, keepdims=True))

@@ -25,7 +25,7 @@ import onnx
 import torch
 from torch import nn
 
-from calibrators import fidelity, gate_stats
+from calibrators import fidelity, gate_stats, near_ties
 from calibrators.calibrate import compute_ranges
 from calibrators.collect import DEFAULT_BATCH_SIZE, collect, load_model
 from calibrators.data import ModelInput, model_inputs, open_data
@@ -311,7 +311,8 @@ def qat(
         names_out = [o.name for o in graph.graph.output]
         input_names = [i.name for i in model_inputs(graph)]
         reference = fidelity.run_batches(fidelity.session(graph), held_batches)
-        kinds = fidelity.decide_kinds(graph, reference)
+        # Top-1 is judged as quantize's gate judges it: FP32 near-ties listed, not counted (near_ties.py).
+        kinds = near_ties.attach(fidelity.decide_kinds(graph, reference), graph, reference, held_batches)
         if loss_fn is None and train_loader is None and loss == "kl":
             loss_fn = kind_loss(kinds, [o.name for o in graph.graph.output], temperature)
         teacher.to(dev)
