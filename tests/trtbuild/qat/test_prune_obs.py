@@ -56,23 +56,15 @@ def test_sparsegpt_mask_is_wandas_on_uncorrelated_inputs() -> None:
 
 
 def test_block_reconstruction_lowers_block_error_and_keeps_masks(
-    effnet_model: torch.nn.Module, photo_batch: np.ndarray
+    effnet_model: torch.nn.Module, photo_batch: np.ndarray, one_thread: None
 ) -> None:
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        x = torch.from_numpy(photo_batch)
-        views = torch.cat([x[:16], augment(x[:16], 8, torch.Generator().manual_seed(0))])
-        pruned = copy.deepcopy(effnet_model)
-        decisions = [
-            d
-            for d in plan_pruning(pruned)
-            if d.reason is None and d.module.startswith(("_blocks.1.", "_blocks.2."))
-        ]
-        config = ReconConfig(steps=20, lr=1e-3, batch_size=8, evals=2)
-        masks, results = prune_blockwise(pruned, effnet_model, decisions, [[x[:8]]], views, config)
-    finally:
-        torch.set_num_threads(threads)
+    x = torch.from_numpy(photo_batch)
+    views = torch.cat([x[:16], augment(x[:16], 8, torch.Generator().manual_seed(0))])
+    pruned = copy.deepcopy(effnet_model)
+    blocks = ("_blocks.1.", "_blocks.2.")
+    decisions = [d for d in plan_pruning(pruned) if d.reason is None and d.module.startswith(blocks)]
+    config = ReconConfig(steps=20, lr=1e-3, batch_size=8, evals=2)
+    masks, results = prune_blockwise(pruned, effnet_model, decisions, [[x[:8]]], views, config)
     assert set(masks) == {d.module for d in decisions} and len(masks) == 4
     assert [r.block for r in results] == ["_blocks.1", "_blocks.2"]
     # Best state on the held-back views, step 0 included: never worse, and here clearly better.

@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import copy
 import json
-from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
@@ -111,16 +110,6 @@ def _trainer(seed_model: torch.nn.Module, config: TrainConfig, on_step=None) -> 
         on_step=on_step,
     )
     return trainer, hooks
-
-
-@pytest.fixture
-def one_thread() -> Iterator[None]:
-    """One torch thread: faster for tiny tensors, and on a shared 2-core machine far faster for any size
-    (two threads wait on each other whenever one is descheduled)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 def test_resume_equals_uninterrupted_and_seed_repeats(tmp_path: Path, one_thread: None) -> None:

@@ -5,7 +5,6 @@ run equals an uninterrupted one, the schedule decays to zero, and bad options ar
 from __future__ import annotations
 
 import copy
-from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
@@ -18,14 +17,6 @@ from trtbuild.qat.fake_quant import ActivationQuantizer, QuantHooks
 from trtbuild.qat.losses import kind_loss
 from trtbuild.qat.qat_views import AugmentedViews, augmented_views
 from trtbuild.qat.train import TrainConfig, Trainer, distillation_loss
-
-
-@pytest.fixture
-def one_thread() -> Iterator[None]:
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 def _samples(count: int, seed: int) -> list[dict[str, np.ndarray]]:
