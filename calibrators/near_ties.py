@@ -24,7 +24,6 @@ Cosine, KL and the other metrics are unchanged: they are continuous and have no 
 from __future__ import annotations
 
 import logging
-import warnings
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, replace
 from typing import Any
@@ -36,14 +35,13 @@ from calibrators import gate_stats
 from calibrators.fidelity_spec import TOP1_KINDS
 from calibrators.output_kinds import OutputKind
 from trtbuild.core import ort as ort_core
+from trtbuild.core.fp16_graph import to_fp16
 
 log = logging.getLogger(__name__)
 
 AUTO = None  # tie_margin None: measure the floor with the FP16 graph
 FP16_SOURCE = "FP16 graph"
 SET_SOURCE = "--tie-margin"
-# Kept FP32 in the FP16 graph, as export/fp16.py does (sums and products over many elements overflow FP16).
-_FP16_EXTRA_BLOCKED = ("ReduceSum", "ReduceSumSquare", "ReduceL2", "ReduceProd", "ReduceLogSumExp", "Pow")
 
 
 @dataclass(frozen=True)
@@ -150,16 +148,7 @@ def margin_shift(reference: np.ndarray, other: np.ndarray) -> float:
 
 def fp16_graph(model: onnx.ModelProto) -> onnx.ModelProto:
     """The FP32 graph in FP16, inputs and outputs kept FP32 (the float part of a TensorRT build)."""
-    from onnxconverter_common import float16
-
-    with warnings.catch_warnings():  # one warning per tiny weight clamped to FP16's range: noise
-        warnings.simplefilter("ignore", UserWarning)
-        converted: onnx.ModelProto = float16.convert_float_to_float16(
-            model,
-            keep_io_types=True,
-            op_block_list=[*float16.DEFAULT_OP_BLOCK_LIST, *_FP16_EXTRA_BLOCKED],
-        )
-    return converted
+    return to_fp16(model)
 
 
 def attach(
