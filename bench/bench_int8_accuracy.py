@@ -114,11 +114,11 @@ def aimet_adaround(
 
 
 def near_tie_rows(model: onnx.ModelProto, held: list[Sample], reference: dict[str, np.ndarray]) -> NearTies:
-    """The held-out crops the gate sets aside as near-ties (calibrators/near_ties.py): FP32 top-2 margin
-    within the largest margin shift the FP16 graph of the same model causes on these crops."""
-    fp16 = fidelity.run_batches(fidelity.session(near_ties.fp16_graph(model), 2), held)
-    floor = near_ties.margin_shift(reference["logits"], fp16["logits"])
-    return near_ties.find(reference["logits"], floor, near_ties.FP16_SOURCE)
+    """The held-out crops the gate sets aside as near-ties, found as quantize() finds them."""
+    kinds = near_ties.attach(fidelity.decide_kinds(model, reference), model, reference, held, threads=2)
+    ties = kinds["logits"].ties
+    assert ties is not None, "the FP16 graph of EfficientNet-Lite0 runs here"
+    return ties
 
 
 def judge(
