@@ -398,13 +398,16 @@ def measure(
     reference: Mapping[str, np.ndarray] | None = None,
     semantics: str | None = None,
     output_kind: Mapping[str, str] | None = None,
+    tie_margin: float | None = near_ties.AUTO,
 ) -> FidelityReport:
     """Run both models on ``batches`` (held-out data) and compare; ``reference`` reuses FP32 outputs.
-    ``semantics``: how to run the INT8 graph; None decides from the graph (ort_core.semantics_for)."""
+    ``semantics``: how to run the INT8 graph; None decides from the graph (ort_core.semantics_for).
+    ``tie_margin``: top-1 near-ties as quantize's gate finds them (near_ties.attach; 0 = raw top-1)."""
     ref = reference if reference is not None else run_batches(session(fp32), batches)
     fp32_model = fp32 if isinstance(fp32, onnx.ModelProto) else onnx.load(fp32, load_external_data=False)
     if semantics is None:
         int8_model = int8 if isinstance(int8, onnx.ModelProto) else onnx.load(int8, load_external_data=False)
         semantics = ort_core.semantics_for(int8_model)
     test = run_batches(session(int8, semantics=semantics), batches)
-    return compare(ref, test, threshold, decide_kinds(fp32_model, ref, output_kind), semantics)
+    kinds = near_ties.attach(decide_kinds(fp32_model, ref, output_kind), fp32_model, ref, batches, tie_margin)
+    return compare(ref, test, threshold, kinds, semantics)

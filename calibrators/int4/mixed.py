@@ -23,7 +23,7 @@ from typing import Any
 import numpy as np
 import onnx
 
-from calibrators import fidelity, gate_stats, output_kinds
+from calibrators import fidelity, gate_stats, near_ties, output_kinds
 from calibrators.calibrate import compute_ranges
 from calibrators.collect import DEFAULT_BATCH_SIZE, collect, load_model, tensors_to_collect
 from calibrators.data import model_inputs, open_data
@@ -167,6 +167,7 @@ def quantize_int4_int8(
     batch_size: int = DEFAULT_BATCH_SIZE,
     threads: int | None = None,
     seed: int = 0,
+    tie_margin: float | None = near_ties.AUTO,
 ) -> MixedResult:
     """INT4 weight-only where the gate allows, INT8 Q/DQ elsewhere (see the module docstring). Raises
     :class:`calibrators.int4.pipeline.Int4GateError` when not even the all-INT8 graph passes."""
@@ -223,6 +224,8 @@ def quantize_int4_int8(
         held_batches = list(held.batches(batch_size))
         reference = fidelity.run_batches(fidelity.session(model, threads), held_batches)
         kinds = fidelity.decide_kinds(model, reference, kind_overrides)
+        # top-1 outputs: FP32 near-ties listed, not counted, as quantize's INT8 gate does (near_ties.py)
+        kinds = near_ties.attach(kinds, model, reference, held_batches, tie_margin, threads)
         order = sorted(noise, key=noise.__getitem__)
         trials: list[dict[str, Any]] = []
 

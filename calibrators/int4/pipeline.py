@@ -21,7 +21,7 @@ from typing import Any
 import numpy as np
 import onnx
 
-from calibrators import fidelity, gate_stats, output_kinds
+from calibrators import fidelity, gate_stats, near_ties, output_kinds
 from calibrators.collect import DEFAULT_BATCH_SIZE, instrument, load_model
 from calibrators.data import CalibrationData, model_inputs, open_data
 from calibrators.fidelity import FidelityReport, FidelityThreshold
@@ -225,6 +225,7 @@ def quantize_int4(
     batch_size: int = DEFAULT_BATCH_SIZE,
     threads: int | None = None,
     seed: int = 0,
+    tie_margin: float | None = near_ties.AUTO,
 ) -> Int4Result:
     """INT4 weight-only quantization of ``model_path``'s MatMul/Gemm weights, block-wise along K.
 
@@ -284,6 +285,8 @@ def quantize_int4(
         reference = fidelity.run_batches(fidelity.session(model, threads), held_batches)
         test = fidelity.run_batches(fidelity.session(qmodel, threads, ort_core.REFERENCE), held_batches)
         kinds = fidelity.decide_kinds(model, reference, kind_overrides)
+        # top-1 outputs: FP32 near-ties listed, not counted, as quantize's INT8 gate does (near_ties.py)
+        kinds = near_ties.attach(kinds, model, reference, held_batches, tie_margin, threads)
         report = fidelity.compare(reference, test, threshold, kinds, ort_core.REFERENCE)
         if not report.passed:
             raise Int4GateError(report, algorithm)

@@ -130,3 +130,27 @@ def test_per_position_outputs_set_aside_positions_not_whole_samples() -> None:
     decisive_7 = 6 - sum(1 for i in ties.tied if i // 6 == 7)
     assert out.top1_agreement == pytest.approx(1 - (1 / decisive_7) / 40)
     assert {"sample": 5, "position": 2}.items() <= next(t for t in out.near_ties if t["sample"] == 5).items()
+
+
+def test_measure_and_int4_gate_decide_top1_on_decisive_samples(
+    held: tuple, effnet_onnx: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """Every top-1 gate uses the same rule: the Python API's fidelity.measure and the INT4 weight-only gate
+    (EfficientNet-Lite0's classifier Gemm is its one INT4 layer) set the same kind of near-ties aside."""
+    model, batches, reference = held
+    auto = fidelity.measure(model, model, batches, reference=reference).outputs[0]
+    assert auto.near_ties and auto.decisive_samples == HELD - len(auto.near_ties)
+    assert auto.top1_agreement == auto.raw_top1 == 1.0  # the model against itself: every row agrees
+    raw = fidelity.measure(model, model, batches, reference=reference, tie_margin=0).outputs[0]
+    assert raw.near_ties == [] and raw.decisive_samples is None and raw.top1_agreement == 1.0  # raw top-1
+    photos = examples.write_photo_folder(tmp_path / "photos", 48, size=examples.EFFNET_SIZE, seed=7)
+    code, out, err = run_cli(
+        ["quantize", str(effnet_onnx), "--data", str(photos), "--out-dir", str(tmp_path / "int4")]
+        + ["--precision", "int4-weights", "--int4-algorithm", "rtn", "--holdout", "32"]
+        + ["--min-fidelity", "50%", "--tie-margin", "100", "--threads", "1", "--json"],
+        capsys,
+    )
+    assert code == 0, err
+    logits = json.loads(out)["fidelity"]["outputs"][0]
+    assert logits["decisive_samples"] == 0 and len(logits["near_ties"]) == 32  # a huge floor: all set aside
+    assert logits["tie_rule"] and logits["raw_top1"] is not None

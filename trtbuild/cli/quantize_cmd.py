@@ -338,6 +338,7 @@ def quantize_command(
             batch_size=batch_size,
             threads=threads,
             seed=seed,
+            tie_margin=tie_margin,
             as_json=as_json,
         )
         return
