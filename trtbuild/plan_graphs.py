@@ -10,11 +10,13 @@ shapes, so a graph that breaks in FP16 is refused here and not on the device.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from pathlib import Path
 
 import numpy as np
 
 from trtbuild.core.errors import TrtbuildError
+from trtbuild.core.inputs import InputSpec
 from trtbuild.core.output_set import check_writable_folder
 from trtbuild.core.trt_versions import strongly_typed_only
 from trtbuild.memory_plan import check_fits, for_build_plan
@@ -68,10 +70,15 @@ def write_plan_graph(plan: BuildPlan, base: Path | None = None, seed: int = 0) -
 def seeded_inputs(plan: BuildPlan, seed: int, runs: int = 4) -> tuple[dict[str, np.ndarray], int]:
     """``runs`` batches of each input's optimum shape (standard-normal floats, integers in [0, 8)), and
     that batch size: a graph with a fixed batch only takes batches of it."""
+    return seeded_feeds(plan.inputs, seed, runs)
+
+
+def seeded_feeds(inputs: Sequence[InputSpec], seed: int, runs: int = 4) -> tuple[dict[str, np.ndarray], int]:
+    """:func:`seeded_inputs` for input specs without a plan (Triton ONNX Runtime models, Qualcomm graphs)."""
     rng = np.random.default_rng(seed)
     feeds: dict[str, np.ndarray] = {}
-    batch = max(1, plan.inputs[0].opt_shape[0]) if plan.inputs and plan.inputs[0].opt_shape else 1
-    for spec in plan.inputs:
+    batch = max(1, inputs[0].opt_shape[0]) if inputs and inputs[0].opt_shape else 1
+    for spec in inputs:
         shape = (batch * runs, *spec.opt_shape[1:])
         if np.issubdtype(spec.np_dtype, np.integer):
             feeds[spec.name] = rng.integers(0, 8, shape).astype(spec.np_dtype)

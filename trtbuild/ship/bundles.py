@@ -97,14 +97,26 @@ def _check_combination(target: str, precision: str, ranges: RangeSet | None, cal
     check_precision(precision)
 
 
-def _record_smoke(folder: Path, graph: Path, plan: Any) -> None:
-    """One seeded input at the plan's optimum shapes and the graph's ONNX Runtime outputs, recorded in the
-    bundle (so signed with it): the device agent re-runs it before switching (trtbuild/fleet/smoke.py)."""
+def _record_smoke(folder: Path, graph: Path, inputs: Sequence[Any]) -> None:
+    """One seeded input at the optimum shapes of ``inputs`` (the plan's, or the graph's own input specs) and
+    the graph's ONNX Runtime outputs, recorded in the bundle (so signed with it): the device agent re-runs it
+    before switching (trtbuild/fleet/smoke.py). Every bundle kind carries one."""
     from trtbuild.fleet.smoke import write_smoke_record
-    from trtbuild.plan_graphs import seeded_inputs
+    from trtbuild.plan_graphs import seeded_feeds
 
-    feeds, _ = seeded_inputs(plan, seed=0, runs=1)
+    feeds, _ = seeded_feeds(inputs, seed=0, runs=1)
     write_smoke_record(graph, folder, feeds)
+
+
+def _triton_smoke(folder: Path, repo: Any) -> None:
+    """The graph the repository serves (ONNX Runtime) or the one its build.sh parses (TensorRT)."""
+    from export.meta import model_input_specs
+
+    if repo.plan is not None:
+        _record_smoke(folder, repo.model_dir / repo.plan.onnx, repo.plan.inputs)
+        return
+    graph = repo.model_dir / str(repo.version) / "model.onnx"
+    _record_smoke(folder, graph, model_input_specs(graph))
 
 
 def create_bundles(
@@ -134,6 +146,7 @@ def create_bundles(
     ``calibration``); ``triton-<gpu>``/``triton-ort-cpu`` get a Triton model repository
     (:func:`trtbuild.ship.triton.export_triton`).
     """
+    from export.meta import model_input_specs
     from trtbuild.ship.deepstream import export_deepstream
     from trtbuild.ship.jetson import export_jetson
     from trtbuild.ship.qualcomm import export_qualcomm
@@ -173,6 +186,7 @@ def create_bundles(
                         "opset": 17,
                     }
                     io_spec = _onnx_io(handoff.onnx)
+                    _record_smoke(folder, handoff.onnx, model_input_specs(handoff.onnx))
                 elif target.startswith(TRITON_PREFIX):
                     repo = export_triton(
                         src,
@@ -185,6 +199,7 @@ def create_bundles(
                         fp16_onnx=fp16_onnx if precision == "fp16" else None,
                     )
                     requires, io_spec = repo.requires(), _onnx_io(src)
+                    _triton_smoke(folder, repo)
                 else:
                     graphs: dict[str, Any] = {
                         "ranges": ranges if precision == "int8" and qdq_onnx is None else None,
@@ -197,7 +212,7 @@ def create_bundles(
                         else export_jetson(src, target, precision, folder, **graphs)
                     )
                     requires, io_spec = jb.requires(), {**_onnx_io(src), "profile": jb.io_spec()["inputs"]}
-                    _record_smoke(jb.folder, jb.folder / jb.plan.onnx, jb.plan)
+                    _record_smoke(jb.folder, jb.folder / jb.plan.onnx, jb.plan.inputs)
                 path, _ = create_bundle(
                     folder,
                     out / bundle_file_name(name, model_version, target, precision),

@@ -487,3 +487,7 @@ def test_qualcomm_bundle_from_real_calibration(
         "convert.sh",
         "efficientnet_lite0.aimet",
     } <= names
+    # the handoff graph's smoke record, signed with the bundle: the device agent's check runs and passes
+    from trtbuild.fleet.smoke import run_smoke
+
+    assert "match the recorded run" in run_smoke(tmp_path / "x", report.manifest)

@@ -58,6 +58,39 @@ def test_triton_bundle_carries_a_model_repository(
     assert len(configs) == 1
     config = text_format.Parse(configs[0].read_text(), _model_config_pb2().ModelConfig())
     assert config.platform == "tensorrt_plan" and config.input[0].name == "images"
+    _assert_smoke_passes(tmp_path / "x", report.manifest, "efficientnet_lite0/")
+
+
+def _assert_smoke_passes(extracted: Path, manifest: object, model_prefix: str) -> None:
+    """The bundle carries its smoke record (signed with it), on the graph it serves, and the device agent's
+    check passes on it; a changed output fails it."""
+    import numpy as np
+
+    from trtbuild.core.errors import TrtbuildError
+    from trtbuild.fleet.smoke import SMOKE_DIR, SMOKE_INDEX, run_smoke
+
+    index = json.loads((extracted / SMOKE_DIR / SMOKE_INDEX).read_text())
+    assert index["model"].startswith(model_prefix) and (extracted / index["model"]).is_file(), index
+    checked = run_smoke(extracted, manifest)  # type: ignore[arg-type]
+    assert "not run" not in checked and "match the recorded run" in checked, checked
+    first = extracted / SMOKE_DIR / next(iter(index["outputs"].values()))
+    np.save(first, np.load(first) + 1.0)
+    with pytest.raises(TrtbuildError, match="failed its smoke test"):
+        run_smoke(extracted, manifest)  # type: ignore[arg-type]
+
+
+def test_triton_ort_cpu_bundle_smoke_runs_the_served_graph(
+    effnet_onnx: Path, keypair: tuple[Path, Path], tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    private, public = keypair
+    [path] = _create(
+        ["--model", str(effnet_onnx), "--target", "triton-ort-cpu", "--precision", "fp32"]
+        + ["--key", str(private), "--out", str(tmp_path / "bundles")],
+        capsys,
+    )
+    report = verify_bundle(path, load_public_key(str(public)), extract_to=tmp_path / "x", device="skip")
+    assert report.manifest.requires["runtime"] == "onnxruntime"
+    _assert_smoke_passes(tmp_path / "x", report.manifest, "efficientnet_lite0/1/model.onnx")
 
 
 def test_jetson_bundle_with_deepstream_configs(
