@@ -10,6 +10,7 @@ import json
 import os
 import re
 import tempfile
+import time
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -30,6 +31,8 @@ _REF = re.compile(r"(?P<host>[A-Za-z0-9.-]+(?::\d{1,5})?)/(?P<repo>[a-z0-9]+(?:[
 _TAG_BAD = re.compile(r"[^A-Za-z0-9_.-]")
 LOOPBACK = ("127.0.0.1", "localhost", "[::1]")
 DEFAULT_TIMEOUT_S = 30.0
+TRANSIENT_STATUS = (500, 502, 503, 504)
+TRANSIENT_PAUSES_S = (0.2, 0.5)  # a manifest read is asked twice more after a transient answer
 
 
 class TimeoutAdapter(HTTPAdapter):
@@ -138,10 +141,14 @@ def manifest(reg: Registry, tag: str) -> dict[str, Any] | None:
     container = cli.get_container(reg.ref(tag))
     url = f"{cli.prefix}://{container.manifest_url()}"
     headers = {"Accept": "application/vnd.oci.image.manifest.v1+json"}
-    try:
-        response = cli.do_request(url, "GET", headers=headers)
-    except requests.RequestException as exc:
-        raise registry_error(reg, exc) from exc
+    for pause in (*TRANSIENT_PAUSES_S, None):
+        try:
+            response = cli.do_request(url, "GET", headers=headers)
+        except requests.RequestException as exc:
+            raise registry_error(reg, exc) from exc
+        if response.status_code not in TRANSIENT_STATUS or pause is None:
+            break
+        time.sleep(pause)  # Distribution answers 500 while two publishers write one tag: ask again
     if response.status_code == 404:
         return None
     if response.status_code != 200:

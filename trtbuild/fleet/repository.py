@@ -4,7 +4,9 @@ machine with the keys can publish."""
 
 from __future__ import annotations
 
+import functools
 import os
+import time
 from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import datetime, timedelta, timezone
@@ -25,7 +27,7 @@ from tuf.api.metadata import (
 )
 
 from trtbuild.core.errors import TrtbuildError
-from trtbuild.fleet import metadata_store, oci
+from trtbuild.fleet import metadata_store, oci, release_lock
 from trtbuild.fleet.keys import public
 
 EXPIRY = {
@@ -96,11 +98,18 @@ def push_snapshot_and_timestamp(
     timestamp_version: int | None,
     timestamp_ttl: timedelta = EXPIRY["timestamp"],
 ) -> None:
+    """Raises release_lock.Conflict when another publisher released since ``timestamp_version`` was read
+    (callers retry on the newer state, release_lock.retrying)."""
     now = utc_now()
-    snapshot = Metadata(Snapshot(version=(snapshot_version or 0) + 1, expires=now + EXPIRY["snapshot"]))
+    version = release_lock.free_version(reg, "snapshot", snapshot_version or 0)
+    snapshot = Metadata(Snapshot(version=version, expires=now + EXPIRY["snapshot"]))
     snapshot.signed.meta["targets.json"] = MetaFile.from_data(targets_version, targets_bytes, ["sha256"])
     snapshot_bytes = sign_metadata(snapshot, [online])
-    metadata_store.push(reg, "snapshot", snapshot_bytes, snapshot.signed.version)
+    release_lock.push_new(reg, "snapshot", snapshot_bytes, snapshot.signed.version)
+    if timestamp_version is not None:  # replace the timestamp only if it is still the one we built on
+        seen = metadata_store.fetch(reg, "timestamp")
+        if seen is None or Metadata[Timestamp].from_bytes(seen).signed.version != timestamp_version:
+            raise release_lock.Conflict("the timestamp moved")
     _push_timestamp(reg, online, snapshot.signed.version, snapshot_bytes, timestamp_version, timestamp_ttl)
 
 
@@ -114,7 +123,7 @@ def _push_timestamp(
 ) -> None:
     timestamp = Metadata(Timestamp(version=(timestamp_version or 0) + 1, expires=utc_now() + ttl))
     timestamp.signed.snapshot_meta = MetaFile.from_data(snapshot_version, snapshot_bytes, ["sha256"])
-    metadata_store.push(reg, "timestamp", sign_metadata(timestamp, [online]), None)
+    release_lock.push_new(reg, "timestamp", sign_metadata(timestamp, [online]), None)
 
 
 @dataclass
@@ -208,21 +217,33 @@ def add_targets(
     entries: Sequence[tuple[str, Path, dict[str, Any]]],
     timestamp_ttl: timedelta = EXPIRY["timestamp"],
 ) -> int:
-    """Add (path, local file, custom) targets in one new targets version; return that version."""
+    """Add (path, local file, custom) targets in one new targets version; return that version. Concurrent
+    publishers are serialised (release_lock.py): a release that lost a race is rebuilt and pushed again."""
     if keys.targets is None:
         raise TrtbuildError("publishing needs the targets key", "pass --targets-key (kept offline)")
+    added: dict[str, TargetFile] = {}
+    for path, local, custom in entries:
+        info = TargetFile.from_file(path, os.fspath(local), ["sha256"])
+        info.unrecognized_fields["custom"] = custom
+        added[path] = info
+    with release_lock.publisher_lock(reg):
+        release = functools.partial(_add_targets_once, reg, keys, added, timestamp_ttl)
+        return release_lock.retrying(reg, release, "publish")
+
+
+def _add_targets_once(
+    reg: oci.Registry, keys: RoleKeys, added: dict[str, TargetFile], timestamp_ttl: timedelta
+) -> int:
+    assert keys.targets is not None
     cur = load_current(reg)
     check_key(cur.root.signed, "targets", keys.targets, "--targets-key")
     check_key(cur.root.signed, "timestamp", keys.online, "--online-key")
     targets = cur.targets
-    for path, local, custom in entries:
-        info = TargetFile.from_file(path, os.fspath(local), ["sha256"])
-        info.unrecognized_fields["custom"] = custom
-        targets.signed.targets[path] = info
-    targets.signed.version += 1
+    targets.signed.targets.update(added)
+    targets.signed.version = release_lock.free_version(reg, "targets", targets.signed.version)
     targets.signed.expires = utc_now() + EXPIRY["targets"]
     targets_bytes = sign_metadata(targets, [keys.targets])
-    metadata_store.push(reg, "targets", targets_bytes, targets.signed.version)
+    release_lock.push_new(reg, "targets", targets_bytes, targets.signed.version)
     push_snapshot_and_timestamp(
         reg,
         keys.online,
@@ -232,6 +253,10 @@ def add_targets(
         cur.timestamp.signed.version,
         timestamp_ttl,
     )
+    time.sleep(release_lock.SETTLE_S)  # a publisher that raced us has pushed its timestamp by now
+    landed = load_current(reg).targets.signed.targets
+    if any(path not in landed or landed[path] != info for path, info in added.items()):
+        raise release_lock.Conflict("a concurrent release replaced ours")
     return targets.signed.version
 
 
@@ -241,6 +266,12 @@ def refresh(
     """Re-sign snapshot and timestamp (online key only) so devices keep trusting an unchanged release set;
     return the new timestamp version. Run it more often than the timestamp expires (e.g. hourly).
     ``repair``: re-sign the newest validly signed release when the newest metadata is not (load_current)."""
+    with release_lock.publisher_lock(reg):
+        release = functools.partial(_refresh_once, reg, online, ttl, repair)
+        return release_lock.retrying(reg, release, "refresh")
+
+
+def _refresh_once(reg: oci.Registry, online: CryptoSigner, ttl: timedelta, repair: bool) -> int:
     cur = load_current(reg, repair=repair)
     check_key(cur.root.signed, "timestamp", online, "--online-key")
     push_snapshot_and_timestamp(

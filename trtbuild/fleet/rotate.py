@@ -17,7 +17,7 @@ from tuf.api.metadata import Metadata, Role, Root
 
 from trtbuild.core import atomic, output_set
 from trtbuild.core.errors import TrtbuildError
-from trtbuild.fleet import metadata_store, oci, repository
+from trtbuild.fleet import oci, release_lock, repository
 from trtbuild.fleet.keys import public
 from trtbuild.fleet.repository import EXPIRY
 
@@ -66,6 +66,25 @@ def rotate(
     """Sign root v(N+1) with ``root_keys`` (root N's) and ``new_root_keys`` (default: the same keys);
     ``new_targets`` and an ``online`` key root N does not know become the targets / online keys."""
     output_set.check_writable_folder(root_out.parent, "--out")  # before anything is pushed
+    with release_lock.publisher_lock(reg):
+        try:
+            return _rotate(reg, root_keys, online, root_out, new_root_keys, root_threshold, new_targets)
+        except release_lock.Conflict as exc:
+            raise TrtbuildError(
+                f"another publisher released into {reg.host}/{reg.repo} during the rotation ({exc})",
+                "run the rotation again (each run signs the next root version)",
+            ) from exc
+
+
+def _rotate(
+    reg: oci.Registry,
+    root_keys: Sequence[CryptoSigner],
+    online: CryptoSigner,
+    root_out: Path,
+    new_root_keys: Sequence[CryptoSigner],
+    root_threshold: int | None,
+    new_targets: CryptoSigner | None,
+) -> Rotation:
     cur = repository.load_current(reg, repair=True)  # metadata pushed with a leaked key is passed over
     old = cur.root
     version = old.signed.version
@@ -116,9 +135,15 @@ def rotate(
         targets.signed.expires = repository.utc_now() + EXPIRY["targets"]
         targets_bytes = repository.sign_metadata(targets, [new_targets])
         targets_version = targets.signed.version
-    metadata_store.push(reg, "root", root_bytes, root.version)
     if "targets" in rotated:
-        metadata_store.push(reg, "targets", targets_bytes, targets_version)
+        assert new_targets is not None
+        targets_version = release_lock.free_version(reg, "targets", targets_version - 1)
+        if targets_version != targets.signed.version:  # a crashed publisher left that tag: sign past it
+            targets.signed.version = targets_version
+            targets_bytes = repository.sign_metadata(targets, [new_targets])
+    release_lock.push_new(reg, "root", root_bytes, root.version)
+    if "targets" in rotated:
+        release_lock.push_new(reg, "targets", targets_bytes, targets_version)
     repository.push_snapshot_and_timestamp(
         reg,
         online,

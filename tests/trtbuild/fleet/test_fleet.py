@@ -437,3 +437,68 @@ def test_unsafe_release_entry_is_skipped(
     root = tmp_path / "dev"
     assert _ok(fleet.update_args(root), capsys)["release"] == "tiny-1-orin-jp6.1-fp16"
     assert sorted(p.name for p in (root / "versions").iterdir()) == ["tiny-1-orin-jp6.1-fp16"]
+
+
+def test_a_release_raced_by_another_publisher_is_rebuilt_not_lost(
+    fleet: Fleet, bundles: dict[str, Path], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Another host (its own publish lock) releases between our targets push and our timestamp push: ours
+    sees the timestamp moved, rebuilds on the newer release and lands; nothing is overwritten or lost."""
+    from trtbuild.fleet import release_lock
+
+    fleet.publish(bundles["1-orin-jp6.1"])
+    real = repository.push_snapshot_and_timestamp
+    raced: list[int] = []
+
+    def racing(*args: object, **kwargs: object) -> None:
+        if not raced:
+            raced.append(1)
+            monkeypatch.setenv(release_lock.LOCK_DIR_ENV, str(tmp_path))  # the other host's lock
+            raced.append(fleet.publish(bundles["1-xavier-jp5"]))
+            monkeypatch.delenv(release_lock.LOCK_DIR_ENV)
+        real(*args, **kwargs)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(repository, "push_snapshot_and_timestamp", racing)
+    ours = fleet.publish(bundles["2-orin-jp6.1"])
+    theirs = raced[1]
+    # after init (targets 1) and the first release (2): our first attempt's targets tag (3) was left alone,
+    # theirs went past it (4), ours was rebuilt on theirs (5)
+    assert (theirs, ours) == (4, 5)
+    cur = repository.load_current(fleet.reg)
+    assert cur.targets.signed.version == ours
+    landed = cur.targets.signed.targets
+    assert len(landed) == 3, sorted(landed)
+    for name in ("1-orin-jp6.1", "1-xavier-jp5", "2-orin-jp6.1"):
+        assert any(path.endswith(bundles[name].name) for path in landed), sorted(landed)
+    first = metadata_store.fetch(fleet.reg, "targets", 3)  # the lost attempt's file is still its own
+    assert first is not None and "xavier" not in first.decode()
+
+
+def test_concurrent_publishers_lose_no_release(
+    fleet: Fleet, bundles: dict[str, Path], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Four publishers at once, without the host lock (as on four CI machines): every release lands."""
+    import contextlib
+
+    from trtbuild.fleet import release_lock
+
+    monkeypatch.setattr(release_lock, "publisher_lock", lambda reg: contextlib.nullcontext())
+    names = ["1-orin-jp6.1", "1-xavier-jp5", "2-orin-jp6.1", "2-xavier-jp5"]
+    start = threading.Barrier(len(names))
+    errors: list[BaseException] = []
+
+    def one(name: str) -> None:
+        try:
+            start.wait()
+            fleet.publish(bundles[name])
+        except BaseException as exc:  # noqa: BLE001 - reported below
+            errors.append(exc)
+
+    threads = [threading.Thread(target=one, args=(n,)) for n in names]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert not errors, errors
+    landed = repository.load_current(fleet.reg).targets.signed.targets
+    assert sorted(path.rsplit("/", 1)[1] for path in landed) == sorted(bundles[n].name for n in names)
