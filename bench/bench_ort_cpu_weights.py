@@ -3,7 +3,7 @@
 and in reference semantics, and batch-1 latency against FP32 (EfficientNet-Lite0, real photos, same
 ranges, one thread, sessions interleaved). docs/ort-cpu-int8.md quotes it.
 
-    python3 bench/bench_ort_cpu_weights.py
+    python3 bench/bench_ort_cpu_weights.py [--repeats 6] [--iters 10]
 """
 
 from __future__ import annotations
@@ -17,7 +17,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from bench_quantize import console, effnet, latency_ms, stack  # noqa: E402
 from rich.table import Table  # noqa: E402
 
-from calibrators import fidelity  # noqa: E402
+from calibrators import fidelity, ort_cpu  # noqa: E402
 from calibrators.calibrate import compute_ranges  # noqa: E402
 from calibrators.collect import collect  # noqa: E402
 from calibrators.methods import DEFAULT_METHOD  # noqa: E402
@@ -28,8 +28,14 @@ from trtbuild.core import ort as ort_core  # noqa: E402
 
 
 def main() -> None:
+    import argparse
+
     import onnx
 
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--repeats", type=int, default=6)
+    parser.add_argument("--iters", type=int, default=10)
+    args = parser.parse_args()
     tmp = Path(tempfile.mkdtemp(prefix="bench_ort_cpu_weights_"))
     path, calib, held = effnet(tmp)
     model = onnx.load(str(path))
@@ -39,14 +45,19 @@ def main() -> None:
     ranges = compute_ranges(
         collect(model, calib, tensors=quantizable_activations(model), show_progress=False), DEFAULT_METHOD
     )
+    formats = {fmt: {"weight_format": fmt} for fmt in WEIGHT_FORMATS}
+    auto = ort_cpu.choose()
+    if auto.depthwise != auto.weight_format:  # the per-layer choice `auto` makes on this CPU
+        formats[f"{auto.weight_format} + {auto.depthwise} depthwise (auto)"] = auto.formats()
     graphs = {
-        fmt: apply_qdq(model, plan_qdq(model, ranges, QdqOptions(activation_type="uint8", weight_format=fmt)))
-        for fmt in WEIGHT_FORMATS
+        name: apply_qdq(model, plan_qdq(model, ranges, QdqOptions(activation_type="uint8", **fields)))
+        for name, fields in formats.items()
     }
-    timed = latency_ms({"fp32": path, **graphs}, held[0], repeats=6, iters=10)
+    timed = latency_ms({"fp32": path, **graphs}, held[0], repeats=args.repeats, iters=args.iters)
     table = Table(
         title=f"ORT-CPU INT8 graph (uint8 activations), EfficientNet-Lite0, {len(held)} held-out photos",
-        caption=f"{cpu.detect().describe()}; latency: batch 1, 1 thread, min of 6x10 interleaved runs",
+        caption=f"{cpu.detect().describe()}; latency: batch 1, 1 thread, min of {args.repeats}x{args.iters} "
+        "interleaved runs",
     )
     for col in ("weights", "cos / SQNR (ORT kernels)", "cos / SQNR (reference)", "latency ms", "vs FP32"):
         table.add_column(col)

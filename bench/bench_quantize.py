@@ -117,9 +117,10 @@ def ours(path: Path, calib: list[Sample], method: str, activation_type: str) -> 
         tensors = quantizable_activations(model)
     collection = collect(model, calib, tensors=tensors, show_progress=False)
     ranges = compute_ranges(collection, method)
-    # uint8 (ORT CPU): the weight format that is exact on this CPU's kernels (int7 where u8 x s8 saturates).
-    weights = ort_cpu.choose().weight_format if activation_type == "uint8" else "int8"
-    options = QdqOptions(activation_type=activation_type, weight_format=weights)
+    # uint8 (ORT CPU): the weight formats that are exact on this CPU's kernels (int7 where u8 x s8 saturates,
+    # int8 for depthwise convs).
+    formats = ort_cpu.choose().formats() if activation_type == "uint8" else {}
+    options = QdqOptions(activation_type=activation_type, **formats)
     qmodel = apply_qdq(model, plan_qdq(model, ranges, options))
     return qmodel, time.perf_counter() - start
 

@@ -11,8 +11,10 @@ from onnx import helper
 
 from calibrators import bias_correction as bc
 from calibrators import qdq_rules as rules
+from calibrators import rounding_grid
 from calibrators import weights as wq
 from calibrators.graph_index import GraphIndex, check_qdq_opset, ensure_node_names
+from calibrators.ort_depthwise import is_depthwise
 from calibrators.qdq_select import select_qdq
 from calibrators.qdq_types import ActivationQdq, Exclusion, QdqOptions, QdqPlan, WeightQdq
 from calibrators.ranges import TensorRange
@@ -92,21 +94,20 @@ def plan_qdq(
     quantized_nodes = [n for n in sel.quantized_nodes if n not in dropped_nodes]
     keep = set(quantized_nodes)
     means = bc.means_from(ranges)
-    learned = options.learned_rounding if options.weight_format in ("int8", wq.FP8) else None
     for w_name, (consumers, axis, bias) in sel.weights.items():
         live = tuple(c for c in consumers if c[0] in keep)
         if not live:
             continue
-        scales = wq.per_channel_scales(g.constant(w_name), axis, wq.weight_qmax(options.weight_format))
+        fmt = _weight_format(g, w_name, live, options)
+        scales = wq.per_channel_scales(g.constant(w_name), axis, wq.weight_qmax(fmt))
+        learned = options.learned_rounding if fmt in rounding_grid.GRIDS else None
         rounded = learned.get(w_name) if learned else None
         if rounded is not None:
             plan.rounded_weights[w_name] = rounded
         use_bias = bias if options.activation_type == "uint8" and len(live) == 1 else None
         correction = None
         if options.bias_correction and rounded is None:  # learned rounding already targets W x_fp
-            correction = _bias_correction(
-                g, w_name, live, axis, scales, means, options.weight_format, rounded
-            )
+            correction = _bias_correction(g, w_name, live, axis, scales, means, fmt, rounded)
         plan.weights[w_name] = WeightQdq(
             w_name,
             live,
@@ -115,11 +116,23 @@ def plan_qdq(
             use_bias,
             correction[0] if correction else None,
             correction[1] if correction else None,
-            options.weight_format,
+            fmt,
         )
     plan.quantized_nodes = quantized_nodes
     plan.node_types = {n: g.by_name[n].op_type for n in quantized_nodes}
     return plan
+
+
+def _weight_format(
+    g: GraphIndex, w_name: str, consumers: Sequence[tuple[str, int]], options: QdqOptions
+) -> str:
+    """The graph's weight format, or the depthwise one for a weight only depthwise convs read."""
+    if options.depthwise_weight_format is None:
+        return options.weight_format
+    shape = g.constant(w_name).shape
+    if all(is_depthwise(g.by_name[n], shape) for n, _ in consumers):
+        return options.depthwise_weight_format
+    return options.weight_format
 
 
 def _conv_output_for_ort(g: GraphIndex, tensor: str, options: QdqOptions) -> bool:

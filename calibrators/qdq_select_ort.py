@@ -11,6 +11,10 @@ next to DQ nodes that only add work. Rules here (docs/ort-cpu-int8.md):
 * a depthwise conv whose output would need a Q of its own stays float instead: per-tensor quantization of
   channels that no conv has mixed yet lost 1.2 dB on PP-OCRv4's detector (its first depthwise conv alone
   took cosine from 0.94 to 0.88), and ORT's float conv beside Q/DQ nodes is slower than its FP32 one;
+* a depthwise conv fed by a conv that stays float (the 3-channel stem) stays float too: ORT keeps the two
+  in its NCHWc float layout and the input's Q moves one layer down, to a tensor no larger; on an AVX2
+  CPU without VNNI ORT's int8 depthwise kernel is slower than its float one on such early, large maps
+  (EfficientNet-Lite0's first: 0.80x), and one fewer quantized tensor is more accurate;
 * a pooling node whose input is quantized gets Q/DQ on its output unless that is a graph output;
 * a residual Add is quantized (both inputs, for QLinearAdd) only when its output will be quantized too.
 
@@ -31,6 +35,9 @@ KEEP_FLOAT = rules.Role.KEEP_FLOAT
 FOLDED_ACTIVATIONS = frozenset({"Relu", "Clip"})
 DEPTHWISE_REASON = (
     "depthwise conv feeding float ops (ORT-CPU graph): ORT would need a per-tensor Q on its unmixed channels"
+)
+AFTER_FLOAT_REASON = (
+    "depthwise conv fed by a float conv (ORT-CPU graph): both stay in ORT's float layout, the Q moves down"
 )
 # Ops that ORT only runs as integer kernels between a DQ and a Q.
 OUTPUT_Q_OPS = frozenset({"Conv"})
@@ -72,6 +79,17 @@ def _is_depthwise(g: GraphIndex, node: onnx.NodeProto) -> bool:
     )
 
 
+def _fed_by_float_conv(g: GraphIndex, node: onnx.NodeProto, quantized: set[str]) -> bool:
+    """``node``'s input comes from a Conv left float, directly or through Relu/Clip/Pad (ORT fuses those
+    into its float conv)."""
+    producer = g.producer.get(node.input[0]) if node.input else None
+    for _ in range(4):
+        if producer is None or producer.op_type not in (*FOLDED_ACTIVATIONS, "Pad"):
+            break
+        producer = g.producer.get(producer.input[0])
+    return producer is not None and producer.op_type == "Conv" and producer.name not in quantized
+
+
 def will_be_quantized(g: GraphIndex, tensor: str, acts: Mapping[str, object], depth: int = 0) -> bool:
     """``tensor`` has Q/DQ, or will get it from a Pad/pool/Concat whose output shares its scale."""
     if tensor in acts:
@@ -101,17 +119,21 @@ def add_output_qdq(
             if (node.name, idx) not in readers:
                 readers.append((node.name, idx))
 
+    float_nodes: dict[str, str] = {
+        name: AFTER_FLOAT_REASON
+        for name in quantized
+        if _is_depthwise(g, g.by_name[name]) and _fed_by_float_conv(g, g.by_name[name], set(quantized))
+    }
     depthwise = []
     for name in quantized:
         node = g.by_name[name]
-        if node.op_type not in OUTPUT_Q_OPS or not node.output:
+        if node.op_type not in OUTPUT_Q_OPS or not node.output or name in float_nodes:
             continue
         tensor = _after_folded_activations(g, node.output[0])
         if _is_depthwise(g, node):
             depthwise.append((node, tensor))
         elif _can_quantize_output(g, tensor, excluded, mask):
             add(tensor)
-    float_nodes: dict[str, str] = {}
     for node, tensor in depthwise:
         if not will_be_quantized(g, tensor, acts) and tensor not in g.graph_outputs:
             float_nodes[node.name] = DEPTHWISE_REASON

@@ -39,6 +39,9 @@ class QdqOptions:
     # How weights are stored: int8 (TensorRT, VNNI CPUs), or int7/uint8 for ORT's x86 kernels on CPUs
     # whose u8 x s8 multiply-add saturates (calibrators/weights.py, trtbuild/core/cpu.py).
     weight_format: str = "int8"
+    # Depthwise convs' weights in ORT-CPU graphs (None: weight_format): int8 where ORT's depthwise kernels
+    # cannot saturate but its other kernels can (calibrators/ort_depthwise.py).
+    depthwise_weight_format: str | None = None
     # Learned rounding (calibrators/adaround.py): int8 (or float8 E4M3) weights by name on the per-channel
     # grid plan_qdq computes; used instead of round-to-nearest for int8/fp8 weights, and without bias
     # correction (the learning targets the float output already). Data, not part of equality.
@@ -67,6 +70,14 @@ class QdqOptions:
                 f"weight format '{self.weight_format}' is for ONNX Runtime CPU graphs (uint8 activations); "
                 "TensorRT takes symmetric int8 weights only",
                 "use weight_format='int8' with int8 activations",
+            )
+        if self.depthwise_weight_format is not None and (
+            self.activation_type != "uint8" or self.depthwise_weight_format not in wq.WEIGHT_FORMATS
+        ):
+            raise TrtbuildError(
+                f"depthwise weight format '{self.depthwise_weight_format}' with {self.activation_type} "
+                "activations: it is for ONNX Runtime CPU graphs",
+                f"use one of {', '.join(wq.WEIGHT_FORMATS)} with activation_type='uint8'",
             )
         for pattern in self.exclude_nodes:
             try:

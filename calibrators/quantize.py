@@ -29,10 +29,12 @@ from calibrators import (
     learned_fallback,
     near_ties,
     ort_cpu,
+    ort_variant,
     output_aware,
     output_kinds,
     qdq_mixed,
     report_html,
+    rounding_grid,
     smoothquant,
 )
 from calibrators import fallback as fallback_search
@@ -206,6 +208,7 @@ def quantize(
             exclude_op_types=tuple(s.exclude_op_types),
             bias_correction=s.bias_correction,
             weight_format=target.weight_format if target else "int8",
+            depthwise_weight_format=target.depthwise if target else None,
         )
         semantics = fidelity.semantics_for_activations(s.activation_type)
         if target is not None and not target.cpu.detected:
@@ -295,7 +298,7 @@ def quantize(
         reference = fidelity.run_batches(fidelity.session(model, s.threads), held_batches)
         plan = plan_qdq(model, ranges, options)
         learned: adaround.LearnedRounding | None = None
-        if s.rounding == "learned" and options.weight_format in ("int8", FP8):
+        if s.rounding == "learned" and options.weight_format in rounding_grid.GRIDS:
             config = adaround.AdaRoundConfig(budget_s=s.rounding_budget_s, seed=s.seed)
             # Learned on the graph without bias correction (a nearest-rounding shift would be wrong for
             # the learned layers upstream); the final plan corrects only the layers the learning did not reach
@@ -564,15 +567,22 @@ def write_variant(
     out_path: str | Path,
     ort_cpu_kind: str = "auto",
     ort_weights: str = "auto",
+    data: str | Path | None = None,
 ) -> tuple[Path, ort_cpu.OrtCpuTarget]:
     """The same model quantized from the same ranges with uint8 activations for ONNX Runtime CPU deployment
     next to the int8 TensorRT graph, keeping the layers the gate kept in float, with the weight format that
-    is exact on ``ort_cpu_kind`` (recorded in the graph's metadata and returned)."""
+    is exact on ``ort_cpu_kind`` (recorded in the graph's metadata and returned). ``data``: quantize's
+    data; where quantize learned its rounding, the variant learns its own (calibrators/ort_variant.py)."""
     # The ranges belong to the smoothed graph when SmoothQuant ran.
     model = result.float_model or upgrade_opset(load_model(model_path))
     target = ort_cpu.choose(ort_cpu_kind, ort_weights)
     kept_float = tuple((e.node, e.reason) for e in result.plan.excluded)
-    options = QdqOptions(activation_type="uint8", keep_float=kept_float, weight_format=target.weight_format)
+    options = QdqOptions(activation_type="uint8", keep_float=kept_float, **target.formats())
+    learned = ort_variant.learn_variant_rounding(
+        model, result.ranges, options, result.settings, result.holdout_samples, data
+    )
+    if learned is not None:
+        options = replace(options, learned_rounding=learned.decided)
     variant = apply_qdq(model, plan_qdq(model, result.ranges, options))
     ort_core.set_metadata(variant, target.metadata())
     return atomic.write_bytes(out_path, variant.SerializeToString()), target

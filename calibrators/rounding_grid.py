@@ -1,10 +1,10 @@
 """The two grid neighbours of each scaled weight, for learned rounding (calibrators/adaround.py).
 
 Learned rounding chooses, per weight, the grid value just below or just above ``w / s``. On the INT8 grid
-those are floor and floor + 1 (clipped to ±127); on the FP8 E4M3 grid the step grows with the magnitude
-(1/8 of the binade, 2^-9 below the normal range), so the neighbours come from the sorted table of every
-finite E4M3 value instead. Either way the learned value is a grid value, so the Q/DQ graph stores it
-exactly (int8, or float8e4m3fn).
+those are floor and floor + 1 (clipped to ±127; ±63 on the int7 grid of ORT-CPU graphs); on the FP8 E4M3
+grid the step grows with the magnitude (1/8 of the binade, 2^-9 below the normal range), so the neighbours
+come from the sorted table of every finite E4M3 value instead. Either way the learned value is a grid
+value, so the Q/DQ graph stores it exactly (int8, or float8e4m3fn).
 """
 
 from __future__ import annotations
@@ -14,7 +14,7 @@ import numpy as np
 from calibrators import fp8
 from calibrators import weights as wq
 
-GRIDS = ("int8", wq.FP8)
+GRIDS = ("int8", "int7", wq.FP8)  # int7: ±63 stored in int8, ORT's CPUs whose u8 x s8 pairs saturate
 
 
 def _fp8_values() -> np.ndarray:
@@ -30,9 +30,10 @@ def neighbours(scaled: np.ndarray, grid: str) -> tuple[np.ndarray, np.ndarray]:
     """(below, above): the largest grid value <= ``scaled`` and the smallest >= it (equal on the grid),
     float32, saturated to the grid's range as the Q/DQ does."""
     x = np.asarray(scaled, np.float32)
-    if grid == "int8":
-        lo = np.clip(np.floor(x), -wq.INT8_MAX, wq.INT8_MAX)
-        hi = np.clip(np.floor(x) + 1, -wq.INT8_MAX, wq.INT8_MAX)
+    if grid in ("int8", "int7"):
+        qmax = wq.weight_qmax(grid)
+        lo = np.clip(np.floor(x), -qmax, qmax)
+        hi = np.clip(np.floor(x) + 1, -qmax, qmax)
         return lo.astype(np.float32), hi.astype(np.float32)
     if grid != wq.FP8:
         raise ValueError(f"unknown rounding grid {grid!r}")
@@ -46,7 +47,8 @@ def nearest(scaled: np.ndarray, grid: str) -> np.ndarray:
     """Round to nearest (even) on the grid, as the Q/DQ plan does without learned rounding, float32."""
     if grid == wq.FP8:
         return fp8.round_fp8(scaled)
-    return np.clip(np.rint(scaled), -wq.INT8_MAX, wq.INT8_MAX).astype(np.float32)
+    qmax = wq.weight_qmax(grid)
+    return np.clip(np.rint(scaled), -qmax, qmax).astype(np.float32)
 
 
 def stored(values: np.ndarray, grid: str) -> np.ndarray:

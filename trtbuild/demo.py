@@ -138,8 +138,9 @@ class Demo:
             auto_fallback=True,
         )
         res = quantize(self.artifacts["onnx"], photos, self.dir, settings, show_progress=not self.quiet)
+        # given the photos, the variant learns its rounding on its own grids (calibrators/ort_variant.py)
         cpu_int8, cpu_target = write_variant(
-            self.artifacts["onnx"], res, self.dir / f"{MODEL_NAME}.int8.ortcpu.onnx"
+            self.artifacts["onnx"], res, self.dir / f"{MODEL_NAME}.int8.ortcpu.onnx", data=photos
         )
         self.artifacts.update(
             qdq=res.onnx_path, cpu_int8=cpu_int8, cache=res.cache_path, ranges=res.ranges_path, quant=res
@@ -151,8 +152,8 @@ class Demo:
             f"{res.onnx_path.name}: {len(res.plan.quantized_nodes)} layers INT8 "
             f"({res.ranges.method}, {res.calibration_samples} photos); fidelity on {res.holdout_samples} "
             f"held-out photos (gate: top-1 >= {DEMO_GATE}) {res.fidelity.summary()}{fallback} "
-            f"({res.fidelity.semantics} semantics); ORT-CPU graph with "
-            f"{cpu_target.weight_format} weights for {cpu_target.cpu.kind}",
+            f"({res.fidelity.semantics} semantics); ORT-CPU graph with {cpu_target.weight_format} weights "
+            f"({cpu_target.depthwise} depthwise) for {cpu_target.cpu.kind}",
             {"quantize": res.to_json(), "ort_cpu": cpu_target.to_json()},
         )
 

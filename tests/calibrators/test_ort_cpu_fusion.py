@@ -73,16 +73,17 @@ def test_uint8_graph_fuses_at_least_as_well_as_orts_quantizer(
     effnet_onnx: Path, effnet_int8_onnx: Path, effnet_ranges: RangeSet, tmp_path: Path
 ) -> None:
     model = onnx.load(str(effnet_onnx))
-    options = QdqOptions(activation_type="uint8", weight_format=ort_cpu.choose().weight_format)
+    options = QdqOptions(activation_type="uint8", **ort_cpu.choose().formats())
     plan = plan_qdq(model, effnet_ranges, options)
     ours_graph = apply_qdq(model, plan)
     ours = _optimized(ours_graph, tmp_path, "ours")
     theirs = _optimized(effnet_int8_onnx, tmp_path, "ort")
     ops, ort_ops = Counter(n.op_type for n in ours.graph.node), Counter(n.op_type for n in theirs.graph.node)
-    # Every conv the plan quantized runs as QLinearConv: the only float conv is the one the plan keeps
-    # float (the 3-channel stem), and no explicit Pad is left between DQ and Q.
+    # Every conv the plan quantized runs as QLinearConv: the only float convs are the ones the plan keeps
+    # float (the 3-channel stem and the depthwise conv it feeds), and no explicit Pad is left between DQ
+    # and Q.
     float_convs = [e.node for e in plan.excluded if e.op_type == "Conv"]
-    assert ops["Conv"] + ops["FusedConv"] == len(float_convs) == 1, (ops, float_convs)
+    assert ops["Conv"] + ops["FusedConv"] == len(float_convs) == 2, (ops, float_convs)
     assert ops["QLinearConv"] + len(float_convs) >= ort_ops["QLinearConv"], (ops, ort_ops)
     for op in INTEGER_KERNELS - {"QLinearConv"}:
         assert ops[op] >= ort_ops[op], (op, ops, ort_ops)
@@ -168,10 +169,11 @@ def test_pad_fold_is_exact(monkeypatch: pytest.MonkeyPatch) -> None:
     model = _padded_model(13)
     photos = _photos(8)
     samples = [{"image:0": photos[i : i + 1]} for i in range(len(photos))]
-    ranges = compute_ranges(
-        collect(model, samples, tensors=quantizable_activations(model), show_progress=False), "minmax"
-    )
-    plan = plan_qdq(model, ranges, QdqOptions(activation_type="uint8"))
+    tensors = [*quantizable_activations(model), "image:0"]  # the stem's input too (quantized below)
+    ranges = compute_ranges(collect(model, samples, tensors=tensors, show_progress=False), "minmax")
+    # The stem quantized too: a float stem would keep the depthwise conv it feeds float with it (and its Pad).
+    options = QdqOptions(activation_type="uint8", tiny_conv_min_channels=1, tiny_conv_min_fan_in=1)
+    plan = plan_qdq(model, ranges, options)
     folded = apply_qdq(model, plan)
     monkeypatch.setattr(rewrite, "fold_pads", lambda m: 0)
     unfolded = apply_qdq(model, plan)
@@ -207,5 +209,6 @@ def test_third_party_opset12_batch1_model_quantizes_for_ort_cpu(tmp_path: Path) 
     assert result.passed and result.fidelity.semantics == ort_core.ORT_CPU
     assert "pw/relu" in result.plan.activations and "pooled" in result.plan.activations
     ops = Counter(n.op_type for n in _optimized(result.onnx_path, tmp_path, "tp").graph.node)
-    assert ops["QLinearConv"] == 2 and ops["QLinearGlobalAveragePool"] == 1 and ops["Pad"] == 0, ops
-    assert ops["Conv"] + ops["FusedConv"] == 1, ops  # the 3-channel stem stays float by rule
+    assert ops["QLinearConv"] == 1 and ops["QLinearGlobalAveragePool"] == 1 and ops["Pad"] == 0, ops
+    # the 3-channel stem stays float by rule, and so does the depthwise conv it feeds (both Pads fused)
+    assert ops["Conv"] + ops["FusedConv"] == 2, ops

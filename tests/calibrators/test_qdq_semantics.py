@@ -204,6 +204,14 @@ def test_cpu_kinds_and_weight_formats() -> None:
     assert ort_cpu.choose("x86-vnni").weight_format == "int8"
     assert ort_cpu.choose("arm64").weight_format == "int8"
     assert ort_cpu.choose("x86-avx2", "uint8").weight_format == "uint8"
+    # Depthwise convs: int8 wherever ORT's depthwise kernels cannot saturate, as asked otherwise.
+    assert [ort_cpu.choose(k).depthwise for k in ("x86-avx2", "x86-avx512", "x86-vnni", "arm64")] == [
+        "int8"
+    ] * 4
+    assert ort_cpu.choose("x86-avx2", "int7").depthwise == "int7"
+    assert ort_cpu.choose("x86-avx2", "uint8").depthwise == "uint8"
+    with pytest.raises(TrtbuildError, match="depthwise weight format"):
+        QdqOptions(activation_type="int8", depthwise_weight_format="int8")
     with pytest.raises(TrtbuildError, match="saturate"):
         ort_cpu.choose("x86-avx2", "int8")
     with pytest.raises(TrtbuildError, match="unknown CPU kind"):
@@ -221,8 +229,10 @@ def test_ort_cpu_graph_is_exact_on_this_cpu_and_records_its_choice(effnet_calibr
     here = cpu.detect()
     for kind in ("auto", "x86-vnni"):
         target = ort_cpu.choose(kind)
-        options = QdqOptions(activation_type="uint8", weight_format=target.weight_format)
+        options = QdqOptions(activation_type="uint8", **target.formats())
         graph = apply_qdq(model, plan_qdq(model, ranges, options))
+        # int8 depthwise weights (codes past 63) even where the other layers need 7 bits: exact below too
+        assert ort_cpu.largest_weight_code(graph, skip_depthwise=False) > 63
         ort_core.set_metadata(graph, target.metadata())
         assert ort_core.semantics_for(graph) == ort_core.ORT_CPU
         fused = ort_core.cpu_session(graph, ort_core.ORT_CPU).run(None, {"images": held})[0]
