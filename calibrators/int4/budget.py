@@ -114,6 +114,17 @@ def noise_table(
     return table
 
 
+def at_outputs(
+    local: Mapping[str, Mapping[int, float]], outputs: Mapping[str, float], coarse: int
+) -> dict[str, dict[int, float]]:
+    """Each layer's local noise per block rescaled to its measured effect at the model outputs at
+    ``coarse`` (output_noise.py): the finer blocks keep their local ratios, the layers their real weight."""
+    return {
+        node: {b: v * outputs[node] / max(table[coarse], 1e-30) for b, v in table.items()}
+        for node, table in local.items()
+    }
+
+
 def check_fits(layers: Sequence[WeightLayer], coarse: int, budget: float) -> None:
     """The budget must at least pay for ``coarse`` blocks everywhere (checked before the data pass)."""
     fp32 = sum(layer.k * layer.n * 4 for layer in layers)

@@ -23,10 +23,10 @@ import onnx
 
 from calibrators import fidelity, gate_stats, output_kinds
 from calibrators.collect import DEFAULT_BATCH_SIZE, instrument, load_model
-from calibrators.data import CalibrationData, model_inputs, open_data
+from calibrators.data import CalibrationData, first_samples, model_inputs, open_data
 from calibrators.fidelity import FidelityReport, FidelityThreshold
 from calibrators.fidelity_spec import check_outputs
-from calibrators.int4 import awq, budget, gptq, sequential
+from calibrators.int4 import awq, budget, gptq, output_noise, sequential
 from calibrators.int4.blocks import DEFAULT_BLOCK_SIZE, BlockQuant, quantize_blocks
 from calibrators.int4.graph import WeightLayer, find_layers, hoist_constants, weight_kn, write_int4
 from calibrators.int4.rows import real_token_rows, sample_rows
@@ -281,7 +281,17 @@ def quantize_int4(
         blocks: int | dict[str, int] = block_size
         plan = None
         if budget_fraction is not None:
-            noise = budget.noise_table(model, layers, rows, block_size, seed)
+            noise = budget.at_outputs(
+                budget.noise_table(model, layers, rows, block_size, seed),
+                output_noise.output_noise(
+                    model,
+                    layers,
+                    first_samples(calib.batches(batch_size), output_noise.SAMPLES),
+                    block_size,
+                    threads,
+                ),
+                block_size,
+            )
             plan = budget.choose_blocks(layers, noise, block_size, budget_fraction)
             blocks = plan.blocks
             if algorithm == "rtn":

@@ -14,7 +14,7 @@ from cli_helpers import run_cli
 from onnx import helper
 from test_quantize_models import build_minilm_onnx
 
-from calibrators.int4 import budget, quantize_int4
+from calibrators.int4 import budget, output_noise, quantize_int4
 from calibrators.int4.graph import find_layers
 from trtbuild.core import output_set
 from trtbuild.core.errors import TrtbuildError
@@ -122,3 +122,17 @@ def test_bad_weight_budgets_are_refused_before_any_work(
         assert code == 2 and err.count("error:") == 1 and says in err and not out.exists(), err
     with pytest.raises(TrtbuildError, match="below what block 64 needs"):
         budget.check_fits(find_layers(onnx.load(str(path))), 64, 1 / 7.2)
+
+
+def test_output_noise_sees_what_local_noise_misses(minilm: tuple[Path, list[dict[str, np.ndarray]]]) -> None:
+    """Query/key projections round as badly as the FFN's first MatMul locally, but softmax damps them: at
+    the embedding they count far less, which is why the budget weighs layers by their output noise."""
+    path, samples = minilm
+    model = onnx.load(str(path))
+    layers = find_layers(model)
+    batch = {k: np.concatenate([s[k] for s in samples[:8]]) for k in samples[0]}
+    noise = output_noise.output_noise(model, layers, [batch], 128, threads=1)
+    assert set(noise) == {layer.node for layer in layers} and all(v > 0 for v in noise.values())
+    mean = lambda part: np.mean([v for node, v in noise.items() if part in node])  # noqa: E731
+    ffn = mean("/intermediate/")
+    assert mean("/self/query/") < ffn / 2 and mean("/self/key/") < ffn / 2
