@@ -120,6 +120,13 @@ def test_bad_weight_budgets_are_refused_before_any_work(
         argv = ["quantize", str(path), "--data", str(data), "--precision", "int4-weights", *flags]
         code, _, err = run_cli([*argv, "--out-dir", str(out)], capsys)
         assert code == 2 and err.count("error:") == 1 and says in err and not out.exists(), err
+    out = tmp_path / "out"
+    argv = ["quantize", str(path), "--data", str(data), "--precision", "int4-weights", "--out-dir", str(out)]
+    extra = ["--weight-budget", "1/7", "--int4-algorithm", "rtn", "--holdout", "8"]
+    extra += ["--min-fidelity", "cosine=0.9"]
+    code, stdout, _ = run_cli([*argv, *extra], capsys)
+    assert code == 0 and "(rtn, block 128 x" in stdout and ", 32 x" in stdout, stdout
+    assert sorted(p.name for p in out.iterdir()) == ["minilm.int4.json", "minilm.int4.onnx"]
     with pytest.raises(TrtbuildError, match="below what block 64 needs"):
         budget.check_fits(find_layers(onnx.load(str(path))), 64, 1 / 7.2)
 
