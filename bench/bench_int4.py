@@ -24,6 +24,7 @@ MiniLM's). --modelopt-timeout stops a ModelOpt mode that runs longer (recorded, 
 
     python3 bench/bench_int4.py [--samples 64] [--holdout 32] [--threads 2] [--memory-only]
     python3 bench/bench_int4.py --models mpnet --threads 1 --mixed-gate 0 --modelopt-methods rtn_dq
+    python3 bench/bench_int4.py --models mpnet --block-size 128 --weight-budget 1/7 --algorithms awq-gptq
 """
 
 from __future__ import annotations
