@@ -24,6 +24,7 @@ MiniLM's). --modelopt-timeout stops a ModelOpt mode that runs longer (recorded, 
 
     python3 bench/bench_int4.py [--samples 64] [--holdout 32] [--threads 2] [--memory-only]
     python3 bench/bench_int4.py --models mpnet --threads 1 --mixed-gate 0 --modelopt-methods rtn_dq
+    python3 bench/bench_int4.py --models mpnet --block-size 128 --weight-budget 1/7 --algorithms awq-gptq
 """
 
 from __future__ import annotations
@@ -176,6 +177,11 @@ def main() -> int:
     parser.add_argument("--holdout", type=int, default=32)
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--block-size", type=int, default=128)
+    parser.add_argument(
+        "--weight-budget",
+        default=None,
+        help="trtbuild rows: MatMul weight bytes allowed vs FP32 (e.g. 1/7), finer blocks where sensitive",
+    )
     parser.add_argument("--skip-modelopt", action="store_true")
     parser.add_argument("--memory-only", action="store_true", help="only the memory rows (INT4 graph by RTN)")
     parser.add_argument("--skip-memory", action="store_true", help="only the accuracy rows")
@@ -282,13 +288,18 @@ def run_model(args: argparse.Namespace, name: str) -> None:
             work / algorithm,
             algorithm=algorithm,
             block_size=args.block_size,
+            weight_budget=args.weight_budget,
             holdout=args.holdout,
             min_fidelity="cosine=0.01",
             threads=args.threads,
         )
         int4_paths[algorithm] = result.onnx_path
         cpu = time.process_time() - cpu_start
-        add(f"trtbuild {algorithm}", result.onnx_path, time.perf_counter() - start, cpu=cpu)
+        label, note = f"trtbuild {algorithm}", ""
+        if result.budget:
+            label += f", --weight-budget {args.weight_budget}"
+            note = "blocks: " + ", ".join(f"{b} x{n}" for b, n in result.budget["layers_per_block"].items())
+        add(label, result.onnx_path, time.perf_counter() - start, note, cpu)
 
     if args.mixed_gate > 0 and not args.memory_only:
         from calibrators.int4.mixed import quantize_int4_int8

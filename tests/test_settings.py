@@ -48,8 +48,9 @@ def _defaults(settings: type[Any]) -> dict[str, Any]:
 @pytest.mark.parametrize(
     ("command", "settings", "cli_only"),
     [
-        # quantize: --precision/--block-size/--int4-algorithm choose the INT4 pipeline, the rest are settings
-        (quantize_command, QuantizeSettings, {"precision", "block_size", "int4_algorithm"}),
+        # quantize: --precision/--block-size/--weight-budget/--int4-algorithm choose the INT4 pipeline, the
+        # rest are settings
+        (quantize_command, QuantizeSettings, {"precision", "block_size", "weight_budget", "int4_algorithm"}),
         (calibrate_command, CalibrationSettings, set()),
         # export: the tolerances depend on what is compared (PyTorch or the ONNX original), checked below
         (

@@ -3,7 +3,8 @@
 ``quantize_int4`` (calibrators/int4/pipeline.py) is the entry point; the weight algorithms live in
 blocks.py (round-to-nearest), awq.py (activation-aware scales), gptq.py (Hessian error compensation) and
 sequential.py (AWQ scales + GPTQ rounding fitted group by group to the FP32 output, the default; its
-inputs from segments.py, its least-squares ridge from ridge.py, its rows picked by rows.py); mixed.py
+inputs from segments.py, its least-squares ridge from ridge.py, its rows picked by rows.py); budget.py
+(`--weight-budget`: per-layer block sizes within a byte budget, layers weighed by output_noise.py); mixed.py
 is `--precision int4-weights,int8`; graph.py writes TensorRT's weight-only pattern (INT4
 DequantizeLinear with block_size feeding the MatMul).
 """

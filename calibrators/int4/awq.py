@@ -33,11 +33,21 @@ def output_error(gram: np.ndarray, delta: np.ndarray) -> float:
     return float(np.sum(delta * (gram @ delta)))
 
 
+def per_weight(block: int | Sequence[int], count: int) -> list[int]:
+    """One block size per weight of a group (a byte budget may give each its own: budget.py)."""
+    return [block] * count if isinstance(block, int) else list(block)
+
+
 def search_scale(
-    x: np.ndarray, weights: Sequence[np.ndarray], block: int, gram: np.ndarray | None = None
+    x: np.ndarray,
+    weights: Sequence[np.ndarray],
+    block: int | Sequence[int],
+    gram: np.ndarray | None = None,
 ) -> tuple[np.ndarray, float, float]:
-    """(s, alpha, RTN error) minimising the group's output error over ALPHA_GRID; ``gram``: X^T X if known."""
+    """(s, alpha, RTN error) minimising the group's output error over ALPHA_GRID; ``gram``: X^T X if known;
+    ``block``: one size for all weights or one per weight."""
     gram = x.T @ x if gram is None else gram
+    blocks = per_weight(block, len(weights))
     mean_abs = np.maximum(np.abs(x).mean(axis=0), 1e-8)
     best: tuple[float, np.ndarray, float] | None = None
     error_rtn = 0.0
@@ -46,8 +56,8 @@ def search_scale(
         s = (s / np.sqrt(s.max() * s.min())).astype(np.float32)
         # (X / s) Q(s W) - X W = X (Q(s W) / s - W)
         error = sum(
-            output_error(gram, quantize_blocks(w * s[:, None], block).dequantized() / s[:, None] - w)
-            for w in weights
+            output_error(gram, quantize_blocks(w * s[:, None], b).dequantized() / s[:, None] - w)
+            for w, b in zip(weights, blocks, strict=True)
         )
         if alpha == 0:
             error_rtn = error
@@ -77,11 +87,15 @@ def search_clip(x: np.ndarray, weight: np.ndarray, block: int) -> BlockQuant:
     return BlockQuant(quantize_with(weight, best_scales, block), best_scales.astype(np.float32), block)
 
 
-def awq_group(x: np.ndarray, weights: Sequence[np.ndarray], block: int) -> tuple[list[BlockQuant], AwqChoice]:
-    """AWQ of the layers that share input ``x`` [rows, K]; weights [K, N] each."""
-    scale, alpha, error_rtn = search_scale(x, weights, block)
+def awq_group(
+    x: np.ndarray, weights: Sequence[np.ndarray], block: int | Sequence[int]
+) -> tuple[list[BlockQuant], AwqChoice]:
+    """AWQ of the layers that share input ``x`` [rows, K]; weights [K, N] each; ``block``: one size or one
+    per weight."""
+    blocks = per_weight(block, len(weights))
+    scale, alpha, error_rtn = search_scale(x, weights, blocks)
     scaled_x = x / scale
-    quants = [search_clip(scaled_x, w * scale[:, None], block) for w in weights]
+    quants = [search_clip(scaled_x, w * scale[:, None], b) for w, b in zip(weights, blocks, strict=True)]
     gram = x.T @ x
     error = sum(
         output_error(gram, q.dequantized() / scale[:, None] - w) for q, w in zip(quants, weights, strict=True)

@@ -23,10 +23,10 @@ import onnx
 
 from calibrators import fidelity, gate_stats, near_ties, output_kinds
 from calibrators.collect import DEFAULT_BATCH_SIZE, instrument, load_model
-from calibrators.data import CalibrationData, model_inputs, open_data
+from calibrators.data import CalibrationData, first_samples, model_inputs, open_data
 from calibrators.fidelity import FidelityReport, FidelityThreshold
 from calibrators.fidelity_spec import check_outputs
-from calibrators.int4 import awq, gptq, sequential
+from calibrators.int4 import awq, budget, gptq, output_noise, sequential
 from calibrators.int4.blocks import DEFAULT_BLOCK_SIZE, BlockQuant, quantize_blocks
 from calibrators.int4.graph import WeightLayer, find_layers, hoist_constants, weight_kn, write_int4
 from calibrators.int4.rows import real_token_rows, sample_rows
@@ -73,6 +73,7 @@ class LayerReport:
     error_rtn: float | None = None  # group output error on calibration rows, RTN
     error: float | None = None  # and with the chosen algorithm
     input_scale: str | None = None  # where AWQ's 1/s went: layernorm | mul
+    block: int | None = None  # this layer's block size
 
 
 @dataclass
@@ -87,6 +88,7 @@ class Int4Result:
     holdout_samples: int
     seconds: float
     skipped: list[str] = field(default_factory=list)
+    budget: dict[str, Any] | None = None  # --weight-budget's per-layer block choice (budget.py)
 
     @property
     def fp32_weight_bytes(self) -> int:
@@ -107,6 +109,7 @@ class Int4Result:
             "holdout_samples": self.holdout_samples,
             "seconds": round(self.seconds, 2),
             "int4_layers": len(self.layers),
+            "weight_budget": self.budget,
             "matmul_weight_bytes": {
                 "fp32": self.fp32_weight_bytes,
                 "int4": self.int4_weight_bytes,
@@ -163,9 +166,10 @@ def quantize_layers(
     layers: Sequence[WeightLayer],
     rows: Mapping[str, np.ndarray],
     algorithm: str,
-    block: int,
+    block: int | Mapping[str, int],
 ) -> tuple[dict[str, BlockQuant], dict[str, np.ndarray], dict[str, dict[str, Any]]]:
-    """(quantized weights per node, AWQ input scale per activation, per-node details)."""
+    """(quantized weights per node, AWQ input scale per activation, per-node details); ``block``: one
+    size, or one per node (budget.py)."""
     quants: dict[str, BlockQuant] = {}
     scales: dict[str, np.ndarray] = {}
     details: dict[str, dict[str, Any]] = {}
@@ -174,9 +178,10 @@ def quantize_layers(
         groups.setdefault(layer.activation, []).append(layer)
     for activation, group in groups.items():
         weights = [weight_kn(model, layer) for layer in group]
+        blocks = [block if isinstance(block, int) else block[layer.node] for layer in group]
         x = rows.get(activation)
         if algorithm == "awq" and x is not None:
-            group_quants, choice = awq.awq_group(x, weights, block)
+            group_quants, choice = awq.awq_group(x, weights, blocks)
             scales[activation] = choice.scale
             for layer, quant in zip(group, group_quants, strict=True):
                 quants[layer.node] = quant
@@ -190,13 +195,13 @@ def quantize_layers(
         x64 = x.astype(np.float64) if algorithm == "gptq" and x is not None else None
         hessian = x64.T @ x64 if x64 is not None else None
         gram = x.T @ x if x is not None else None
-        for layer, weight in zip(group, weights, strict=True):
+        for layer, weight, b in zip(group, weights, blocks, strict=True):
             if hessian is not None:
-                quants[layer.node] = gptq.gptq_hessian(hessian, weight, block)
+                quants[layer.node] = gptq.gptq_hessian(hessian, weight, b)
             else:
-                quants[layer.node] = quantize_blocks(weight, block)
+                quants[layer.node] = quantize_blocks(weight, b)
             if gram is not None:
-                rtn = quantize_blocks(weight, block).dequantized()
+                rtn = quantize_blocks(weight, b).dequantized()
                 details[layer.node] = {
                     "error_rtn": awq.output_error(gram, rtn - weight),
                     "error": awq.output_error(gram, quants[layer.node].dequantized() - weight),
@@ -216,6 +221,7 @@ def quantize_int4(
     *,
     algorithm: str = DEFAULT_ALGORITHM,
     block_size: int = DEFAULT_BLOCK_SIZE,
+    weight_budget: str | float | None = None,
     samples: int | None = None,
     holdout: int | None = DEFAULT_HOLDOUT,
     min_fidelity: str | float | Sequence[str] | FidelityThreshold | None = None,
@@ -231,11 +237,14 @@ def quantize_int4(
 
     ``algorithm``: awq-gptq (AWQ scales, GPTQ rounding, groups fitted in order to the FP32 outputs on the
     quantized inputs, default), awq (activation-aware scales + clip), gptq (Hessian error compensation) or
-    rtn (round-to-nearest, needs no data but still gated). Writes ``<stem>.int4.onnx`` and
+    rtn (round-to-nearest, needs no data but still gated). ``weight_budget`` (e.g. "1/7" of the FP32
+    MatMul weight bytes): finer blocks than ``block_size`` for the most sensitive layers until it is spent
+    (calibrators/int4/budget.py). Writes ``<stem>.int4.onnx`` and
     ``<stem>.int4.json`` into ``out_dir`` only when the held-out fidelity meets ``min_fidelity``; raises
     :class:`Int4GateError` otherwise.
     """
     check_algorithm(algorithm)
+    budget_fraction = budget.parse_budget(weight_budget)
     start = time.perf_counter()
     with output_set.writer_lock(out_dir):
         threshold = (
@@ -257,6 +266,8 @@ def quantize_int4(
                 "INT4 weight-only applies to linear/transformer layers; use --precision int8 or fp16",
             )
         check_block_size(layers, block_size)
+        if budget_fraction is not None:
+            budget.check_fits(layers, block_size, budget_fraction)
         all_data = open_data(data, model_inputs(model), preprocess)
         if holdout is None:
             holdout = gate_stats.auto_holdout(all_data.known_length(), samples)
@@ -265,20 +276,40 @@ def quantize_int4(
         activations = list(dict.fromkeys(layer.activation for layer in layers))
         rows, calib_count = (
             collect_inputs(model, activations, calib, batch_size, threads, seed)
-            if algorithm != "rtn"
+            if algorithm != "rtn" or budget_fraction is not None
             else ({}, 0)
         )
+        blocks: int | dict[str, int] = block_size
+        plan = None
+        if budget_fraction is not None:
+            noise = budget.at_outputs(
+                budget.noise_table(model, layers, rows, block_size, seed),
+                output_noise.output_noise(
+                    model,
+                    layers,
+                    first_samples(calib.batches(batch_size), output_noise.SAMPLES),
+                    block_size,
+                    threads,
+                ),
+                block_size,
+            )
+            plan = budget.choose_blocks(layers, noise, block_size, budget_fraction)
+            blocks = plan.blocks
+            if algorithm == "rtn":
+                rows = {}
         if algorithm == "awq-gptq":
             quants, scales, details = sequential.quantize_sequential(
                 model,
                 layers,
                 rows,
                 SegmentRunner(model, calib.batches(batch_size), threads, seed),
-                block_size,
+                blocks,
             )
         else:
-            quants, scales, details = quantize_layers(model, layers, rows, algorithm, block_size)
+            quants, scales, details = quantize_layers(model, layers, rows, algorithm, blocks)
         qmodel, placed = write_int4(model, layers, quants, scales)
+        # with a budget the layers' blocks differ: the metadata lists the sizes used, coarsest first
+        block_label = ",".join(map(str, sorted({q.block for q in quants.values()}, reverse=True)))
 
         held_batches = list(held.batches(batch_size))
         held_count = sum(int(next(iter(b.values())).shape[0]) for b in held_batches)
@@ -301,11 +332,12 @@ def quantize_int4(
             calibration_samples=calib_count,
             holdout_samples=held_count,
             seconds=time.perf_counter() - start,
+            budget=plan.to_json() if plan else None,
         )
         write_set(
-            qmodel, result.onnx_path, result.report_path, result.to_json(), PRECISION, block_size, algorithm
+            qmodel, result.onnx_path, result.report_path, result.to_json(), PRECISION, block_label, algorithm
         )
-        log.info("INT4 weight-only: %d layers, %s, block %d", len(layers), algorithm, block_size)
+        log.info("INT4 weight-only: %d layers, %s, block %s", len(layers), algorithm, block_label)
         return result
 
 
@@ -324,6 +356,7 @@ def _layer_report(
         error_rtn=extra.get("error_rtn"),
         error=extra.get("error"),
         input_scale=placed.get(layer.activation),
+        block=quant.block,
     )
 
 
@@ -333,7 +366,7 @@ def write_set(
     report_path: Path,
     report_json: dict[str, Any],
     precision: str,
-    block_size: int,
+    block_size: int | str,
     algorithm: str,
 ) -> None:
     """Tag the graph (target, precision, block, algorithm), write it, then the report naming it by sha256

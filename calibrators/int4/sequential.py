@@ -40,24 +40,27 @@ class GroupResult:
     ridges: list[float | None]  # per layer: the least-squares target's ridge (None: W itself)
 
 
-def fit_group(xf: np.ndarray, xq: np.ndarray, weights: Sequence[np.ndarray], block: int) -> GroupResult:
+def fit_group(
+    xf: np.ndarray, xq: np.ndarray, weights: Sequence[np.ndarray], block: int | Sequence[int]
+) -> GroupResult:
     """AWQ scale + GPTQ rounding of the layers reading one activation: FP32 rows ``xf``, the quantized
-    model's rows ``xq`` (same rows) [rows, K]; weights [K, N] each. The least-squares target's ridge is
-    chosen per layer on held-out rows (ridge.py)."""
+    model's rows ``xq`` (same rows) [rows, K]; weights [K, N] each; ``block``: one size or one per weight.
+    The least-squares target's ridge is chosen per layer on held-out rows (ridge.py)."""
+    blocks = awq.per_weight(block, len(weights))
     hf32 = xf.T @ xf  # float32: AWQ's grid search multiplies it 11 times per layer
-    scale, alpha, error_rtn = awq.search_scale(xf, weights, block, hf32)
+    scale, alpha, error_rtn = awq.search_scale(xf, weights, blocks, hf32)
     s = scale.astype(np.float64)
     # float64 products: in float32, awq-gptq at 64 MiniLM sentences moved from 0.9791 to 0.9775 (the
     # Hessian is near singular there)
     full = ridge.grams(xq, xf)
     h_scaled = full.hq / np.outer(s, s)
     quants, error, ridges = [], 0.0, []
-    for w in weights:
+    for w, b in zip(weights, blocks, strict=True):
         w64 = w.astype(np.float64)
         chosen = ridge.choose_ridge(xq, xf, full, w64) if xq is not xf else ridge.RIDGES[0]
         ridges.append(chosen)
         target = ridge.target(full, w64, chosen)
-        quant = gptq.gptq_hessian(h_scaled, (target * s[:, None]).astype(np.float32), block)
+        quant = gptq.gptq_hessian(h_scaled, (target * s[:, None]).astype(np.float32), b)
         quants.append(quant)
         error += ridge.error(full, quant.dequantized().astype(np.float64) / s[:, None], w64)
     return GroupResult(quants, scale, alpha, error_rtn, max(error, 0.0), ridges)
@@ -75,10 +78,11 @@ def quantize_sequential(
     layers: Sequence[WeightLayer],
     fp32_rows: Mapping[str, np.ndarray],
     runner: SegmentRunner,
-    block: int,
+    block: int | Mapping[str, int],
 ) -> tuple[dict[str, BlockQuant], dict[str, np.ndarray], dict[str, dict[str, float]]]:
     """(quantized weights per node, AWQ scale per activation, per-node details), groups in graph order;
-    ``runner`` runs the calibration batches through ``model`` (segments.py)."""
+    ``runner`` runs the calibration batches through ``model`` (segments.py); ``block``: one size, or one
+    per node (a byte budget's choice, budget.py)."""
     groups: dict[str, list[WeightLayer]] = {}
     for layer in layers:
         groups.setdefault(layer.activation, []).append(layer)
@@ -90,7 +94,8 @@ def quantize_sequential(
         group = groups[activation]
         xf = fp32_rows[activation]
         xq = runner.rows(activation, weights) if quants else xf
-        result = fit_group(xf, xq, [weight_kn(model, layer) for layer in group], block)
+        blocks = [block if isinstance(block, int) else block[layer.node] for layer in group]
+        result = fit_group(xf, xq, [weight_kn(model, layer) for layer in group], blocks)
         scales[activation] = result.scale
         for layer, quant in zip(group, result.quants, strict=True):
             quants[layer.node] = quant

@@ -104,6 +104,13 @@ def _worst_table(result: QuantizeResult) -> Table:
     help="int4-weights: weights per scale along the reduction axis; must divide every layer's K.",
 )
 @click.option(
+    "--weight-budget",
+    default=None,
+    metavar="FRACTION",
+    help="int4-weights: MatMul weight bytes allowed, as a fraction of FP32 (e.g. 1/7); the most sensitive "
+    "layers get blocks finer than --block-size until it is spent (default: --block-size everywhere).",
+)
+@click.option(
     "--int4-algorithm",
     type=click.Choice(list(INT4_ALGORITHMS)),
     default=INT4_DEFAULT,
@@ -265,6 +272,7 @@ def quantize_command(
     data_path: Path,
     precision: str,
     block_size: int,
+    weight_budget: str | None,
     int4_algorithm: str,
     method: str,
     percentile: float,
@@ -322,6 +330,12 @@ def quantize_command(
                 f"--auto-fallback and --activation-type apply to int8, not {precision}",
                 "drop them, or use --exclude to keep sensitive layers float",
             )
+        budget = {"weight_budget": weight_budget} if weight_budget is not None else {}
+        if budget and precision != "int4-weights":
+            raise TrtbuildError(
+                f"--weight-budget applies to --precision int4-weights, not {precision}",
+                "drop --weight-budget, or use --precision int4-weights",
+            )
         quantize_int4 = _quantize_int4 if precision == "int4-weights" else _quantize_int4_int8
         quantize_int4(
             model,
@@ -340,6 +354,7 @@ def quantize_command(
             seed=seed,
             tie_margin=tie_margin,
             as_json=as_json,
+            **budget,
         )
         return
     settings = QuantizeSettings(
@@ -457,13 +472,20 @@ def _quantize_int4(model: Path, data_path: Path, out_dir: Path, as_json: bool, *
     console.out.print(result.fidelity.table("INT4 weight-only fidelity vs FP32 (held-out samples)"))
     ratio = result.int4_weight_bytes / max(1, result.fp32_weight_bytes)
     console.out.print(
-        f"{len(result.layers)} MatMul/Gemm weights INT4 ({result.algorithm}, block {result.block_size}): "
+        f"{len(result.layers)} MatMul/Gemm weights INT4 ({result.algorithm}, block {_blocks(result)}): "
         f"{result.fp32_weight_bytes / 2**20:.1f} MiB FP32 -> {result.int4_weight_bytes / 2**20:.1f} MiB "
         f"({ratio:.3f}x); {result.calibration_samples} calibration / {result.holdout_samples} held-out "
         "samples"
     )
     for label, path in (("onnx", result.onnx_path), ("report", result.report_path)):
         console.out.print(f"{label:7s}{path}")
+
+
+def _blocks(result: Any) -> str:
+    """The block size, or with --weight-budget how many layers got each size."""
+    if not result.budget:
+        return str(result.block_size)
+    return ", ".join(f"{b} x{n}" for b, n in result.budget["layers_per_block"].items())
 
 
 def _quantize_int4_int8(model: Path, data_path: Path, out_dir: Path, as_json: bool, **options: Any) -> None:
