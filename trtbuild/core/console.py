@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import sys
 from typing import Any
 
@@ -16,8 +17,19 @@ from rich.progress import (
     TimeElapsedColumn,
 )
 
-out = Console()  # results: tables, summaries
-err = Console(stderr=True)  # progress and warnings, so `--json` stdout stays machine-readable
+LOG_WIDTH = 160  # piped output (CI logs, `| tee`): rich's 80 columns would cut the result tables' cells
+
+
+def _width(stream: object) -> int | None:
+    """A terminal's own width; for a pipe or file, LOG_WIDTH unless the user set COLUMNS (rich reads it)."""
+    isatty = getattr(stream, "isatty", None)
+    if os.environ.get("COLUMNS") or (isatty is not None and isatty()):
+        return None
+    return LOG_WIDTH
+
+
+out = Console(width=_width(sys.stdout))  # results: tables, summaries
+err = Console(stderr=True, width=_width(sys.stderr))  # progress, warnings: `--json` stdout stays clean
 
 
 def progress(transient: bool = False) -> Progress:
