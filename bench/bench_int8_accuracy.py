@@ -18,7 +18,9 @@ Rows of learned rounding are chosen with ``--learned`` (all, edges, qdrop: QDrop
 calibrators/adaround_qdrop.py; old: the pre-2026-12-01 sample count; fisher: output-channel weights at
 ``--output-weight``, calibrators/adaround_fisher.py; bc: the learned integers with the analytic bias
 correction added on every layer, to show why quantize() leaves it off there; split: the learned graph's
-weight and activation quantization each alone, to show which error is left).
+weight and activation quantization each alone, to show which error is left; block: block
+reconstruction, calibrators/block_recon.py, on top of the edges row's learned rounding; not on the CLI,
+see docs/int8-accuracy.md).
 
 Run: python3 bench/bench_int8_accuracy.py [--holdout 192] [--learned edges,qdrop] [--budget 5000]
      [--peers --aimet-iterations 100 --aimet-samples 16]
@@ -48,7 +50,15 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from bench_quantize import modelopt_quantize, ort_static  # noqa: E402
 
-from calibrators import adaround, fidelity, gate_stats, near_ties, output_aware  # noqa: E402
+from calibrators import (  # noqa: E402
+    act_step,
+    adaround,
+    block_recon,
+    fidelity,
+    gate_stats,
+    near_ties,
+    output_aware,
+)
 from calibrators import bias_correction as bcm  # noqa: E402
 from calibrators.calibrate import compute_ranges  # noqa: E402
 from calibrators.collect import collect  # noqa: E402
@@ -182,6 +192,7 @@ def trtbuild_rows(
         cfg: adaround.AdaRoundConfig = config,
         with_bc: bool = False,
         split: bool = False,
+        block: bool = False,
     ) -> None:
         plan = plan_qdq(cache, ranges, QdqOptions(bias_correction=False, keep_float=keep))
         learned, wall, cpu = timed(lambda: adaround.learn_rounding(cache, plan, calib, cfg, threads=2))
@@ -192,6 +203,17 @@ def trtbuild_rows(
             f"  {name}: kept on {len(learned.weights)} of {len(learned.layers)} layers, "
             f"{len(learned.skipped)} out of time; {wall:.0f} s wall, {cpu:.0f} CPU s"
         )
+        if block:
+            # A second stage on this same layer-wise result: CPU s of both stages.
+            recon, b_wall, b_cpu = timed(lambda: block_recon.reconstruct(cache, ranges, options, calib))
+            steps = act_step.with_scales(ranges, recon.scales)
+            blocked = apply_qdq(cache, plan_qdq(cache, steps, block_recon.options_after(options, recon)))
+            rows.append((f"{name} + block recon.", blocked, calib_s + wall + b_wall, cpu + b_cpu))
+            console.print(
+                f"  + block reconstruction: {sum(b.kept for b in recon.blocks)} of {len(recon.blocks)} "
+                f"blocks kept, {len(recon.scales)} steps, {len(recon.weights)} weights; {b_wall:.0f} s wall, "
+                f"{b_cpu:.0f} CPU s"
+            )
         if split:
             # Where the remaining error comes from: each half of the quantization alone.
             plan = plan_qdq(cache, ranges, options)
@@ -219,6 +241,7 @@ def trtbuild_rows(
                 keep,
                 with_bc="bc" in wanted and edge,
                 split="split" in wanted and edge,
+                block="block" in wanted and edge,
             )
     qdrop = replace(config, drop=args.drop)
     if "qdrop" in wanted:
@@ -291,7 +314,7 @@ def main() -> None:
         "--learned",
         default="all,edges,qdrop,old",
         help="learned-rounding rows: all (every layer INT8), edges (stem+classifier float), qdrop, old, "
-        "fisher, bc, split",
+        "fisher, bc, split, block",
     )
     parser.add_argument("--drop", type=float, default=0.5, help="QDrop: share of inputs fitted float")
     parser.add_argument("--output-weight", type=float, default=1.0, help="fisher rows: weight exponent")
