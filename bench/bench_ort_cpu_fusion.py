@@ -239,6 +239,9 @@ def main() -> None:
         "fidelity (ORT kernels)",
     ):
         speed.add_column(col)
+    unknown = sorted(set(args.models.split(",")) - set(builders))
+    if unknown:
+        parser.error(f"unknown model(s) {', '.join(unknown)}: choose from {', '.join(builders)}")
     for key in args.models.split(","):
         label, build = builders[key]
         console.print(f"[bold]{label}[/bold] ...")
