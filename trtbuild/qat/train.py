@@ -26,6 +26,7 @@ from calibrators import fidelity
 from calibrators.output_kinds import OutputKind
 from trtbuild.core import atomic
 from trtbuild.core.errors import TrtbuildError
+from trtbuild.qat import selection
 
 log = logging.getLogger(__name__)
 Batch = Mapping[str, np.ndarray]
@@ -45,8 +46,10 @@ class TrainConfig:
     checkpoint_every: int = 50
     seed: int = 0
     schedule: str = "constant"
+    select: str = selection.DEFAULT_SELECTION  # how the best held-out step is ranked (selection.py)
 
     def __post_init__(self) -> None:
+        selection.scorer(self.select)
         if self.schedule not in SCHEDULES:
             raise TrtbuildError(f"unknown --schedule '{self.schedule}'", f"use one of {', '.join(SCHEDULES)}")
         for name in ("steps", "batch_size", "eval_every", "checkpoint_every", "patience"):
@@ -131,6 +134,7 @@ class Trainer:
         self.loss_fn = loss_fn or distillation_loss
         self.labeled = labeled
         self.on_step = on_step
+        self.score = selection.scorer(config.select)
         self.generator = torch.Generator().manual_seed(config.seed)
         self.optimizer = torch.optim.Adam(
             [
@@ -164,7 +168,7 @@ class Trainer:
 
     def evaluate(self, step: int, loss: float) -> Evaluation:
         report = fidelity.compare(self.reference, self._run(self.student, self.held), kinds=self.kinds)
-        return Evaluation(step, loss, report.score(), report.summary())
+        return Evaluation(step, loss, self.score(report), report.summary())
 
     def _next_batch(self) -> tuple[list[torch.Tensor], list[torch.Tensor] | None]:
         if self.labeled is not None:
