@@ -94,6 +94,14 @@ from trtbuild.core.defaults import DEFAULT_TRT_VERSION
     help="Rank held-out QAT steps by KL, or by decisive top-1 first and KL second.",
 )
 @click.option(
+    "--select-on",
+    type=click.Choice(["student", "graph"]),  # = trtbuild.qat.graph_score.SELECT_ON (no torch import here)
+    default="student",  # = graph_score.DEFAULT_SELECT_ON
+    show_default=True,
+    help="Score held-out QAT steps on the torch student, or on the exported Q/DQ graph that ships "
+    "(one export per evaluation).",
+)
+@click.option(
     "--augment",
     type=click.Choice(["auto", "off"]),
     default="off",
@@ -144,6 +152,7 @@ def qat_command(
     margin_term: str,
     margin_weight: float,
     select: str,
+    select_on: str,
     augment: str,
     schedule: str,
     device: str,
@@ -206,6 +215,7 @@ def qat_command(
                 margin_term=margin_term,
                 margin_weight=margin_weight,
                 select=select,
+                select_on=select_on,
                 augment=augment,
                 schedule=schedule,
                 on_step=None if as_json else on_step,
