@@ -10,6 +10,8 @@ the next --test crops are (top-1 / KL on them, and FP32's top-1 minus top-2 prob
 Run: python3 bench/bench_qat.py [--steps 30] [--train 128] [--holdout 128] [--skip-sparse] [--out result.json]
      [--only-sparse] [--sparse-steps N] [--sparse-budget KL]   (2:4 rows only; qat's sparse options)
      [--test 128] [--eval-every 10] [--augment auto] [--schedule cosine]   (qat's QAT data / lr options)
+     [--margin-term margin --margin-weight 1 --select top1-kl] [--select-on graph] [--skip-modelopt]
+     (qat's top-1 options)
      python3 bench/bench_qat.py --model minilm --steps 200 --lr 1e-5 --train 128 --holdout 64
 Every row reports KL (top-1 alone ties at 100 % on these crops) or, for MiniLM, mean / worst cosine.
 QAT starts from learned-rounding PTQ (trtbuild/qat/ptq_start.py) and distills with KL on the logits; the
@@ -101,6 +103,11 @@ def main() -> None:
     parser.add_argument("--eval-every", type=int, default=10, help="held-out evaluation every N steps")
     parser.add_argument("--augment", choices=("auto", "off"), default="off", help="qat's --augment")
     parser.add_argument("--schedule", choices=("cosine", "constant"), default="constant", help="qat's")
+    parser.add_argument("--margin-term", choices=("none", "margin", "topk"), default=None, help="qat's")
+    parser.add_argument("--margin-weight", type=float, default=None, help="qat's --margin-weight")
+    parser.add_argument("--select", choices=("kl", "top1-kl"), default=None, help="qat's --select")
+    parser.add_argument("--select-on", choices=("student", "graph"), default=None, help="qat's")
+    parser.add_argument("--skip-modelopt", action="store_true", help="no ModelOpt QAT row")
     parser.add_argument("--out", type=Path, default=None)
     parser.add_argument("--threads", type=int, default=1, help="torch threads, for ours and ModelOpt alike")
     parser.add_argument("--lr", type=float, default=2e-6, help="weight learning rate, ours and ModelOpt's")
@@ -136,6 +143,9 @@ def main() -> None:
         "augment": args.augment,
         "schedule": args.schedule,
     }
+    for option in ("margin_term", "margin_weight", "select", "select_on"):  # qat's defaults unless given
+        if getattr(args, option) is not None:
+            common[option] = getattr(args, option)
     if args.only_sparse:
         _only_sparse(args, common, tmp)
         return
@@ -190,10 +200,13 @@ def main() -> None:
         },
     ]
     report: dict[str, Any] = {
-        "modelopt": modelopt_row(args),
+        "modelopt": "skipped (--skip-modelopt)" if args.skip_modelopt else modelopt_row(args),
         "held_out": args.holdout,
         "train": args.train,
         "unseen": len(unseen),
+        "margin": {
+            k: common[k] for k in ("margin_term", "margin_weight", "select", "select_on") if k in common
+        },
         "steps": args.steps,
         "augment": args.augment,
         "schedule": args.schedule,

@@ -73,6 +73,35 @@ from trtbuild.core.defaults import DEFAULT_TRT_VERSION
 )
 @click.option("--temperature", type=float, default=1.0, show_default=True, help="Of the KL on logits.")
 @click.option(
+    "--margin-term",
+    type=click.Choice(["none", "margin", "topk"]),  # = trtbuild.qat.margin_loss.TERMS (no torch import here)
+    default="none",  # = margin_loss.DEFAULT_TERM
+    show_default=True,
+    help="Top-1-aimed term added to the KL on logits (trtbuild/qat/margin_loss.py).",
+)
+@click.option(
+    "--margin-weight",
+    type=float,
+    default=1.0,
+    show_default=True,
+    help="Its weight (margin_loss.DEFAULT_WEIGHT).",
+)
+@click.option(
+    "--select",
+    type=click.Choice(["kl", "top1-kl"]),  # = trtbuild.qat.selection.SELECTIONS (no torch import here)
+    default="kl",  # = selection.DEFAULT_SELECTION
+    show_default=True,
+    help="Rank held-out QAT steps by KL, or by decisive top-1 first and KL second.",
+)
+@click.option(
+    "--select-on",
+    type=click.Choice(["student", "graph"]),  # = trtbuild.qat.graph_score.SELECT_ON (no torch import here)
+    default="student",  # = graph_score.DEFAULT_SELECT_ON
+    show_default=True,
+    help="Score held-out QAT steps on the torch student, or on the exported Q/DQ graph that ships "
+    "(one export per evaluation).",
+)
+@click.option(
     "--augment",
     type=click.Choice(["auto", "off"]),
     default="off",
@@ -120,6 +149,10 @@ def qat_command(
     smooth_quant: str,
     loss: str,
     temperature: float,
+    margin_term: str,
+    margin_weight: float,
+    select: str,
+    select_on: str,
     augment: str,
     schedule: str,
     device: str,
@@ -179,6 +212,10 @@ def qat_command(
                 smooth_quant=smooth_quant,
                 loss=loss,
                 temperature=temperature,
+                margin_term=margin_term,
+                margin_weight=margin_weight,
+                select=select,
+                select_on=select_on,
                 augment=augment,
                 schedule=schedule,
                 on_step=None if as_json else on_step,

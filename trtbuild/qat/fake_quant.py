@@ -11,7 +11,8 @@ Rounding passes gradients straight through (STE).
 from __future__ import annotations
 
 import math
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from typing import Any
 
 import torch
@@ -74,6 +75,24 @@ class QuantHooks:
 
     def __init__(self) -> None:
         self._handles: list[Any] = []
+        self._installers: list[Callable[[], list[Any]]] = []  # to re-install after ``paused``
+
+    def _install(self, installer: Callable[[], list[Any]]) -> None:
+        self._installers.append(installer)
+        self._handles.extend(installer())
+
+    @contextmanager
+    def paused(self) -> Iterator[None]:
+        """The plain model inside the block (e.g. to export its FP32 weights mid-training); the same
+        hooks, in the same order, after it."""
+        for handle in self._handles:
+            handle.remove()
+        self._handles.clear()
+        try:
+            yield
+        finally:
+            for installer in self._installers:
+                self._handles.extend(installer())
 
     def quantize_input(
         self, module: nn.Module, quantizer: ActivationQuantizer, smooth: torch.Tensor | None = None
@@ -87,7 +106,7 @@ class QuantHooks:
             x = args[0] if divisor is None else args[0] / divisor
             return (quantizer(x), *args[1:])
 
-        self._handles.append(module.register_forward_pre_hook(hook))
+        self._install(lambda: [module.register_forward_pre_hook(hook)])
 
     def quantize_output(self, module: nn.Module, quantizer: ActivationQuantizer) -> None:
         """Fake-quantize what ``module`` returns (a tensor every later reader then sees quantized)."""
@@ -95,7 +114,7 @@ class QuantHooks:
         def hook(_: nn.Module, __: tuple[Any, ...], out: Any) -> Any:
             return quantizer(out)
 
-        self._handles.append(module.register_forward_hook(hook))
+        self._install(lambda: [module.register_forward_hook(hook)])
 
     def quantize_weight(
         self, module: nn.Module, mask: torch.Tensor | None = None, smooth: torch.Tensor | None = None
@@ -111,16 +130,19 @@ class QuantHooks:
             assert isinstance(weight, torch.Tensor)
             s = smooth.double().reshape(1, -1, *([1] * (weight.dim() - 2)))
             transform = lambda w: fake_quant_weight((w.double() * s).to(w.dtype), axis)  # noqa: E731
-        self._handles.append(_WeightSwap(module, transform, mask).install())
+        swap = _WeightSwap(module, transform, mask)
+        self._install(lambda: [swap.install()])
 
     def mask_weight(self, module: nn.Module, mask: torch.Tensor) -> None:
         """Keep a pruned weight pruned in every forward call (FP32 recovery training without quantization)."""
-        self._handles.append(_WeightSwap(module, lambda w: w, mask).install())
+        swap = _WeightSwap(module, lambda w: w, mask)
+        self._install(lambda: [swap.install()])
 
     def remove(self) -> None:
         for handle in self._handles:
             handle.remove()
         self._handles.clear()
+        self._installers.clear()
 
 
 class _WeightSwap:

@@ -40,7 +40,7 @@ from calibrators.sparsity import PATTERN
 from trtbuild.core import atomic
 from trtbuild.core.defaults import DEFAULT_TRT_VERSION
 from trtbuild.core.errors import TrtbuildError
-from trtbuild.qat import sparse_recipe
+from trtbuild.qat import graph_score, margin_loss, selection, sparse_recipe
 from trtbuild.qat.fake_quant import ActivationQuantizer, QuantHooks
 from trtbuild.qat.losses import LOSSES, kind_loss
 from trtbuild.qat.mapping import QuantMap, map_plan, weighted_modules
@@ -231,6 +231,10 @@ def qat(
     smooth_quant: str = QuantizeSettings.smooth_quant,
     loss: str = "kl",
     temperature: float = 1.0,
+    margin_term: str = margin_loss.DEFAULT_TERM,
+    margin_weight: float = margin_loss.DEFAULT_WEIGHT,
+    select: str = selection.DEFAULT_SELECTION,
+    select_on: str = graph_score.DEFAULT_SELECT_ON,
     rounding_budget_s: float = QuantizeSettings.rounding_budget_s,
     augment: str = "off",
     schedule: str = "constant",
@@ -250,6 +254,10 @@ def qat(
     as `quantize` (auto: where MatMul inputs have outlier channels); the student trains the smoothed model
     (smoothing.py). ``augment``: "auto" trains QAT on fresh augmented views of an image model's training
     samples (qat_views.py), "off" on the fixed samples; ``schedule``: the QAT lr schedule (train.py).
+    ``margin_term`` / ``margin_weight``: a top-1-aimed term added to the KL on logits (margin_loss.py);
+    ``select``: how the best held-out QAT step is ranked ("kl", or "top1-kl": decisive top-1 first);
+    ``select_on``: what is scored, the torch student ("student") or the Q/DQ graph it would ship as
+    ("graph", graph_score.py: one export per evaluation).
     """
     from trtbuild.core.output_set import check_writable_folder
 
@@ -268,8 +276,19 @@ def qat(
             f"unknown QAT loss '{loss}' at temperature {temperature}",
             f"use one of {', '.join(LOSSES)} with a temperature > 0",
         )
+    margin_loss.check(margin_term, margin_weight)
     config = TrainConfig(
-        steps, batch_size, lr, step_lr, eval_every, patience, checkpoint_every, seed, schedule
+        steps,
+        batch_size,
+        lr,
+        step_lr,
+        eval_every,
+        patience,
+        checkpoint_every,
+        seed,
+        schedule,
+        select,
+        select_on,
     )
     sparse_config = TrainConfig(
         sparse_steps or steps, batch_size, sparse_lr, step_lr, eval_every, patience, checkpoint_every, seed
@@ -315,6 +334,7 @@ def qat(
         kinds = near_ties.attach(fidelity.decide_kinds(graph, reference), graph, reference, held_batches)
         if loss_fn is None and train_loader is None and loss == "kl":
             loss_fn = kind_loss(kinds, [o.name for o in graph.graph.output], temperature)
+            loss_fn = margin_loss.with_margin(loss_fn, kinds, names_out, margin_term, margin_weight)
         teacher.to(dev)
 
         def stage(label: str) -> Callable[[int, int, float, Evaluation | None], None] | None:
@@ -327,6 +347,7 @@ def qat(
             extra: Sequence[nn.Parameter],
             label: str,
             recover: sparse_recipe.FeatureDistillation | AugmentedViews | None = None,
+            scorer: graph_score.GraphScorer | None = None,
         ) -> Trainer:
             return Trainer(
                 model.to(dev),
@@ -342,6 +363,7 @@ def qat(
                 loss_fn if recover is None else recover.loss,
                 train_loader if recover is None else recover,
                 stage(label),
+                scorer,
             )
 
         result_training: dict[str, TrainResult] = {}
@@ -427,7 +449,27 @@ def qat(
             views = augmented_views(
                 augment, teacher, train, input_names, loss_fn or distillation_loss, batch_size, seed
             )
-        result_training["qat"] = trainer(config, steps_params, "QAT", views).fit(
+
+        def export_student(path: Path) -> None:  # as the final graph is written below
+            with torch.no_grad():
+                for module_name, mask in masks.items():
+                    modules[module_name].weight.mul_(mask.to(modules[module_name].weight.device))
+            exported = _export(model, inputs, path, output_names, opset, dynamic_batch)
+            if smoothing is not None:
+                onnx.save(smoothing.reapply(exported), str(path))
+            model.to(dev)  # _export moved it to the CPU
+
+        scorer = graph_score.GraphScorer(
+            export_student,
+            Path(tmp) / "step" / onnx_path.name,
+            hooks,
+            lambda: _learned_ranges(ranges, quantizers),
+            options,
+            held_batches,
+            reference,
+            kinds,
+        )
+        result_training["qat"] = trainer(config, steps_params, "QAT", views, scorer).fit(
             ckpt_dir / f"{name}.qat.ckpt", resume
         )
         hooks.remove()

@@ -23,9 +23,11 @@ import torch
 from torch import nn
 
 from calibrators import fidelity
+from calibrators.fidelity import FidelityReport
 from calibrators.output_kinds import OutputKind
 from trtbuild.core import atomic
 from trtbuild.core.errors import TrtbuildError
+from trtbuild.qat import graph_score, selection
 
 log = logging.getLogger(__name__)
 Batch = Mapping[str, np.ndarray]
@@ -45,8 +47,12 @@ class TrainConfig:
     checkpoint_every: int = 50
     seed: int = 0
     schedule: str = "constant"
+    select: str = selection.DEFAULT_SELECTION  # how the best held-out step is ranked (selection.py)
+    select_on: str = graph_score.DEFAULT_SELECT_ON  # where it is scored: torch student or shipped graph
 
     def __post_init__(self) -> None:
+        selection.scorer(self.select)
+        graph_score.check(self.select_on)
         if self.schedule not in SCHEDULES:
             raise TrtbuildError(f"unknown --schedule '{self.schedule}'", f"use one of {', '.join(SCHEDULES)}")
         for name in ("steps", "batch_size", "eval_every", "checkpoint_every", "patience"):
@@ -121,6 +127,7 @@ class Trainer:
         loss_fn: LossFn | None = None,
         labeled: Iterable[tuple[Any, Any]] | None = None,
         on_step: Callable[[int, int, float, Evaluation | None], None] | None = None,
+        graph_scorer: Callable[[], FidelityReport] | None = None,
     ) -> None:
         self.student, self.teacher, self.config, self.device = student, teacher, config, device
         self.extra = list(extra_params)
@@ -131,6 +138,11 @@ class Trainer:
         self.loss_fn = loss_fn or distillation_loss
         self.labeled = labeled
         self.on_step = on_step
+        # --select-on graph: held-out evaluations score the shipped Q/DQ graph (graph_score.py)
+        self.graph_scorer = graph_scorer if config.select_on == "graph" else None
+        if config.select_on == "graph" and graph_scorer is None:
+            raise TrtbuildError("--select-on graph needs the Q/DQ graph's scorer", "use --select-on student")
+        self.score = selection.scorer(config.select)
         self.generator = torch.Generator().manual_seed(config.seed)
         self.optimizer = torch.optim.Adam(
             [
@@ -163,8 +175,11 @@ class Trainer:
         return {n: np.concatenate(v) for n, v in zip(self.output_names, outs, strict=True)}
 
     def evaluate(self, step: int, loss: float) -> Evaluation:
-        report = fidelity.compare(self.reference, self._run(self.student, self.held), kinds=self.kinds)
-        return Evaluation(step, loss, report.score(), report.summary())
+        if self.graph_scorer is not None:
+            report = self.graph_scorer()
+        else:
+            report = fidelity.compare(self.reference, self._run(self.student, self.held), kinds=self.kinds)
+        return Evaluation(step, loss, self.score(report), report.summary())
 
     def _next_batch(self) -> tuple[list[torch.Tensor], list[torch.Tensor] | None]:
         if self.labeled is not None:

@@ -240,6 +240,8 @@ def stem_only():
         ("pool", [], "no Conv/Linear layer with weights"),
         ("stem_only", ["--sparsity", "2:4"], "can take 2:4 sparsity"),
         ("tiny", ["--input", "x:1x5x16x16", "--data", "five.npy"], "fails on the declared inputs"),
+        ("tiny", ["--margin-term", "margin", "--margin-weight", "-1"], "--margin-weight must be >= 0"),
+        ("tiny", ["--select-on", "onnx"], "Invalid value for '--select-on'"),
     ],
 )
 def test_bad_input_is_one_line_and_writes_nothing(
