@@ -17,7 +17,7 @@ Every row reports KL (top-1 alone ties at 100 % on these crops) or, for MiniLM, 
 QAT starts from learned-rounding PTQ (trtbuild/qat/ptq_start.py) and distills with KL on the logits; the
 "seconds" of each row are wall seconds, "cpu_s" CPU seconds of this process (ModelOpt: of its subprocess).
 ModelOpt's torch QAT (same crops, split, loss, optimizer and steps) runs from .venv-modelopt through
-bench/modelopt_qat.py; its row says "skipped" without that venv. ModelOpt's sparsity is not run.
+bench/modelopt_qat.py; its row says "skipped" without that venv. ModelOpt's sparsity: bench_sparsity_peer.py.
 """
 
 from __future__ import annotations

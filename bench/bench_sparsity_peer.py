@@ -8,6 +8,8 @@ ModelOpt's own INT8 PTQ in PyTorch (fake quant; raw top-1 and KL), and our `quan
 
 Run: python3 bench/bench_sparsity_peer.py [--modes sparse_magnitude,sparsegpt] [--holdout 64] [--test 64]
      [--no-register] (ModelOpt's default: only exact nn.Conv2d / nn.Linear, i.e. only the classifier here)
+     [--steps 30 [--lr 1e-4]] (ModelOpt's sparsity-aware training after its masks: KL to the teacher on
+     the training crops, its masks held; 0 = its one-shot masks alone)
 """
 
 from __future__ import annotations
@@ -41,6 +43,7 @@ def run_modelopt(args: argparse.Namespace, mode: str, out_dir: Path) -> dict[str
     cmd += ["--train", str(args.train), "--holdout", str(args.holdout), "--test", str(args.test)]
     cmd += ["--threads", str(args.threads), "--out-dir", str(out_dir)]
     cmd += [] if args.no_register else ["--register-convs"]
+    cmd += ["--steps", str(args.steps), "--lr", str(args.lr)]
     before = resource.getrusage(resource.RUSAGE_CHILDREN)
     done = subprocess.run(cmd, capture_output=True, text=True)
     after = resource.getrusage(resource.RUSAGE_CHILDREN)
@@ -58,6 +61,8 @@ def main() -> None:
     parser.add_argument("--test", type=int, default=64)
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--no-register", action="store_true", help="ModelOpt's defaults (exact classes)")
+    parser.add_argument("--steps", type=int, default=0, help="ModelOpt sparsity-aware training steps [0]")
+    parser.add_argument("--lr", type=float, default=1e-4, help="its Adam lr (qat's --sparse-lr default)")
     parser.add_argument("--out", type=Path, default=None)
     args = parser.parse_args()
     import torch
@@ -88,7 +93,8 @@ def main() -> None:
             rows.append({"model": f"ModelOpt {mode}", "result": peer})
             continue
         onnx_path = Path(peer.pop("onnx"))
-        rows.append({"model": f"ModelOpt {mode} 2:4 FP32 (no training)", **peer, **measured(onnx_path)})
+        trained = f"{args.steps} fine-tuning steps" if args.steps else "no training"
+        rows.append({"model": f"ModelOpt {mode} 2:4 FP32 ({trained})", **peer, **measured(onnx_path)})
         start, cpu0 = time.perf_counter(), time.process_time()
         ptq = quantize(
             onnx_path, samples, tmp / f"{mode}-int8", holdout=args.holdout, min_fidelity="0.5",

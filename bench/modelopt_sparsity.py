@@ -8,11 +8,14 @@ Per mode: how many layers ModelOpt sparsified (it replaces modules by exact clas
 convs are `Conv2dStaticSamePadding`, an nn.Conv2d subclass, so by default only the classifier is touched;
 `--register-convs` registers the subclass with ModelOpt's own sparse conv, as bench/modelopt_qat.py does
 for quantization), whether each mask is 2:4 the way TensorRT reads it (groups of 4 input channels, axis 1,
-at every kernel position), held-out top-1 / KL of the FP32 2:4 model in PyTorch, then ModelOpt's INT8 PTQ
-(INT8_DEFAULT_CFG, max calibration) on it, and the exported FP32 2:4 ONNX for the caller to score with the
-gate's near-ties and quantize with ours. Prints one JSON line.
+at every kernel position), held-out top-1 / KL of the FP32 2:4 model in PyTorch (ModelOpt's sparsify
+only picks masks -- SparseGPT's weight updates choose them but are not kept -- and leaves the recovery to
+sparsity-aware training in the user's loop: `--steps N` runs that loop, see fine_tune), then ModelOpt's
+INT8 PTQ (INT8_DEFAULT_CFG, max calibration) on it, and the exported FP32 2:4 ONNX for the caller to
+score with the gate's near-ties and quantize with ours. Prints one JSON line.
 
 Run: .venv-modelopt/bin/python bench/modelopt_sparsity.py --mode sparsegpt --register-convs --out-dir /tmp/x
+     [--steps 30 --lr 1e-4 --eval-every 10]
 """
 
 from __future__ import annotations
@@ -61,6 +64,49 @@ def register_sparse_convs(model: torch.nn.Module) -> list[str]:
     return sorted(c.__name__ for c in classes)
 
 
+def fine_tune(
+    model: torch.nn.Module,
+    teacher: torch.nn.Module,
+    train: torch.Tensor,
+    held: torch.Tensor,
+    ref: np.ndarray,
+    args: argparse.Namespace,
+) -> list[tuple[int, float]]:
+    """ModelOpt's sparsity-aware training as its docs describe it: train the sparsified model (its sparse
+    modules multiply the weights by their masks in forward, so pruned weights stay zero) with the caller's
+    loop -- here qat's recovery set-up without our augmentation / block losses: KL to the teacher's
+    logits on the fixed training crops, Adam, batch 8, BatchNorm frozen. The held-out KL every
+    --eval-every steps picks the best state (step 0, the one-shot masks, included), as qat's early stop."""
+    model.eval()  # BatchNorm statistics frozen, as in qat's recovery
+    params = [p for p in model.parameters() if p.requires_grad]
+    opt = torch.optim.Adam(params, lr=args.lr)
+    gen = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        logits_t = torch.cat([teacher(train[i : i + 16]) for i in range(0, len(train), 16)])
+        targets = torch.log_softmax(logits_t, dim=1)
+
+    def held_kl() -> float:
+        with torch.no_grad():
+            out = torch.cat([model(held[i : i + 16]) for i in range(0, len(held), 16)]).numpy()
+        return metrics.kl_divergence(metrics.softmax(ref), metrics.softmax(out))
+
+    history = [(0, held_kl())]
+    best = (history[0][1], copy.deepcopy(model.state_dict()))
+    for step in range(1, args.steps + 1):
+        idx = torch.randint(len(train), (8,), generator=gen)
+        out = torch.log_softmax(model(train[idx]), dim=1)
+        loss = torch.nn.functional.kl_div(out, targets[idx], log_target=True, reduction="batchmean")
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        if step % args.eval_every == 0 or step == args.steps:
+            history.append((step, held_kl()))
+            if history[-1][1] < best[0]:
+                best = (history[-1][1], copy.deepcopy(model.state_dict()))
+    model.load_state_dict(best[1])
+    return [(s, round(k, 4)) for s, k in history]
+
+
 def main() -> None:
     import modelopt.torch.quantization as mtq
     import modelopt.torch.sparsity as mts
@@ -74,6 +120,9 @@ def main() -> None:
     parser.add_argument("--calib", type=int, default=64, help="training crops ModelOpt calibrates on")
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--out-dir", type=Path, required=True, help="where the FP32 2:4 ONNX is written")
+    parser.add_argument("--steps", type=int, default=0, help="sparsity-aware fine-tuning steps [0: none]")
+    parser.add_argument("--lr", type=float, default=1e-4, help="fine-tuning Adam lr (qat's --sparse-lr)")
+    parser.add_argument("--eval-every", type=int, default=10, help="held-out check (best step kept)")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     torch.manual_seed(0)
@@ -114,8 +163,12 @@ def main() -> None:
         warnings.simplefilter("always")
         model = mts.sparsify(model, mode, config=config)
     skipped = [str(w.message) for w in caught if "Skipping" in str(w.message)]
-    model = mts.export(model)
     sparsify_cpu, sparsify_s = cpu_s() - c0, time.perf_counter() - t0
+    one_shot = scores(model.eval())
+    c2 = cpu_s()
+    history = fine_tune(model, teacher, train, held, ref, args) if args.steps else []
+    tune_cpu = cpu_s() - c2
+    model = mts.export(model)
     layers = {
         n: m.weight for n, m in model.named_modules() if isinstance(m, (torch.nn.Conv2d, torch.nn.Linear))
     }
@@ -156,6 +209,11 @@ def main() -> None:
                 "skipped": skipped,
                 "held_out": args.holdout,
                 "calib": len(calib),
+                "fp32_2to4_one_shot": one_shot,
+                "steps": args.steps,
+                "lr": args.lr,
+                "fine_tune_history": history,
+                "fine_tune_cpu_s": round(tune_cpu, 1),
                 "fp32_2to4": fp32,
                 "int8_2to4": int8,
                 "sparsify_cpu_s": round(sparsify_cpu, 1),
