@@ -8,7 +8,9 @@ The held-out crops also pick the best training step (early stopping), so they ar
 the next --test crops are (top-1 / KL on them, and FP32's top-1 minus top-2 probability on each miss).
 
 Run: python3 bench/bench_qat.py [--steps 30] [--train 128] [--holdout 128] [--skip-sparse] [--out result.json]
-     [--only-sparse] [--sparse-steps N] [--sparse-budget KL]   (2:4 rows only; qat's sparse options)
+     [--only-sparse] [--sparse-steps N] [--sparse-budget KL [--sparse-max-dense WEIGHTS]]
+     (--only-sparse: FP32 / dense INT8 PTQ / 2:4 / 2:4 + INT8, every graph scored on the held-out and
+     --test crops with decisive and raw top-1; qat's sparse options)
      [--test 128] [--eval-every 10] [--augment auto] [--schedule cosine]   (qat's QAT data / lr options)
      [--margin-term margin --margin-weight 1 --select top1-kl] [--select-on graph] [--skip-modelopt]
      (qat's top-1 options)
@@ -17,7 +19,7 @@ Every row reports KL (top-1 alone ties at 100 % on these crops) or, for MiniLM, 
 QAT starts from learned-rounding PTQ (trtbuild/qat/ptq_start.py) and distills with KL on the logits; the
 "seconds" of each row are wall seconds, "cpu_s" CPU seconds of this process (ModelOpt: of its subprocess).
 ModelOpt's torch QAT (same crops, split, loss, optimizer and steps) runs from .venv-modelopt through
-bench/modelopt_qat.py; its row says "skipped" without that venv. ModelOpt's sparsity is not run.
+bench/modelopt_qat.py; its row says "skipped" without that venv. ModelOpt's sparsity: bench_sparsity_peer.py.
 """
 
 from __future__ import annotations
@@ -101,6 +103,7 @@ def main() -> None:
     parser.add_argument("--model", choices=("efficientnet", "minilm"), default="efficientnet")
     parser.add_argument("--test", type=int, default=64, help="unseen crops / sentences")
     parser.add_argument("--eval-every", type=int, default=10, help="held-out evaluation every N steps")
+    parser.add_argument("--patience", type=int, default=10, help="qat's --patience (CLI default: 3)")
     parser.add_argument("--augment", choices=("auto", "off"), default="off", help="qat's --augment")
     parser.add_argument("--schedule", choices=("cosine", "constant"), default="constant", help="qat's")
     parser.add_argument("--margin-term", choices=("none", "margin", "topk"), default=None, help="qat's")
@@ -115,6 +118,7 @@ def main() -> None:
     parser.add_argument("--only-sparse", action="store_true", help="FP32 + the 2:4 rows only (no QAT/PTQ)")
     parser.add_argument("--sparse-steps", type=int, default=None, help="2:4 recovery steps [--steps]")
     parser.add_argument("--sparse-budget", type=float, default=None, help="qat's sparse_budget [none]")
+    parser.add_argument("--sparse-max-dense", type=int, default=None, help="qat's sparse_max_dense [none]")
     args = parser.parse_args()
     import torch
 
@@ -138,7 +142,7 @@ def main() -> None:
         "dynamic_batch": True,
         "steps": args.steps,
         "lr": args.lr,
-        "patience": 10,
+        "patience": args.patience,
         "on_step": progress,
         "augment": args.augment,
         "schedule": args.schedule,
@@ -147,7 +151,7 @@ def main() -> None:
         if getattr(args, option) is not None:
             common[option] = getattr(args, option)
     if args.only_sparse:
-        _only_sparse(args, common, tmp)
+        _only_sparse(args, common, tmp, unseen)
         return
     start, cpu0 = time.perf_counter(), time.process_time()
     q = qat(examples.efficientnet_lite0(), out_dir=tmp / "qat", **common)
@@ -227,8 +231,8 @@ def main() -> None:
         args.out.write_text(text + "\n")
 
 
-def _unseen_scorer(fp32: Path, unseen: np.ndarray) -> Any:
-    """Top-1 / KL of an INT8 graph vs FP32 on the unseen crops (empty with --test 0)."""
+def _unseen_scorer(fp32: Path, unseen: np.ndarray, prefix: str = "unseen") -> Any:
+    """Top-1 / KL of a graph vs FP32 on the unseen crops (empty with --test 0), keys ``<prefix>_...``."""
     from calibrators import fidelity, near_ties
 
     batches = [{"images": unseen[i : i + 16]} for i in range(0, len(unseen), 16)]
@@ -243,7 +247,7 @@ def _unseen_scorer(fp32: Path, unseen: np.ndarray) -> Any:
         if not batches:
             return {}
         out = fidelity.run_batches(fidelity.session(str(path)), batches)
-        found = {f"unseen_{k}": v for k, v in scores(fidelity.compare(reference, out, kinds=kinds)).items()}
+        found = {f"{prefix}_{k}": v for k, v in scores(fidelity.compare(reference, out, kinds=kinds)).items()}
         # FP32's top-1 minus top-2 softmax probability on each crop INT8 labels differently: near-ties?
         ref, test = next(iter(reference.values())), next(iter(out.values()))
         prob = np.exp(ref - ref.max(1, keepdims=True))
@@ -252,18 +256,25 @@ def _unseen_scorer(fp32: Path, unseen: np.ndarray) -> Any:
         missed = ref.argmax(1) != test.argmax(1)
         return {
             **found,
-            "unseen_miss_fp32_margins": [round(float(m), 3) for m in (top2[:, 1] - top2[:, 0])[missed]],
+            f"{prefix}_miss_fp32_margins": [round(float(m), 3) for m in (top2[:, 1] - top2[:, 0])[missed]],
         }
 
     return on_unseen
 
 
 def _sparse_options(args: argparse.Namespace) -> dict[str, Any]:
-    return {"sparsity": "2:4", "sparse_steps": args.sparse_steps, "sparse_budget": args.sparse_budget}
+    return {
+        "sparsity": "2:4",
+        "sparse_steps": args.sparse_steps,
+        "sparse_budget": args.sparse_budget,
+        "sparse_max_dense": args.sparse_max_dense,
+    }
 
 
-def _only_sparse(args: argparse.Namespace, common: dict[str, Any], tmp: Path) -> None:
-    """FP32 and the 2:4 rows without the INT8 PTQ/QAT ones (the sparse recipe's own measurement)."""
+def _only_sparse(args: argparse.Namespace, common: dict[str, Any], tmp: Path, unseen: np.ndarray) -> None:
+    """FP32 / dense INT8 PTQ (`quantize` defaults) / 2:4 FP32 / 2:4 + INT8 (`qat --sparsity 2:4`): the
+    issue's table. Every graph is scored on the same held-out crops (qat's seeded split) and the unseen
+    ones, decisive and raw top-1 as the gate judges them, with its zlib -9 size."""
     from export.pipeline import export_model
 
     fp32 = tmp / "fp32" / "efficientnet_lite0.onnx"
@@ -274,23 +285,42 @@ def _only_sparse(args: argparse.Namespace, common: dict[str, Any], tmp: Path) ->
         dynamic_batch=True,
         output_names=["logits"],
     )
-    rows = [
-        {
-            "model": "FP32",
-            "top1": 1.0,
-            "size_mib": compressed_mib(fp32),
-            "raw_mib": fp32.stat().st_size / 2**20,
-        }
-    ]
+    samples = common["data"]
+    order = np.random.default_rng(0).permutation(len(samples))  # CalibrationData.split(holdout, seed=0)
+    held = np.concatenate([samples[i]["images"] for i in np.sort(order[: args.holdout])])
+    on_held, on_unseen = _unseen_scorer(fp32, held, "held"), _unseen_scorer(fp32, unseen)
+
+    def measured(path: Path) -> dict[str, Any]:
+        raw = path.stat().st_size / 2**20
+        return {**on_held(path), **on_unseen(path), "size_mib": compressed_mib(path), "raw_mib": raw}
+
+    rows: list[dict[str, Any]] = [{"model": "FP32", **measured(fp32)}]
+    start, cpu0 = time.perf_counter(), time.process_time()
+    ptq = quantize(
+        fp32, samples, tmp / "ptq", holdout=args.holdout, min_fidelity="0.5", show_progress=False, threads=1
+    )
+    ptq_cpu, ptq_s = time.process_time() - cpu0, time.perf_counter() - start
+    rows.append({"model": "INT8 PTQ (quantize defaults)", **measured(ptq.onnx_path), "cpu_s": ptq_cpu})
+    rows[-1]["seconds"] = ptq_s
     start, cpu0 = time.perf_counter(), time.process_time()
     s = qat(examples.efficientnet_lite0(), out_dir=tmp / "sparse", **_sparse_options(args), **common)
+    sparse_s, sparse_cpu = time.perf_counter() - start, time.process_time() - cpu0
     report: dict[str, Any] = {
         "held_out": args.holdout,
         "train": args.train,
+        "unseen": len(unseen),
         "steps": args.steps,
+        "eval_every": args.eval_every,
+        "patience": args.patience,
         "rows": rows,
     }
-    report.update(_sparse(s, time.perf_counter() - start, time.process_time() - cpu0, rows))
+    report.update(_sparse(s, sparse_s, sparse_cpu, rows))
+    rows[-3].update(measured(s.onnx_path))  # 2:4 FP32 (recovered) as exported
+    rows[-1].update(measured(s.quantized.onnx_path))  # 2:4 + INT8
+    fp32_mib = rows[0]["size_mib"]
+    for row in rows:
+        if row.get("size_mib"):
+            row["x_smaller"] = round(fp32_mib / row["size_mib"], 2)
     report["sparse_options"] = _sparse_options(args)
     report["qat_sparsity"] = s.to_json()["sparsity"]
     report["out"] = str(tmp)

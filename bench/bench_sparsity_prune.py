@@ -11,7 +11,9 @@ Run: python3 bench/bench_sparsity_prune.py [--fit 64] [--train 128] [--holdout 6
 --recon-steps the block-wise prune + reconstruction (block_recon.py) with that rule.
 --budget adds the re-fit with `qat --sparse-budget` (prune_select.py: layers over their per-weight share of
 the KL budget stay dense, listed in the report) and --aug-steps the recovery `qat --sparsity 2:4` runs now
-(augmented views of the training crops, KL + block-feature loss; sparse_recover.py) on that model.
+(augmented views of the training crops, KL + block-feature loss; sparse_recover.py) on that model -- or,
+without --budget, on the last --methods all-layer re-fit (held-out top-1 / KL every --aug-every steps: the
+recovery curve, e.g. --methods sparsegpt --aug-steps 200 --aug-lr 1e-5).
 """
 
 from __future__ import annotations
@@ -123,6 +125,7 @@ def recover_augmented(
     steps: int,
     lr: float,
     on_eval: Any,
+    every: int = 25,
 ) -> None:
     """What `qat --sparsity 2:4` runs now: KL on logits + block-output MSE on fresh augmented views of the
     training crops (trtbuild/qat/sparse_recover.py), Adam, masks held, BatchNorm frozen."""
@@ -143,7 +146,7 @@ def recover_augmented(
         opt.zero_grad()
         loss.backward()
         opt.step()
-        if step % 25 == 0 or step == steps:
+        if step % every == 0 or step == steps:
             on_eval(step)
     hooks.remove()
     fd.remove()
@@ -172,6 +175,7 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--aug-steps", type=int, default=0, help="augmented feature-distillation steps")
     parser.add_argument("--aug-lr", type=float, default=1e-4)
+    parser.add_argument("--aug-every", type=int, default=25, help="held-out evaluation every N aug steps")
     parser.add_argument("--budget", type=float, default=None, help="also: re-fit with this KL budget")
     parser.add_argument("--skip-baseline", action="store_true", help="skip magnitude / old re-fit rows")
     parser.add_argument("--methods", default="", help="comma list of wanda,sparsegpt: all-layer re-fit rows")
@@ -217,12 +221,14 @@ def main() -> None:
             row(f"2:4 re-fitted + {args.steps} recovery steps", fitted, time.perf_counter() - t, cpu_s() - c)
     choosers = {"wanda": wanda_mask, "sparsegpt": sparsegpt_mask}
     blocks: dict[str, Any] = {}
+    pruned = None
     for method in [m for m in args.methods.split(",") if m]:
         if not args.recon_only:
             t, c = time.perf_counter(), cpu_s()
             pruned = copy.deepcopy(teacher)
             masks = prune_fitted(pruned, teacher, plan_pruning(pruned), feeds, choose=choosers[method])
             row(f"2:4 {method} masks + re-fit, all layers", pruned, time.perf_counter() - t, cpu_s() - c)
+            refit, refit_masks = pruned, masks
         if args.recon_steps:
             t, c = time.perf_counter(), cpu_s()
             gen = torch.Generator().manual_seed(1)
@@ -235,6 +241,16 @@ def main() -> None:
             label = f"2:4 {method} + block reconstruction ({args.recon_steps} steps, {len(views)} views)"
             row(label, recon, time.perf_counter() - t, cpu_s() - c)
             blocks[method] = [(r.block, round(r.before, 4), round(r.after, 4)) for r in results]
+    if args.aug_steps and args.budget is None and pruned is not None:
+        t, c = time.perf_counter(), cpu_s()
+        label = f"2:4 all layers re-fitted + augmented recovery (lr {args.aug_lr})"
+
+        def on_refit_eval(step: int) -> None:
+            row(f"{label}, step {step}", refit, time.perf_counter() - t, cpu_s() - c)
+
+        recover_augmented(
+            refit, teacher, refit_masks, train, args.aug_steps, args.aug_lr, on_refit_eval, args.aug_every
+        )
     chosen: dict[str, Any] = {}
     if args.budget is not None:
         t, c = time.perf_counter(), cpu_s()
@@ -256,7 +272,9 @@ def main() -> None:
             def on_eval(step: int) -> None:
                 row(f"{label} + {step} augmented steps", budgeted, time.perf_counter() - t, cpu_s() - c)
 
-            recover_augmented(budgeted, teacher, b_masks, train, args.aug_steps, args.aug_lr, on_eval)
+            recover_augmented(
+                budgeted, teacher, b_masks, train, args.aug_steps, args.aug_lr, on_eval, args.aug_every
+            )
     sizes = {
         "FP32": stored_mib(teacher, set(), 4),
         "INT8": stored_mib(teacher, set(), 1),

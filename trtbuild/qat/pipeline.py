@@ -208,6 +208,7 @@ def qat(
     sparse_steps: int | None = None,
     sparse_lr: float = sparse_recipe.RECOVERY_LR,
     sparse_budget: float | None = sparse_recipe.DEFAULT_BUDGET,
+    sparse_max_dense: int | None = None,
     batch_size: int = DEFAULT_BATCH_SIZE,
     lr: float = 2e-6,
     step_lr: float = 2e-6,
@@ -248,7 +249,8 @@ def qat(
     measure fidelity, the rest train. ``loss_fn(student_outputs, targets)`` replaces the distillation loss;
     with ``train_loader`` (``(inputs, labels)`` batches of tensors) the targets are the user's labels.
     ``sparse_steps``: FP32 recovery steps after pruning (default: ``steps``) at ``sparse_lr``;
-    ``sparse_budget``: KL budget that keeps the most sensitive layers dense (None: prune all eligible).
+    ``sparse_budget``: KL budget that keeps the most sensitive layers dense (None: prune all eligible);
+    ``sparse_max_dense``: with it, at most this many weights stay dense (a size target; prune_select.py).
     ``start``: "learned" starts from learned-rounding PTQ (its integers and bias correction folded into
     the weights, ptq_start.py), "nearest" from round-to-nearest without bias correction. ``smooth_quant``:
     as `quantize` (auto: where MatMul inputs have outlier channels); the student trains the smoothed model
@@ -267,6 +269,7 @@ def qat(
             f"sparsity pattern '{sparsity}' is not one TensorRT's sparse kernels take",
             f"use --sparsity {PATTERN}",
         )
+    sparse_recipe.check_max_dense(sparse_max_dense, sparse_budget)
     if augment not in AUGMENTS:
         raise TrtbuildError(f"unknown --augment '{augment}'", f"use one of {', '.join(AUGMENTS)}")
     if start not in STARTS:
@@ -378,7 +381,9 @@ def qat(
                 [torch.from_numpy(np.concatenate([t[n] for t in fit[i : i + size]])) for n in input_names]
                 for i in range(0, len(fit), size)
             ]
-            masks, decisions, _ = sparse_recipe.prune(model, teacher.cpu(), decisions, feeds, sparse_budget)
+            masks, decisions, _ = sparse_recipe.prune(
+                model, teacher.cpu(), decisions, feeds, sparse_budget, max_dense=sparse_max_dense
+            )
             teacher.to(dev)
             hooks = QuantHooks()
             modules = dict(model.named_modules())

@@ -17,6 +17,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from trtbuild.core.errors import TrtbuildError
 from trtbuild.qat.augment import augment, augmentable
 from trtbuild.qat.block_recon import BlockResult, ReconConfig, prune_blockwise
 from trtbuild.qat.prune import PruneDecision
@@ -32,6 +33,19 @@ MASKS: dict[str, MaskChooser] = {"sparsegpt": sparsegpt_mask, "wanda": wanda_mas
 DEFAULT_MASKS = "sparsegpt"  # held-out KL of all 33 EfficientNet-Lite0 layers re-fitted: 0.228 vs 0.288
 DEFAULT_RECON: ReconConfig | None = None  # ReconConfig(): block reconstruction (block_recon.py)
 VIEWS_PER_SAMPLE = 4  # reconstruction views: the fit samples plus 3 augmented views of each
+
+
+def check_max_dense(max_dense: int | None, budget: float | None) -> None:
+    """A dense-weight cap only limits what a KL budget keeps dense: it needs one, and must be >= 0."""
+    if max_dense is None:
+        return
+    if budget is None:
+        raise TrtbuildError(
+            "--sparse-max-dense caps the layers --sparse-budget keeps dense, but no budget was given",
+            "add --sparse-budget KL (e.g. 1.0) or drop --sparse-max-dense",
+        )
+    if max_dense < 0:
+        raise TrtbuildError(f"--sparse-max-dense must be >= 0 weights, not {max_dense}", "pass a count >= 0")
 
 
 def reconstruction_views(feeds: Sequence[Sequence[torch.Tensor]], seed: int) -> torch.Tensor | None:
@@ -54,14 +68,16 @@ def prune(
     masks_rule: str = DEFAULT_MASKS,
     recon: ReconConfig | None = DEFAULT_RECON,
     blocks: list[BlockResult] | None = None,
+    max_dense: int | None = None,
 ) -> tuple[dict[str, torch.Tensor], list[PruneDecision], list[LayerChoice]]:
     """(masks, decisions with the kept-dense layers' reasons, per-layer choices) after pruning ``model``.
-    ``blocks``, when given, receives each reconstructed block's result."""
+    ``blocks``, when given, receives each reconstructed block's result; ``max_dense`` caps the weights the
+    budget may keep dense (prune_select.py)."""
     eligible = [d for d in decisions if d.reason is None]
     selector = (
         None
         if budget is None
-        else OutputBudget(model, teacher, feeds, budget, sum(d.params for d in eligible))
+        else OutputBudget(model, teacher, feeds, budget, sum(d.params for d in eligible), max_dense)
     )
     accept = None if selector is None else selector.accept
     views = None if recon is None else reconstruction_views(feeds, recon.seed)

@@ -236,6 +236,7 @@ def stem_only():
     ("source", "extra", "message"),
     [
         ("tiny", ["--sparsity", "1:4"], "Invalid value for '--sparsity'"),
+        ("tiny", ["--sparsity", "2:4", "--sparse-max-dense", "1000"], "no budget was given"),
         ("tiny", ["--input", "x:1x3x8x8"], "has shape (3, 16, 16) per sample"),
         ("pool", [], "no Conv/Linear layer with weights"),
         ("stem_only", ["--sparsity", "2:4"], "can take 2:4 sparsity"),
