@@ -13,29 +13,17 @@ from onnx import numpy_helper
 from calibrators import adaround
 from calibrators.adaround_layers import learnable_layers
 from calibrators.adaround_prefix import PrefixRunner
-from calibrators.calibrate import compute_ranges
-from calibrators.collect import collect, instrument
-from calibrators.qdq import GraphCache, QdqOptions, apply_qdq, plan_qdq, quantizable_activations
+from calibrators.collect import instrument
+from calibrators.qdq import QdqOptions, apply_qdq, plan_qdq
 from calibrators.quantize import quantize
-from calibrators.ranges import RangeSet
 from trtbuild.core import ort as ort_core
 
 FAST = adaround.AdaRoundConfig(samples=16, rows=1024, iterations=150)
 
 
-@pytest.fixture(scope="module")
-def setup(
-    effnet_onnx: Path, photo_batch: np.ndarray
-) -> tuple[GraphCache, RangeSet, list[dict[str, np.ndarray]]]:
-    model = onnx.load(str(effnet_onnx))
-    calib = [{"images": photo_batch[i : i + 8]} for i in range(0, 16, 8)]
-    collection = collect(model, calib, tensors=quantizable_activations(model), show_progress=False)
-    return GraphCache(model), compute_ranges(collection, "mse"), calib
-
-
-def test_layer_rows_reproduce_the_onnx_layer(setup: tuple, photo_batch: np.ndarray) -> None:
+def test_layer_rows_reproduce_the_onnx_layer(effnet_mse: tuple, photo_batch: np.ndarray) -> None:
     """The grouped-matrix view of every Conv/Gemm (pads, strides, depthwise groups) computes what ORT does."""
-    cache, ranges, _ = setup
+    cache, ranges, _ = effnet_mse
     plan = plan_qdq(cache, ranges, QdqOptions())
     layers = learnable_layers(cache.model, cache.graph, plan.weights)
     assert {layer.op_type for layer in layers} == {"Conv", "Gemm"} and len(layers) > 40
@@ -63,8 +51,10 @@ def test_layer_rows_reproduce_the_onnx_layer(setup: tuple, photo_batch: np.ndarr
         assert np.array_equal(layer.from_matrix(w), cache.graph.constant(layer.weight))
 
 
-def test_learned_rounding_beats_nearest_and_stays_on_the_grid(setup: tuple, photo_batch: np.ndarray) -> None:
-    cache, ranges, calib = setup
+def test_learned_rounding_beats_nearest_and_stays_on_the_grid(
+    effnet_mse: tuple, photo_batch: np.ndarray
+) -> None:
+    cache, ranges, calib = effnet_mse
     plan = plan_qdq(cache, ranges, QdqOptions(bias_correction=False))
     names = [layer.weight for layer in learnable_layers(cache.model, cache.graph, plan.weights)[:3]]
     learned = adaround.learn_rounding(cache, plan, calib, FAST, only=names)
@@ -146,10 +136,10 @@ def test_unknown_rounding_is_refused_before_any_work(effnet_onnx: Path, tmp_path
     assert not (tmp_path / "out").exists()
 
 
-def test_incremental_prefix_gives_the_full_graphs_values(setup: tuple) -> None:
+def test_incremental_prefix_gives_the_full_graphs_values(effnet_mse: tuple) -> None:
     """Layer after layer, the frontier cache yields exactly what running the quantized graph from the
     images does, and holds only a few tensors (memory does not grow with the depth)."""
-    cache, ranges, calib = setup
+    cache, ranges, calib = effnet_mse
     plan = plan_qdq(cache, ranges, QdqOptions(bias_correction=False))
     qmodel = apply_qdq(cache, plan)
     by_name = {n.name: n for n in qmodel.graph.node}
@@ -166,8 +156,8 @@ def test_incremental_prefix_gives_the_full_graphs_values(setup: tuple) -> None:
     assert largest <= 4
 
 
-def test_learning_does_not_depend_on_the_thread_count(setup: tuple) -> None:
-    cache, ranges, calib = setup
+def test_learning_does_not_depend_on_the_thread_count(effnet_mse: tuple) -> None:
+    cache, ranges, calib = effnet_mse
     plan = plan_qdq(cache, ranges, QdqOptions(bias_correction=False))
     names = [layer.weight for layer in learnable_layers(cache.model, cache.graph, plan.weights)[1:3]]
     config = adaround.AdaRoundConfig(samples=8, rows=512, iterations=60)
@@ -177,11 +167,11 @@ def test_learning_does_not_depend_on_the_thread_count(setup: tuple) -> None:
     assert all(np.array_equal(one.decided[n], two.decided[n]) for n in names)
 
 
-def test_closed_form_gradient_is_the_direct_one(setup: tuple, photo_batch: np.ndarray) -> None:
+def test_closed_form_gradient_is_the_direct_one(effnet_mse: tuple, photo_batch: np.ndarray) -> None:
     """The Gram-matrix gradient (fewer inputs than rows) equals the one from the rows themselves."""
     import torch
 
-    cache, ranges, _ = setup
+    cache, ranges, _ = effnet_mse
     plan = plan_qdq(cache, ranges, QdqOptions())
     layer = next(x for x in learnable_layers(cache.model, cache.graph, plan.weights) if x.groups == 1)
     (act,) = ort_core.cpu_session(instrument(cache.model, [layer.activation])).run(
@@ -199,11 +189,11 @@ def test_closed_form_gradient_is_the_direct_one(setup: tuple, photo_batch: np.nd
     torch.testing.assert_close(got, w_q.grad, rtol=1e-4, atol=1e-5 * float(w_q.grad.abs().max()))
 
 
-def test_the_budget_stops_a_layer_mid_way(setup: tuple, photo_batch: np.ndarray) -> None:
+def test_the_budget_stops_a_layer_mid_way(effnet_mse: tuple, photo_batch: np.ndarray) -> None:
     """A deadline that has passed stops a layer's steps (the budget is a bound on the run, not a check
     between layers only); without one the same layer is learned."""
 
-    cache, ranges, _ = setup
+    cache, ranges, _ = effnet_mse
     plan = plan_qdq(cache, ranges, QdqOptions())
     layer = next(x for x in learnable_layers(cache.model, cache.graph, plan.weights) if x.groups == 1)
     (act,) = ort_core.cpu_session(instrument(cache.model, [layer.activation])).run(
@@ -219,7 +209,9 @@ def test_the_budget_stops_a_layer_mid_way(setup: tuple, photo_batch: np.ndarray)
     assert learned is not None and learned[0].shape == w.shape
 
 
-def test_nearest_is_kept_when_the_learned_graph_measures_worse(setup: tuple, photo_batch: np.ndarray) -> None:
+def test_nearest_is_kept_when_the_learned_graph_measures_worse(
+    effnet_mse: tuple, photo_batch: np.ndarray
+) -> None:
     """The end-to-end check after learning (calibrators/quantize.py `_nearest_if_better`): a rounding that
     went wrong -- every conv weight rounded the other way -- loses to round-to-nearest on held-out photos,
     so nearest is kept and the scores of both are recorded; a learned graph that is not worse is kept."""
@@ -228,7 +220,7 @@ def test_nearest_is_kept_when_the_learned_graph_measures_worse(setup: tuple, pho
     from calibrators import fidelity
     from calibrators.quantize import _nearest_if_better
 
-    cache, ranges, _ = setup
+    cache, ranges, _ = effnet_mse
     options = QdqOptions()
     plan = plan_qdq(cache, ranges, options)
     wrong = {}

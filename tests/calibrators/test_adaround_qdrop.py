@@ -3,31 +3,17 @@
 from __future__ import annotations
 
 from dataclasses import replace
-from pathlib import Path
 
 import numpy as np
-import onnx
 import pytest
 
 from calibrators import adaround, adaround_qdrop
 from calibrators.adaround_layers import learnable_layers
-from calibrators.calibrate import compute_ranges
-from calibrators.collect import collect, instrument
-from calibrators.qdq import GraphCache, QdqOptions, plan_qdq, quantizable_activations
-from calibrators.ranges import RangeSet
+from calibrators.collect import instrument
+from calibrators.qdq import QdqOptions, plan_qdq
 from trtbuild.core import ort as ort_core
 
 FAST = adaround.AdaRoundConfig(samples=16, rows=1024, iterations=150)
-
-
-@pytest.fixture(scope="module")
-def setup(
-    effnet_onnx: Path, photo_batch: np.ndarray
-) -> tuple[GraphCache, RangeSet, list[dict[str, np.ndarray]]]:
-    model = onnx.load(str(effnet_onnx))
-    calib = [{"images": photo_batch[i : i + 8]} for i in range(0, 16, 8)]
-    collection = collect(model, calib, tensors=quantizable_activations(model), show_progress=False)
-    return GraphCache(model), compute_ranges(collection, "mse"), calib
 
 
 def test_mix_takes_the_float_share_asked_for_deterministically() -> None:
@@ -46,8 +32,8 @@ def test_mix_takes_the_float_share_asked_for_deterministically() -> None:
     assert not np.array_equal(half[0] == f[0], half[1] == f[1])  # batches get their own masks
 
 
-def test_float_inputs_are_the_float_graphs_values(setup: tuple) -> None:
-    cache, ranges, calib = setup
+def test_float_inputs_are_the_float_graphs_values(effnet_mse: tuple) -> None:
+    cache, ranges, calib = effnet_mse
     plan = plan_qdq(cache, ranges, QdqOptions())
     layers = learnable_layers(cache.model, cache.graph, plan.weights)[:8]
     wanted = [layer.activation for layer in layers if layer.activation != "images"]
@@ -59,10 +45,10 @@ def test_float_inputs_are_the_float_graphs_values(setup: tuple) -> None:
         np.testing.assert_allclose(got[1], expected, rtol=0, atol=1e-5 * float(np.abs(expected).max()))
 
 
-def test_qdrop_learns_another_rounding_that_still_beats_nearest(setup: tuple) -> None:
+def test_qdrop_learns_another_rounding_that_still_beats_nearest(effnet_mse: tuple) -> None:
     """Fitted on mixed inputs, judged on the quantized ones: a different rounding, on the grid, better than
     round-to-nearest on held-out rows."""
-    cache, ranges, calib = setup
+    cache, ranges, calib = effnet_mse
     plan = plan_qdq(cache, ranges, QdqOptions(bias_correction=False))
     names = [layer.weight for layer in learnable_layers(cache.model, cache.graph, plan.weights)[2:4]]
     plain = adaround.learn_rounding(cache, plan, calib, FAST, threads=1, only=names)

@@ -8,32 +8,17 @@ from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
-import onnx
-import pytest
 
 from calibrators import adaround, ort_cpu, rounding_grid
 from calibrators.adaround_layers import learnable_layers
-from calibrators.calibrate import compute_ranges
-from calibrators.collect import collect
 from calibrators.ort_depthwise import depthwise_weights
 from calibrators.ort_variant import learn_variant_rounding
-from calibrators.qdq import GraphCache, QdqOptions, apply_qdq, plan_qdq, quantizable_activations
+from calibrators.qdq import QdqOptions, apply_qdq, plan_qdq
 from calibrators.qdq_select_ort import AFTER_FLOAT_REASON
 from calibrators.quantize_settings import QuantizeSettings
-from calibrators.ranges import RangeSet
 
 FAST = adaround.AdaRoundConfig(samples=16, rows=1024, iterations=150)
 AVX2 = ort_cpu.choose("x86-avx2")  # int7, depthwise int8: the same graph on every test machine
-
-
-@pytest.fixture(scope="module")
-def setup(
-    effnet_onnx: Path, photo_batch: np.ndarray
-) -> tuple[GraphCache, RangeSet, list[dict[str, np.ndarray]]]:
-    model = onnx.load(str(effnet_onnx))
-    calib = [{"images": photo_batch[i : i + 8]} for i in range(0, 16, 8)]
-    collection = collect(model, calib, tensors=quantizable_activations(model), show_progress=False)
-    return GraphCache(model), compute_ranges(collection, "mse"), calib
 
 
 def test_int7_grid_neighbours_and_nearest_stay_within_63() -> None:
@@ -44,8 +29,8 @@ def test_int7_grid_neighbours_and_nearest_stay_within_63() -> None:
     assert rounding_grid.nearest(scaled, "int8").tolist()[-1] == 80  # the int8 grid goes on to 127
 
 
-def test_depthwise_convs_keep_int8_and_the_one_after_the_float_stem_stays_float(setup: tuple) -> None:
-    cache, ranges, _ = setup
+def test_depthwise_convs_keep_int8_and_the_one_after_the_float_stem_stays_float(effnet_mse: tuple) -> None:
+    cache, ranges, _ = effnet_mse
     plan = plan_qdq(cache, ranges, QdqOptions(activation_type="uint8", **AVX2.formats()))
     depthwise = depthwise_weights(cache.model)
     assert len(depthwise) == 16  # EfficientNet-Lite0's depthwise convs
@@ -69,8 +54,8 @@ def test_depthwise_convs_keep_int8_and_the_one_after_the_float_stem_stays_float(
         }
 
 
-def test_variant_rounding_is_learned_on_its_own_grids(setup: tuple) -> None:
-    cache, ranges, calib = setup
+def test_variant_rounding_is_learned_on_its_own_grids(effnet_mse: tuple) -> None:
+    cache, ranges, calib = effnet_mse
     options = QdqOptions(activation_type="uint8", bias_correction=False, **AVX2.formats())
     plan = plan_qdq(cache, ranges, options)
     layers = learnable_layers(cache.model, cache.graph, plan.weights)
@@ -92,11 +77,11 @@ def test_variant_rounding_is_learned_on_its_own_grids(setup: tuple) -> None:
 
 
 def test_write_variant_learns_with_quantize_data(
-    setup: tuple, photo_batch: np.ndarray, tmp_path: Path
+    effnet_mse: tuple, photo_batch: np.ndarray, tmp_path: Path
 ) -> None:
     """learn_variant_rounding splits quantize's data as quantize did and learns the variant's grids; it does
     nothing where quantize did not learn or no data is given."""
-    cache, ranges, _ = setup
+    cache, ranges, _ = effnet_mse
     data = tmp_path / "photos.npy"
     np.save(data, photo_batch[:16])  # 8 to learn on, 8 held out
     options = QdqOptions(activation_type="uint8", **AVX2.formats())

@@ -10,7 +10,6 @@ A kill at any point leaves ``current`` on the old or the new version, never betw
 from __future__ import annotations
 
 import contextlib
-import fcntl
 import hashlib
 import os
 import shutil
@@ -19,6 +18,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 from trtbuild.core.errors import TrtbuildError
+from trtbuild.fleet import host_lock
 from trtbuild.fleet import state as state_mod
 
 VERSIONS = "versions"
@@ -36,18 +36,8 @@ def checkpoint(phase: str) -> None:
 @contextlib.contextmanager
 def locked(root: Path) -> Iterator[None]:
     """One agent per install root at a time (a second one waits): installs never interleave."""
-    try:
-        root.mkdir(parents=True, exist_ok=True)
-        fd = os.open(root / LOCK, os.O_RDWR | os.O_CREAT, 0o644)
-    except OSError as exc:
-        raise TrtbuildError(
-            f"cannot use install root {root}: {exc.strerror}", "pick a writable folder"
-        ) from exc
-    try:
-        fcntl.flock(fd, fcntl.LOCK_EX)
+    with host_lock.exclusive(root / LOCK, f"cannot use install root {root}", "pick a writable folder"):
         yield
-    finally:
-        os.close(fd)
 
 
 def current_name(root: Path) -> str | None:

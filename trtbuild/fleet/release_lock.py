@@ -14,7 +14,6 @@ OCI registries offer no compare-and-swap on tags, so two layers do the serialisi
 from __future__ import annotations
 
 import contextlib
-import fcntl
 import hashlib
 import logging
 import os
@@ -26,7 +25,7 @@ from pathlib import Path
 from typing import TypeVar
 
 from trtbuild.core.errors import TrtbuildError
-from trtbuild.fleet import metadata_store, oci
+from trtbuild.fleet import host_lock, metadata_store, oci
 
 ATTEMPTS = 10
 SETTLE_S = 0.2  # between our timestamp push and the check that our release is the current one
@@ -50,18 +49,9 @@ def lock_path(reg: oci.Registry) -> Path:
 def publisher_lock(reg: oci.Registry) -> Iterator[None]:
     """One publisher per registry repository on this host at a time (the others wait their turn)."""
     path = lock_path(reg)
-    try:
-        fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
-    except OSError as exc:
-        raise TrtbuildError(
-            f"cannot create the publish lock {path}: {exc.strerror}",
-            f"set {LOCK_DIR_ENV} to a writable folder",
-        ) from exc
-    try:
-        fcntl.flock(fd, fcntl.LOCK_EX)
+    fix = f"set {LOCK_DIR_ENV} to a writable folder"
+    with host_lock.exclusive(path, f"cannot create the publish lock {path}", fix):
         yield
-    finally:
-        os.close(fd)
 
 
 def free_version(reg: oci.Registry, role: str, after: int) -> int:
