@@ -55,7 +55,7 @@ def write_plan_graph(plan: BuildPlan, base: Path | None = None, seed: int = 0) -
     from export.fp16 import convert_fp16, verify_fp16
 
     convert_fp16(source, graph)
-    feeds, batch = seeded_inputs(plan, seed)
+    feeds, batch = seeded_feeds(plan.inputs, seed)
     check = verify_fp16(source, graph, feeds, min_cosine=MIN_COSINE, batch=batch)
     if not check.passed:
         graph.unlink(missing_ok=True)
@@ -67,14 +67,10 @@ def write_plan_graph(plan: BuildPlan, base: Path | None = None, seed: int = 0) -
     return graph
 
 
-def seeded_inputs(plan: BuildPlan, seed: int, runs: int = 4) -> tuple[dict[str, np.ndarray], int]:
-    """``runs`` batches of each input's optimum shape (standard-normal floats, integers in [0, 8)), and
-    that batch size: a graph with a fixed batch only takes batches of it."""
-    return seeded_feeds(plan.inputs, seed, runs)
-
-
 def seeded_feeds(inputs: Sequence[InputSpec], seed: int, runs: int = 4) -> tuple[dict[str, np.ndarray], int]:
-    """:func:`seeded_inputs` for input specs without a plan (Triton ONNX Runtime models, Qualcomm graphs)."""
+    """``runs`` batches of each input's optimum shape (standard-normal floats, integers in [0, 8)), and
+    that batch size: a graph with a fixed batch only takes batches of it. ``inputs``: a plan's, or a graph's
+    own input specs (Triton ONNX Runtime models, Qualcomm graphs)."""
     rng = np.random.default_rng(seed)
     feeds: dict[str, np.ndarray] = {}
     batch = max(1, inputs[0].opt_shape[0]) if inputs and inputs[0].opt_shape else 1

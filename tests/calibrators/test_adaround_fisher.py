@@ -5,34 +5,23 @@ from __future__ import annotations
 
 import logging
 from dataclasses import replace
-from pathlib import Path
 
 import numpy as np
-import onnx
 import pytest
 import torch
 from onnx import TensorProto, helper
 
 from calibrators import adaround, adaround_fisher, onnx_torch
 from calibrators.adaround_layers import learnable_layers
-from calibrators.calibrate import compute_ranges
-from calibrators.collect import collect, instrument
-from calibrators.qdq import GraphCache, QdqOptions, plan_qdq, quantizable_activations
+from calibrators.collect import instrument
+from calibrators.qdq import QdqOptions, plan_qdq
 from trtbuild.core import ort as ort_core
 
 
-@pytest.fixture(scope="module")
-def setup(effnet_onnx: Path, photo_batch: np.ndarray) -> tuple[GraphCache, object, list]:
-    model = onnx.load(str(effnet_onnx))
-    calib = [{"images": photo_batch[i : i + 8]} for i in range(0, 16, 8)]
-    collection = collect(model, calib, tensors=quantizable_activations(model), show_progress=False)
-    return GraphCache(model), compute_ranges(collection, "mse"), calib
-
-
-def test_torch_evaluator_computes_what_ort_does(setup: tuple, photo_batch: np.ndarray) -> None:
+def test_torch_evaluator_computes_what_ort_does(effnet_mse: tuple, photo_batch: np.ndarray) -> None:
     """The TorchScript export's "same" padding (Shape/Slice/Concat/Pad arithmetic), convs and head, in
     torch: the logits and an inner conv output equal ORT's."""
-    cache, _, _ = setup
+    cache, _, _ = effnet_mse
     inner = next(n for n in cache.model.graph.node if n.op_type == "Conv" and "_blocks.5" in n.name)
     x = photo_batch[:2]
     names = ["logits", inner.output[0]]
@@ -47,11 +36,11 @@ def test_torch_evaluator_computes_what_ort_does(setup: tuple, photo_batch: np.nd
         assert np.abs(value - expected).max() <= 1e-4 * np.abs(expected).max(), name
 
 
-def test_fisher_weights_follow_the_likely_classes(setup: tuple) -> None:
+def test_fisher_weights_follow_the_likely_classes(effnet_mse: tuple) -> None:
     """On the classifier (its output is the logits) the softmax Fisher p (1 - p) puts the weight on the
     classes the FP32 model finds likely: the predicted classes weigh far more than the median class. Per
     layer the weights have mean 1 and are the same for the same seed."""
-    cache, ranges, calib = setup
+    cache, ranges, calib = effnet_mse
     plan = plan_qdq(cache, ranges, QdqOptions())
     layers = learnable_layers(cache.model, cache.graph, plan.weights)
     fc = [layers[0], layers[-1]]
@@ -68,10 +57,10 @@ def test_fisher_weights_follow_the_likely_classes(setup: tuple) -> None:
     assert again is not None and np.array_equal(again[layers[-1].weight][0], classifier)
 
 
-def test_output_weighted_learning_still_beats_nearest(setup: tuple) -> None:
+def test_output_weighted_learning_still_beats_nearest(effnet_mse: tuple) -> None:
     """With output weights the learning picks other integers, and each kept layer's weighted error on
     held-out rows (other images) is below round-to-nearest's."""
-    cache, ranges, calib = setup
+    cache, ranges, calib = effnet_mse
     plan = plan_qdq(cache, ranges, QdqOptions(bias_correction=False))
     names = [layer.weight for layer in learnable_layers(cache.model, cache.graph, plan.weights)[1:3]]
     config = adaround.AdaRoundConfig(samples=8, rows=512)

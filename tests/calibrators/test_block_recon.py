@@ -13,9 +13,7 @@ import torch
 from onnx import numpy_helper
 
 from calibrators import act_step, adaround, block_recon, cache, fidelity
-from calibrators.calibrate import compute_ranges
-from calibrators.collect import collect
-from calibrators.qdq import GraphCache, QdqOptions, apply_qdq, plan_qdq, quantizable_activations
+from calibrators.qdq import GraphCache, QdqOptions, apply_qdq, plan_qdq
 from calibrators.ranges import RangeSet
 from trtbuild.core import ort as ort_core
 
@@ -24,14 +22,8 @@ TINY = block_recon.BlockConfig(samples=16, check=4, iterations=12, batch=4, wors
 
 
 @pytest.fixture(scope="module")
-def setup(
-    effnet_onnx: Path, photo_batch: np.ndarray
-) -> tuple[GraphCache, RangeSet, QdqOptions, list[dict[str, np.ndarray]]]:
-    model = onnx.load(str(effnet_onnx))
-    calib = [{"images": photo_batch[i : i + 8]} for i in range(0, 16, 8)]
-    collection = collect(model, calib, tensors=quantizable_activations(model), show_progress=False)
-    ranges = compute_ranges(collection, "mse")
-    graph = GraphCache(model)
+def setup(effnet_mse: tuple) -> tuple[GraphCache, RangeSet, QdqOptions, list[dict[str, np.ndarray]]]:
+    graph, ranges, calib = effnet_mse
     # The warm start: layer-wise learned rounding of the first layers (a few steps: fast)
     plan = plan_qdq(graph, ranges, QdqOptions(bias_correction=False))
     config = adaround.AdaRoundConfig(samples=8, rows=256, iterations=10)
