@@ -29,6 +29,7 @@ from typing import Any
 
 import numpy as np
 import onnx
+from onnx import helper
 
 from calibrators import adaround_fisher, adaround_qdrop, rounding_grid
 from calibrators.adaround_layers import Layer, batch_size_of, learnable_layers, row_rng
@@ -206,9 +207,13 @@ def _learn_all(
         # This layer's input rows in the graph with every layer learned so far.
         current = replace(plan, rounded_weights={**plan.rounded_weights, **result.weights})
         qmodel = apply_qdq(cache, current, check=False)
-        tensor = next(n for n in qmodel.graph.node if n.name == layer.node).input[0]
+        qnode = next(n for n in qmodel.graph.node if n.name == layer.node)
+        tensor = qnode.input[0]
         values = prefix.run(qmodel, [tensor])
-        x_q = _quantized_rows(layer, [v[tensor] for v in values], config, index, per)
+        # The ORT-CPU graph folds a zero Pad into the conv after it (qdq_fold_pads.py): its input is then
+        # the unpadded tensor, and the conv's own pads are the ones to gather rows with.
+        qlayer = replace(layer, attrs={a.name: helper.get_attribute_value(a) for a in qnode.attribute})
+        x_q = _quantized_rows(qlayer, [v[tensor] for v in values], config, index, per)
         x_fit = None
         if floats is not None:  # fitted on a float/quantized mix, judged on the quantized rows
             mixed = adaround_qdrop.mix(

@@ -212,3 +212,26 @@ def test_third_party_opset12_batch1_model_quantizes_for_ort_cpu(tmp_path: Path) 
     assert ops["QLinearConv"] == 1 and ops["QLinearGlobalAveragePool"] == 1 and ops["Pad"] == 0, ops
     # the 3-channel stem stays float by rule, and so does the depthwise conv it feeds (both Pads fused)
     assert ops["Conv"] + ops["FusedConv"] == 2, ops
+
+
+def test_learned_rounding_reads_the_folded_pads_of_a_third_party_model(tmp_path: Path) -> None:
+    """Learned rounding of the ORT-CPU graph on an opset-12, fixed-batch-1 model whose exporter wrote Pad ->
+    Conv: the Pad is folded into the conv there (qdq_fold_pads.py), so the conv's input rows must be gathered
+    with the conv's own pads (before, the rows did not match the conv's output and learning crashed)."""
+    source = tmp_path / "third_party.onnx"
+    onnx.save(_padded_model(12), str(source))
+    photos = _photos(24)
+    result = quantize(
+        source,
+        [{"image:0": photos[i : i + 1]} for i in range(len(photos))],
+        tmp_path / "out",
+        holdout=8,
+        min_fidelity="cosine=0.98",
+        activation_type="uint8",
+        rounding="learned",
+        show_progress=False,
+    )
+    assert result.passed and result.rounding is not None
+    learned = {layer.weight for layer in result.rounding.layers}
+    pw_weight = next(n.input[1] for n in _padded_model(12).graph.node if n.name == "pw conv")
+    assert pw_weight in learned and not result.rounding.skipped
