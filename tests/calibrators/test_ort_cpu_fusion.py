@@ -6,6 +6,7 @@ from __future__ import annotations
 
 from collections import Counter
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import onnx
@@ -18,7 +19,7 @@ from calibrators import qdq_rewrite as rewrite
 from calibrators.calibrate import compute_ranges
 from calibrators.collect import collect
 from calibrators.qdq import QdqOptions, apply_qdq, plan_qdq, quantizable_activations
-from calibrators.quantize import quantize
+from calibrators.quantize import QuantizeResult, quantize
 from calibrators.ranges import RangeSet
 from trtbuild import examples
 from trtbuild.core import ort as ort_core
@@ -165,6 +166,23 @@ def _photos(n: int) -> np.ndarray:
     return examples.normalize_imagenet(examples.photo_crops(n, seed=5))[:, :, 80:144, 80:144].copy()
 
 
+def _quantize_third_party(tmp_path: Path, **settings: Any) -> QuantizeResult:
+    """The opset-12, fixed-batch-1 padded model quantized for ORT CPU on 16 + 8 held-out photo crops."""
+    source = tmp_path / "third_party.onnx"
+    onnx.save(_padded_model(12), str(source))
+    photos = _photos(24)
+    return quantize(
+        source,
+        [{"image:0": photos[i : i + 1]} for i in range(len(photos))],
+        tmp_path / "out",
+        holdout=8,
+        min_fidelity="cosine=0.98",
+        activation_type="uint8",
+        show_progress=False,
+        **settings,
+    )
+
+
 def test_pad_fold_is_exact(monkeypatch: pytest.MonkeyPatch) -> None:
     model = _padded_model(13)
     photos = _photos(8)
@@ -194,18 +212,7 @@ def test_pad_fold_is_exact(monkeypatch: pytest.MonkeyPatch) -> None:
 def test_third_party_opset12_batch1_model_quantizes_for_ort_cpu(tmp_path: Path) -> None:
     """An opset-12, fixed-batch-1 model through the whole pipeline: upgraded, calibrated (the extra output
     tensors included), gated as ORT really runs it, and fully fused."""
-    source = tmp_path / "third_party.onnx"
-    onnx.save(_padded_model(12), str(source))
-    photos = _photos(24)
-    result = quantize(
-        source,
-        [{"image:0": photos[i : i + 1]} for i in range(len(photos))],
-        tmp_path / "out",
-        holdout=8,
-        min_fidelity="cosine=0.98",
-        activation_type="uint8",
-        show_progress=False,
-    )
+    result = _quantize_third_party(tmp_path)
     assert result.passed and result.fidelity.semantics == ort_core.ORT_CPU
     assert "pw/relu" in result.plan.activations and "pooled" in result.plan.activations
     ops = Counter(n.op_type for n in _optimized(result.onnx_path, tmp_path, "tp").graph.node)
@@ -218,19 +225,7 @@ def test_learned_rounding_reads_the_folded_pads_of_a_third_party_model(tmp_path:
     """Learned rounding of the ORT-CPU graph on an opset-12, fixed-batch-1 model whose exporter wrote Pad ->
     Conv: the Pad is folded into the conv there (qdq_fold_pads.py), so the conv's input rows must be gathered
     with the conv's own pads (before, the rows did not match the conv's output and learning crashed)."""
-    source = tmp_path / "third_party.onnx"
-    onnx.save(_padded_model(12), str(source))
-    photos = _photos(24)
-    result = quantize(
-        source,
-        [{"image:0": photos[i : i + 1]} for i in range(len(photos))],
-        tmp_path / "out",
-        holdout=8,
-        min_fidelity="cosine=0.98",
-        activation_type="uint8",
-        rounding="learned",
-        show_progress=False,
-    )
+    result = _quantize_third_party(tmp_path, rounding="learned")
     assert result.passed and result.rounding is not None
     learned = {layer.weight for layer in result.rounding.layers}
     pw_weight = next(n.input[1] for n in _padded_model(12).graph.node if n.name == "pw conv")
