@@ -34,6 +34,7 @@ from trtbuild.core import ort as ort_core
 from trtbuild.core.errors import TrtbuildError
 
 Feeds = Mapping[str, np.ndarray]
+CAPTION_TIES = 20  # near-ties named in the console caption (a CTC reader can have thousands)
 __all__ = [
     "DEFAULT_THRESHOLD",
     "FidelityReport",
@@ -147,9 +148,10 @@ class FidelityReport:
             warning += f" ({fewest} of them decisive for top-1)"
         return warning
 
-    def near_tie_lines(self) -> list[str]:
-        """Per top-1 output with the near-tie rule on: every held-out sample it set aside, and why."""
-        return [_ties_caption(o) for o in self.outputs if o.tie_rule]
+    def near_tie_lines(self, limit: int | None = None) -> list[str]:
+        """Per top-1 output with the near-tie rule on: the held-out samples it set aside (the first
+        ``limit`` of them; all by default), and why."""
+        return [_ties_caption(o, limit) for o in self.outputs if o.tie_rule]
 
     def to_json(self) -> dict[str, Any]:
         return {
@@ -177,7 +179,7 @@ class FidelityReport:
             caption="\n".join(
                 [
                     *why,
-                    *self.near_tie_lines(),
+                    *self.near_tie_lines(CAPTION_TIES),
                     f"measured with {ort_core.describe(self.semantics)}; [..] = 95% interval",
                     *([f"[yellow]{self.sample_warning}[/yellow]"] if self.sample_warning else []),
                 ]
@@ -230,18 +232,23 @@ def _top1_text(o: OutputFidelity, samples: int) -> str:
     )
 
 
-def _ties_caption(o: OutputFidelity) -> str:
-    """One line naming every near-tie set aside: sample, FP32 margin, whether the model agreed."""
+def _ties_caption(o: OutputFidelity, limit: int | None = None) -> str:
+    """One line naming the near-ties set aside (the first ``limit``): sample, FP32 margin, whether the
+    model agreed."""
     if not o.near_ties:
         return f"{o.name}: no near-ties ({o.tie_rule})"
+    shown = o.near_ties if limit is None else o.near_ties[:limit]
+    more = len(o.near_ties) - len(shown)
     listed = ", ".join(
         f"#{t['sample']}"
         + (f"@{t['position']}" if "position" in t else "")
         + f" ({t['margin']:.4g}"
         + ("" if t.get("agrees", True) else ", differs")
         + ")"
-        for t in o.near_ties
+        for t in shown
     )
+    if more:  # a per-position output can have thousands: the JSON and the --report page list them all
+        listed += f" and {more} more (all in the JSON and --report)"
     return f"{o.name}: {len(o.near_ties)} near-tie(s) not counted by top-1 ({o.tie_rule}): {listed}"
 
 

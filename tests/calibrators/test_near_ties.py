@@ -154,3 +154,36 @@ def test_measure_and_int4_gate_decide_top1_on_decisive_samples(
     logits = json.loads(out)["fidelity"]["outputs"][0]
     assert logits["decisive_samples"] == 0 and len(logits["near_ties"]) == 32  # a huge floor: all set aside
     assert logits["tie_rule"] and logits["raw_top1"] is not None
+
+
+def test_a_noisy_fp16_graph_sets_no_ties_aside_on_a_ctc_reader() -> None:
+    """PP-OCRv4's CTC reader (third-party, opset 12, [N, 40, 6625] probabilities): its FP16 graph shifts some
+    position's margin by more than most positions' margins, so the auto floor would set aside a large
+    share of the positions -- and once passed an INT8 graph at 99% whose raw agreement was 94%. Above
+    MAX_AUTO_SHARE nothing is set aside: top-1 is raw, and the rule says why."""
+    from test_quantize_models import REC_MEMBER, fetch_rapidocr_onnx, make_text_lines
+
+    model = onnx.load(str(fetch_rapidocr_onnx(REC_MEMBER)))
+    lines = make_text_lines(96)[64:]
+    batches = [{"x": lines[i : i + 8]} for i in range(0, len(lines), 8)]
+    reference = fidelity.run_batches(fidelity.session(model, 1), batches)
+    (name,) = reference
+    kinds = near_ties.attach(fidelity.decide_kinds(model, reference), model, reference, batches, threads=1)
+    ties = kinds[name].ties
+    assert ties is not None and ties.source == near_ties.NOISY_FP16_SOURCE and ties.tied == ()
+    assert ties.refused_share is not None and ties.refused_share > near_ties.MAX_AUTO_SHARE
+    # Judged against its own FP16 graph: the top-1 reported is the raw one, and the rule names the reason.
+    fp16 = near_ties.fp16_graph(model)
+    out = fidelity.measure(model, fp16, batches, reference=reference).outputs[0]
+    raw = fidelity.measure(model, fp16, batches, reference=reference, tie_margin=0).outputs[0]
+    assert out.top1_agreement == raw.top1_agreement and out.near_ties == [] and out.decisive_samples == 32
+    assert out.tie_rule is not None and "too noisy" in out.tie_rule
+
+
+def test_the_console_names_the_first_near_ties_and_the_json_all(held: tuple) -> None:
+    model, batches, reference = held
+    kinds = near_ties.attach(fidelity.decide_kinds(model, reference), model, reference, batches, 10.0)
+    report = fidelity.compare(reference, reference, kinds=kinds)
+    (every,) = report.near_tie_lines()
+    (first,) = report.near_tie_lines(3)
+    assert every.count("#") == HELD and first.count("#") == 3 and f"and {HELD - 3} more" in first

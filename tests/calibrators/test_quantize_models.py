@@ -22,6 +22,7 @@ from trtbuild import examples
 CACHE = Path.home() / ".cache" / "trtbuild"
 RAPIDOCR = "rapidocr-onnxruntime==1.4.4"
 DET_MEMBER = "rapidocr_onnxruntime/models/ch_PP-OCRv4_det_infer.onnx"
+REC_MEMBER = "rapidocr_onnxruntime/models/ch_PP-OCRv4_rec_infer.onnx"  # SVTR CTC reader, opset 12
 
 SENTENCES = [
     "The cat sits on the warm mat by the window.",
@@ -53,7 +54,12 @@ SENTENCES = [
 
 def fetch_det_onnx() -> Path:
     """The PP-OCRv4 text detector ONNX (opset 12, dynamic H/W), extracted once from the PyPI wheel."""
-    target = CACHE / "ch_PP-OCRv4_det_infer.onnx"
+    return fetch_rapidocr_onnx(DET_MEMBER)
+
+
+def fetch_rapidocr_onnx(member: str) -> Path:
+    """One of the rapidocr-onnxruntime wheel's third-party ONNX files, extracted once."""
+    target = CACHE / Path(member).name
     if not target.exists():
         CACHE.mkdir(parents=True, exist_ok=True)
         subprocess.run(
@@ -62,7 +68,7 @@ def fetch_det_onnx() -> Path:
         )
         wheel = next(CACHE.glob("rapidocr_onnxruntime-1.4.4-*.whl"))
         tmp = target.with_suffix(".tmp")
-        tmp.write_bytes(zipfile.ZipFile(wheel).read(DET_MEMBER))
+        tmp.write_bytes(zipfile.ZipFile(wheel).read(member))
         tmp.replace(target)
     return target
 
@@ -88,6 +94,25 @@ def make_page_crops() -> np.ndarray:
     pixels = np.stack(crops).astype(np.float32) / 255.0
     mean, std = np.array(examples.IMAGENET_MEAN, np.float32), np.array(examples.IMAGENET_STD, np.float32)
     return np.ascontiguousarray(((pixels - mean) / std).transpose(0, 3, 1, 2)).astype(np.float32)
+
+
+def make_text_lines(count: int, height: int = 48, width: int = 320) -> np.ndarray:
+    """``count`` text-line crops of the scanned page resized to the PP-OCR reader's input, normalised as
+    PaddleOCR does ((x / 255 - 0.5) / 0.5, NCHW float32)."""
+    from PIL import Image
+
+    page = examples.photos()[examples.PHOTOS.index("page")]
+    rng = np.random.default_rng(0)
+    lines = []
+    for _ in range(count):
+        line_h = int(rng.integers(14, 40))
+        line_w = int(min(page.shape[1], line_h * width / height * rng.uniform(0.7, 1.3)))
+        top = int(rng.integers(0, page.shape[0] - line_h + 1))
+        left = int(rng.integers(0, page.shape[1] - line_w + 1))
+        patch = np.ascontiguousarray(page[top : top + line_h, left : left + line_w])
+        lines.append(np.asarray(Image.fromarray(patch).resize((width, height), Image.Resampling.BILINEAR)))
+    pixels = np.stack(lines).astype(np.float32) / 255.0
+    return np.ascontiguousarray(((pixels - 0.5) / 0.5).transpose(0, 3, 1, 2))
 
 
 @pytest.fixture(scope="session")
