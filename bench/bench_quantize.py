@@ -93,6 +93,30 @@ def detector(tmp: Path) -> tuple[Path, list[Sample], list[Sample]]:
     return path, samples[:16], samples[16:]
 
 
+def third_party(tmp: Path, member: str, width: int, calib: int) -> tuple[Path, list[Sample], list[Sample]]:
+    """A PP-OCR ONNX file from the rapidocr wheel as a user has it (opset 11/12, unfused BatchNorm, Constant
+    weights, exporter names), at opset 13 for per-channel Q/DQ, on text lines of the scanned page."""
+    from test_quantize_models import fetch_rapidocr_onnx, make_text_lines
+
+    model = onnx.version_converter.convert_version(onnx.load(str(fetch_rapidocr_onnx(member))), 13)
+    path = tmp / f"{Path(member).stem}13.onnx"
+    onnx.save(model, str(path))
+    name = model.graph.input[0].name
+    lines = make_text_lines(calib + 64, width=width)
+    samples = [{name: lines[i : i + 1]} for i in range(len(lines))]
+    return path, samples[:calib], samples[calib:]
+
+
+def reader(tmp: Path) -> tuple[Path, list[Sample], list[Sample]]:
+    from test_quantize_models import REC_MEMBER
+
+    return third_party(tmp, REC_MEMBER, 320, 32)
+
+
+def angle_classifier(tmp: Path) -> tuple[Path, list[Sample], list[Sample]]:
+    return third_party(tmp, "rapidocr_onnxruntime/models/ch_ppocr_mobile_v2.0_cls_infer.onnx", 192, 32)
+
+
 def stack(samples: list[Sample]) -> list[Sample]:
     return [{k: np.concatenate([s[k] for s in samples]) for k in samples[0]}]
 
@@ -273,7 +297,11 @@ def main() -> None:
     import argparse
 
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0] if __doc__ else None)
-    parser.add_argument("--models", default="effnet,minilm,det", help="comma-separated: effnet, minilm, det")
+    parser.add_argument(
+        "--models",
+        default="effnet,minilm,det",
+        help="comma-separated: effnet, minilm, det, and the third-party PP-OCR files rec (CTC reader), cls",
+    )
     chosen = parser.parse_args().models.split(",")
     started = time.perf_counter()
     tmp = Path(tempfile.mkdtemp(prefix="bench_quantize_"))
@@ -304,6 +332,8 @@ def main() -> None:
         ("effnet", "EfficientNet-Lite0", effnet),
         ("minilm", "MiniLM-L6 (sentence emb.)", minilm),
         ("det", "PP-OCRv4 det (DBNet)", detector),
+        ("rec", "PP-OCRv4 rec (SVTR CTC reader)", reader),
+        ("cls", "PP-OCR angle classifier", angle_classifier),
     ):
         if key not in chosen:
             continue
