@@ -181,6 +181,10 @@ class PlanSettings:
     calib_cache: str | None = None
     qdq_onnx: str | None = None
     fp16_onnx: str | None = None  # None: derived (converted) where the plan needs one
+    # A strongly typed Q/DQ build: the type of the unquantized layers (ModelOpt's high_precision_dtype).
+    # fp16 (default) derives the Q/DQ graph with FP16 float parts; fp32 builds the Q/DQ graph as given,
+    # for a model whose float parts drift in FP16 (slower, as accurate as its Q/DQ).
+    high_precision: str = "fp16"
     data: str | None = None  # FP8 without qdq_onnx: calibration data the FP8 Q/DQ graph is quantized from
     min_fidelity: tuple[str, ...] = ()  # with data: the FP8 graph's fidelity gate (as `trtbuild quantize`)
     out_root: str = str(OUTPUT_ROOT)
@@ -199,6 +203,9 @@ def _has_fp8_qdq(graph: str | os.PathLike[str]) -> bool:
 
     model = onnx.load(str(graph), load_external_data=False)
     return any(t.data_type == onnx.TensorProto.FLOAT8E4M3FN for t in model.graph.initializer)
+
+
+HIGH_PRECISIONS = ("fp16", "fp32")  # the unquantized layers of a strongly typed Q/DQ build
 
 
 def make_plan(
@@ -221,6 +228,7 @@ def make_plan(
     fp16_onnx: str | os.PathLike[str] | None = None,
     engine_path: str | os.PathLike[str] | None = None,
     out_root: str | os.PathLike[str] = OUTPUT_ROOT,
+    high_precision: str = "fp16",
 ) -> BuildPlan:
     """Decide the whole build. Raises TrtbuildError with a one-line reason for any invalid combination."""
     tgt = target if isinstance(target, Target) else get_target(target)
@@ -229,8 +237,21 @@ def make_plan(
     notes: list[str] = []
 
     check_precision_supported(tgt, prec, version)
+    if high_precision not in HIGH_PRECISIONS:
+        raise TrtbuildError(
+            f"unknown high precision '{high_precision}'", f"use one of {', '.join(HIGH_PRECISIONS)}"
+        )
     onnx, kind, strongly_typed, flags, cache = _choose_graph_and_flags(
-        tgt, prec, version, onnx_path, calib_cache, qdq_onnx, fp16_onnx, dla_core is not None, notes
+        tgt,
+        prec,
+        version,
+        onnx_path,
+        calib_cache,
+        qdq_onnx,
+        fp16_onnx,
+        dla_core is not None,
+        notes,
+        high_precision,
     )
     flags += _dla_flags(tgt, prec, version, dla_core, gpu_fallback, notes)
     hw = _hardware_compat(tgt, version, hardware_compat, dla_core)
@@ -320,6 +341,7 @@ def _choose_graph_and_flags(
     fp16_onnx: str | os.PathLike[str] | None,
     dla: bool,
     notes: list[str],
+    high_precision: str = "fp16",
 ) -> tuple[str, str, bool, list[str], str | None]:
     """(graph to parse, its kind, strongly typed?, precision builder flags, calibration cache)."""
     typed_only = strongly_typed_only(version)
@@ -415,12 +437,18 @@ def _choose_graph_and_flags(
             # A strongly typed build takes every tensor's type from the graph: FP32 float parts would run
             # unquantized layers in FP32/TF32. Build from the same Q/DQ graph with FP16 float parts
             # (written by trtbuild.plan_graphs.write_plan_graph; ModelOpt's high_precision_dtype=fp16).
-            graph = fp16_qdq_path(qdq_onnx) if _qdq_float_is_fp32(qdq_onnx) else Path(qdq_onnx)
+            if high_precision == "fp32" or not _qdq_float_is_fp32(qdq_onnx):
+                float_type = "FP32" if _qdq_float_is_fp32(qdq_onnx) else "FP16"
+                notes.append(
+                    f"Q/DQ graph as given, strongly typed: quantized layers from the Q/DQ nodes, the "
+                    f"unquantized ones in {float_type}"
+                )
+                return str(qdq_onnx), "qdq", True, [], None
             notes.append(
                 "Q/DQ graph with FP16 float parts, strongly typed: quantized layers from the Q/DQ nodes, "
                 "the unquantized ones in FP16"
             )
-            return str(graph), "qdq", True, [], None
+            return str(fp16_qdq_path(qdq_onnx)), "qdq", True, [], None
         # TensorRT 8.x (or DLA): the INT8 flag enables Q/DQ processing; FP16 lets unquantized layers use FP16.
         flag = _PRECISION_FLAG[prec]
         notes.append(

@@ -59,10 +59,16 @@ def write_plan_graph(plan: BuildPlan, base: Path | None = None, seed: int = 0) -
     check = verify_fp16(source, graph, feeds, min_cosine=MIN_COSINE, batch=batch)
     if not check.passed:
         graph.unlink(missing_ok=True)
+        fix = (
+            "re-run with --high-precision fp32 (the unquantized layers run in FP32: slower, no FP16 "
+            "drift), or give --qdq-onnx a Q/DQ graph whose float parts are already FP16"
+            if plan.onnx_kind == "qdq"
+            else "plan --precision fp32, or give --fp16-onnx an FP16 graph with the drifting ops kept FP32"
+        )
         raise TrtbuildError(
             f"the FP16 version of {source.name} drifts from it (min cosine {check.cosine_min:.4f} < "
             f"{MIN_COSINE} on {check.samples} seeded inputs)",
-            "keep the drifting ops in FP32 (convert_fp16 node_block_list), or build FP32 / weakly typed",
+            fix,
         )
     return graph
 
@@ -125,6 +131,7 @@ def plan_model(model: str | Path, settings: PlanSettings) -> BuildPlan:
         qdq_onnx=qdq_onnx,
         fp16_onnx=fp16_onnx,
         out_root=settings.out_root,
+        high_precision=settings.high_precision,
     )
     write_plan_graph(plan)  # the FP16 graph, or the Q/DQ graph with FP16 float parts, when derived
     check_fits(for_build_plan(plan), plan.model)  # refuse an engine that cannot fit the device

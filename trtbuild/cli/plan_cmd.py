@@ -15,7 +15,7 @@ from trtbuild.core.inputs import fmt_shape, parse_profile_spec
 from trtbuild.core.trt_versions import has
 from trtbuild.memory_plan import PRECISIONS as MEMORY_PRECISIONS
 from trtbuild.memory_plan import MemoryPlan, for_build_plan, plan_memory
-from trtbuild.plan import HARDWARE_COMPAT, BuildPlan, PlanSettings
+from trtbuild.plan import HARDWARE_COMPAT, HIGH_PRECISIONS, BuildPlan, PlanSettings
 from trtbuild.plan_graphs import plan_model
 from trtbuild.targets import PRECISIONS, TARGETS
 from trtbuild.trtexec import save_plan_files
@@ -157,6 +157,14 @@ def _plan_options(fn: Any) -> Any:
         click.option("--qdq-onnx", type=click.Path(dir_okay=False), help="Q/DQ (explicitly quantized) ONNX."),
         click.option("--fp16-onnx", type=click.Path(dir_okay=False), help="FP16 graph (default: converted)."),
         click.option(
+            "--high-precision",
+            type=click.Choice(HIGH_PRECISIONS),
+            default="fp16",
+            show_default=True,
+            help="Strongly typed Q/DQ builds: the type of the unquantized layers (fp32 when the model's "
+            "float parts drift in FP16: slower, as accurate as its Q/DQ).",
+        ),
+        click.option(
             "--data",
             "data_path",
             type=click.Path(exists=True),
@@ -201,6 +209,7 @@ def plan_from_options(model: str, **kw: Any) -> BuildPlan:
         calib_cache=kw["calib_cache"],
         qdq_onnx=kw["qdq_onnx"],
         fp16_onnx=kw["fp16_onnx"],
+        high_precision=kw["high_precision"],
         data=kw["data_path"],
         min_fidelity=tuple(kw["min_fidelity"]),
         out_root=kw["out_root"],

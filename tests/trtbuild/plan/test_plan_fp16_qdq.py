@@ -80,3 +80,43 @@ def test_weakly_typed_and_fp16_qdq_plans_parse_the_graph_as_given(effnet_onnx: P
         effnet_onnx, "h100", "int8", trt_version="10.13", qdq_onnx=fp16_graph, out_root=str(qdq.parent)
     )
     assert again.onnx == str(fp16_graph)
+
+
+def test_a_qdq_graph_that_drifts_in_fp16_is_refused_with_a_flag_that_builds_it(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """PP-OCRv4's CTC reader (third-party, opset 12): its Q/DQ graph's float parts drift in FP16 (min
+    cosine < 0.99 on the plan's seeded inputs), so the strongly typed plan refuses the derived graph, names
+    --high-precision fp32, and with it parses the Q/DQ graph as given (unquantized layers FP32)."""
+    from cli_helpers import run_cli
+    from test_quantize_models import REC_MEMBER, fetch_rapidocr_onnx, make_text_lines
+
+    from calibrators.calibrate import compute_ranges
+    from calibrators.collect import collect
+    from calibrators.qdq import QdqOptions, apply_qdq, plan_qdq, quantizable_activations
+    from calibrators.quantize import upgrade_opset
+    from trtbuild.core.inputs import parse_profile_spec
+
+    model = upgrade_opset(onnx.load(str(fetch_rapidocr_onnx(REC_MEMBER))))
+    source = tmp_path / "rec.onnx"
+    onnx.save(model, str(source))
+    lines = make_text_lines(8)
+    ranges = compute_ranges(
+        collect(model, [{"x": lines}], tensors=quantizable_activations(model), show_progress=False), "mse"
+    )
+    qdq = tmp_path / "rec.int8.onnx"
+    onnx.save(apply_qdq(model, plan_qdq(model, ranges, QdqOptions())), str(qdq))
+    out_root = str(tmp_path / "e")
+    args = ["plan", str(source), "-t", "h100", "-p", "int8", "--qdq-onnx", str(qdq), "--out", out_root]
+    args += ["--shape", "x:1x3x48x160,8x3x48x320,32x3x48x640"]
+    code, out, err = run_cli(args, capsys)
+    assert code == 2 and err.count("error:") == 1 and "--high-precision fp32" in err, err
+    assert not fp16_qdq_path(qdq).exists() and not list((tmp_path / "e").rglob("*.plan.json"))
+    code, out, err = run_cli([*args, "--high-precision", "fp32", "--json"], capsys)
+    assert code == 0, err
+    shapes = [parse_profile_spec(args[-1])]
+    plan = make_plan(
+        source, "h100", "int8", qdq_onnx=qdq, high_precision="fp32", shapes=shapes, out_root=out_root
+    )
+    assert plan.strongly_typed and plan.onnx == str(qdq) and write_plan_graph(plan) is None
+    assert any("unquantized ones in FP32" in note for note in plan.notes)
