@@ -165,7 +165,8 @@ def specs_from_graph(
             else:
                 raise TrtbuildError(
                     f"input '{value.name}' has dynamic axis {axis} ('{dim or '?'}') with no known range",
-                    f"fix it with `trtbuild prepare --dim {dim}=VALUE` or export with --min/--max-shape",
+                    f"give its range with --shape {value.name}:MIN,OPT,MAX (plan, export-jetson), or fix it "
+                    f"with `trtbuild prepare --dim {dim}=VALUE`, or export with --min/--max-shape",
                 )
         lo = [
             1 if isinstance(d, str) and axis == 0 and d not in dim_values else o

@@ -12,6 +12,7 @@ from rich.text import Text
 
 from trtbuild.core.console import emit_json, out
 from trtbuild.core.errors import TrtbuildError
+from trtbuild.plan import HIGH_PRECISIONS
 
 _REPORT_BYTES = 4 << 20  # a fidelity/profile report recorded in the manifest
 
@@ -218,6 +219,19 @@ def inspect(bundle_path: str, as_json: bool) -> None:
 @click.option("--qdq-onnx", type=click.Path(dir_okay=False), help="Q/DQ graph for explicit INT8.")
 @click.option("--fp16-onnx", type=click.Path(dir_okay=False), help="FP16 graph.")
 @click.option("--dla-core", type=int, help="Run on this DLA core (with GPU fallback).")
+@click.option(
+    "--shape",
+    "shapes",
+    multiple=True,
+    help="name:MIN,OPT,MAX (as `trtbuild plan --shape`); default: the export sidecar, else the graph.",
+)
+@click.option(
+    "--high-precision",
+    type=click.Choice(HIGH_PRECISIONS),
+    default="fp16",
+    show_default=True,
+    help="Strongly typed Q/DQ builds: the type of the unquantized layers (as `trtbuild plan`).",
+)
 @click.option("--json", "as_json", is_flag=True)
 def export_jetson_cmd(
     onnx_path: str,
@@ -228,9 +242,12 @@ def export_jetson_cmd(
     qdq_onnx: str | None,
     fp16_onnx: str | None,
     dla_core: int | None,
+    shapes: tuple[str, ...],
+    high_precision: str,
     as_json: bool,
 ) -> None:
     """Write a Jetson bundle folder: ONNX, calibration cache, build.sh, profile.sh, plan."""
+    from trtbuild.core.inputs import parse_profile_spec
     from trtbuild.ship.jetson import export_jetson
 
     result = export_jetson(
@@ -241,7 +258,9 @@ def export_jetson_cmd(
         ranges=_load_ranges(ranges),
         qdq_onnx=qdq_onnx,
         fp16_onnx=fp16_onnx,
+        shapes=[parse_profile_spec(s) for s in shapes] or None,
         dla_core=dla_core,
+        high_precision=high_precision,
     )
     info = {
         "folder": str(result.folder),

@@ -72,6 +72,7 @@ def export_jetson(
     trt_version: str | None = None,
     shapes: Sequence[InputSpec] | None = None,
     dla_core: int | None = None,
+    high_precision: str = "fp16",
 ) -> JetsonBundle:
     """Write the Jetson bundle folder for ``target`` (a Jetson id from `trtbuild targets`).
 
@@ -91,6 +92,11 @@ def export_jetson(
         raise TrtbuildError("both ranges (implicit INT8) and a Q/DQ graph were given", "give one of them")
     if ranges is not None and precision != "int8":
         raise TrtbuildError(f"calibrated ranges only apply to int8, not {precision}", "drop the ranges")
+    if precision == "int8" and ranges is None and qdq_onnx is None:
+        raise TrtbuildError(
+            "INT8 needs a Q/DQ graph or calibrated ranges",
+            "pass --qdq-onnx or --ranges (both from `trtbuild quantize`)",
+        )
     final = Path(out_dir).resolve()
     with atomic_dir(final) as tmp:
         local = _copy_onnx(src, tmp)
@@ -111,6 +117,7 @@ def export_jetson(
             fp16_onnx=fp16_local,
             engine_path=tmp / ENGINE,
             timing_cache=tmp / TIMING_CACHE,
+            high_precision=high_precision,
         )
         write_plan_graph(plan)  # a derived graph (FP16 float parts) lands beside its source
         plan = _relative(plan, tmp)

@@ -212,7 +212,7 @@ def test_cli_export_jetson_and_bad_inputs(tmp_path: Path, effnet_onnx: Path, ran
     assert json.loads(ok.output)["tensorrt"] == "8.5.2"
     for args, message in (
         (["--target", "a100", "--precision", "fp16"], "not a Jetson"),
-        (["--target", "orin-jp6.1", "--precision", "int8"], "INT8 needs"),
+        (["--target", "orin-jp6.1", "--precision", "int8"], "pass --qdq-onnx or --ranges"),
         (["--target", "nano", "--precision", "fp16"], "unknown target"),
     ):
         out = tmp_path / "bad"
@@ -224,3 +224,25 @@ def test_cli_export_jetson_and_bad_inputs(tmp_path: Path, effnet_onnx: Path, ran
         )
         assert r.returncode == 2 and r.stderr.startswith("error: ") and message in r.stderr, r.stderr
         assert len(r.stderr.strip().splitlines()) == 1 and not out.exists()
+
+
+def test_cli_shapes_and_fp32_float_parts(tmp_path: Path, effnet_onnx: Path, ranges: RangeSet) -> None:
+    """--shape sets the profile (as `plan --shape`: a third-party file's unnamed dynamic axes have no other
+    range), and --high-precision fp32 builds a strongly typed Q/DQ bundle from the Q/DQ graph as given."""
+    import onnx
+
+    from calibrators.qdq import QdqOptions, apply_qdq, plan_qdq
+
+    model = onnx.load(str(effnet_onnx))
+    qdq = tmp_path / "effnet.int8.onnx"
+    onnx.save(apply_qdq(model, plan_qdq(model, ranges, QdqOptions())), str(qdq))
+    args = ["export-jetson", str(effnet_onnx), "--target", "thor", "--precision", "int8"]
+    args += ["--qdq-onnx", str(qdq), "--shape", "images:1x3x224x224,2x3x224x224,4x3x224x224", "--json"]
+    r = CliRunner().invoke(cli, [*args, "--out", str(tmp_path / "fp32"), "--high-precision", "fp32"])
+    assert r.exit_code == 0, r.output
+    assert json.loads(r.output)["graph"] == qdq.name  # the Q/DQ graph itself, FP32 float parts
+    build = (tmp_path / "fp32" / "build.sh").read_text()
+    assert "--maxShapes=images:4x3x224x224" in build and "--stronglyTyped" in build
+    r = CliRunner().invoke(cli, [*args, "--out", str(tmp_path / "fp16")])
+    assert r.exit_code == 0, r.output
+    assert json.loads(r.output)["graph"] == "effnet.int8.fp16.onnx"  # default: FP16 float parts derived
