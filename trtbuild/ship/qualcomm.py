@@ -30,7 +30,7 @@ from calibrators import encodings as enc
 from calibrators.ranges import RangeSet
 from trtbuild.core.atomic import atomic_dir
 from trtbuild.core.errors import TrtbuildError
-from trtbuild.core.onnx_file import opset_of
+from trtbuild.core.onnx_file import constants_to_initializers, opset_of
 from trtbuild.ship import qualcomm_scripts
 
 MAX_OPSET = 21
@@ -65,11 +65,17 @@ class QualcommHandoff:
 # ---- ONNX preparation -------------------------------------------------------------------------------------
 
 
-def qualcomm_ready_onnx(model: onnx.ModelProto, cast_int64: bool = True) -> tuple[onnx.ModelProto, list[str]]:
+def qualcomm_ready_onnx(
+    model: onnx.ModelProto,
+    cast_int64: bool = True,
+    data_shapes: Mapping[str, Sequence[int]] | None = None,
+) -> tuple[onnx.ModelProto, list[str]]:
     """A copy of ``model`` the Qualcomm converters accept, and notes on what changed.
 
-    Batch (axis 0) becomes 1; any other symbolic dim is refused (the converters need static shapes);
-    int64 inputs become int32 followed by a Cast (or are refused when ``cast_int64`` is False).
+    Batch (axis 0) becomes 1; any other symbolic dim takes its size from ``data_shapes`` (the calibration
+    samples' shape per input: a third-party reader with dynamic height/width is deployed at the size it
+    is calibrated at), else is refused (the converters need static shapes); int64 inputs become int32
+    followed by a Cast (or are refused when ``cast_int64`` is False).
     """
     opset = opset_of(model)
     if opset > MAX_OPSET:
@@ -86,6 +92,10 @@ def qualcomm_ready_onnx(model: onnx.ModelProto, cast_int64: bool = True) -> tupl
     out = onnx.ModelProto()
     out.CopyFrom(model)
     notes: list[str] = []
+    # Third-party exports (Paddle2ONNX, old TorchScript) hold weights in Constant nodes: as initializers
+    # they get their param encodings, and the converters see them as weights.
+    if moved := constants_to_initializers(out.graph):
+        notes.append(f"{moved} Constant nodes -> initializers (weights get param encodings)")
     inits = {t.name for t in out.graph.initializer}
     fixed: set[str] = set()
     for inp in out.graph.input:
@@ -95,16 +105,23 @@ def qualcomm_ready_onnx(model: onnx.ModelProto, cast_int64: bool = True) -> tupl
         for axis, dim in enumerate(dims):
             if dim.HasField("dim_value") and dim.dim_value > 0:
                 continue
+            size = 1
             if axis != 0:
-                raise TrtbuildError(
-                    f"input '{inp.name}' has a dynamic dimension {axis} ('{dim.dim_param}')",
-                    "export with a fixed input shape for Qualcomm (only the batch axis is fixed to 1 here)",
-                )
+                given = (data_shapes or {}).get(inp.name)
+                if given is None or len(given) != len(dims):
+                    raise TrtbuildError(
+                        f"input '{inp.name}' has a dynamic dimension {axis} ('{dim.dim_param}')",
+                        "give calibration samples of the deployed size (--calib-data: .npy/.npz), or export "
+                        "with a fixed input shape for Qualcomm",
+                    )
+                size = int(given[axis])
+                notes.append(f"input '{inp.name}': dimension {axis} fixed to {size} (as calibrated)")
+            else:
+                notes.append(f"input '{inp.name}': batch fixed to 1")
             if dim.dim_param:
                 fixed.add(dim.dim_param)
             dim.Clear()
-            dim.dim_value = 1
-            notes.append(f"input '{inp.name}': batch fixed to 1")
+            dim.dim_value = size
     _cast_int64_inputs(out, cast_int64, notes)
     for tensor in out.graph.output:  # the same symbolic batch on outputs is now 1 too
         for dim in tensor.type.tensor_type.shape.dim:
@@ -232,9 +249,11 @@ def export_qualcomm(
         src = onnx.load(str(model_path))
     except Exception as exc:
         raise TrtbuildError(f"cannot read ONNX model {model_path}: {exc}", "pass a valid .onnx file") from exc
-    model, notes = qualcomm_ready_onnx(src, cast_int64)
+    names = [i.name for i in src.graph.input if i.name not in {t.name for t in src.graph.initializer}]
+    samples = _load_samples(calibration, src, dict.fromkeys(names, ()), max_samples)
+    data_shapes = {name: (1, *np.asarray(v).shape[1:]) for name, v in samples.items()}
+    model, notes = qualcomm_ready_onnx(src, cast_int64, data_shapes)
     shapes = static_input_shapes(model)
-    samples = _load_samples(calibration, model, shapes, max_samples)
     encodings = enc.build_encodings(model, ranges, activation_symmetric)
     stem = Path(model_path).stem
     final = Path(out_dir).resolve()

@@ -241,3 +241,28 @@ def test_simulated_fidelity_on_held_out_photos(snpe: QualcommHandoff, photo_batc
     assert (
         report["top1_agreement"] >= 0.6 and 0.97 < report["mean_cosine"] < 1.0 and report["max_abs_diff"] > 0
     )
+
+
+def test_third_party_reader_takes_its_size_from_the_data_and_its_constant_weights_get_encodings(
+    tmp_path: Path,
+) -> None:
+    """PP-OCR's angle classifier as rapidocr ships it (Paddle2ONNX, opset 11, dynamic height and width,
+    every weight a Constant node): the handoff fixes height/width to the calibration samples' (was a
+    refusal naming a re-export the user cannot do) and encodes its weights (were 0 param encodings)."""
+    from test_quantize_models import fetch_rapidocr_onnx, make_text_lines
+
+    model_path = fetch_rapidocr_onnx("rapidocr_onnxruntime/models/ch_ppocr_mobile_v2.0_cls_infer.onnx")
+    lines = make_text_lines(8, width=192)
+    ranges = calibrate(model_path, lines, "percentile", show_progress=False)
+    handoff = export_qualcomm(model_path, ranges, lines, tmp_path / "h", converter="qairt")
+    assert handoff.inputs == {"x": (1, 3, 48, 192)}
+    info = json.loads((handoff.folder / "handoff.json").read_text())
+    assert info["params_encoded"] >= 50 and any("Constant nodes -> initializers" in n for n in info["notes"])
+    assert any("dimension 3 fixed to 192" in n for n in info["notes"])
+    model = onnx.load(str(handoff.onnx))
+    assert len(enc.weight_encodings(model)) == info["params_encoded"]
+    assert not [n for n in model.graph.node if n.op_type == "Constant"]
+    x = {"x": lines[:1]}
+    ours = ort.InferenceSession(str(handoff.onnx), providers=["CPUExecutionProvider"]).run(None, x)
+    ref = ort.InferenceSession(str(model_path), providers=["CPUExecutionProvider"]).run(None, x)
+    np.testing.assert_allclose(ours[0], ref[0], atol=1e-5)
