@@ -71,7 +71,9 @@ class GraphIndex:
             t = vi.type.tensor_type
             self.elem_type[vi.name] = t.elem_type
             if t.HasField("shape"):
-                self.shape[vi.name] = [d.dim_value if d.HasField("dim_value") else None for d in t.shape.dim]
+                self.shape[vi.name] = [
+                    d.dim_value if d.HasField("dim_value") and d.dim_value > 0 else None for d in t.shape.dim
+                ]
         for name, init in self.initializers.items():
             self.elem_type[name] = init.data_type
             self.shape[name] = list(init.dims)

@@ -24,12 +24,13 @@ from trtbuild.core import metrics
 from trtbuild.core.atomic import atomic_path
 from trtbuild.core.errors import TrtbuildError
 from trtbuild.core.fp16_graph import FP16_BLOCK_LIST, to_fp16
+from trtbuild.core.onnx_file import model_name
 
 
 def fp16_path(onnx_path: str | os.PathLike[str]) -> Path:
     """`engines/m/m.onnx` -> `engines/m/m.fp16.onnx`."""
     path = Path(onnx_path)
-    return path.with_name(path.name.split(".")[0] + ".fp16.onnx")
+    return path.with_name(model_name(path) + ".fp16.onnx")
 
 
 def convert_fp16(

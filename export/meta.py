@@ -191,7 +191,10 @@ def model_input_specs(
 
 def _dims(value: onnx.ValueInfoProto) -> tuple[Dim, ...]:
     shape = value.type.tensor_type.shape
-    return tuple(d.dim_value if d.HasField("dim_value") else (d.dim_param or "?") for d in shape.dim)
+    return tuple(
+        d.dim_value if d.HasField("dim_value") and d.dim_value > 0 else (d.dim_param or "?")
+        for d in shape.dim
+    )
 
 
 def _dtype(value: onnx.ValueInfoProto) -> str:

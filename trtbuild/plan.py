@@ -27,6 +27,7 @@ from trtbuild.core.atomic import write_text
 from trtbuild.core.defaults import OUTPUT_ROOT
 from trtbuild.core.errors import TrtbuildError
 from trtbuild.core.inputs import InputSpec
+from trtbuild.core.onnx_file import model_name
 from trtbuild.core.trt_versions import TrtVersion, has, known_version, strongly_typed_only
 from trtbuild.plan_sparsity import decide_sparsity
 from trtbuild.targets import Target, check_precision, get_target
@@ -130,10 +131,6 @@ def model_dir(onnx_path: str | os.PathLike[str], out_root: str | os.PathLike[str
     if onnx_path.parent.name == stem:
         return onnx_path.parent
     return Path(out_root) / stem
-
-
-def model_name(onnx_path: str | os.PathLike[str]) -> str:
-    return Path(onnx_path).name.split(".")[0]
 
 
 FP16_QDQ_SUFFIX = ".fp16.onnx"
@@ -573,7 +570,7 @@ def _input_specs(onnx_path: str | os.PathLike[str], shapes: Sequence[InputSpec] 
         )
     for spec in specs:
         dims = [
-            d.dim_value if d.HasField("dim_value") else None
+            d.dim_value if d.HasField("dim_value") and d.dim_value > 0 else None
             for d in graph[spec.name].type.tensor_type.shape.dim
         ]
         fixed_ok = all(

@@ -91,6 +91,20 @@ def keygen(private_key: str, public_key: str | None, force: bool) -> None:
 @click.option("--htp-socs", default="sm8650", show_default=True, help="Qualcomm SoC(s) for graph prepare.")
 @click.option("--fidelity", type=click.Path(dir_okay=False), help="Fidelity report JSON to record.")
 @click.option("--profile", type=click.Path(dir_okay=False), help="Profile report JSON to record.")
+@click.option(
+    "--shape",
+    "shapes",
+    multiple=True,
+    help="TensorRT targets: name:MIN,OPT,MAX (as `trtbuild plan --shape`); default: the export sidecar, "
+    "else the graph.",
+)
+@click.option(
+    "--high-precision",
+    type=click.Choice(HIGH_PRECISIONS),
+    default="fp16",
+    show_default=True,
+    help="Strongly typed Q/DQ builds: the type of the unquantized layers (as `trtbuild plan`).",
+)
 @click.option("--json", "as_json", is_flag=True, help="Print the result as JSON.")
 def create(
     model_path: str,
@@ -107,11 +121,14 @@ def create(
     htp_socs: str,
     fidelity: str | None,
     profile: str | None,
+    shapes: tuple[str, ...],
+    high_precision: str,
     as_json: bool,
     deepstream: bool,
 ) -> None:
     """Export and sign one bundle per target x precision."""
     from trtbuild.bundle.signing import load_private_key
+    from trtbuild.core.inputs import parse_profile_spec
     from trtbuild.ship.bundles import create_bundles
 
     private = load_private_key(key)  # fail before any export work
@@ -131,6 +148,8 @@ def create(
         fidelity=_load_json(fidelity, "fidelity"),
         profile=_load_json(profile, "profile"),
         deepstream=deepstream,
+        shapes=[parse_profile_spec(s) for s in shapes] or None,
+        high_precision=high_precision,
     )
     if as_json:
         emit_json({"bundles": [str(p) for p in paths]})

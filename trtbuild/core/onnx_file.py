@@ -123,3 +123,17 @@ def _constant_value(node: onnx.NodeProto) -> onnx.TensorProto | None:
             dtype = np.float32 if "float" in attr.name else np.int64
             return numpy_helper.from_array(np.asarray(value, dtype=dtype))
     return None  # sparse or string constants stay nodes
+
+
+# What trtbuild's writers append to a model's stem (<m>.int8.onnx, <m>.int8.fp16.onnx, <m>.fp16.onnx, ...).
+WRITTEN_TAGS = ("fp16", "int8", "fp8", "int8fp8", "int4", "int4int8")
+
+
+def model_name(onnx_path: str | os.PathLike[str]) -> str:
+    """The model a file is of: its name without `.onnx` and without the precision tags trtbuild appends.
+    Other dots stay (third-party files such as `ch_ppocr_mobile_v2.0_cls_infer.onnx`: cutting at the
+    first dot named it `ch_ppocr_mobile_v2`, which another version of the model would share)."""
+    name = Path(onnx_path).name.removesuffix(".onnx")
+    while (parts := name.rpartition("."))[0] and parts[2] in WRITTEN_TAGS:
+        name = parts[0]
+    return name

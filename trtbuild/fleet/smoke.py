@@ -37,7 +37,9 @@ def write_smoke_record(onnx_path: Path, folder: Path, inputs: Mapping[str, np.nd
     names = [o.name for o in _session(onnx_path).get_outputs()]
     smoke = folder / SMOKE_DIR
     smoke.mkdir(parents=True, exist_ok=True)
-    index: dict[str, Any] = {"model": onnx_path.relative_to(folder).as_posix(), "inputs": {}, "outputs": {}}
+    # resolved: a handoff names its files by absolute path, the bundle's folder can be relative (--out)
+    model = onnx_path.resolve().relative_to(folder.resolve()).as_posix()
+    index: dict[str, Any] = {"model": model, "inputs": {}, "outputs": {}}
     for kind, items in (("inputs", dict(inputs)), ("outputs", dict(zip(names, outputs, strict=True)))):
         for i, (name, value) in enumerate(items.items()):
             file = f"{kind[:-1]}_{i}.npy"

@@ -17,7 +17,9 @@ from calibrators.ranges import RangeSet
 from trtbuild.bundle.archive import create_bundle
 from trtbuild.core import atomic
 from trtbuild.core.errors import TrtbuildError
+from trtbuild.core.inputs import InputSpec
 from trtbuild.core.onnx_file import load_model_file
+from trtbuild.core.onnx_file import model_name as model_file_name
 
 QUALCOMM_TARGETS = ("snpe", "qairt")  # the converter the handoff is written for
 TRITON_PREFIX = "triton-"  # triton-<data-center GPU> or triton-ort-cpu: a Triton model repository
@@ -49,7 +51,7 @@ def _onnx_io(path: Path) -> dict[str, Any]:
 
     def info(v: onnx.ValueInfoProto) -> dict[str, Any]:
         dims = [
-            d.dim_value if d.HasField("dim_value") else (d.dim_param or "?")
+            d.dim_value if d.HasField("dim_value") and d.dim_value > 0 else (d.dim_param or "?")
             for d in v.type.tensor_type.shape.dim
         ]
         return {
@@ -108,15 +110,16 @@ def _record_smoke(folder: Path, graph: Path, inputs: Sequence[Any]) -> None:
     write_smoke_record(graph, folder, feeds)
 
 
-def _triton_smoke(folder: Path, repo: Any) -> None:
-    """The graph the repository serves (ONNX Runtime) or the one its build.sh parses (TensorRT)."""
+def _triton_smoke(folder: Path, repo: Any, shapes: Sequence[InputSpec] | None) -> None:
+    """The graph the repository serves (ONNX Runtime; at ``shapes`` when given) or the one its build.sh
+    parses (TensorRT)."""
     from export.meta import model_input_specs
 
     if repo.plan is not None:
         _record_smoke(folder, repo.model_dir / repo.plan.onnx, repo.plan.inputs)
         return
     graph = repo.model_dir / str(repo.version) / "model.onnx"
-    _record_smoke(folder, graph, model_input_specs(graph))
+    _record_smoke(folder, graph, shapes or model_input_specs(graph))
 
 
 def create_bundles(
@@ -136,6 +139,8 @@ def create_bundles(
     fidelity: Mapping[str, Any] | None = None,
     profile: Mapping[str, Any] | None = None,
     deepstream: bool = False,
+    shapes: Sequence[InputSpec] | None = None,
+    high_precision: str = "fp16",
 ) -> list[Path]:
     """One signed ``.tar.gz`` per target x precision in ``out_dir``; returns their paths.
 
@@ -144,7 +149,8 @@ def create_bundles(
     :func:`trtbuild.ship.deepstream.export_deepstream`: the same folder plus the nvinfer and deepstream-app
     configs); ``snpe``/``qairt`` get the Qualcomm handoff (INT8 only; needs ``ranges`` and
     ``calibration``); ``triton-<gpu>``/``triton-ort-cpu`` get a Triton model repository
-    (:func:`trtbuild.ship.triton.export_triton`).
+    (:func:`trtbuild.ship.triton.export_triton`). ``shapes`` and ``high_precision`` are the TensorRT
+    targets' profile and unquantized-layer type (as `trtbuild plan --shape/--high-precision`).
     """
     from export.meta import model_input_specs
     from trtbuild.ship.deepstream import export_deepstream
@@ -156,7 +162,7 @@ def create_bundles(
     if Path(out_dir).is_dir():  # what killed runs left is cleaned up even when this run's input is bad
         atomic.clean_stale(Path(out_dir) / WORK_LABEL)
     load_model_file(src, external_data=False)  # empty, truncated or invalid: one line, nothing written
-    name = model_name or src.name.split(".")[0]
+    name = model_name or model_file_name(src)
     for target in targets:  # refuse a bad combination before any bundle is written
         for precision in precisions:
             _check_combination(target, precision, ranges, calibration)
@@ -197,14 +203,18 @@ def create_bundles(
                         ranges=ranges if precision == "int8" and qdq_onnx is None else None,
                         qdq_onnx=qdq_onnx if precision == "int8" else None,
                         fp16_onnx=fp16_onnx if precision == "fp16" else None,
+                        shapes=shapes,
+                        high_precision=high_precision,
                     )
                     requires, io_spec = repo.requires(), _onnx_io(src)
-                    _triton_smoke(folder, repo)
+                    _triton_smoke(folder, repo, shapes)
                 else:
                     graphs: dict[str, Any] = {
                         "ranges": ranges if precision == "int8" and qdq_onnx is None else None,
                         "qdq_onnx": qdq_onnx if precision == "int8" else None,
                         "fp16_onnx": fp16_onnx if precision == "fp16" else None,
+                        "shapes": shapes,
+                        "high_precision": high_precision,
                     }
                     jb = (
                         export_deepstream(src, target, precision, folder, **graphs).jetson

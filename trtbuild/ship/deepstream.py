@@ -78,6 +78,7 @@ def export_deepstream(
     num_classes: int | None = None,
     batch_size: int = 1,
     video: str | os.PathLike[str] | None = None,
+    high_precision: str = "fp16",
 ) -> DeepStreamBundle:
     """Write the Jetson + DeepStream folder for ``target`` (a Jetson id) atomically.
 
@@ -141,6 +142,7 @@ def export_deepstream(
             trt_version=trt_version,
             shapes=specs,
             dla_core=dla_core,
+            high_precision=high_precision,
         )
         label_file = None
         if labels:

@@ -31,6 +31,7 @@ from trtbuild import trtexec
 from trtbuild.core.atomic import atomic_dir
 from trtbuild.core.errors import TrtbuildError
 from trtbuild.core.inputs import InputSpec
+from trtbuild.core.onnx_file import model_name
 from trtbuild.core.trt_versions import V
 from trtbuild.plan import BuildPlan, make_plan
 from trtbuild.plan_graphs import write_plan_graph
@@ -99,6 +100,7 @@ def export_triton(
     warmup_data: Any = None,
     preprocess: Preprocess | None = None,
     labels: Sequence[str] | None = None,
+    high_precision: str = "fp16",
 ) -> TritonRepository:
     """Write (atomically) the Triton model folder ``repo/<name>`` for ``target`` x ``precision``.
 
@@ -111,7 +113,7 @@ def export_triton(
     src = Path(onnx_path)
     if not src.is_file():
         raise TrtbuildError(f"ONNX file '{src}' does not exist", "check the path")
-    model = check_model_name(name or src.name.split(".")[0])
+    model = check_model_name(name or model_name(src))
     if version < 1:
         raise TrtbuildError(f"model version must be >= 1, got {version}", "pass --version 1 or higher")
     if instances < 1:
@@ -140,7 +142,17 @@ def export_triton(
             platform, kind = "onnxruntime_onnx", "KIND_CPU"
         else:
             plan = _tensorrt_model(
-                src, target, precision, tmp, version, ranges, qdq_onnx, fp16_onnx, trt_version, shapes
+                src,
+                target,
+                precision,
+                tmp,
+                version,
+                ranges,
+                qdq_onnx,
+                fp16_onnx,
+                trt_version,
+                shapes,
+                high_precision,
             )
             graph, specs, notes = tmp / plan.onnx, list(plan.inputs), list(plan.notes)
             platform, kind = "tensorrt_plan", "KIND_GPU"
@@ -209,6 +221,7 @@ def _tensorrt_model(
     fp16_onnx: str | os.PathLike[str] | None,
     trt_version: str | None,
     shapes: Sequence[InputSpec] | None,
+    high_precision: str = "fp16",
 ) -> BuildPlan:
     tgt = get_target(target)
     trt = tgt.resolve_trt(trt_version)
@@ -230,6 +243,7 @@ def _tensorrt_model(
         fp16_onnx=_copy_onnx(Path(fp16_onnx), build) if fp16_onnx is not None else None,
         engine_path=folder / str(version) / "model.plan",
         timing_cache=build / "timing.cache",
+        high_precision=high_precision,
     )
     write_plan_graph(plan)  # a derived graph (FP16 float parts) lands beside its source
     return _relative(plan, folder)

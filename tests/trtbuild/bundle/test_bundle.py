@@ -456,8 +456,13 @@ def test_keys_from_environment_and_cli_bad_inputs(
 
 
 def test_qualcomm_bundle_from_real_calibration(
-    tmp_path: Path, effnet_onnx: Path, photo_batch: np.ndarray, keys: tuple[Path, Path]
+    tmp_path: Path,
+    effnet_onnx: Path,
+    photo_batch: np.ndarray,
+    keys: tuple[Path, Path],
+    monkeypatch: pytest.MonkeyPatch,
 ) -> None:
+    monkeypatch.chdir(tmp_path)  # a relative --out, as the CLI's default `bundles` is (crashed: smoke record)
     ranges = calibrate(
         effnet_onnx,
         photo_batch[:4],
@@ -470,7 +475,7 @@ def test_qualcomm_bundle_from_real_calibration(
         ["snpe"],
         ["int8"],
         signing.load_private_key(str(keys[0])),
-        tmp_path,
+        Path("bundles"),
         ranges=ranges,
         calibration=photo_batch[:2],
         fidelity={"top1_agreement": 0.92},
@@ -491,3 +496,33 @@ def test_qualcomm_bundle_from_real_calibration(
     from trtbuild.fleet.smoke import run_smoke
 
     assert "match the recorded run" in run_smoke(tmp_path / "x", report.manifest)
+
+
+def test_third_party_file_with_dotted_name_and_paddle_dims(
+    tmp_path: Path, keys: tuple[Path, Path], capsys: pytest.CaptureFixture[str]
+) -> None:
+    """PP-OCR's angle classifier as rapidocr ships it: a dotted file name (`..._v2.0_cls_infer`: was cut at
+    the first dot), batch written as dim_value -1 (Paddle2ONNX; was read as a fixed -1 and refused every
+    --shape), unnamed dynamic height/width (given by --shape, which bundle create now takes)."""
+    from cli_helpers import run_cli
+    from test_quantize_models import fetch_rapidocr_onnx
+
+    model = fetch_rapidocr_onnx("rapidocr_onnxruntime/models/ch_ppocr_mobile_v2.0_cls_infer.onnx")
+    out = tmp_path / "b"
+    code, stdout, err = run_cli(
+        ["bundle", "create", "--model", str(model), "--target", "orin-jp6.2", "--target", "triton-ort-cpu"]
+        + ["--precision", "fp32", "--key", str(keys[0]), "--out", str(out), "--json"]
+        + ["--shape", "x:1x3x48x192,4x3x48x192,8x3x48x192"],
+        capsys,
+    )
+    assert code == 0, err
+    names = sorted(Path(p).name for p in json.loads(stdout)["bundles"])
+    assert names == [
+        "ch_ppocr_mobile_v2.0_cls_infer-1-orin-jp6.2-fp32.tar.gz",
+        "ch_ppocr_mobile_v2.0_cls_infer-1-triton-ort-cpu-fp32.tar.gz",
+    ]
+    public = signing.load_public_key(str(keys[1]))
+    report = verify_bundle(out / names[0], public, device="orin-jp6.2", extract_to=tmp_path / "x")
+    plan = json.loads((tmp_path / "x" / "plan.json").read_text())
+    assert plan["model"] == "ch_ppocr_mobile_v2.0_cls_infer" and report.manifest.precision == "fp32"
+    assert [i["max"] for i in plan["inputs"]] == [[8, 3, 48, 192]]
