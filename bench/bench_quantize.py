@@ -34,7 +34,7 @@ from rich.table import Table
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests" / "calibrators"))
 
-from calibrators import fidelity, ort_cpu, smoothquant  # noqa: E402
+from calibrators import fidelity, near_ties, ort_cpu, smoothquant  # noqa: E402
 from calibrators.calibrate import compute_ranges  # noqa: E402
 from calibrators.collect import collect  # noqa: E402
 from calibrators.methods import DEFAULT_METHOD  # noqa: E402
@@ -258,7 +258,8 @@ def runtime_cosine(
 def metric(report: fidelity.FidelityReport) -> str:
     o = report.outputs[0]
     if o.top1_agreement is not None:
-        return f"top-1 {o.top1_agreement:.1%} / cos {o.cosine:.4f}"
+        raw = f" (raw {o.raw_top1:.1%}, {len(o.near_ties)} ties)" if o.raw_top1 is not None else ""
+        return f"top-1 {o.top1_agreement:.1%}{raw} / cos {o.cosine:.4f}"
     return f"cos {o.cosine:.4f} / SQNR {o.sqnr_db:.1f} dB"
 
 
@@ -342,7 +343,8 @@ def main() -> None:
         model = onnx.load(str(path))
         held_batches = stack(held)
         reference = fidelity.run_batches(fidelity.session(model), held_batches)
-        kinds = fidelity.decide_kinds(model, reference)
+        # top-1 decided as the gate decides it: FP32 near-ties (within the FP16 graph's noise) set aside
+        kinds = near_ties.attach(fidelity.decide_kinds(model, reference), model, reference, held_batches)
         results: dict[str, tuple[onnx.ModelProto | str, float]] = {}
         for method in ("entropy", "percentile", "minmax", "mse"):
             results[f"trtbuild {method} (int8, TensorRT graph)"] = ours(path, calib, method, "int8")
