@@ -41,6 +41,7 @@ from trtbuild.core import atomic
 from trtbuild.core.defaults import DEFAULT_TRT_VERSION
 from trtbuild.core.errors import TrtbuildError
 from trtbuild.qat import graph_score, margin_loss, selection, sparse_recipe
+from trtbuild.qat.batch_check import check_batch, largest_batch
 from trtbuild.qat.fake_quant import ActivationQuantizer, QuantHooks
 from trtbuild.qat.losses import LOSSES, kind_loss
 from trtbuild.qat.mapping import QuantMap, map_plan, weighted_modules
@@ -319,6 +320,9 @@ def qat(
     calib, held = all_data.split(holdout, seed)
     calib = calib.sample(samples, seed)
     train = [s for _, s in calib.samples()]
+    declared = [i.name for i in _declared_inputs(inputs, dynamic_batch)]
+    fit_batch = FIT_BATCH if sparsity is not None else None
+    check_batch(model, train, declared, largest_batch(batch_size, fit_batch, len(train)))
     held_batches = list(held.batches(batch_size))
     teacher = copy.deepcopy(model).eval()
     for p in teacher.parameters():

@@ -229,6 +229,15 @@ def pool():
     return Pool()
 def stem_only():
     return nn.Sequential(nn.Conv2d(3, 8, 3), nn.Flatten())
+class FixedBatch(nn.Module):  # exports and verifies at batch 1; fails on the batches QAT trains on
+    def __init__(self):
+        super().__init__()
+        self.conv = nn.Conv2d(3, 8, 3, padding=1)
+        self.fc = nn.Linear(8 * 16 * 16, 10)
+    def forward(self, x):
+        return self.fc(torch.relu(self.conv(x)).reshape(1, -1))
+def fixed_batch():
+    return FixedBatch()
 """
 
 
@@ -240,6 +249,7 @@ def stem_only():
         ("tiny", ["--input", "x:1x3x8x8"], "has shape (3, 16, 16) per sample"),
         ("pool", [], "no Conv/Linear layer with weights"),
         ("stem_only", ["--sparsity", "2:4"], "can take 2:4 sparsity"),
+        ("fixed_batch", [], "the model fails on a batch of 8 samples"),
         ("tiny", ["--input", "x:1x5x16x16", "--data", "five.npy"], "fails on the declared inputs"),
         ("tiny", ["--margin-term", "margin", "--margin-weight", "-1"], "--margin-weight must be >= 0"),
         ("tiny", ["--select-on", "onnx"], "Invalid value for '--select-on'"),
