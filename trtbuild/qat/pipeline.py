@@ -11,6 +11,7 @@ Nothing lands in the output folder unless the final fidelity gate passes (checkp
 from __future__ import annotations
 
 import copy
+import hashlib
 import json
 import logging
 import tempfile
@@ -328,6 +329,7 @@ def qat(
     for p in teacher.parameters():
         p.requires_grad_(False)
     ckpt_dir = out / "checkpoints"
+    run = _run_key(locals(), train)
     if resume and not ckpt_dir.is_dir():
         raise TrtbuildError(f"--resume: no checkpoints in {ckpt_dir}", "run without --resume first")
 
@@ -371,6 +373,7 @@ def qat(
                 train_loader if recover is None else recover,
                 stage(label),
                 scorer,
+                run,
             )
 
         result_training: dict[str, TrainResult] = {}
@@ -530,6 +533,30 @@ def qat(
     )
     atomic.write_text(result.report_path, json.dumps(result.to_json(), indent=2, default=_plain) + "\n")
     return result
+
+
+RUN_OPTIONS = (
+    "inputs", "dynamic_batch", "sparsity", "sparse_budget", "sparse_max_dense", "holdout", "samples",
+    "method", "exclude", "exclude_op_types", "output_names", "opset", "start", "smooth_quant", "loss",
+    "temperature", "margin_term", "margin_weight", "augment", "weights",
+)  # fmt: skip
+
+
+def _run_key(options: Mapping[str, Any], train: Sequence[Mapping[str, np.ndarray]]) -> dict[str, Any]:
+    """The options a checkpoint must share to be resumed (train.Trainer checks it), and which data: the
+    training samples' count and a hash of the first and last (cheap; a different --data changes them)."""
+    key: dict[str, Any] = {
+        k: list(v) if isinstance(v, (list, tuple)) else None if v is None else str(v)
+        for k, v in ((k, options[k]) for k in RUN_OPTIONS)
+    }
+    key["own_loss"] = options["loss_fn"] is not None
+    key["labeled"] = options["train_loader"] is not None
+    digest = hashlib.sha256()
+    for sample in (train[0], train[-1]) if train else ():
+        for name in sorted(sample):
+            digest.update(np.ascontiguousarray(sample[name]).tobytes())
+    key["data"] = [len(train), digest.hexdigest()]
+    return key
 
 
 def _plain(value: Any) -> Any:

@@ -32,7 +32,7 @@ from trtbuild.qat import graph_score, selection
 log = logging.getLogger(__name__)
 Batch = Mapping[str, np.ndarray]
 LossFn = Callable[[Sequence[torch.Tensor], Sequence[torch.Tensor]], torch.Tensor]
-CHECKPOINT_SCHEMA = 1
+CHECKPOINT_SCHEMA = 2  # 2: checkpoints record the run they belong to (``run``, checked on resume)
 SCHEDULES = ("constant", "cosine")  # cosine: lr x (1 + cos(pi step / steps)) / 2, from the set lr to 0
 
 
@@ -128,9 +128,18 @@ class Trainer:
         labeled: Iterable[tuple[Any, Any]] | None = None,
         on_step: Callable[[int, int, float, Evaluation | None], None] | None = None,
         graph_scorer: Callable[[], FidelityReport] | None = None,
+        run: Mapping[str, Any] | None = None,
     ) -> None:
         self.student, self.teacher, self.config, self.device = student, teacher, config, device
         self.extra = list(extra_params)
+        # What the checkpoint belongs to, beyond the training config: the caller's options that shape the
+        # student (2:4, start, placement, ...) and the trained tensors' layout. Resuming a checkpoint of
+        # another run either crashed (another number of step sizes) or silently mixed two runs.
+        self.run = {
+            **dict(run or {}),
+            "layout": [(k, list(v.shape)) for k, v in student.state_dict().items()],
+            "extra": [list(p.shape) for p in self.extra],
+        }
         self.train_stack = {n: np.concatenate([s[n] for s in train]) for n in input_names} if train else {}
         self.train_count = len(train)
         self.held = list(held)
@@ -208,6 +217,7 @@ class Trainer:
         return {
             "schema": CHECKPOINT_SCHEMA,
             "config": asdict(self.config),
+            "run": self.run,
             "step": step,
             "student": self.student.state_dict(),
             "extra": [p.detach().clone() for p in self.extra],
@@ -233,6 +243,12 @@ class Trainer:
         if state.get("schema") != CHECKPOINT_SCHEMA or state.get("config") != asdict(self.config):
             raise TrtbuildError(
                 f"checkpoint {path} was written with other training settings ({state.get('config')})",
+                "resume with the same options, or delete the checkpoint to start over",
+            )
+        if state.get("run") != self.run:
+            changed = sorted(k for k in {*self.run, *state["run"]} if self.run.get(k) != state["run"].get(k))
+            raise TrtbuildError(
+                f"checkpoint {path} belongs to another run (differs in: {', '.join(changed)})",
                 "resume with the same options, or delete the checkpoint to start over",
             )
         self.student.load_state_dict(state["student"])

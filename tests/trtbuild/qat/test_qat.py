@@ -136,6 +136,52 @@ def test_resume_equals_uninterrupted_and_seed_repeats(tmp_path: Path, one_thread
 
 
 @pytest.fixture(scope="module")
+def interrupted(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
+    """A dense qat() run of the tiny net interrupted at QAT step 2 (checkpoint every step)."""
+    from trtbuild.qat import qat
+
+    root = tmp_path_factory.mktemp("interrupted")
+    np.save(root / "x.npy", tiny_data(32, seed=2))
+
+    def stop(stage: str, step: int, *_: object) -> None:
+        if stage == "QAT" and step == 2:
+            raise Interrupt
+
+    with pytest.raises(Interrupt):
+        qat(tiny_net(), ["x:1x3x16x16"], root / "x.npy", root / "out", on_step=stop, **RESUMED)  # type: ignore[arg-type]
+    return root / "x.npy", root / "out"
+
+
+RESUMED = {"steps": 4, "eval_every": 2, "checkpoint_every": 1, "holdout": 8, "min_fidelity": "0"}
+
+
+@pytest.mark.parametrize(
+    ("change", "differs"),
+    [({"exclude_op_types": ["Gemm"]}, "exclude_op_types"), ({"sparsity": "2:4"}, "sparsity")],
+)
+def test_resume_with_other_options_is_refused_and_writes_nothing(
+    interrupted: tuple[Path, Path], change: dict[str, object], differs: str, tmp_path: Path, one_thread: None
+) -> None:
+    """Another placement (one step size fewer: crashed in zip) or 2:4 on top of a dense run's checkpoint
+    (silently trained on from the dense weights) is one error naming the option."""
+    import shutil
+
+    from trtbuild.core.errors import TrtbuildError
+    from trtbuild.qat import qat
+
+    data, out = interrupted
+    shutil.copytree(out, tmp_path / "out")
+    with pytest.raises(TrtbuildError, match=f"belongs to another run .*{differs}"):
+        qat(tiny_net(), ["x:1x3x16x16"], data, tmp_path / "out", resume=True, **RESUMED, **change)  # type: ignore[arg-type]
+    assert sorted(p.name for p in (tmp_path / "out").iterdir()) == ["checkpoints"]
+    # the same options resume it (the run key does not change between runs)
+    resumed = qat(tiny_net(), ["x:1x3x16x16"], data, tmp_path / "out", resume=True, **RESUMED)
+    assert (
+        resumed.training["qat"].resumed_from == 1 and resumed.training["qat"].steps_run == 4
+    )  # stopped in step 2
+
+
+@pytest.fixture(scope="module")
 def sparse_run(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path, dict]:  # type: ignore[type-arg]
     """`trtbuild qat --sparsity 2:4` on the tiny net, through the real CLI."""
     root = tmp_path_factory.mktemp("qat")
