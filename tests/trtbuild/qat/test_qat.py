@@ -135,6 +135,45 @@ def test_resume_equals_uninterrupted_and_seed_repeats(tmp_path: Path, one_thread
     assert scores[result.best_step] == min(scores.values())
 
 
+def _labeled_trainer(loader: list, loss_fn) -> Trainer:  # type: ignore[no-untyped-def, type-arg]
+    model = tiny_net()
+    held = [{"x": tiny_data(4, seed=4)}]
+    config = TrainConfig(steps=2, batch_size=4, eval_every=1, checkpoint_every=1)
+    return Trainer(model, copy.deepcopy(model), [], [], held, ["x"], ["y"], {}, config, torch.device("cpu"),
+                   loss_fn, loader)  # fmt: skip
+
+
+def test_labeled_loader_of_numpy_batches_trains() -> None:
+    """The Python API's labeled loader: numpy batches are taken as tensors (crashed on `.to`)."""
+    x, labels = tiny_data(8, seed=3), np.arange(8) % 10
+    loader = [(x[i : i + 4], labels[i : i + 4]) for i in (0, 4)]
+    trainer = _labeled_trainer(loader, lambda s, t: torch.nn.functional.cross_entropy(s[0], t[0]))
+    result = trainer.fit()
+    assert result.steps_run == 2 and [e.step for e in result.history] == [0, 1, 2]
+    assert all(np.isfinite(e.loss) for e in result.history[1:])
+
+
+@pytest.mark.parametrize(
+    ("loss_fn", "message"),
+    [
+        (None, "the training loss fails on the model's outputs [[4, 10]], targets [[4]]"),
+        (lambda s, t: (s[0] - t[0]) ** 2, "the training loss must be one scalar tensor, got [4, 10]"),
+    ],
+)
+def test_labeled_loss_errors_are_one_line(loss_fn, message: str) -> None:  # type: ignore[no-untyped-def]
+    """Labels without a loss for them (the default MSE needs outputs' shapes) or a loss that is not a
+    scalar: one TrtbuildError line, not a traceback from inside training."""
+    from trtbuild.core.errors import TrtbuildError
+
+    x = tiny_data(4, seed=3)
+    loader = [(torch.from_numpy(x), torch.arange(4))]
+    if loss_fn is not None:
+        loader = [(torch.from_numpy(x), torch.zeros(4, 10))]
+    with pytest.raises(TrtbuildError) as err:
+        _labeled_trainer(loader, loss_fn).fit()
+    assert message in str(err.value) and "\n" not in str(err.value)
+
+
 @pytest.fixture(scope="module")
 def interrupted(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
     """A dense qat() run of the tiny net interrupted at QAT step 2 (checkpoint every step)."""
