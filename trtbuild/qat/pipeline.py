@@ -337,6 +337,8 @@ def qat(
         onnx_path = Path(tmp) / f"{name}.onnx"
         graph = _export(model, inputs, onnx_path, output_names, opset, dynamic_batch)
         names_out = [o.name for o in graph.graph.output]
+        if not quantizable_activations(graph, exclude, exclude_op_types):  # before any training
+            _nothing_to_quantize(graph, exclude, exclude_op_types, name)
         input_names = [i.name for i in model_inputs(graph)]
         reference = fidelity.run_batches(fidelity.session(graph), held_batches)
         # Top-1 is judged as quantize's gate judges it: FP32 near-ties listed, not counted (near_ties.py).
@@ -533,6 +535,22 @@ def qat(
     )
     atomic.write_text(result.report_path, json.dumps(result.to_json(), indent=2, default=_plain) + "\n")
     return result
+
+
+def _nothing_to_quantize(
+    graph: onnx.ModelProto, exclude: Sequence[str], exclude_op_types: Sequence[str], name: str
+) -> None:
+    """Say why no layer gets Q/DQ (the placement's own reasons): with a static batch of 1 every Gemm is a
+    GEMV kept float, so a plain MLP exported without --dynamic-batch had only "no quantizable activations"."""
+    from calibrators.qdq import ensure_node_names, select_qdq
+
+    options = QdqOptions(exclude_nodes=tuple(exclude), exclude_op_types=tuple(exclude_op_types))
+    kept = select_qdq(ensure_node_names(graph), options).excluded
+    reasons = "; ".join(f"{e.node}: {e.reason}" for e in kept[:3]) or "no Conv/Gemm/MatMul in the graph"
+    hint = "INT8 does not apply: build it in FP16/FP32"
+    if any("GEMV" in e.reason for e in kept):
+        hint = "give --dynamic-batch (a batch-1 Gemm/MatMul runs as a GEMV, kept float), or build FP16/FP32"
+    raise TrtbuildError(f"no layer of '{name}' would be quantized ({reasons})", hint)
 
 
 RUN_OPTIONS = (

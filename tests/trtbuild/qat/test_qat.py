@@ -323,6 +323,8 @@ class FixedBatch(nn.Module):  # exports and verifies at batch 1; fails on the ba
         return self.fc(torch.relu(self.conv(x)).reshape(1, -1))
 def fixed_batch():
     return FixedBatch()
+def mlp():
+    return nn.Sequential(nn.Linear(12, 32), nn.ReLU(), nn.Linear(32, 4))
 """
 
 
@@ -335,6 +337,7 @@ def fixed_batch():
         ("pool", [], "no Conv/Linear layer with weights"),
         ("stem_only", ["--sparsity", "2:4"], "can take 2:4 sparsity"),
         ("fixed_batch", [], "the model fails on a batch of 8 samples"),
+        ("mlp", ["--input", "x:1x12", "--data", "feats.npy"], "GEMV-shaped Gemm (one row: input [1, 12])"),
         ("tiny", ["--input", "x:1x5x16x16", "--data", "five.npy"], "fails on the declared inputs"),
         ("tiny", ["--margin-term", "margin", "--margin-weight", "-1"], "--margin-weight must be >= 0"),
         ("tiny", ["--select-on", "onnx"], "Invalid value for '--select-on'"),
@@ -346,6 +349,7 @@ def test_bad_input_is_one_line_and_writes_nothing(
     (tmp_path / "bad.py").write_text(BAD_MODELS)
     np.save(tmp_path / "x.npy", tiny_data(24))
     np.save(tmp_path / "five.npy", np.zeros((24, 5, 16, 16), np.float32))
+    np.save(tmp_path / "feats.npy", np.random.default_rng(0).normal(size=(24, 12)).astype(np.float32))
     spec = TINY if source == "tiny" else f"{tmp_path / 'bad.py'}:{source}"
     args = [
         "qat",
@@ -364,7 +368,7 @@ def test_bad_input_is_one_line_and_writes_nothing(
             a if a != str(tmp_path / "x.npy") else str(tmp_path / extra[extra.index("--data") + 1])
             for a in args
         ]
-        extra = [e for e in extra if e not in ("--data", "five.npy")]
+        extra = [e for e in extra if e not in ("--data", "five.npy", "feats.npy")]
     code, _, err = run_cli(args + extra, capsys)
     assert code == 2, err
     assert message in err and "Traceback" not in err
