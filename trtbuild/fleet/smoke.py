@@ -25,9 +25,15 @@ BUILD_TIMEOUT_S = 3600
 
 
 def _session(model: Path) -> Any:
-    import onnxruntime as ort
+    """The graph under the semantics it was built for (trtbuild/core/ort.py): a TensorRT Q/DQ graph as
+    written. ORT's default fusions turn a Q/DQ Concat into QLinearConcat, which refuses the FP16 scales of a
+    strongly typed plan's graph (the session failed: any Q/DQ model with a Concat could not be bundled)."""
+    import onnx
 
-    return ort.InferenceSession(str(model), providers=["CPUExecutionProvider"])
+    from trtbuild.core import ort as ort_core
+
+    header = onnx.load(str(model), load_external_data=False)
+    return ort_core.cpu_session(model, ort_core.semantics_for(header))
 
 
 def write_smoke_record(onnx_path: Path, folder: Path, inputs: Mapping[str, np.ndarray]) -> Path:

@@ -11,6 +11,7 @@ Nothing lands in the output folder unless the final fidelity gate passes (checkp
 from __future__ import annotations
 
 import copy
+import hashlib
 import json
 import logging
 import tempfile
@@ -41,6 +42,7 @@ from trtbuild.core import atomic
 from trtbuild.core.defaults import DEFAULT_TRT_VERSION
 from trtbuild.core.errors import TrtbuildError
 from trtbuild.qat import graph_score, margin_loss, selection, sparse_recipe
+from trtbuild.qat.batch_check import check_batch, largest_batch
 from trtbuild.qat.fake_quant import ActivationQuantizer, QuantHooks
 from trtbuild.qat.losses import LOSSES, kind_loss
 from trtbuild.qat.mapping import QuantMap, map_plan, weighted_modules
@@ -319,11 +321,15 @@ def qat(
     calib, held = all_data.split(holdout, seed)
     calib = calib.sample(samples, seed)
     train = [s for _, s in calib.samples()]
+    declared = [i.name for i in _declared_inputs(inputs, dynamic_batch)]
+    fit_batch = FIT_BATCH if sparsity is not None else None
+    check_batch(model, train, declared, largest_batch(batch_size, fit_batch, len(train)))
     held_batches = list(held.batches(batch_size))
     teacher = copy.deepcopy(model).eval()
     for p in teacher.parameters():
         p.requires_grad_(False)
     ckpt_dir = out / "checkpoints"
+    run = _run_key(locals(), train)
     if resume and not ckpt_dir.is_dir():
         raise TrtbuildError(f"--resume: no checkpoints in {ckpt_dir}", "run without --resume first")
 
@@ -331,6 +337,8 @@ def qat(
         onnx_path = Path(tmp) / f"{name}.onnx"
         graph = _export(model, inputs, onnx_path, output_names, opset, dynamic_batch)
         names_out = [o.name for o in graph.graph.output]
+        if not quantizable_activations(graph, exclude, exclude_op_types):  # before any training
+            _nothing_to_quantize(graph, exclude, exclude_op_types, name)
         input_names = [i.name for i in model_inputs(graph)]
         reference = fidelity.run_batches(fidelity.session(graph), held_batches)
         # Top-1 is judged as quantize's gate judges it: FP32 near-ties listed, not counted (near_ties.py).
@@ -367,6 +375,7 @@ def qat(
                 train_loader if recover is None else recover,
                 stage(label),
                 scorer,
+                run,
             )
 
         result_training: dict[str, TrainResult] = {}
@@ -526,6 +535,46 @@ def qat(
     )
     atomic.write_text(result.report_path, json.dumps(result.to_json(), indent=2, default=_plain) + "\n")
     return result
+
+
+def _nothing_to_quantize(
+    graph: onnx.ModelProto, exclude: Sequence[str], exclude_op_types: Sequence[str], name: str
+) -> None:
+    """Say why no layer gets Q/DQ (the placement's own reasons): with a static batch of 1 every Gemm is a
+    GEMV kept float, so a plain MLP exported without --dynamic-batch had only "no quantizable activations"."""
+    from calibrators.qdq import ensure_node_names, select_qdq
+
+    options = QdqOptions(exclude_nodes=tuple(exclude), exclude_op_types=tuple(exclude_op_types))
+    kept = select_qdq(ensure_node_names(graph), options).excluded
+    reasons = "; ".join(f"{e.node}: {e.reason}" for e in kept[:3]) or "no Conv/Gemm/MatMul in the graph"
+    hint = "INT8 does not apply: build it in FP16/FP32"
+    if any("GEMV" in e.reason for e in kept):
+        hint = "give --dynamic-batch (a batch-1 Gemm/MatMul runs as a GEMV, kept float), or build FP16/FP32"
+    raise TrtbuildError(f"no layer of '{name}' would be quantized ({reasons})", hint)
+
+
+RUN_OPTIONS = (
+    "inputs", "dynamic_batch", "sparsity", "sparse_budget", "sparse_max_dense", "holdout", "samples",
+    "method", "exclude", "exclude_op_types", "output_names", "opset", "start", "smooth_quant", "loss",
+    "temperature", "margin_term", "margin_weight", "augment", "weights",
+)  # fmt: skip
+
+
+def _run_key(options: Mapping[str, Any], train: Sequence[Mapping[str, np.ndarray]]) -> dict[str, Any]:
+    """The options a checkpoint must share to be resumed (train.Trainer checks it), and which data: the
+    training samples' count and a hash of the first and last (cheap; a different --data changes them)."""
+    key: dict[str, Any] = {
+        k: list(v) if isinstance(v, (list, tuple)) else None if v is None else str(v)
+        for k, v in ((k, options[k]) for k in RUN_OPTIONS)
+    }
+    key["own_loss"] = options["loss_fn"] is not None
+    key["labeled"] = options["train_loader"] is not None
+    digest = hashlib.sha256()
+    for sample in (train[0], train[-1]) if train else ():
+        for name in sorted(sample):
+            digest.update(np.ascontiguousarray(sample[name]).tobytes())
+    key["data"] = [len(train), digest.hexdigest()]
+    return key
 
 
 def _plain(value: Any) -> Any:

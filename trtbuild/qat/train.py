@@ -32,7 +32,7 @@ from trtbuild.qat import graph_score, selection
 log = logging.getLogger(__name__)
 Batch = Mapping[str, np.ndarray]
 LossFn = Callable[[Sequence[torch.Tensor], Sequence[torch.Tensor]], torch.Tensor]
-CHECKPOINT_SCHEMA = 1
+CHECKPOINT_SCHEMA = 2  # 2: checkpoints record the run they belong to (``run``, checked on resume)
 SCHEDULES = ("constant", "cosine")  # cosine: lr x (1 + cos(pi step / steps)) / 2, from the set lr to 0
 
 
@@ -98,6 +98,17 @@ def distillation_loss(student: Sequence[torch.Tensor], teacher: Sequence[torch.T
     return total
 
 
+def _tensors(value: Any) -> Any:
+    """A loader's batch item with its numpy arrays as tensors (tensors, lists, tuples, dicts kept)."""
+    if isinstance(value, np.ndarray):
+        return torch.from_numpy(np.ascontiguousarray(value))
+    if isinstance(value, (list, tuple)):
+        return type(value)(_tensors(v) for v in value)
+    if isinstance(value, Mapping):
+        return {k: _tensors(v) for k, v in value.items()}
+    return value
+
+
 def as_outputs(value: Any) -> list[torch.Tensor]:
     """A module's return value (tensor, tuple/list, dict, HF ModelOutput) as a flat list of tensors."""
     if isinstance(value, torch.Tensor):
@@ -128,9 +139,18 @@ class Trainer:
         labeled: Iterable[tuple[Any, Any]] | None = None,
         on_step: Callable[[int, int, float, Evaluation | None], None] | None = None,
         graph_scorer: Callable[[], FidelityReport] | None = None,
+        run: Mapping[str, Any] | None = None,
     ) -> None:
         self.student, self.teacher, self.config, self.device = student, teacher, config, device
         self.extra = list(extra_params)
+        # What the checkpoint belongs to, beyond the training config: the caller's options that shape the
+        # student (2:4, start, placement, ...) and the trained tensors' layout. Resuming a checkpoint of
+        # another run either crashed (another number of step sizes) or silently mixed two runs.
+        self.run = {
+            **dict(run or {}),
+            "layout": [(k, list(v.shape)) for k, v in student.state_dict().items()],
+            "extra": [list(p.shape) for p in self.extra],
+        }
         self.train_stack = {n: np.concatenate([s[n] for s in train]) for n in input_names} if train else {}
         self.train_count = len(train)
         self.held = list(held)
@@ -183,7 +203,7 @@ class Trainer:
 
     def _next_batch(self) -> tuple[list[torch.Tensor], list[torch.Tensor] | None]:
         if self.labeled is not None:
-            inputs, labels = next(self._labeled_iter)
+            inputs, labels = map(_tensors, next(self._labeled_iter))  # numpy batches taken too
             feeds = [t.to(self.device) for t in (inputs if isinstance(inputs, (list, tuple)) else [inputs])]
             return feeds, [t.to(self.device) for t in as_outputs(labels)]
         size = min(self.config.batch_size, self.train_count)
@@ -208,6 +228,7 @@ class Trainer:
         return {
             "schema": CHECKPOINT_SCHEMA,
             "config": asdict(self.config),
+            "run": self.run,
             "step": step,
             "student": self.student.state_dict(),
             "extra": [p.detach().clone() for p in self.extra],
@@ -233,6 +254,12 @@ class Trainer:
         if state.get("schema") != CHECKPOINT_SCHEMA or state.get("config") != asdict(self.config):
             raise TrtbuildError(
                 f"checkpoint {path} was written with other training settings ({state.get('config')})",
+                "resume with the same options, or delete the checkpoint to start over",
+            )
+        if state.get("run") != self.run:
+            changed = sorted(k for k in {*self.run, *state["run"]} if self.run.get(k) != state["run"].get(k))
+            raise TrtbuildError(
+                f"checkpoint {path} belongs to another run (differs in: {', '.join(changed)})",
                 "resume with the same options, or delete the checkpoint to start over",
             )
         self.student.load_state_dict(state["student"])
@@ -297,7 +324,7 @@ class Trainer:
             if labels is None:
                 with torch.no_grad():
                     labels = as_outputs(self.teacher(*feeds))
-            loss = self.loss_fn(outputs, labels)
+            loss = self._loss(outputs, labels)
             if not torch.isfinite(loss):
                 raise TrtbuildError(
                     f"the training loss became {float(loss)} at step {step + 1}", "lower --lr"
@@ -323,6 +350,28 @@ class Trainer:
                 self.save(checkpoint, self._state(step, best, history, bad))
         self._restore(best)
         return TrainResult(step, stopped, int(best["step"]), history, resumed)
+
+    def _loss(self, outputs: list[torch.Tensor], targets: list[torch.Tensor]) -> torch.Tensor:
+        """The loss as one scalar tensor; a loss that fails on the outputs and targets, or returns anything
+        else, is one TrtbuildError (a user's loss_fn / labels: a traceback from inside training before)."""
+        try:
+            loss = self.loss_fn(outputs, targets)
+        except TrtbuildError:
+            raise
+        except Exception as exc:
+            first = (str(exc).strip().splitlines() or [""])[0]
+            shapes = f"outputs {[list(t.shape) for t in outputs]}, targets {[list(t.shape) for t in targets]}"
+            raise TrtbuildError(
+                f"the training loss fails on the model's {shapes} ({type(exc).__name__}: {first})",
+                "with labels (train_loader) pass loss_fn(student_outputs, labels); the default distillation "
+                "loss compares outputs with targets of the same shape",
+            ) from exc
+        if not isinstance(loss, torch.Tensor) or loss.numel() != 1:
+            got = list(loss.shape) if isinstance(loss, torch.Tensor) else type(loss).__name__
+            raise TrtbuildError(
+                f"the training loss must be one scalar tensor, got {got}", "reduce it, e.g. .mean()"
+            )
+        return loss.reshape(())
 
     def _snapshot(self, evaluation: Evaluation) -> dict[str, Any]:
         return {

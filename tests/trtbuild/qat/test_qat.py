@@ -135,6 +135,91 @@ def test_resume_equals_uninterrupted_and_seed_repeats(tmp_path: Path, one_thread
     assert scores[result.best_step] == min(scores.values())
 
 
+def _labeled_trainer(loader: list, loss_fn) -> Trainer:  # type: ignore[no-untyped-def, type-arg]
+    model = tiny_net()
+    held = [{"x": tiny_data(4, seed=4)}]
+    config = TrainConfig(steps=2, batch_size=4, eval_every=1, checkpoint_every=1)
+    return Trainer(model, copy.deepcopy(model), [], [], held, ["x"], ["y"], {}, config, torch.device("cpu"),
+                   loss_fn, loader)  # fmt: skip
+
+
+def test_labeled_loader_of_numpy_batches_trains() -> None:
+    """The Python API's labeled loader: numpy batches are taken as tensors (crashed on `.to`)."""
+    x, labels = tiny_data(8, seed=3), np.arange(8) % 10
+    loader = [(x[i : i + 4], labels[i : i + 4]) for i in (0, 4)]
+    trainer = _labeled_trainer(loader, lambda s, t: torch.nn.functional.cross_entropy(s[0], t[0]))
+    result = trainer.fit()
+    assert result.steps_run == 2 and [e.step for e in result.history] == [0, 1, 2]
+    assert all(np.isfinite(e.loss) for e in result.history[1:])
+
+
+@pytest.mark.parametrize(
+    ("loss_fn", "message"),
+    [
+        (None, "the training loss fails on the model's outputs [[4, 10]], targets [[4]]"),
+        (lambda s, t: (s[0] - t[0]) ** 2, "the training loss must be one scalar tensor, got [4, 10]"),
+    ],
+)
+def test_labeled_loss_errors_are_one_line(loss_fn, message: str) -> None:  # type: ignore[no-untyped-def]
+    """Labels without a loss for them (the default MSE needs outputs' shapes) or a loss that is not a
+    scalar: one TrtbuildError line, not a traceback from inside training."""
+    from trtbuild.core.errors import TrtbuildError
+
+    x = tiny_data(4, seed=3)
+    loader = [(torch.from_numpy(x), torch.arange(4))]
+    if loss_fn is not None:
+        loader = [(torch.from_numpy(x), torch.zeros(4, 10))]
+    with pytest.raises(TrtbuildError) as err:
+        _labeled_trainer(loader, loss_fn).fit()
+    assert message in str(err.value) and "\n" not in str(err.value)
+
+
+@pytest.fixture(scope="module")
+def interrupted(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
+    """A dense qat() run of the tiny net interrupted at QAT step 2 (checkpoint every step)."""
+    from trtbuild.qat import qat
+
+    root = tmp_path_factory.mktemp("interrupted")
+    np.save(root / "x.npy", tiny_data(32, seed=2))
+
+    def stop(stage: str, step: int, *_: object) -> None:
+        if stage == "QAT" and step == 2:
+            raise Interrupt
+
+    with pytest.raises(Interrupt):
+        qat(tiny_net(), ["x:1x3x16x16"], root / "x.npy", root / "out", on_step=stop, **RESUMED)  # type: ignore[arg-type]
+    return root / "x.npy", root / "out"
+
+
+RESUMED = {"steps": 4, "eval_every": 2, "checkpoint_every": 1, "holdout": 8, "min_fidelity": "0"}
+
+
+@pytest.mark.parametrize(
+    ("change", "differs"),
+    [({"exclude_op_types": ["Gemm"]}, "exclude_op_types"), ({"sparsity": "2:4"}, "sparsity")],
+)
+def test_resume_with_other_options_is_refused_and_writes_nothing(
+    interrupted: tuple[Path, Path], change: dict[str, object], differs: str, tmp_path: Path, one_thread: None
+) -> None:
+    """Another placement (one step size fewer: crashed in zip) or 2:4 on top of a dense run's checkpoint
+    (silently trained on from the dense weights) is one error naming the option."""
+    import shutil
+
+    from trtbuild.core.errors import TrtbuildError
+    from trtbuild.qat import qat
+
+    data, out = interrupted
+    shutil.copytree(out, tmp_path / "out")
+    with pytest.raises(TrtbuildError, match=f"belongs to another run .*{differs}"):
+        qat(tiny_net(), ["x:1x3x16x16"], data, tmp_path / "out", resume=True, **RESUMED, **change)  # type: ignore[arg-type]
+    assert sorted(p.name for p in (tmp_path / "out").iterdir()) == ["checkpoints"]
+    # the same options resume it (the run key does not change between runs)
+    resumed = qat(tiny_net(), ["x:1x3x16x16"], data, tmp_path / "out", resume=True, **RESUMED)
+    assert (
+        resumed.training["qat"].resumed_from == 1 and resumed.training["qat"].steps_run == 4
+    )  # stopped in step 2
+
+
 @pytest.fixture(scope="module")
 def sparse_run(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path, dict]:  # type: ignore[type-arg]
     """`trtbuild qat --sparsity 2:4` on the tiny net, through the real CLI."""
@@ -229,6 +314,17 @@ def pool():
     return Pool()
 def stem_only():
     return nn.Sequential(nn.Conv2d(3, 8, 3), nn.Flatten())
+class FixedBatch(nn.Module):  # exports and verifies at batch 1; fails on the batches QAT trains on
+    def __init__(self):
+        super().__init__()
+        self.conv = nn.Conv2d(3, 8, 3, padding=1)
+        self.fc = nn.Linear(8 * 16 * 16, 10)
+    def forward(self, x):
+        return self.fc(torch.relu(self.conv(x)).reshape(1, -1))
+def fixed_batch():
+    return FixedBatch()
+def mlp():
+    return nn.Sequential(nn.Linear(12, 32), nn.ReLU(), nn.Linear(32, 4))
 """
 
 
@@ -240,6 +336,8 @@ def stem_only():
         ("tiny", ["--input", "x:1x3x8x8"], "has shape (3, 16, 16) per sample"),
         ("pool", [], "no Conv/Linear layer with weights"),
         ("stem_only", ["--sparsity", "2:4"], "can take 2:4 sparsity"),
+        ("fixed_batch", [], "the model fails on a batch of 8 samples"),
+        ("mlp", ["--input", "x:1x12", "--data", "feats.npy"], "GEMV-shaped Gemm (one row: input [1, 12])"),
         ("tiny", ["--input", "x:1x5x16x16", "--data", "five.npy"], "fails on the declared inputs"),
         ("tiny", ["--margin-term", "margin", "--margin-weight", "-1"], "--margin-weight must be >= 0"),
         ("tiny", ["--select-on", "onnx"], "Invalid value for '--select-on'"),
@@ -251,6 +349,7 @@ def test_bad_input_is_one_line_and_writes_nothing(
     (tmp_path / "bad.py").write_text(BAD_MODELS)
     np.save(tmp_path / "x.npy", tiny_data(24))
     np.save(tmp_path / "five.npy", np.zeros((24, 5, 16, 16), np.float32))
+    np.save(tmp_path / "feats.npy", np.random.default_rng(0).normal(size=(24, 12)).astype(np.float32))
     spec = TINY if source == "tiny" else f"{tmp_path / 'bad.py'}:{source}"
     args = [
         "qat",
@@ -269,7 +368,7 @@ def test_bad_input_is_one_line_and_writes_nothing(
             a if a != str(tmp_path / "x.npy") else str(tmp_path / extra[extra.index("--data") + 1])
             for a in args
         ]
-        extra = [e for e in extra if e not in ("--data", "five.npy")]
+        extra = [e for e in extra if e not in ("--data", "five.npy", "feats.npy")]
     code, _, err = run_cli(args + extra, capsys)
     assert code == 2, err
     assert message in err and "Traceback" not in err
