@@ -10,9 +10,9 @@ import click
 from rich.table import Table
 from rich.text import Text
 
+from trtbuild.cli.profile_options import high_precision_option, shape_option
 from trtbuild.core.console import emit_json, out
 from trtbuild.core.errors import TrtbuildError
-from trtbuild.plan import HIGH_PRECISIONS
 
 _REPORT_BYTES = 4 << 20  # a fidelity/profile report recorded in the manifest
 
@@ -91,20 +91,8 @@ def keygen(private_key: str, public_key: str | None, force: bool) -> None:
 @click.option("--htp-socs", default="sm8650", show_default=True, help="Qualcomm SoC(s) for graph prepare.")
 @click.option("--fidelity", type=click.Path(dir_okay=False), help="Fidelity report JSON to record.")
 @click.option("--profile", type=click.Path(dir_okay=False), help="Profile report JSON to record.")
-@click.option(
-    "--shape",
-    "shapes",
-    multiple=True,
-    help="TensorRT targets: name:MIN,OPT,MAX (as `trtbuild plan --shape`); default: the export sidecar, "
-    "else the graph.",
-)
-@click.option(
-    "--high-precision",
-    type=click.Choice(HIGH_PRECISIONS),
-    default="fp16",
-    show_default=True,
-    help="Strongly typed Q/DQ builds: the type of the unquantized layers (as `trtbuild plan`).",
-)
+@shape_option
+@high_precision_option
 @click.option("--json", "as_json", is_flag=True, help="Print the result as JSON.")
 def create(
     model_path: str,
@@ -238,19 +226,8 @@ def inspect(bundle_path: str, as_json: bool) -> None:
 @click.option("--qdq-onnx", type=click.Path(dir_okay=False), help="Q/DQ graph for explicit INT8.")
 @click.option("--fp16-onnx", type=click.Path(dir_okay=False), help="FP16 graph.")
 @click.option("--dla-core", type=int, help="Run on this DLA core (with GPU fallback).")
-@click.option(
-    "--shape",
-    "shapes",
-    multiple=True,
-    help="name:MIN,OPT,MAX (as `trtbuild plan --shape`); default: the export sidecar, else the graph.",
-)
-@click.option(
-    "--high-precision",
-    type=click.Choice(HIGH_PRECISIONS),
-    default="fp16",
-    show_default=True,
-    help="Strongly typed Q/DQ builds: the type of the unquantized layers (as `trtbuild plan`).",
-)
+@shape_option
+@high_precision_option
 @click.option("--json", "as_json", is_flag=True)
 def export_jetson_cmd(
     onnx_path: str,

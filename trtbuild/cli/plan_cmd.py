@@ -8,6 +8,7 @@ from typing import Any
 import click
 from rich.table import Table
 
+from trtbuild.cli.profile_options import high_precision_option, shape_option
 from trtbuild.core.console import emit_json, out, progress
 from trtbuild.core.defaults import DEFAULT_TRT_VERSION, OUTPUT_ROOT
 from trtbuild.core.errors import TrtbuildError
@@ -15,7 +16,7 @@ from trtbuild.core.inputs import fmt_shape, parse_profile_spec
 from trtbuild.core.trt_versions import has
 from trtbuild.memory_plan import PRECISIONS as MEMORY_PRECISIONS
 from trtbuild.memory_plan import MemoryPlan, for_build_plan, plan_memory
-from trtbuild.plan import HARDWARE_COMPAT, HIGH_PRECISIONS, BuildPlan, PlanSettings
+from trtbuild.plan import HARDWARE_COMPAT, BuildPlan, PlanSettings
 from trtbuild.plan_graphs import plan_model
 from trtbuild.targets import PRECISIONS, TARGETS
 from trtbuild.trtexec import save_plan_files
@@ -125,13 +126,7 @@ def _plan_options(fn: Any) -> Any:
         click.option(
             "--trt-version", help=f"TensorRT version (data-center targets; default {DEFAULT_TRT_VERSION})."
         ),
-        click.option(
-            "--shape",
-            "shapes",
-            multiple=True,
-            help="name:MIN,OPT,MAX (e.g. images:1x3x224x224,8x3x224x224,32x3x224x224); "
-            "default: the export sidecar, else the graph.",
-        ),
+        shape_option,
         click.option("--workspace", "workspace_mib", type=int, help="Workspace memory pool in MiB."),
         click.option("--opt-level", type=int, help="Builder optimization level 0-5 (TensorRT 8.6+)."),
         click.option("--timing-cache", type=click.Path(dir_okay=False), help="Persistent timing cache file."),
@@ -156,14 +151,7 @@ def _plan_options(fn: Any) -> Any:
         ),
         click.option("--qdq-onnx", type=click.Path(dir_okay=False), help="Q/DQ (explicitly quantized) ONNX."),
         click.option("--fp16-onnx", type=click.Path(dir_okay=False), help="FP16 graph (default: converted)."),
-        click.option(
-            "--high-precision",
-            type=click.Choice(HIGH_PRECISIONS),
-            default="fp16",
-            show_default=True,
-            help="Strongly typed Q/DQ builds: the type of the unquantized layers (fp32 when the model's "
-            "float parts drift in FP16: slower, as accurate as its Q/DQ).",
-        ),
+        high_precision_option,
         click.option(
             "--data",
             "data_path",
