@@ -354,6 +354,18 @@ def session(
     return ort_core.cpu_session(model, semantics, threads)
 
 
+def float_session(model: onnx.ModelProto, threads: int | None = None) -> ort.InferenceSession:
+    """The FP32 reference session, made before any work: a model ONNX Runtime cannot load (e.g. a dynamo
+    export whose output name repeats an inner tensor's) is one error line, not a traceback mid-pipeline."""
+    try:
+        return session(model, threads)
+    except Exception as exc:  # ORT raises its own Fail/InvalidGraph types
+        raise TrtbuildError(
+            f"ONNX Runtime cannot load the model: {str(exc).splitlines()[0]}",
+            "check the model with `trtbuild export` / onnx.checker",
+        ) from exc
+
+
 def semantics_for_activations(activation_type: str) -> str:
     """int8 activations: a TensorRT graph (reference semantics); uint8: ORT CPU (its real kernels)."""
     return ort_core.ORT_CPU if activation_type == "uint8" else ort_core.REFERENCE

@@ -268,6 +268,7 @@ def quantize_int4(
         check_block_size(layers, block_size)
         if budget_fraction is not None:
             budget.check_fits(layers, block_size, budget_fraction)
+        reference_session = fidelity.float_session(model, threads)
         all_data = open_data(data, model_inputs(model), preprocess)
         if holdout is None:
             holdout = gate_stats.auto_holdout(all_data.known_length(), samples)
@@ -313,7 +314,7 @@ def quantize_int4(
 
         held_batches = list(held.batches(batch_size))
         held_count = sum(int(next(iter(b.values())).shape[0]) for b in held_batches)
-        reference = fidelity.run_batches(fidelity.session(model, threads), held_batches)
+        reference = fidelity.run_batches(reference_session, held_batches)
         test = fidelity.run_batches(fidelity.session(qmodel, threads, ort_core.REFERENCE), held_batches)
         kinds = fidelity.decide_kinds(model, reference, kind_overrides)
         # top-1 outputs: FP32 near-ties listed, not counted, as quantize's INT8 gate does (near_ties.py)
