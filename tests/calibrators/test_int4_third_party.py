@@ -11,6 +11,8 @@ import pytest
 from cli_helpers import run_cli
 from onnx import TensorProto, helper, numpy_helper
 
+from trtbuild.core.ort import cpu_session
+
 
 def _save(path: Path, nodes: list, inits: list, opset: int = 13) -> Path:
     graph = helper.make_graph(
@@ -47,3 +49,50 @@ def test_model_onnxruntime_cannot_load_is_one_error_line(
     assert code == 2 and err.count("error:") == 1, err
     assert "ONNX Runtime cannot load the model" in err and "Duplicate definition" in err
     assert "Traceback" not in err and not out.exists()
+
+
+def _mlp(path: Path, initializers_as_inputs: bool) -> Path:
+    rng = np.random.default_rng(0)
+    inits = [
+        numpy_helper.from_array((rng.standard_normal((64, 64)) / 8).astype(np.float32), name)
+        for name in ("w1", "w2")
+    ]
+    nodes = [
+        helper.make_node("MatMul", ["x", "w1"], ["h"]),
+        helper.make_node("Relu", ["h"], ["r"]),
+        helper.make_node("MatMul", ["r", "w2"], ["y"]),
+    ]
+    _save(path, nodes, inits)
+    if initializers_as_inputs:  # as old exporters wrote them (IR 3, keep_initializers_as_inputs=True)
+        model = onnx.load(str(path))
+        model.graph.input.extend(helper.make_tensor_value_info(t.name, t.data_type, t.dims) for t in inits)
+        model.ir_version = 3
+        onnx.save(model, str(path))
+    return path
+
+
+@pytest.mark.parametrize("precision", ["int4-weights", "fp8", "int8", "int4-weights,int8"])
+def test_initializers_listed_as_inputs_are_weights(
+    precision: str, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    # The quantized graph kept 'w1'/'w2' as graph inputs after their initializers became INT4/FP8, so
+    # ONNX Runtime demanded them as feeds (a traceback in the gate); now they are dropped on load.
+    path = _mlp(tmp_path / "old.onnx", initializers_as_inputs=True)
+    x = np.random.default_rng(1).standard_normal((48, 64)).astype(np.float32)
+    np.save(tmp_path / "x.npy", x)
+    out = tmp_path / "out"
+    code, _, err = run_cli(
+        ["quantize", str(path), "--data", str(tmp_path / "x.npy"), "--precision", precision]
+        + ["--int4-algorithm", "rtn", "--block-size", "32", "--min-fidelity", "y:cosine=0.9"]
+        + ["--holdout", "16", "--out-dir", str(out)],
+        capsys,
+    )
+    assert code == 0 and "Traceback" not in err, err
+    written = next(p for p in out.iterdir() if p.suffix == ".onnx")
+    model = onnx.load(str(written))
+    assert [i.name for i in model.graph.input] == ["x"]
+    # reference semantics: ORT's ReluQuantRewrite would drop the Relu before an FP8 Q (docs/fp8.md)
+    float_y = cpu_session(path).run(None, {"x": x})[0]
+    y = cpu_session(written).run(None, {"x": x})[0]
+    cosine = float(np.sum(y * float_y) / np.linalg.norm(y) / np.linalg.norm(float_y))
+    assert cosine > 0.9, cosine
