@@ -12,6 +12,7 @@ from cli_helpers import run_cli
 from onnx import TensorProto, helper, numpy_helper
 
 from trtbuild.core.ort import cpu_session
+from trtbuild.memory_plan import weight_bytes
 
 
 def _save(path: Path, nodes: list, inits: list, opset: int = 13) -> Path:
@@ -96,3 +97,22 @@ def test_initializers_listed_as_inputs_are_weights(
     y = cpu_session(written).run(None, {"x": x})[0]
     cosine = float(np.sum(y * float_y) / np.linalg.norm(y) / np.linalg.norm(float_y))
     assert cosine > 0.9, cosine
+
+
+def test_memory_plan_counts_constant_node_weights(tmp_path: Path) -> None:
+    # Third-party exports (the demo's EfficientNet-Lite0 variant too) hold every weight in a Constant
+    # node: the memory plan read only initializers and planned 0 weight bytes for a 17.8 MB file.
+    path = _mlp(tmp_path / "inits.onnx", initializers_as_inputs=False)
+    model = onnx.load(str(path))
+    consts = [helper.make_node("Constant", [], [t.name], value=t) for t in model.graph.initializer]
+    del model.graph.initializer[:]
+    model.graph.node.insert(0, consts[1])
+    model.graph.node.insert(0, consts[0])
+    const_path = tmp_path / "consts.onnx"
+    onnx.save(model, str(const_path))
+    as_stored = weight_bytes(onnx.load(str(const_path)), "fp32", float_bytes=4)
+    assert abs(as_stored - const_path.stat().st_size) < 0.05 * const_path.stat().st_size
+    for precision in ("fp32", "fp16", "int8", "int4-weights"):
+        assert weight_bytes(model, precision, block=32) == weight_bytes(
+            onnx.load(str(path)), precision, block=32
+        )
