@@ -84,8 +84,8 @@ def test_initializers_listed_as_inputs_are_weights(
     out = tmp_path / "out"
     code, _, err = run_cli(
         ["quantize", str(path), "--data", str(tmp_path / "x.npy"), "--precision", precision]
-        + ["--int4-algorithm", "rtn", "--block-size", "32", "--min-fidelity", "y:cosine=0.9"]
-        + ["--holdout", "16", "--out-dir", str(out)],
+        + (["--int4-algorithm", "rtn", "--block-size", "32"] if precision.startswith("int4") else [])
+        + ["--min-fidelity", "y:cosine=0.9", "--holdout", "16", "--out-dir", str(out)],
         capsys,
     )
     assert code == 0 and "Traceback" not in err, err
@@ -116,3 +116,31 @@ def test_memory_plan_counts_constant_node_weights(tmp_path: Path) -> None:
         assert weight_bytes(model, precision, block=32) == weight_bytes(
             onnx.load(str(path)), precision, block=32
         )
+
+
+@pytest.mark.parametrize(
+    ("precision", "flags", "named"),
+    [
+        ("int4-weights", ["--report"], "--report"),
+        ("int4-weights,int8", ["--report", "--method", "minmax"], "--method, --report"),
+        (
+            "int4-weights",
+            ["--exclude-op-type", "Gemm", "--rounding", "learned"],
+            "--exclude-op-type, --rounding",
+        ),
+        ("fp8", ["--block-size", "32", "--weight-budget", "1/7"], "--block-size, --weight-budget"),
+        ("int8", ["--int4-algorithm", "gptq"], "--int4-algorithm"),
+    ],
+)
+def test_options_the_precision_ignores_are_refused(
+    precision: str, flags: list[str], named: str, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    # These were accepted and silently ignored: `--report` with int4-weights wrote no report,
+    # `--exclude-op-type Gemm` quantized the Gemms anyway, `--weight-budget` with fp8 did nothing.
+    path = _mlp(tmp_path / "m.onnx", initializers_as_inputs=False)
+    np.save(tmp_path / "x.npy", np.zeros((24, 64), np.float32))
+    out = tmp_path / "out"
+    argv = ["quantize", str(path), "--data", str(tmp_path / "x.npy"), "--precision", precision, *flags]
+    code, _, err = run_cli([*argv, "--out-dir", str(out)], capsys)
+    assert code == 2 and err.count("error:") == 1 and f"{named} do" in err, err
+    assert f"not apply to --precision {precision}" in err and not out.exists()

@@ -26,6 +26,7 @@ from calibrators.quantize import FidelityGateError, QuantizeResult, quantize
 from calibrators.quantize_settings import FALLBACK_STRATEGIES, QuantizeSettings
 from calibrators.smoothquant import MODES as SMOOTH_MODES
 from trtbuild.cli.data_options import data_option, preprocess_options
+from trtbuild.cli.quantize_options import refuse_ignored
 from trtbuild.core import console
 from trtbuild.core.cpu import CPU_KINDS
 from trtbuild.core.errors import TrtbuildError
@@ -308,6 +309,7 @@ def quantize_command(
     ONNX, the TensorRT calibration cache, the ranges JSON and the fidelity report (nothing if the gate
     fails)."""
     cache.header(trt_version)  # bad inputs fail before the data pass
+    refuse_ignored(precision)
     if precision == "fp8":
         if activation_type != "int8":
             raise TrtbuildError(
