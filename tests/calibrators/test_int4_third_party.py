@@ -11,6 +11,7 @@ import pytest
 from cli_helpers import run_cli
 from onnx import TensorProto, helper, numpy_helper
 
+from calibrators.graph_index import ensure_node_names
 from trtbuild.core.ort import cpu_session
 from trtbuild.memory_plan import weight_bytes
 
@@ -144,3 +145,24 @@ def test_options_the_precision_ignores_are_refused(
     code, _, err = run_cli([*argv, "--out-dir", str(out)], capsys)
     assert code == 2 and err.count("error:") == 1 and f"{named} do" in err, err
     assert f"not apply to --precision {precision}" in err and not out.exists()
+
+
+def test_given_node_names_survive_next_to_unnamed_nodes() -> None:
+    # an unnamed Gemm at index 1 would be called "Gemm_1", which the file gives the last Gemm
+    w = numpy_helper.from_array(np.eye(64, dtype=np.float32), "w")
+    nodes = [
+        helper.make_node("Relu", ["x"], ["a"], name="first"),
+        helper.make_node("Gemm", ["a", "w"], ["b"]),
+        helper.make_node("Gemm", ["b", "w"], ["y"], name="Gemm_1"),
+    ]
+    graph = helper.make_graph(
+        nodes,
+        "g",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 64])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 64])],
+        [w],
+    )
+    named = ensure_node_names(helper.make_model(graph))
+    names = [n.name for n in named.graph.node]
+    assert names[0] == "first" and names[2] == "Gemm_1" and names[1] not in ("", "Gemm_1")
+    assert len(set(names)) == 3
