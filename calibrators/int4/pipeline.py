@@ -28,7 +28,14 @@ from calibrators.fidelity import FidelityReport, FidelityThreshold
 from calibrators.fidelity_spec import check_outputs
 from calibrators.int4 import awq, budget, gptq, output_noise, sequential
 from calibrators.int4.blocks import DEFAULT_BLOCK_SIZE, BlockQuant, quantize_blocks
-from calibrators.int4.graph import WeightLayer, find_layers, hoist_constants, weight_kn, write_int4
+from calibrators.int4.graph import (
+    WeightLayer,
+    find_layers,
+    hoist_constants,
+    kept_float,
+    weight_kn,
+    write_int4,
+)
 from calibrators.int4.rows import real_token_rows, sample_rows
 from calibrators.int4.segments import SegmentRunner
 from calibrators.preprocess import Preprocess
@@ -87,7 +94,7 @@ class Int4Result:
     calibration_samples: int
     holdout_samples: int
     seconds: float
-    skipped: list[str] = field(default_factory=list)
+    kept_float: list[dict[str, str]] = field(default_factory=list)  # MatMul/Gemm left float, why
     budget: dict[str, Any] | None = None  # --weight-budget's per-layer block choice (budget.py)
 
     @property
@@ -116,6 +123,7 @@ class Int4Result:
                 "ratio": self.int4_weight_bytes / max(1, self.fp32_weight_bytes),
             },
             "layers": [layer.__dict__ for layer in self.layers],
+            "kept_float": self.kept_float,
             "fidelity": self.fidelity.to_json(),
         }
 
@@ -334,6 +342,7 @@ def quantize_int4(
             holdout_samples=held_count,
             seconds=time.perf_counter() - start,
             budget=plan.to_json() if plan else None,
+            kept_float=kept_float(model, layers),
         )
         write_set(
             qmodel, result.onnx_path, result.report_path, result.to_json(), PRECISION, block_label, algorithm

@@ -3,6 +3,7 @@ crashed or wrote a wrong graph."""
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import numpy as np
@@ -166,3 +167,42 @@ def test_given_node_names_survive_next_to_unnamed_nodes() -> None:
     names = [n.name for n in named.graph.node]
     assert names[0] == "first" and names[2] == "Gemm_1" and names[1] not in ("", "Gemm_1")
     assert len(set(names)) == 3
+
+
+def test_matmuls_left_float_are_reported(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    # A weight read twice, a weight also read by an Add, a weight as MatMul's FIRST input: all stay
+    # float (TensorRT's weight-only pattern is one DequantizeLinear into one GEMM's B) -- and the
+    # report used to list only the INT4 layers, so these passed for INT4.
+    rng = np.random.default_rng(0)
+    inits = [
+        numpy_helper.from_array((rng.standard_normal((64, 64)) / 8).astype(np.float32), name)
+        for name in ("w1", "shared", "wt", "both")
+    ]
+    nodes = [
+        helper.make_node("MatMul", ["x", "w1"], ["h"], name="int4"),
+        helper.make_node("MatMul", ["h", "shared"], ["a"], name="shared_a"),
+        helper.make_node("MatMul", ["a", "shared"], ["b"], name="shared_b"),
+        helper.make_node("Transpose", ["b"], ["bt"], perm=[1, 0]),
+        helper.make_node("MatMul", ["wt", "bt"], ["ct"], name="weight_first"),
+        helper.make_node("Transpose", ["ct"], ["c"], perm=[1, 0]),
+        helper.make_node("MatMul", ["c", "both"], ["d"], name="also_added"),
+        helper.make_node("ReduceMean", ["both"], ["m"], axes=[0], name="add"),
+        helper.make_node("Add", ["d", "m"], ["y"]),
+    ]
+    path = _save(tmp_path / "m.onnx", nodes, inits)
+    np.save(tmp_path / "x.npy", rng.standard_normal((24, 64)).astype(np.float32))
+    out = tmp_path / "out"
+    argv = ["quantize", str(path), "--data", str(tmp_path / "x.npy"), "--precision", "int4-weights"]
+    argv += ["--int4-algorithm", "rtn", "--block-size", "32", "--min-fidelity", "y:cosine=0.9"]
+    code, stdout, err = run_cli([*argv, "--holdout", "8", "--out-dir", str(out), "--json"], capsys)
+    assert code == 0, err
+    summary = json.loads(stdout)
+    assert [layer["node"] for layer in summary["layers"]] == ["int4"]
+    assert {k["node"]: k["reason"] for k in summary["kept_float"]} == {
+        "shared_a": "the weight is also read by shared_b",
+        "shared_b": "the weight is also read by shared_a",
+        "weight_first": "the weight is the first input",
+        "also_added": "the weight is also read by add",
+    }
+    written = json.loads((out / "m.int4.json").read_text())
+    assert written["kept_float"] == summary["kept_float"]

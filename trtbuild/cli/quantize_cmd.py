@@ -479,6 +479,10 @@ def _quantize_int4(model: Path, data_path: Path, out_dir: Path, as_json: bool, *
         f"({ratio:.3f}x); {result.calibration_samples} calibration / {result.holdout_samples} held-out "
         "samples"
     )
+    if result.kept_float:
+        shown = "; ".join(f"{k['node']}: {k['reason']}" for k in result.kept_float[:3])
+        more = f" (+{len(result.kept_float) - 3} more in the report)" if len(result.kept_float) > 3 else ""
+        console.out.print(f"{len(result.kept_float)} MatMul/Gemm kept float: {shown}{more}")
     for label, path in (("onnx", result.onnx_path), ("report", result.report_path)):
         console.out.print(f"{label:7s}{path}")
 
