@@ -383,6 +383,21 @@ def run_batches(sess: ort.InferenceSession, batches: Iterable[Feeds]) -> dict[st
     return {n: np.concatenate(v, axis=0) if v and v[0].ndim else v[0] for n, v in collected.items() if v}
 
 
+def run_reference(sess: ort.InferenceSession, batches: Iterable[Feeds]) -> dict[str, np.ndarray]:
+    """:func:`run_batches` on the FP32 model: a model that fails on the user's data (e.g. an Add whose
+    shapes only broadcast at another batch size) is one error line, not ORT's traceback."""
+    try:
+        return run_batches(sess, batches)
+    except (
+        ort.capi.onnxruntime_pybind11_state.Fail,
+        ort.capi.onnxruntime_pybind11_state.RuntimeException,
+    ) as exc:
+        raise TrtbuildError(
+            f"ONNX Runtime cannot run the FP32 model on the held-out data: {str(exc).splitlines()[0][:300]}",
+            "check that the data matches the model's inputs (batch size, shapes), or fix the model",
+        ) from exc
+
+
 def batch_size(feeds: Feeds) -> int | None:
     """The batch size of one feed: the leading dimension its inputs share (None when they do not)."""
     leading = {np.shape(v)[0] for v in feeds.values() if np.ndim(v)}

@@ -223,7 +223,7 @@ def quantize_int4_int8(
         )
         builder = _Builder(model, compute_ranges(collection), layers, quants, scales)
         held_batches = list(held.batches(batch_size))
-        reference = fidelity.run_batches(reference_session, held_batches)
+        reference = fidelity.run_reference(reference_session, held_batches)
         kinds = fidelity.decide_kinds(model, reference, kind_overrides)
         # top-1 outputs: FP32 near-ties listed, not counted, as quantize's INT8 gate does (near_ties.py)
         kinds = near_ties.attach(kinds, model, reference, held_batches, tie_margin, threads)

@@ -322,7 +322,7 @@ def quantize_int4(
 
         held_batches = list(held.batches(batch_size))
         held_count = sum(int(next(iter(b.values())).shape[0]) for b in held_batches)
-        reference = fidelity.run_batches(reference_session, held_batches)
+        reference = fidelity.run_reference(reference_session, held_batches)
         test = fidelity.run_batches(fidelity.session(qmodel, threads, ort_core.REFERENCE), held_batches)
         kinds = fidelity.decide_kinds(model, reference, kind_overrides)
         # top-1 outputs: FP32 near-ties listed, not counted, as quantize's INT8 gate does (near_ties.py)

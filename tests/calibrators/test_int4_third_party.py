@@ -206,3 +206,20 @@ def test_matmuls_left_float_are_reported(tmp_path: Path, capsys: pytest.CaptureF
     }
     written = json.loads((out / "m.int4.json").read_text())
     assert written["kept_float"] == summary["kept_float"]
+
+
+@pytest.mark.parametrize("precision", ["int8", "fp8"])
+def test_model_that_fails_on_the_data_is_one_error_line(
+    precision: str, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    # y = x @ w + w only broadcasts for a batch of 64 rows: the FP32 reference run on the held-out
+    # batches raised ORT's traceback
+    w = numpy_helper.from_array(np.eye(64, dtype=np.float32), "w")
+    nodes = [helper.make_node("MatMul", ["x", "w"], ["d"]), helper.make_node("Add", ["d", "w"], ["y"])]
+    path = _save(tmp_path / "bad.onnx", nodes, [w])
+    np.save(tmp_path / "x.npy", np.random.default_rng(0).standard_normal((24, 64)).astype(np.float32))
+    out = tmp_path / "out"
+    argv = ["quantize", str(path), "--data", str(tmp_path / "x.npy"), "--precision", precision]
+    code, _, err = run_cli([*argv, "--holdout", "8", "--out-dir", str(out)], capsys)
+    assert code == 2 and err.count("error:") == 1 and "cannot run the FP32 model" in err, err
+    assert "Traceback" not in err and not out.exists()
