@@ -223,3 +223,28 @@ def test_model_that_fails_on_the_data_is_one_error_line(
     code, _, err = run_cli([*argv, "--holdout", "8", "--out-dir", str(out)], capsys)
     assert code == 2 and err.count("error:") == 1 and "cannot run the FP32 model" in err, err
     assert "Traceback" not in err and not out.exists()
+
+
+def test_weight_first_matmul_is_reported_as_such_in_fp8(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    # MatMul(W, x^T) was reported as an "attention score MatMul (both inputs activations ...)"
+    rng = np.random.default_rng(0)
+    inits = [
+        numpy_helper.from_array((rng.standard_normal((64, 64)) / 8).astype(np.float32), n)
+        for n in ("w1", "wt")
+    ]
+    nodes = [
+        helper.make_node("MatMul", ["x", "w1"], ["h"], name="plain"),
+        helper.make_node("Transpose", ["h"], ["ht"], perm=[1, 0]),
+        helper.make_node("MatMul", ["wt", "ht"], ["yt"], name="weight_first"),
+        helper.make_node("Transpose", ["yt"], ["y"], perm=[1, 0]),
+    ]
+    path = _save(tmp_path / "m.onnx", nodes, inits)
+    np.save(tmp_path / "x.npy", rng.standard_normal((24, 64)).astype(np.float32))
+    argv = ["quantize", str(path), "--data", str(tmp_path / "x.npy"), "--precision", "fp8", "--json"]
+    argv += ["--min-fidelity", "y:cosine=0.9", "--holdout", "8", "--out-dir", str(tmp_path / "out")]
+    code, stdout, err = run_cli(argv, capsys)
+    assert code == 0, err
+    reasons = {f["node"]: f["reason"] for f in json.loads(stdout)["float_layers"]}
+    assert reasons["weight_first"].startswith("the weight is the first input") and "plain" not in reasons
