@@ -100,8 +100,9 @@ def _targets_for_model(model: str, shapes: tuple[str, ...], as_json: bool) -> No
     ]
     unknown = max((p.unknown_shapes for p in plans), default=0)
     if unknown:
-        # ORT's symbolic shape inference fails on some converted graphs (every opset-21 INT4 graph of the
-        # issue-11 sweep: MiniLM 310 tensors, 0.09 MiB counted of 0.61 MiB): say so, do not under-report
+        # ORT's symbolic shape inference fails on some graphs (the issue-11 sweep: TorchScript MiniLM
+        # exports after ONNX's version converter, e.g. their INT4 graphs: 310 tensors, 0.09 of 0.61 MiB
+        # counted; dynamo's opset-20 export is fine): say so rather than under-report
         warn(
             f"{unknown} activation tensors of {model} have no shape at these shapes and are not counted: the "
             "activation peak is a lower bound (for a quantized graph, run `trtbuild targets --model` on its "
