@@ -165,8 +165,20 @@ def _raise_first_error(pending: Sequence[Future[tuple[str, str] | None]], sample
 
 def load_model(model: str | Path | onnx.ModelProto) -> onnx.ModelProto:
     """The model with Constant-node weights (third-party exporters write them) moved into initializers,
-    where Q/DQ placement and calibration look for weights; a given proto is copied, not changed."""
+    where Q/DQ placement and calibration look for weights, and no initializer listed as a graph input
+    (IR < 4 exports, `keep_initializers_as_inputs=True`): those inputs are weights to quantize, and a
+    quantized graph that still listed an input whose initializer became INT4/INT8 would make ONNX Runtime
+    demand it as a feed. A given proto is copied, not changed."""
     proto = model if isinstance(model, onnx.ModelProto) else load_model_file(model)
+    initializers = {t.name for t in proto.graph.initializer}
+    if any(i.name in initializers for i in proto.graph.input):
+        if proto is model:
+            proto = onnx.ModelProto()
+            proto.CopyFrom(model)
+        inputs = [i for i in proto.graph.input if i.name not in initializers]
+        del proto.graph.input[:]
+        proto.graph.input.extend(inputs)
+        proto.ir_version = max(proto.ir_version, 4)  # IR 3 requires every initializer to be an input
     if any(n.op_type == "Constant" for n in proto.graph.node):
         if proto is model:
             proto = onnx.ModelProto()

@@ -361,6 +361,18 @@ def session(
     return ort_core.cpu_session(model, semantics, threads)
 
 
+def float_session(model: onnx.ModelProto, threads: int | None = None) -> ort.InferenceSession:
+    """The FP32 reference session, made before any work: a model ONNX Runtime cannot load (e.g. a dynamo
+    export whose output name repeats an inner tensor's) is one error line, not a traceback mid-pipeline."""
+    try:
+        return session(model, threads)
+    except Exception as exc:  # ORT raises its own Fail/InvalidGraph types
+        raise TrtbuildError(
+            f"ONNX Runtime cannot load the model: {str(exc).splitlines()[0]}",
+            "check the model with `trtbuild export` / onnx.checker",
+        ) from exc
+
+
 def semantics_for_activations(activation_type: str) -> str:
     """int8 activations: a TensorRT graph (reference semantics); uint8: ORT CPU (its real kernels)."""
     return ort_core.ORT_CPU if activation_type == "uint8" else ort_core.REFERENCE
@@ -376,6 +388,21 @@ def run_batches(sess: ort.InferenceSession, batches: Iterable[Feeds]) -> dict[st
         for name, value in zip(names, sess.run(names, dict(feeds)), strict=True):
             collected[name].append(samples_first(np.asarray(value), size))
     return {n: np.concatenate(v, axis=0) if v and v[0].ndim else v[0] for n, v in collected.items() if v}
+
+
+def run_reference(sess: ort.InferenceSession, batches: Iterable[Feeds]) -> dict[str, np.ndarray]:
+    """:func:`run_batches` on the FP32 model: a model that fails on the user's data (e.g. an Add whose
+    shapes only broadcast at another batch size) is one error line, not ORT's traceback."""
+    try:
+        return run_batches(sess, batches)
+    except (
+        ort.capi.onnxruntime_pybind11_state.Fail,
+        ort.capi.onnxruntime_pybind11_state.RuntimeException,
+    ) as exc:
+        raise TrtbuildError(
+            f"ONNX Runtime cannot run the FP32 model on the held-out data: {str(exc).splitlines()[0][:300]}",
+            "check that the data matches the model's inputs (batch size, shapes), or fix the model",
+        ) from exc
 
 
 def batch_size(feeds: Feeds) -> int | None:

@@ -18,12 +18,16 @@ MIN_QDQ_OPSET = 13  # per-channel DequantizeLinear (axis) needs opset 13
 
 
 def ensure_node_names(model: onnx.ModelProto) -> onnx.ModelProto:
-    """A copy whose nodes all have unique names (plans refer to nodes by name); deterministic."""
+    """A copy whose nodes all have unique names (plans refer to nodes by name); deterministic. A name the
+    file gives a node stays that node's: an unnamed node's ``Op_index`` avoids every given name (a
+    third-party file with an unnamed Gemm at index 5 and a node named "Gemm_5" had the latter renamed,
+    so reports and --exclude pointed at the wrong layer)."""
     model = copy_model(model)
+    given = {node.name for node in model.graph.node if node.name}
     seen: set[str] = set()
     for i, node in enumerate(model.graph.node):
         name = node.name or f"{node.op_type}_{i}"
-        while name in seen:
+        while name in seen or (not node.name and name in given):
             name = f"{name}_{i}"
         node.name = name
         seen.add(name)

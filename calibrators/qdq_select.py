@@ -127,6 +127,8 @@ def _weighted_exclusion(g: GraphIndex, node: onnx.NodeProto, options: QdqOptions
     rule = rules.WEIGHTED_OPS[node.op_type]
     weight_name = node.input[rule.weight_input] if rule.weight_input is not None else ""
     if node.op_type == "MatMul" and not g.is_constant(weight_name):
+        if g.is_constant(node.input[0]):  # third-party x^T-style W @ x: not an activation pair
+            return "the weight is the first input (W @ x): no per-channel weight Q/DQ for it"
         seq = [d for t in node.input for d in (g.shape.get(t) or [None, None])[-2:]]
         if any(d is None for d in seq) or max(d for d in seq if d is not None) > options.attention_max_seq:
             limit = options.attention_max_seq

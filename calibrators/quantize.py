@@ -295,7 +295,7 @@ def quantize(
         small = gate_stats.small_sample_warning(held_count)
         if small:
             log.warning(small)
-        reference = fidelity.run_batches(fidelity.session(model, s.threads), held_batches)
+        reference = fidelity.run_reference(fidelity.session(model, s.threads), held_batches)
         plan = plan_qdq(model, ranges, options)
         learned: adaround.LearnedRounding | None = None
         if s.rounding == "learned" and options.weight_format in rounding_grid.GRIDS:

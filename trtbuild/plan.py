@@ -403,6 +403,13 @@ def _choose_graph_and_flags(
             "int4-weights needs the INT4 weight-only graph",
             "pass --qdq-onnx with the .int4.onnx from `trtbuild quantize --precision int4-weights`",
         )
+    if prec == "fp8" and qdq_onnx is not None and not _has_fp8_qdq(qdq_onnx):
+        # an INT8 or INT4 graph planned as FP8 would build as that graph's own precision, labelled FP8
+        raise TrtbuildError(
+            f"-p fp8 needs an FP8 Q/DQ graph, and {Path(qdq_onnx).name} has no FP8 Q/DQ",
+            "pass the .fp8.onnx from `trtbuild quantize --precision fp8` (or --data), or plan this graph "
+            "with -p int8 / -p int4-weights",
+        )
     if qdq_onnx is not None and calib_cache is not None:
         raise TrtbuildError(
             "both a Q/DQ graph and a calibration cache were given",
@@ -582,8 +589,20 @@ def _input_specs(onnx_path: str | os.PathLike[str], shapes: Sequence[InputSpec] 
                 f"shape of input '{spec.name}' does not fit the model's {shown} (rank or fixed dims)",
                 "give shapes that match the model's input",
             )
-    # Normalise so the plan carries explicit min/opt/max (and JSON round-trips to an equal object).
-    return [InputSpec(s.name, s.opt_shape, s.dtype, s.min, s.max) for s in specs]
+    # Normalise so the plan carries explicit min/opt/max (and JSON round-trips to an equal object). The
+    # dtype is the graph's: --shape carries none (it read as float32, and the FP16 check of a BERT plan fed
+    # float input_ids to an int64 input: ORT's traceback).
+    return [InputSpec(s.name, s.opt_shape, _graph_dtype(graph[s.name], s.dtype), s.min, s.max) for s in specs]
+
+
+def _graph_dtype(value: Any, fallback: str) -> str:
+    import onnx
+
+    from trtbuild.core.inputs import DTYPES
+
+    elem = value.type.tensor_type.elem_type
+    name = str(onnx.helper.tensor_dtype_to_np_dtype(elem)) if elem else fallback
+    return name if name in DTYPES else fallback
 
 
 def _check_cache(cache_path: str, version: TrtVersion, onnx_path: str | os.PathLike[str]) -> list[str]:

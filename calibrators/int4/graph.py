@@ -88,6 +88,42 @@ def find_layers(model: onnx.ModelProto, exclude: Sequence[str] = ()) -> list[Wei
     return layers
 
 
+def kept_float(model: onnx.ModelProto, layers: Sequence[WeightLayer]) -> list[dict[str, str]]:
+    """The MatMul/Gemm nodes with a constant float weight that ``find_layers`` did not take, and why:
+    reported, so a third-party graph's float GEMMs do not pass for INT4 ones."""
+    inits = {t.name: t for t in model.graph.initializer}
+    taken = {layer.node for layer in layers}
+    readers: dict[str, list[str]] = {}
+    for index, node in enumerate(model.graph.node):
+        for name in node.input:
+            readers.setdefault(name, []).append(node.name or f"{node.op_type}_{index}")
+    out = []
+    for index, node in enumerate(model.graph.node):
+        name = node.name or f"{node.op_type}_{index}"
+        if node.op_type not in ("MatMul", "Gemm") or name in taken or len(node.input) < 2:
+            continue
+        first, second = (inits.get(i) for i in node.input[:2])
+        weight = second if second is not None and second.data_type in _FLOAT else None
+        if weight is None:
+            if first is not None and first.data_type in _FLOAT:
+                out.append({"node": name, "op_type": node.op_type, "reason": "the weight is the first input"})
+            continue
+        attrs = {a.name: helper.get_attribute_value(a) for a in node.attribute}
+        others = [r for r in dict.fromkeys(readers.get(node.input[1], [])) if r != name]
+        if len(weight.dims) != 2:
+            reason = f"{len(weight.dims)}-D weight"
+        elif others:
+            reason = f"the weight is also read by {', '.join(others[:3])}"
+        elif node.op_type == "Gemm" and attrs.get("transA", 0):
+            reason = "Gemm transA=1"
+        elif first is not None:
+            reason = "both inputs constant"
+        else:
+            reason = "--exclude"
+        out.append({"node": name, "op_type": node.op_type, "reason": reason})
+    return out
+
+
 def weight_kn(model: onnx.ModelProto, layer: WeightLayer) -> np.ndarray:
     """The layer's weight as float32 [K, N]."""
     tensor = next(t for t in model.graph.initializer if t.name == layer.weight)

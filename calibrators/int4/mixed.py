@@ -192,6 +192,7 @@ def quantize_int4_int8(
                 "use --precision int8 for this model",
             )
         pipeline.check_block_size(layers, block_size)
+        reference_session = fidelity.float_session(model, threads)
         all_data = open_data(data, model_inputs(model), preprocess)
         if holdout is None:
             holdout = gate_stats.auto_holdout(all_data.known_length(), samples)
@@ -222,7 +223,7 @@ def quantize_int4_int8(
         )
         builder = _Builder(model, compute_ranges(collection), layers, quants, scales)
         held_batches = list(held.batches(batch_size))
-        reference = fidelity.run_batches(fidelity.session(model, threads), held_batches)
+        reference = fidelity.run_reference(reference_session, held_batches)
         kinds = fidelity.decide_kinds(model, reference, kind_overrides)
         # top-1 outputs: FP32 near-ties listed, not counted, as quantize's INT8 gate does (near_ties.py)
         kinds = near_ties.attach(kinds, model, reference, held_batches, tie_margin, threads)

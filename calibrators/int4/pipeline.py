@@ -28,7 +28,14 @@ from calibrators.fidelity import FidelityReport, FidelityThreshold
 from calibrators.fidelity_spec import check_outputs
 from calibrators.int4 import awq, budget, gptq, output_noise, sequential
 from calibrators.int4.blocks import DEFAULT_BLOCK_SIZE, BlockQuant, quantize_blocks
-from calibrators.int4.graph import WeightLayer, find_layers, hoist_constants, weight_kn, write_int4
+from calibrators.int4.graph import (
+    WeightLayer,
+    find_layers,
+    hoist_constants,
+    kept_float,
+    weight_kn,
+    write_int4,
+)
 from calibrators.int4.rows import real_token_rows, sample_rows
 from calibrators.int4.segments import SegmentRunner
 from calibrators.preprocess import Preprocess
@@ -87,7 +94,7 @@ class Int4Result:
     calibration_samples: int
     holdout_samples: int
     seconds: float
-    skipped: list[str] = field(default_factory=list)
+    kept_float: list[dict[str, str]] = field(default_factory=list)  # MatMul/Gemm left float, why
     budget: dict[str, Any] | None = None  # --weight-budget's per-layer block choice (budget.py)
 
     @property
@@ -116,6 +123,7 @@ class Int4Result:
                 "ratio": self.int4_weight_bytes / max(1, self.fp32_weight_bytes),
             },
             "layers": [layer.__dict__ for layer in self.layers],
+            "kept_float": self.kept_float,
             "fidelity": self.fidelity.to_json(),
         }
 
@@ -268,6 +276,7 @@ def quantize_int4(
         check_block_size(layers, block_size)
         if budget_fraction is not None:
             budget.check_fits(layers, block_size, budget_fraction)
+        reference_session = fidelity.float_session(model, threads)
         all_data = open_data(data, model_inputs(model), preprocess)
         if holdout is None:
             holdout = gate_stats.auto_holdout(all_data.known_length(), samples)
@@ -313,7 +322,7 @@ def quantize_int4(
 
         held_batches = list(held.batches(batch_size))
         held_count = sum(int(next(iter(b.values())).shape[0]) for b in held_batches)
-        reference = fidelity.run_batches(fidelity.session(model, threads), held_batches)
+        reference = fidelity.run_reference(reference_session, held_batches)
         test = fidelity.run_batches(fidelity.session(qmodel, threads, ort_core.REFERENCE), held_batches)
         kinds = fidelity.decide_kinds(model, reference, kind_overrides)
         # top-1 outputs: FP32 near-ties listed, not counted, as quantize's INT8 gate does (near_ties.py)
@@ -333,6 +342,7 @@ def quantize_int4(
             holdout_samples=held_count,
             seconds=time.perf_counter() - start,
             budget=plan.to_json() if plan else None,
+            kept_float=kept_float(model, layers),
         )
         write_set(
             qmodel, result.onnx_path, result.report_path, result.to_json(), PRECISION, block_label, algorithm

@@ -26,6 +26,7 @@ from calibrators.quantize import FidelityGateError, QuantizeResult, quantize
 from calibrators.quantize_settings import FALLBACK_STRATEGIES, QuantizeSettings
 from calibrators.smoothquant import MODES as SMOOTH_MODES
 from trtbuild.cli.data_options import data_option, preprocess_options
+from trtbuild.cli.quantize_options import refuse_ignored
 from trtbuild.core import console
 from trtbuild.core.cpu import CPU_KINDS
 from trtbuild.core.errors import TrtbuildError
@@ -308,6 +309,7 @@ def quantize_command(
     ONNX, the TensorRT calibration cache, the ranges JSON and the fidelity report (nothing if the gate
     fails)."""
     cache.header(trt_version)  # bad inputs fail before the data pass
+    refuse_ignored(precision)
     if precision == "fp8":
         if activation_type != "int8":
             raise TrtbuildError(
@@ -477,6 +479,10 @@ def _quantize_int4(model: Path, data_path: Path, out_dir: Path, as_json: bool, *
         f"({ratio:.3f}x); {result.calibration_samples} calibration / {result.holdout_samples} held-out "
         "samples"
     )
+    if result.kept_float:
+        shown = "; ".join(f"{k['node']}: {k['reason']}" for k in result.kept_float[:3])
+        more = f" (+{len(result.kept_float) - 3} more in the report)" if len(result.kept_float) > 3 else ""
+        console.out.print(f"{len(result.kept_float)} MatMul/Gemm kept float: {shown}{more}")
     for label, path in (("onnx", result.onnx_path), ("report", result.report_path)):
         console.out.print(f"{label:7s}{path}")
 

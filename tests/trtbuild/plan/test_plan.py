@@ -11,7 +11,7 @@ import pytest
 from onnx import TensorProto, helper
 
 from trtbuild.core.errors import TrtbuildError
-from trtbuild.core.inputs import InputSpec
+from trtbuild.core.inputs import InputSpec, parse_profile_spec
 from trtbuild.core.trt_versions import TrtVersion
 from trtbuild.plan import BuildPlan, make_plan
 from trtbuild.targets import PRECISIONS, TARGETS
@@ -58,6 +58,11 @@ def files(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     }
     for key in ("qdq", "fp16_graph"):
         out[key].write_bytes(model.read_bytes())
+    # -p fp8 takes only a graph with FP8 Q/DQ (an E4M3 initializer is what the plan looks for)
+    fp8 = onnx.load(str(model))
+    fp8.graph.initializer.append(helper.make_tensor("zp", TensorProto.FLOAT8E4M3FN, [], [0.0]))
+    out["qdq_fp8"] = root / "tiny.fp8.onnx"
+    onnx.save(fp8, str(out["qdq_fp8"]))
     out["calib"].write_text("TRT-8502-EntropyCalibration2\nimages: 3c008912\n")
     return out
 
@@ -114,7 +119,7 @@ def expected(target_id: str, prec: str, ver: str, source: str) -> tuple[str, ...
 @pytest.mark.parametrize(("target_id", "prec", "ver", "source"), CASES)
 def test_plan_matrix(files: dict[str, Path], target_id: str, prec: str, ver: str, source: str) -> None:
     kwargs: dict[str, Any] = {
-        "qdq": {"qdq_onnx": files["qdq"]},
+        "qdq": {"qdq_onnx": files["qdq_fp8" if prec == "fp8" else "qdq"]},
         "calib": {"calib_cache": cache_for(files, ver)},
         "fp16_graph": {"fp16_onnx": files["fp16_graph"]},
         "plain": {},
@@ -132,6 +137,7 @@ def test_plan_matrix(files: dict[str, Path], target_id: str, prec: str, ver: str
     v = plan.version
     assert (plan.onnx_kind, str(plan.strongly_typed), *plan.builder_flags) == want
     graph = files[source] if source in ("qdq", "fp16_graph") else files["model"]
+    graph = files["qdq_fp8"] if source == "qdq" and prec == "fp8" else graph
     if source == "qdq" and plan.strongly_typed:  # every tensor's type comes from the graph: FP16 float parts
         graph = graph.with_name(graph.name.removesuffix(".onnx") + ".fp16.onnx")
     assert plan.onnx == str(graph)
@@ -147,6 +153,13 @@ def test_plan_matrix(files: dict[str, Path], target_id: str, prec: str, ver: str
     assert BuildPlan.from_json(json.loads(json.dumps(plan.to_json()))) == plan
     argv = render(plan)  # raises if a flag does not exist in this trtexec version
     assert f"--onnx={plan.onnx}" in argv
+
+
+def test_fp8_plan_of_a_graph_without_fp8_qdq_is_refused(files: dict[str, Path]) -> None:
+    # an INT8 (or INT4) graph given to -p fp8 was planned, strongly typed, as if it were FP8
+    with pytest.raises(TrtbuildError, match="has no FP8 Q/DQ") as info:
+        make_plan(files["model"], "h100", "fp8", qdq_onnx=files["qdq"])
+    assert "\n" not in info.value.one_line()
 
 
 def test_matrix_covers_every_rule() -> None:
@@ -300,3 +313,19 @@ def test_dla_matrix(files: dict[str, Path], target_id: str, ver: str) -> None:
     else:
         with pytest.raises(TrtbuildError, match="no DLA"):
             make_plan(files["model"], target_id, "fp16", trt_version=ver, dla_core=0)
+
+
+def test_shape_option_keeps_the_graph_input_dtype(tmp_path: Path) -> None:
+    # --shape carries no dtype: an int64 input_ids read as float32, and the FP16 check of a BERT plan fed
+    # float tensors to it (ORT's "Unexpected input data type" traceback)
+    ids = helper.make_tensor_value_info("input_ids", TensorProto.INT64, ["batch", "seq"])
+    out = helper.make_tensor_value_info("h", TensorProto.FLOAT, ["batch", "seq", 4])
+    table = helper.make_tensor("table", TensorProto.FLOAT, [10, 4], [0.5] * 40)
+    graph = helper.make_graph(
+        [helper.make_node("Gather", ["table", "input_ids"], ["h"])], "g", [ids], [out], [table]
+    )
+    model = tmp_path / "ids.onnx"
+    onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]), str(model))
+    shapes = [parse_profile_spec("input_ids:1x8,4x16,8x32")]
+    plan = make_plan(model, "h100", "fp32", shapes=shapes, out_root=tmp_path)
+    assert [(i.name, i.dtype) for i in plan.inputs] == [("input_ids", "int64")]

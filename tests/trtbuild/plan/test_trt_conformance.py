@@ -280,6 +280,10 @@ def plans_for_11(tmp_path_factory: pytest.TempPathFactory) -> list:
         ),
         str(model),
     )
+    fp8 = onnx.load(str(model))  # -p fp8 takes only a graph with FP8 Q/DQ: an E4M3 initializer marks one
+    fp8.graph.initializer.append(helper.make_tensor("zp", TensorProto.FLOAT8E4M3FN, [], [0.0]))
+    fp8_model = root / "m.fp8.onnx"
+    onnx.save(fp8, str(fp8_model))
     plans = []
     options = itertools.product(
         PRECISIONS, (None, "ampere_plus", "same_compute_capability"), (False, True), (False, True)
@@ -288,7 +292,11 @@ def plans_for_11(tmp_path_factory: pytest.TempPathFactory) -> list:
         [t for t, v in TARGETS.items() if not v.trt_versions], options
     ):
         extra: dict[str, Any] = (
-            {"qdq_onnx": model} if prec in ("int8", "fp8") else {"fp16_onnx": model} if prec == "fp16" else {}
+            {"qdq_onnx": fp8_model if prec == "fp8" else model}
+            if prec in ("int8", "fp8")
+            else {"fp16_onnx": model}
+            if prec == "fp16"
+            else {}
         )
         try:
             plans.append(
