@@ -36,6 +36,11 @@ MIN_SPREAD = 2.0  # equalize only where the largest channel max is this many tim
 SUFFIX = ".dw_equalized"
 
 
+def count_depthwise(model: onnx.ModelProto) -> int:
+    """How many depthwise convs ``model`` has (what a failed gate's hint names)."""
+    return len(depthwise_convs(model, GraphIndex(model)))
+
+
 def depthwise_convs(model: onnx.ModelProto, g: GraphIndex) -> list[onnx.NodeProto]:
     """2-D Convs with one input channel per group and a constant weight."""
     out = []

@@ -251,3 +251,35 @@ def test_transformer_mask_path_excluded_and_meets_gate(
         onnx.load(str(path)), qmodel, [{k: np.concatenate([s[k] for s in samples[:8]]) for k in samples[0]}]
     )
     assert report.outputs[0].cosine > 0.95
+
+
+def test_a_failed_gate_names_depthwise_equalization_on_a_third_party_cnn(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """PP-OCR's angle classifier (Paddle2ONNX, opset 11, 11 depthwise convs whose input channels span
+    0.3-21): its INT8 graph fails the default gate, and the one error line offers --equalize-depthwise (the
+    fix that moves such models most) before the fallback; with it given, the hint is gone."""
+    from cli_helpers import run_cli
+
+    model = fetch_rapidocr_onnx("rapidocr_onnxruntime/models/ch_ppocr_mobile_v2.0_cls_infer.onnx")
+    data = tmp_path / "lines.npy"
+    np.save(data, make_text_lines(64, width=192))
+    args = [
+        "quantize",
+        str(model),
+        "--data",
+        str(data),
+        "--samples",
+        "32",
+        "--holdout",
+        "32",
+        "--threads",
+        "1",
+    ]
+    code, _, err = run_cli([*args, "--out-dir", str(tmp_path / "a"), "--min-fidelity", "top1=1.0"], capsys)
+    assert code == 2 and "re-run with --equalize-depthwise (11 depthwise convs)" in err, err
+    code, _, err = run_cli(
+        [*args, "--out-dir", str(tmp_path / "b"), "--min-fidelity", "top1=1.0", "--equalize-depthwise"],
+        capsys,
+    )
+    assert code in (0, 2) and "--equalize-depthwise (" not in err, err
