@@ -332,6 +332,14 @@ def qat(
     run = _run_key(locals(), train)
     if resume and not ckpt_dir.is_dir():
         raise TrtbuildError(f"--resume: no checkpoints in {ckpt_dir}", "run without --resume first")
+    if resume and not list(ckpt_dir.glob(f"{name}.*.ckpt")):
+        # a folder of another model's checkpoints (the API names a module by its class, the CLI by its
+        # attribute): resuming would silently start over
+        others = sorted({p.name.split(".")[0] for p in ckpt_dir.glob("*.ckpt")})
+        raise TrtbuildError(
+            f"--resume: {ckpt_dir} has no checkpoint of '{name}' (it has {', '.join(others) or 'none'})",
+            "resume from the SOURCE the checkpoints were written from, or run without --resume",
+        )
 
     with tempfile.TemporaryDirectory(prefix="trtbuild-qat-") as tmp:
         onnx_path = Path(tmp) / f"{name}.onnx"

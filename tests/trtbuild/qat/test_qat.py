@@ -220,6 +220,24 @@ def test_resume_with_other_options_is_refused_and_writes_nothing(
     )  # stopped in step 2
 
 
+def test_resume_from_another_models_checkpoints_is_refused(
+    interrupted: tuple[Path, Path], tmp_path: Path, one_thread: None
+) -> None:
+    """A checkpoints folder of another model (the API names a module by its class, the CLI by its
+    attribute) silently started training over; now it is one error naming what the folder holds."""
+    import shutil
+
+    from trtbuild.core.errors import TrtbuildError
+    from trtbuild.qat import qat
+
+    data, out = interrupted
+    shutil.copytree(out, tmp_path / "out")
+    for ckpt in (tmp_path / "out" / "checkpoints").glob("*.ckpt"):
+        ckpt.rename(ckpt.with_name("othernet" + ckpt.name[ckpt.name.index(".") :]))
+    with pytest.raises(TrtbuildError, match=r"has no checkpoint of .tinynet. \(it has othernet\)"):
+        qat(tiny_net(), ["x:1x3x16x16"], data, tmp_path / "out", resume=True, **RESUMED)
+
+
 @pytest.fixture(scope="module")
 def sparse_run(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path, dict]:  # type: ignore[type-arg]
     """`trtbuild qat --sparsity 2:4` on the tiny net, through the real CLI."""
