@@ -190,9 +190,11 @@ def model_input_specs(
 
 
 def _dims(value: onnx.ValueInfoProto) -> tuple[Dim, ...]:
+    """Each axis's size, or its symbol: -1 is Paddle2ONNX's way of writing a dynamic axis (any other
+    negative size stays, to be refused as a negative dimension)."""
     shape = value.type.tensor_type.shape
     return tuple(
-        d.dim_value if d.HasField("dim_value") and d.dim_value > 0 else (d.dim_param or "?")
+        d.dim_value if d.HasField("dim_value") and d.dim_value != -1 else (d.dim_param or "?")
         for d in shape.dim
     )
 

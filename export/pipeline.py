@@ -308,13 +308,13 @@ def check_specs_fit_graph(specs: Sequence[InputSpec], model: Any) -> None:
         )
     for spec in specs:
         graph_dims = graph[spec.name].type.tensor_type.shape.dim
-        dims = [d.dim_value if d.HasField("dim_value") and d.dim_value > 0 else None for d in graph_dims]
+        dims = [d.dim_value if d.HasField("dim_value") and d.dim_value != -1 else None for d in graph_dims]
         fits = len(dims) == len(spec.opt_shape) and all(
             d is None or lo == hi == d for d, lo, hi in zip(dims, spec.min, spec.max, strict=False)
         )
         if not fits:
             shown = "x".join(
-                str(d.dim_value) if d.HasField("dim_value") and d.dim_value > 0 else d.dim_param or "?"
+                str(d.dim_value) if d.HasField("dim_value") and d.dim_value != -1 else d.dim_param or "?"
                 for d in graph_dims
             )
             raise TrtbuildError(
@@ -335,7 +335,7 @@ def _feeds_for_graph(
         dims = value.type.tensor_type.shape.dim
         shape = []
         for axis, d in enumerate(dims):
-            if d.HasField("dim_value") and d.dim_value > 0:
+            if d.HasField("dim_value") and d.dim_value != -1:
                 shape.append(d.dim_value)
             elif d.dim_param in dim_values:
                 shape.append(int(dim_values[d.dim_param]))
