@@ -258,6 +258,10 @@ def check_signature(public: Ed25519PublicKey, signature_doc: bytes, message: byt
         sig = base64.b64decode(doc["signature"], validate=True)
     except (ValueError, binascii.Error):
         raise _malformed_signature("the signature is not base64") from None
+    if base64.b64encode(sig).decode() != doc["signature"]:
+        # the last character's unused bits decode either way ("...Ch==" and "...Cg==" are one signature):
+        # only the canonical text is accepted, so a changed signature document never verifies
+        raise _malformed_signature("the signature is not canonical base64")
     if len(sig) != 64:
         raise _malformed_signature(f"an Ed25519 signature is 64 bytes, this one {len(sig)}")
     try:

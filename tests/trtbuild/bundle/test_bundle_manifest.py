@@ -428,3 +428,24 @@ def test_property_any_changed_byte_breaks_the_signature(
     assert {k: v for k, v in changed.items() if k != "key_id"} == {
         k: v for k, v in original.items() if k != "key_id"
     }
+
+
+def test_a_non_canonical_base64_signature_is_refused(keys: tuple[Path, Path]) -> None:
+    """An Ed25519 signature is 64 bytes: 86 base64 characters and '=='; the last character carries 4 unused
+    bits, so 16 texts decode to the same signature. Only the canonical one verifies (the property above
+    found "...Ch==" passing for "...Cg==")."""
+    import base64
+
+    stored = json.dumps(document()).encode()
+    signature = signing.signature_document(signing.load_private_key(str(keys[0])), stored)
+    doc = json.loads(signature)
+    text = doc["signature"]
+    alphabet = "ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789+/"
+    last = alphabet.index(text[-3])
+    twin = alphabet[last ^ 1]  # flips an unused bit: the same 64 bytes
+    altered = {**doc, "signature": text[:-3] + twin + "=="}
+    assert base64.b64decode(altered["signature"]) == base64.b64decode(text)
+    public = signing.load_public_key(str(keys[1]))
+    signing.check_signature(public, signature, stored)
+    with pytest.raises(TrtbuildError, match="not canonical base64"):
+        signing.check_signature(public, json.dumps(altered).encode(), stored)
