@@ -397,6 +397,7 @@ def run_reference(sess: ort.InferenceSession, batches: Iterable[Feeds]) -> dict[
         return run_batches(sess, batches)
     except (
         ort.capi.onnxruntime_pybind11_state.Fail,
+        ort.capi.onnxruntime_pybind11_state.InvalidArgument,
         ort.capi.onnxruntime_pybind11_state.RuntimeException,
     ) as exc:
         raise TrtbuildError(

@@ -11,7 +11,7 @@ from onnx import TensorProto, numpy_helper
 
 from calibrators import qdq_rules as rules
 from trtbuild.core.errors import TrtbuildError
-from trtbuild.core.onnx_file import opset_of
+from trtbuild.core.onnx_file import fixed_size, opset_of
 
 FLOAT_TYPES = {TensorProto.FLOAT, TensorProto.FLOAT16, TensorProto.BFLOAT16, TensorProto.DOUBLE}
 MIN_QDQ_OPSET = 13  # per-channel DequantizeLinear (axis) needs opset 13
@@ -75,9 +75,7 @@ class GraphIndex:
             t = vi.type.tensor_type
             self.elem_type[vi.name] = t.elem_type
             if t.HasField("shape"):
-                self.shape[vi.name] = [
-                    d.dim_value if d.HasField("dim_value") and d.dim_value > 0 else None for d in t.shape.dim
-                ]
+                self.shape[vi.name] = [fixed_size(d) for d in t.shape.dim]
         for name, init in self.initializers.items():
             self.elem_type[name] = init.data_type
             self.shape[name] = list(init.dims)

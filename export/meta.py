@@ -21,6 +21,7 @@ from trtbuild.core.atomic import write_text
 from trtbuild.core.errors import TrtbuildError
 from trtbuild.core.hashing import sha256_file as file_sha256
 from trtbuild.core.inputs import InputSpec
+from trtbuild.core.onnx_file import fixed_size
 
 SIDECAR_SUFFIX = ".export.json"
 FORMAT_VERSION = 1
@@ -138,7 +139,7 @@ def graph_inputs(model: onnx.ModelProto) -> list[onnx.ValueInfoProto]:
 
 
 def graph_outputs(model: onnx.ModelProto) -> list[OutputInfo]:
-    return [OutputInfo(o.name, _dims(o), _dtype(o)) for o in model.graph.output]
+    return [OutputInfo(o.name, _dims(o), value_dtype(o)) for o in model.graph.output]
 
 
 def specs_from_graph(
@@ -172,7 +173,7 @@ def specs_from_graph(
             1 if isinstance(d, str) and axis == 0 and d not in dim_values else o
             for axis, (d, o) in enumerate(zip(dims, opt, strict=False))
         ]
-        specs.append(InputSpec(value.name, tuple(opt), _dtype(value), tuple(lo), tuple(hi)))
+        specs.append(InputSpec(value.name, tuple(opt), value_dtype(value), tuple(lo), tuple(hi)))
     return specs
 
 
@@ -193,12 +194,10 @@ def _dims(value: onnx.ValueInfoProto) -> tuple[Dim, ...]:
     """Each axis's size, or its symbol: -1 is Paddle2ONNX's way of writing a dynamic axis (any other
     negative size stays, to be refused as a negative dimension)."""
     shape = value.type.tensor_type.shape
-    return tuple(
-        d.dim_value if d.HasField("dim_value") and d.dim_value != -1 else (d.dim_param or "?")
-        for d in shape.dim
-    )
+    return tuple((d.dim_param or "?") if (size := fixed_size(d)) is None else size for d in shape.dim)
 
 
-def _dtype(value: onnx.ValueInfoProto) -> str:
+def value_dtype(value: onnx.ValueInfoProto) -> str:
+    """The numpy name of a graph value's element type (\"unknown\" when the graph declares none)."""
     elem = value.type.tensor_type.elem_type
     return str(onnx.helper.tensor_dtype_to_np_dtype(elem)) if elem else "unknown"

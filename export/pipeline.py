@@ -49,6 +49,7 @@ from trtbuild.core.console import progress
 from trtbuild.core.defaults import OUTPUT_ROOT
 from trtbuild.core.errors import TrtbuildError
 from trtbuild.core.inputs import InputSpec, fmt_shape, parse_input_spec, parse_shape
+from trtbuild.core.onnx_file import fixed_size
 
 ENGINES_DIR = OUTPUT_ROOT
 VerifyData = Mapping[str, np.ndarray] | np.ndarray | str | os.PathLike[str] | None
@@ -308,14 +309,13 @@ def check_specs_fit_graph(specs: Sequence[InputSpec], model: Any) -> None:
         )
     for spec in specs:
         graph_dims = graph[spec.name].type.tensor_type.shape.dim
-        dims = [d.dim_value if d.HasField("dim_value") and d.dim_value != -1 else None for d in graph_dims]
+        dims = [fixed_size(d) for d in graph_dims]
         fits = len(dims) == len(spec.opt_shape) and all(
             d is None or lo == hi == d for d, lo, hi in zip(dims, spec.min, spec.max, strict=False)
         )
         if not fits:
             shown = "x".join(
-                str(d.dim_value) if d.HasField("dim_value") and d.dim_value != -1 else d.dim_param or "?"
-                for d in graph_dims
+                (d.dim_param or "?") if fixed_size(d) is None else str(d.dim_value) for d in graph_dims
             )
             raise TrtbuildError(
                 f"input '{spec.name}' declared {fmt_shape(spec.min)}..{fmt_shape(spec.max)} does not fit the "
@@ -335,7 +335,7 @@ def _feeds_for_graph(
         dims = value.type.tensor_type.shape.dim
         shape = []
         for axis, d in enumerate(dims):
-            if d.HasField("dim_value") and d.dim_value != -1:
+            if fixed_size(d) is not None:
                 shape.append(d.dim_value)
             elif d.dim_param in dim_values:
                 shape.append(int(dim_values[d.dim_param]))

@@ -27,7 +27,7 @@ from trtbuild.core.atomic import write_text
 from trtbuild.core.defaults import OUTPUT_ROOT
 from trtbuild.core.errors import TrtbuildError
 from trtbuild.core.inputs import InputSpec
-from trtbuild.core.onnx_file import model_name
+from trtbuild.core.onnx_file import fixed_size, model_name
 from trtbuild.core.trt_versions import TrtVersion, has, known_version, strongly_typed_only
 from trtbuild.plan_sparsity import decide_sparsity
 from trtbuild.targets import Target, check_precision, get_target
@@ -576,10 +576,7 @@ def _input_specs(onnx_path: str | os.PathLike[str], shapes: Sequence[InputSpec] 
             "give one --shape per model input",
         )
     for spec in specs:
-        dims = [
-            d.dim_value if d.HasField("dim_value") and d.dim_value > 0 else None
-            for d in graph[spec.name].type.tensor_type.shape.dim
-        ]
+        dims = [fixed_size(d) for d in graph[spec.name].type.tensor_type.shape.dim]
         fixed_ok = all(
             d is None or lo == hi == d for d, lo, hi in zip(dims, spec.min, spec.max, strict=False)
         )
@@ -596,12 +593,10 @@ def _input_specs(onnx_path: str | os.PathLike[str], shapes: Sequence[InputSpec] 
 
 
 def _graph_dtype(value: Any, fallback: str) -> str:
-    import onnx
-
+    from export.meta import value_dtype
     from trtbuild.core.inputs import DTYPES
 
-    elem = value.type.tensor_type.elem_type
-    name = str(onnx.helper.tensor_dtype_to_np_dtype(elem)) if elem else fallback
+    name = value_dtype(value)
     return name if name in DTYPES else fallback
 
 

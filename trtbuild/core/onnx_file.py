@@ -137,3 +137,9 @@ def model_name(onnx_path: str | os.PathLike[str]) -> str:
     while (parts := name.rpartition("."))[0] and parts[2] in WRITTEN_TAGS:
         name = parts[0]
     return name
+
+
+def fixed_size(dim: onnx.TensorShapeProto.Dimension) -> int | None:
+    """An axis's declared size, or None when it is dynamic: a symbol, unset, or -1 (Paddle2ONNX writes its
+    dynamic axes so). Any other negative size is returned, for the input checks to refuse."""
+    return dim.dim_value if dim.HasField("dim_value") and dim.dim_value != -1 else None

@@ -18,7 +18,7 @@ from trtbuild.bundle.archive import create_bundle
 from trtbuild.core import atomic
 from trtbuild.core.errors import TrtbuildError
 from trtbuild.core.inputs import InputSpec
-from trtbuild.core.onnx_file import load_model_file
+from trtbuild.core.onnx_file import fixed_size, load_model_file
 from trtbuild.core.onnx_file import model_name as model_file_name
 
 QUALCOMM_TARGETS = ("snpe", "qairt")  # the converter the handoff is written for
@@ -51,7 +51,7 @@ def _onnx_io(path: Path) -> dict[str, Any]:
 
     def info(v: onnx.ValueInfoProto) -> dict[str, Any]:
         dims = [
-            d.dim_value if d.HasField("dim_value") and d.dim_value > 0 else (d.dim_param or "?")
+            (d.dim_param or "?") if (size := fixed_size(d)) is None else size
             for d in v.type.tensor_type.shape.dim
         ]
         return {
