@@ -4,6 +4,7 @@ alone (docs/ort-cpu-int8.md)."""
 
 from __future__ import annotations
 
+import re
 from collections import Counter
 from pathlib import Path
 from typing import Any
@@ -109,6 +110,63 @@ def test_output_qdq_is_for_ort_only(effnet_onnx: Path, effnet_ranges: RangeSet) 
     assert u8.activations[head].group != u8.activations[pooled].group  # the pool requantizes
     assert head not in trt.activations and pooled not in trt.activations
     assert head in effnet_ranges and pooled in effnet_ranges  # calibration measured them
+
+
+def test_layers_kept_float_stay_float_in_orts_kernels(
+    effnet_onnx: Path, effnet_ranges: RangeSet, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """ORT's WeightBiasQuantization quantizes the float weight of a Conv/Gemm fed by a per-tensor DQ (also
+    behind a Pad it fuses or a Reshape it propagates through) per tensor: layers kept float -- here every
+    depthwise conv (a Pad before each) and the classifier Gemm (behind the pool's Reshape) -- ran as
+    per-tensor integer kernels (cosine 0.96). Guarded, they run as float layers and ORT's kernels agree
+    with the graph's reference semantics, which the guard does not change."""
+    model = onnx.load(str(effnet_onnx))
+    kept = [
+        n.name
+        for n in model.graph.node
+        if n.op_type == "Gemm"
+        or (n.op_type == "Conv" and any(a.name == "group" and a.i > 1 for a in n.attribute))
+    ]
+    assert len(kept) == 17  # 16 depthwise convs and the classifier
+    options = QdqOptions(
+        activation_type="uint8", exclude_nodes=tuple(map(re.escape, kept)), **ort_cpu.choose().formats()
+    )
+    plan = plan_qdq(model, effnet_ranges, options)
+    graph = apply_qdq(model, plan)
+    optimized = _optimized(graph, tmp_path, "kept_float")
+    integer = [n.name for n in optimized.graph.node if n.op_type in INTEGER_KERNELS]
+    assert not [name for name in integer if any(name.startswith(k) for k in kept)], integer
+    assert not any(
+        n.op_type == "DequantizeLinear"
+        and n.input[0] in {i.name for i in optimized.graph.initializer}
+        and n.name.endswith("_weight_dq")
+        for n in optimized.graph.node
+    )
+    photos = [{"images": examples.normalize_imagenet(examples.photo_crops(8, seed=11))}]
+    ort_kernels = fidelity.measure(model, graph, photos).outputs[0]
+    reference = fidelity.measure(model, graph, photos, semantics=ort_core.REFERENCE).outputs[0]
+    assert ort_kernels.cosine > 0.995 and abs(ort_kernels.cosine - reference.cosine) < 0.002, (
+        ort_kernels.cosine,
+        reference.cosine,
+    )
+    # The guard only duplicates DQs per axis: the graph computes exactly what it did without it.
+    monkeypatch.setattr(rewrite, "guard_float_layers", lambda m: [])
+    unguarded = apply_qdq(model, plan)
+
+    def per_axis(g: onnx.ModelProto) -> int:
+        return sum(
+            n.op_type == "DequantizeLinear" and n.name.endswith("_per_axis_DequantizeLinear")
+            for n in g.graph.node
+        )
+
+    # every kept layer but the first depthwise conv, which reads the float stem
+    assert (per_axis(graph), per_axis(unguarded)) == (len(kept) - 1, 0)
+    runs = [
+        fidelity.run_batches(fidelity.session(g, semantics=ort_core.REFERENCE), photos)
+        for g in (graph, unguarded)
+    ]
+    for name, values in runs[0].items():
+        np.testing.assert_array_equal(values, runs[1][name])
 
 
 def _padded_model(opset: int) -> onnx.ModelProto:
