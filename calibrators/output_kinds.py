@@ -151,10 +151,13 @@ def decide_all(
     overrides = dict(overrides or {})
     check_overrides(overrides, list(reference))
     kinds = {n: decide(model, n, reference[n], overrides.get(n)) for n in reference}
-    return {n: replace(k, parts=split_parts(model, n, reference[n])) for n, k in kinds.items()}
+    shapes = _Shapes(model)  # shape inference runs once, and only if a Concat output needs it
+    return {n: replace(k, parts=split_parts(model, n, reference[n], shapes)) for n, k in kinds.items()}
 
 
-def split_parts(model: onnx.ModelProto, name: str, reference: np.ndarray) -> tuple[OutputPart, ...]:
+def split_parts(
+    model: onnx.ModelProto, name: str, reference: np.ndarray, shapes: _Shapes | None = None
+) -> tuple[OutputPart, ...]:
     """The inputs of the Concat that makes output ``name``, as parts, when it joins scores with other
     values or values whose ranges differ by more than BOX_SCORE_RANGE_RATIO (the rule that keeps such a
     Concat float in Q/DQ placement); () for any other output."""
@@ -163,7 +166,7 @@ def split_parts(model: onnx.ModelProto, name: str, reference: np.ndarray) -> tup
     if node is None or node.op_type != "Concat" or len(node.input) < 2 or reference.ndim < 2:
         return ()
     axis = next((a.i for a in node.attribute if a.name == "axis"), 0) % reference.ndim
-    sizes = _concat_sizes(model, node, axis)
+    sizes = (shapes or _Shapes(model)).sizes(node.input, axis)
     if axis == 0 or sizes is None or sum(sizes) != reference.shape[axis]:
         return ()  # not along a per-sample axis, or the sizes are not static
     spans = [(int(a), int(b)) for a, b in zip(np.cumsum([0, *sizes[:-1]]), np.cumsum(sizes), strict=True)]
@@ -187,22 +190,30 @@ def _part_kind(output: str, op: str | None, score: bool) -> OutputKind:
     return OutputKind("regression", f"{op or 'graph'} values joined into {output} by Concat")
 
 
-def _concat_sizes(model: onnx.ModelProto, node: onnx.NodeProto, axis: int) -> list[int] | None:
-    """Each Concat input's static size on ``axis`` (shape inference), None when one is unknown."""
-    known = {v.name: v for v in (*model.graph.value_info, *model.graph.input, *model.graph.output)}
-    if not all(t in known for t in node.input):
-        try:
-            inferred = onnx.shape_inference.infer_shapes(model)
-        except Exception:  # noqa: BLE001 - a model shape inference cannot take is simply not split
-            return None
-        known.update({v.name: v for v in inferred.graph.value_info})
-    sizes = []
-    for t in node.input:
-        dims = known[t].type.tensor_type.shape.dim if t in known else []
-        if len(dims) <= axis or not dims[axis].HasField("dim_value"):
-            return None
-        sizes.append(int(dims[axis].dim_value))
-    return sizes
+class _Shapes:
+    """Static tensor shapes of a graph: declared value_info first, shape inference (once) for the rest."""
+
+    def __init__(self, model: onnx.ModelProto) -> None:
+        self.model = model
+        self.known = {v.name: v for v in (*model.graph.value_info, *model.graph.input, *model.graph.output)}
+        self.inferred = False
+
+    def sizes(self, tensors: Sequence[str], axis: int) -> list[int] | None:
+        """Each tensor's static size on ``axis``, None when one is unknown."""
+        if not self.inferred and not all(t in self.known for t in tensors):
+            self.inferred = True
+            try:
+                inferred = onnx.shape_inference.infer_shapes(self.model)
+            except Exception:  # noqa: BLE001 - a model shape inference cannot take is simply not split
+                return None
+            self.known.update({v.name: v for v in inferred.graph.value_info})
+        sizes = []
+        for t in tensors:
+            dims = self.known[t].type.tensor_type.shape.dim if t in self.known else []
+            if len(dims) <= axis or not dims[axis].HasField("dim_value"):
+                return None
+            sizes.append(int(dims[axis].dim_value))
+        return sizes
 
 
 def parse_output_kinds(items: Sequence[str] | Mapping[str, str] | None) -> dict[str, str]:
