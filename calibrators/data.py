@@ -420,6 +420,12 @@ class CalibrationData:
         chosen = np.random.default_rng(seed).choice(len(self.indices), size=count, replace=False)
         return CalibrationData(self.source, self.inputs, [self.indices[i] for i in chosen])
 
+    def at_most(self, count: int, seed: int = 0) -> CalibrationData:
+        """Up to ``count`` samples for a stage's own measurement (equalization, output-aware ranges): no
+        warning when there are fewer, since the user asked for none (``sample`` warns for --samples)."""
+        known = self.known_length()
+        return self.sample(count if known is None else min(count, known), seed)
+
     def split(self, holdout: int, seed: int = 0) -> tuple[CalibrationData, CalibrationData]:
         """(calibration, held-out): disjoint. Held-out samples are seeded-random (streams: the first ones)."""
         if holdout <= 0:

@@ -336,10 +336,15 @@ def compare(
             "the quantized and FP32 models share no output names", "quantize without renaming outputs"
         )
     threshold = threshold or DEFAULT_THRESHOLD
-    check_outputs(threshold, names)
     first = next(iter(ref.values()))
     samples = int(first.shape[0]) if first.ndim else 1
-    outputs = [compare_output(n, ref[n], test[n], None if kinds is None else kinds.get(n)) for n in names]
+    outputs = []
+    for n in names:
+        kind = None if kinds is None else kinds.get(n)
+        outputs.append(compare_output(n, ref[n], test[n], kind))
+        for part in kind.parts if kind is not None else ():  # boxes and scores of one Concat, each judged
+            outputs.append(compare_output(part.name, part.take(ref[n]), part.take(test[n]), part.kind))
+    check_outputs(threshold, [o.name for o in outputs], parts_known=True)
     return FidelityReport(samples=samples, outputs=outputs, threshold=threshold, semantics=semantics)
 
 

@@ -14,6 +14,10 @@
 - ``regression``: everything else (boxes, landmarks, depth, raw detector maps): cosine, SQNR, error over
   range.
 
+A Concat output that joins box coordinates with class scores (YOLOv8's ``output0`` [N, 4 + classes,
+anchors]) is also judged **per part** (``OutputPart``, ``output0[4:22]``): coordinates in pixels would
+otherwise dominate its cosine, and a graph whose scores are all wrong (even all zero) would still pass.
+
 The user has the last word (``--output-kind NAME=KIND``); the gate table shows every decision and why.
 """
 
@@ -21,12 +25,13 @@ from __future__ import annotations
 
 import re
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import TYPE_CHECKING
 
 import numpy as np
 import onnx
 
+from calibrators.qdq_rules import BOX_SCORE_RANGE_RATIO, SCORE_OPS
 from trtbuild.core.errors import TrtbuildError
 
 if TYPE_CHECKING:
@@ -53,6 +58,22 @@ class OutputKind:
     log_probabilities: bool = False  # LogSoftmax output: exponentiate before top-1/KL
     # held-out rows whose FP32 top-1 is within float noise: top-1 is decided without them (near_ties.py)
     ties: NearTies | None = None
+    # the parts of a Concat output joining boxes with scores, each judged on its own (split_parts)
+    parts: tuple[OutputPart, ...] = ()
+
+
+@dataclass(frozen=True)
+class OutputPart:
+    """Channels ``start:stop`` of axis ``axis`` of a (sample-first) output, judged as ``kind``."""
+
+    name: str  # "output0[4:22]": what the gate table and --min-fidelity call it
+    axis: int
+    start: int
+    stop: int
+    kind: OutputKind
+
+    def take(self, values: np.ndarray) -> np.ndarray:
+        return np.take(values, np.arange(self.start, self.stop), axis=self.axis)
 
 
 def _producer_op(model: onnx.ModelProto, name: str) -> str | None:
@@ -129,7 +150,70 @@ def decide_all(
 ) -> dict[str, OutputKind]:
     overrides = dict(overrides or {})
     check_overrides(overrides, list(reference))
-    return {n: decide(model, n, reference[n], overrides.get(n)) for n in reference}
+    kinds = {n: decide(model, n, reference[n], overrides.get(n)) for n in reference}
+    shapes = _Shapes(model)  # shape inference runs once, and only if a Concat output needs it
+    return {n: replace(k, parts=split_parts(model, n, reference[n], shapes)) for n, k in kinds.items()}
+
+
+def split_parts(
+    model: onnx.ModelProto, name: str, reference: np.ndarray, shapes: _Shapes | None = None
+) -> tuple[OutputPart, ...]:
+    """The inputs of the Concat that makes output ``name``, as parts, when it joins scores with other
+    values or values whose ranges differ by more than BOX_SCORE_RANGE_RATIO (the rule that keeps such a
+    Concat float in Q/DQ placement); () for any other output."""
+    producer = {o: n for n in model.graph.node for o in n.output}
+    node = producer.get(name)
+    if node is None or node.op_type != "Concat" or len(node.input) < 2 or reference.ndim < 2:
+        return ()
+    axis = next((a.i for a in node.attribute if a.name == "axis"), 0) % reference.ndim
+    sizes = (shapes or _Shapes(model)).sizes(node.input, axis)
+    if axis == 0 or sizes is None or sum(sizes) != reference.shape[axis]:
+        return ()  # not along a per-sample axis, or the sizes are not static
+    spans = [(int(a), int(b)) for a, b in zip(np.cumsum([0, *sizes[:-1]]), np.cumsum(sizes), strict=True)]
+    ops = [_producer_op(model, t) for t in node.input]
+    scores = [op in SCORE_OPS for op in ops]
+    amax = [float(np.abs(np.take(reference, range(a, b), axis=axis)).max(initial=0)) for a, b in spans]
+    spread = max(amax) / max(min(amax), 1e-12)
+    if not (any(scores) and not all(scores)) and spread <= BOX_SCORE_RANGE_RATIO:
+        return ()
+    return tuple(
+        OutputPart(f"{name}[{a}:{b}]", axis, a, b, _part_kind(name, op, score))
+        for (a, b), op, score in zip(spans, ops, scores, strict=True)
+    )
+
+
+def _part_kind(output: str, op: str | None, score: bool) -> OutputKind:
+    """Scores (independent per class and anchor) are judged like a probability map: cosine and IoU at the
+    map threshold; the rest (box coordinates) as regression."""
+    if score:
+        return OutputKind("prob_map", f"{op} scores joined into {output} by Concat")
+    return OutputKind("regression", f"{op or 'graph'} values joined into {output} by Concat")
+
+
+class _Shapes:
+    """Static tensor shapes of a graph: declared value_info first, shape inference (once) for the rest."""
+
+    def __init__(self, model: onnx.ModelProto) -> None:
+        self.model = model
+        self.known = {v.name: v for v in (*model.graph.value_info, *model.graph.input, *model.graph.output)}
+        self.inferred = False
+
+    def sizes(self, tensors: Sequence[str], axis: int) -> list[int] | None:
+        """Each tensor's static size on ``axis``, None when one is unknown."""
+        if not self.inferred and not all(t in self.known for t in tensors):
+            self.inferred = True
+            try:
+                inferred = onnx.shape_inference.infer_shapes(self.model)
+            except Exception:  # noqa: BLE001 - a model shape inference cannot take is simply not split
+                return None
+            self.known.update({v.name: v for v in inferred.graph.value_info})
+        sizes = []
+        for t in tensors:
+            dims = self.known[t].type.tensor_type.shape.dim if t in self.known else []
+            if len(dims) <= axis or not dims[axis].HasField("dim_value"):
+                return None
+            sizes.append(int(dims[axis].dim_value))
+        return sizes
 
 
 def parse_output_kinds(items: Sequence[str] | Mapping[str, str] | None) -> dict[str, str]:

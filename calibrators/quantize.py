@@ -257,7 +257,7 @@ def quantize(
         if smoothing.smoothed:  # a duplicated LayerNorm adds a tensor to quantize
             tensors = tensors_to_collect(model, s.exclude, s.exclude_op_types)
         if s.equalize_depthwise:
-            measured = calib.sample(dw_equalize.SAMPLES, s.seed).batches(s.batch_size)
+            measured = calib.at_most(dw_equalize.SAMPLES, s.seed).batches(s.batch_size)
             model, _ = dw_equalize.equalize_depthwise(model, measured, s.threads)
             tensors = tensors_to_collect(model, s.exclude, s.exclude_op_types)
         calibrated = 0
@@ -501,7 +501,7 @@ def _output_aware(
             ranges,
             plan_qdq(model, ranges, options),
             stats,
-            calib.sample(output_aware.DEFAULT_SAMPLES, seed).batches(batch_size),
+            calib.at_most(output_aware.DEFAULT_SAMPLES, seed).batches(batch_size),
             seed=seed,
             threads=threads,
             progress=(lambda done, total: bar.update(task, completed=done, total=total))

@@ -7,10 +7,13 @@ import math
 from collections.abc import Iterator, Mapping
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from trtbuild.core import atomic
 from trtbuild.core.errors import TrtbuildError
+
+if TYPE_CHECKING:
+    import onnx
 
 RANGES_SCHEMA = 1
 
@@ -92,6 +95,30 @@ class RangeSet(Mapping[str, TensorRange]):
             for name, v in data["tensors"].items()
         }
         return cls(method=str(data["method"]), ranges=ranges, meta=dict(data.get("meta", {})))
+
+    def check_fits(self, model: onnx.ModelProto, label: str) -> None:
+        """Refuse ranges naming tensors ``model`` does not have: they were measured on another graph
+        (``quantize --equalize-depthwise`` calibrates its rewritten graph, whose depthwise inputs are new
+        tensors), and a cache or encodings written from them would silently leave those layers without
+        a range, unlike the graph the fidelity gate passed."""
+        graph = model.graph
+        have = {v.name for v in (*graph.input, *graph.initializer)} | {
+            o for n in graph.node for o in n.output
+        }
+        missing = [n for n in self.ranges if n not in have]
+        if missing:
+            more = f" and {len(missing) - 3} more" if len(missing) > 3 else ""
+            shown = ", ".join(repr(n) for n in missing[:3]) + more
+            what = (
+                f"none of the calibrated tensor names occur in {label} ({shown})"
+                if len(missing) == len(self.ranges)
+                else f"the ranges name {len(missing)} tensor(s) {label} does not have ({shown})"
+            )
+            raise TrtbuildError(
+                f"{what}: they were measured on another graph",
+                "calibrate this model (`trtbuild calibrate`), or ship the Q/DQ graph of the run that wrote "
+                "them (--qdq-onnx); ranges of `quantize --equalize-depthwise` belong to its rewritten graph",
+            )
 
     def save(self, path: str | Path) -> Path:
         return atomic.write_text(path, json.dumps(self.to_json(), indent=2) + "\n")

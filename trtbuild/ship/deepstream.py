@@ -79,13 +79,16 @@ def export_deepstream(
     batch_size: int = 1,
     video: str | os.PathLike[str] | None = None,
     high_precision: str = "fp16",
+    bbox_parser: BboxParser | None = None,
 ) -> DeepStreamBundle:
     """Write the Jetson + DeepStream folder for ``target`` (a Jetson id) atomically.
 
     ``preprocess``: the preprocessing used at calibration (default: calibration's ImageNet default).
     ``network_type``: classifier | detector | segmentation | other (default: classifier for one
     [batch, classes] output, else other with tensor output). ``video``: a file copied into the folder
-    for the pipeline (default: DeepStream's sample stream).
+    for the pipeline (default: DeepStream's sample stream). ``bbox_parser``: a detector's custom nvinfer
+    parser (function, library path on the device); required unless the outputs are the DetectNet
+    coverage/bbox pair nvinfer's built-in parser reads.
     """
     tgt = get_target(target)
     if tgt.kind != "jetson":
@@ -121,6 +124,7 @@ def export_deepstream(
     if kind not in NETWORK_TYPE:
         raise TrtbuildError(f"unknown network type '{kind}'", f"use one of {', '.join(NETWORK_TYPE)}")
     classes = _classes(kind, outputs, labels, num_classes)
+    _check_bbox_parser(kind, outputs, bbox_parser)
     if video is not None and not Path(video).is_file():
         raise TrtbuildError(f"video '{video}' does not exist", "pass a video file, or leave --video out")
     notes = [f"DeepStream {ds} (JetPack {tgt.jetpack}); nvinfer scales the whole frame (no center crop)"]
@@ -155,7 +159,17 @@ def export_deepstream(
             shutil.copy2(video, tmp / f"video{Path(video).suffix}")
             uri = f"file://video{Path(video).suffix}"
         infer = infer_config(
-            jb, spec, pre, kind, classes, batch_size, label_file, outputs, dla_core, header=_header(jb, ds)
+            jb,
+            spec,
+            pre,
+            kind,
+            classes,
+            batch_size,
+            label_file,
+            outputs,
+            dla_core,
+            header=_header(jb, ds),
+            bbox_parser=bbox_parser,
         )
         (tmp / INFER_CONFIG).write_text(infer, encoding="utf-8")
         (tmp / APP_CONFIG).write_text(app_config(uri, batch_size, spec), encoding="utf-8")
@@ -202,6 +216,46 @@ def _image_input(specs: Sequence[InputSpec]) -> InputSpec:
 
 def _guess_type(outputs: Sequence[OutputInfo]) -> str:
     return "classifier" if len(outputs) == 1 and len(outputs[0].shape) == 2 else "other"
+
+
+@dataclass(frozen=True)
+class BboxParser:
+    """A custom nvinfer box parser: ``parse-bbox-func-name`` in ``custom-lib-path`` (a device path)."""
+
+    function: str
+    library: str
+
+
+def is_detectnet_pair(outputs: Sequence[OutputInfo]) -> bool:
+    """Whether the outputs are what nvinfer's built-in detector parser reads: it finds its two layers by
+    name (strstr "cov" and "bbox", DetectPostprocessor::parseBoundingBox), a coverage grid [C, H, W] and
+    a bbox grid [4C, H, W]; any other model fails at start-up ("Could not find output coverage layer")."""
+    cov = [o for o in outputs if "cov" in o.name]
+    bbox = [o for o in outputs if "bbox" in o.name]
+    if len(cov) != 1 or len(bbox) != 1:
+        return False
+    c, b = cov[0].shape[1:], bbox[0].shape[1:]
+    if len(c) != 3 or len(b) != 3 or not all(isinstance(d, int) for d in (*c, *b)):
+        return len(c) == len(b) == 3  # symbolic grid sizes: the names decide
+    return int(b[0]) == 4 * int(c[0]) and tuple(c[1:]) == tuple(b[1:])
+
+
+def _check_bbox_parser(kind: str, outputs: Sequence[OutputInfo], parser: BboxParser | None) -> None:
+    if parser is not None and kind != "detector":
+        raise TrtbuildError(
+            f"a bbox parser is for detectors, not --network-type {kind}",
+            "drop --parse-bbox-func/--custom-lib",
+        )
+    if kind == "detector" and parser is None and not is_detectnet_pair(outputs):
+        shown = ", ".join(
+            f"{o.name} [{', '.join(str(d) if isinstance(d, int) else '?' for d in o.shape)}]" for o in outputs
+        )
+        raise TrtbuildError(
+            "nvinfer's built-in detector parser reads only a DetectNet output pair (layers named *cov* "
+            f"[C, H, W] and *bbox* [4C, H, W]), not {shown}: the pipeline would fail at start-up",
+            "pass the parser built for these outputs (--parse-bbox-func NAME --custom-lib PATH, e.g. "
+            "DeepStream-Yolo's NvDsInferParseYolo), or --network-type other (raw outputs as tensor meta)",
+        )
 
 
 def _classes(
@@ -289,6 +343,7 @@ def infer_config(
     outputs: Sequence[OutputInfo],
     dla_core: int | None,
     header: str = "",
+    bbox_parser: BboxParser | None = None,
 ) -> str:
     """The [property] group (and [class-attrs-all] for detectors) for ``jb``'s plan."""
     dims = spec.opt_shape[1:]
@@ -323,6 +378,11 @@ def infer_config(
         props += [("num-detected-classes", str(classes))]
         if kind == "detector":
             props += [("cluster-mode", "2")]
+            if bbox_parser is not None:
+                props += [
+                    ("parse-bbox-func-name", bbox_parser.function),
+                    ("custom-lib-path", bbox_parser.library),
+                ]
         else:
             props += [("segmentation-threshold", "0.5")]
     else:

@@ -19,6 +19,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import onnx
+
 from calibrators import cache as calib_cache
 from calibrators.ranges import RangeSet
 from export.meta import meta_path
@@ -104,6 +106,7 @@ def export_jetson(
         fp16_local = _copy_onnx(Path(fp16_onnx), tmp) if fp16_onnx is not None else None
         cache_local = None
         if ranges is not None:
+            ranges.check_fits(onnx.load(str(src), load_external_data=False), f"'{src.name}'")
             cache_local = calib_cache.write_cache(ranges, tmp / CALIB_CACHE, str(version))
         plan = make_plan(
             local,

@@ -254,6 +254,7 @@ def export_qualcomm(
     data_shapes = {name: (1, *np.asarray(v).shape[1:]) for name, v in samples.items()}
     model, notes = qualcomm_ready_onnx(src, cast_int64, data_shapes)
     shapes = static_input_shapes(model)
+    ranges.check_fits(model, f"'{Path(model_path).name}'")
     encodings = enc.build_encodings(model, ranges, activation_symmetric)
     stem = Path(model_path).stem
     final = Path(out_dir).resolve()

@@ -231,6 +231,8 @@ def _tensorrt_model(
     if ranges is not None and precision != "int8":
         raise TrtbuildError(f"calibrated ranges only apply to int8, not {precision}", "drop --ranges")
     local = _copy_onnx(src, build)
+    if ranges is not None:
+        ranges.check_fits(onnx.load(str(local), load_external_data=False), f"'{Path(src).name}'")
     cache = calib_cache.write_cache(ranges, build / "calib.cache", str(trt)) if ranges is not None else None
     plan = make_plan(
         local,

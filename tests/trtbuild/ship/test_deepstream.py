@@ -27,7 +27,8 @@ from export.meta import graph_outputs
 from trtbuild import examples
 from trtbuild.bundle import generate_keypair, load_public_key, verify_bundle
 from trtbuild.core import ort as ort_core
-from trtbuild.ship.deepstream import DeepStreamBundle, export_deepstream
+from trtbuild.core.inputs import parse_profile_spec
+from trtbuild.ship.deepstream import BboxParser, DeepStreamBundle, export_deepstream
 from trtbuild.ship.deepstream_keys import APP_KEYS, CLASS_ATTRS_KEYS, property_keys
 
 SYSTEM_PYTHON = "/usr/bin/python3"
@@ -278,6 +279,7 @@ def test_detector_config_and_labels(tmp_path: Path, small_models: dict[str, Path
         tmp_path / "d",
         network_type="detector",
         labels=["a", "b", "c"],
+        bbox_parser=BboxParser("NvDsInferParseBoxes", "/opt/parsers/libboxes.so"),
     )
     parsed = parse_keyfile(b.infer_config)
     assert b.deepstream == "6.2" and set(parsed["property"]) <= property_keys("6.2")
@@ -285,6 +287,45 @@ def test_detector_config_and_labels(tmp_path: Path, small_models: dict[str, Path
     assert set(parsed["class-attrs-all"]) <= CLASS_ATTRS_KEYS
     assert (b.folder / "labels.txt").read_text().splitlines() == ["a", "b", "c"]  # detectors: one per line
     assert parsed["property"]["infer-dims"] == [3, 32, 32]
+    assert parsed["property"]["parse-bbox-func-name"] == "NvDsInferParseBoxes"
+    assert parsed["property"]["custom-lib-path"] == "/opt/parsers/libboxes.so"
+
+
+YOLO_320 = [parse_profile_spec("images:1x3x320x320")]
+
+
+def test_a_yolo_detector_needs_its_parser_not_the_built_in_one(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """NudeNet's YOLOv8n (output0 [N, 22, anchors]): nvinfer's built-in parser finds its layers by the
+    names "cov" and "bbox", so a detector config without a custom parser failed at start-up on the
+    device ("Could not find output coverage layer"); now it is refused here, naming both ways out."""
+    from test_quantize_models import fetch_wheel_onnx
+
+    yolo = fetch_wheel_onnx("nudenet==3.4.2", "nudenet/320n.onnx")
+    args = ["export-deepstream", str(yolo), "--target", "orin-jp6.2", "--precision", "fp16"]
+    args += ["--network-type", "detector", "--num-classes", "18", "--shape", "images:1x3x320x320"]
+    code, out, err = run_cli([*args, "--out", str(tmp_path / "refused")], capsys)
+    assert code == 2 and "Traceback" not in err and "output0 [?, 22, ?]" in err
+    assert "--parse-bbox-func" in err and "--network-type other" in err
+    assert not (tmp_path / "refused").exists()
+    code, _, err = run_cli([*args, "--out", str(tmp_path / "half"), "--custom-lib", "/opt/lib.so"], capsys)
+    assert code == 2 and "go together" in err and not (tmp_path / "half").exists()
+    b = export_deepstream(
+        yolo,
+        "orin-jp6.2",
+        "fp16",
+        tmp_path / "ds",
+        network_type="detector",
+        num_classes=18,
+        shapes=YOLO_320,
+        preprocess=Preprocess(mean=(0.0, 0.0, 0.0), std=(1.0, 1.0, 1.0), scale=1 / 255),
+        bbox_parser=BboxParser("NvDsInferParseYolo", "/opt/DeepStream-Yolo/libnvdsinfer_custom_impl_Yolo.so"),
+    )
+    prop = parse_keyfile(b.infer_config)["property"]
+    assert prop["parse-bbox-func-name"] == "NvDsInferParseYolo" and prop["network-type"] == 0
+    assert prop["custom-lib-path"].endswith("libnvdsinfer_custom_impl_Yolo.so")
+    assert prop["net-scale-factor"] == pytest.approx(1 / 255) and prop["offsets"] == [0.0, 0.0, 0.0]
 
 
 def test_video_is_carried_in_the_folder(tmp_path: Path, small_models: dict[str, Path]) -> None:

@@ -1,0 +1,87 @@
+"""Third-party detectors whose one output joins box coordinates with class scores: NudeNet's YOLOv8n
+(`nudenet` wheel, Ultralytics export, output0 [N, 4 + 18, anchors]). The gate judges the scores on their
+own: coordinates in pixels dominate the whole output's cosine, so a graph whose scores are all zero (what
+ORT's quantize_static makes of this model, one INT8 scale on the final Concat) passed at cosine 0.9986."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import onnx
+import pytest
+from test_quantize_models import fetch_wheel_onnx
+
+from calibrators import fidelity
+from calibrators.fidelity_spec import parse_min_fidelity
+from trtbuild import examples
+
+NUDENET = "nudenet==3.4.2"
+YOLO_MEMBER = "nudenet/320n.onnx"
+
+
+@pytest.fixture(scope="session")
+def yolo_onnx() -> Path:
+    return fetch_wheel_onnx(NUDENET, YOLO_MEMBER)
+
+
+def letterboxed_photos(names: tuple[str, ...], size: int = 320) -> np.ndarray:
+    """scikit-image photos padded to a square (bottom/right, as nudenet does) and resized: RGB / 255."""
+    from PIL import Image
+
+    out = []
+    for name in names:
+        photo = examples.photos()[examples.PHOTOS.index(name)]
+        photo = np.stack([photo] * 3, -1) if photo.ndim == 2 else photo[..., :3]
+        side = max(photo.shape[:2])
+        square = np.zeros((side, side, 3), np.uint8)
+        square[: photo.shape[0], : photo.shape[1]] = photo
+        out.append(np.asarray(Image.fromarray(square).resize((size, size), Image.Resampling.BILINEAR)))
+    return np.ascontiguousarray((np.stack(out).astype(np.float32) / 255.0).transpose(0, 3, 1, 2))
+
+
+@pytest.fixture(scope="module")
+def yolo_outputs(yolo_onnx: Path) -> tuple[onnx.ModelProto, dict[str, np.ndarray]]:
+    model = onnx.load(str(yolo_onnx))
+    images = letterboxed_photos(("astronaut", "chelsea", "coffee", "rocket", "camera", "coins"))
+    return model, fidelity.run_batches(fidelity.session(model), [{"images": images}])
+
+
+def test_box_and_score_parts_of_a_yolo_output_are_judged_apart(
+    yolo_outputs: tuple[onnx.ModelProto, dict[str, np.ndarray]],
+) -> None:
+    model, ref = yolo_outputs
+    kind = fidelity.decide_kinds(model, ref)["output0"]
+    assert [(p.name, p.kind.kind) for p in kind.parts] == [
+        ("output0[0:4]", "regression"),
+        ("output0[4:22]", "prob_map"),
+    ]
+    assert "Sigmoid" in kind.parts[1].kind.reason
+
+
+def test_a_yolo_graph_with_its_scores_wiped_out_fails_the_gate(
+    yolo_outputs: tuple[onnx.ModelProto, dict[str, np.ndarray]],
+) -> None:
+    model, ref = yolo_outputs
+    wiped = ref["output0"].copy()
+    wiped[:, 4:] = 0.0  # scores on one INT8 scale shared with pixel coordinates round to 0
+    report = fidelity.compare(ref, {"output0": wiped}, kinds=fidelity.decide_kinds(model, ref))
+    whole, boxes, scores = report.outputs
+    assert whole.cosine > 0.99  # what the gate judged alone, and passed
+    assert boxes.passes(report.threshold)
+    assert scores.name == "output0[4:22]" and scores.cosine == 0.0
+    assert not report.passed and [o.name for o in report.failing()] == ["output0[4:22]"]
+
+
+def test_a_part_can_have_its_own_bound(yolo_outputs: tuple[onnx.ModelProto, dict[str, np.ndarray]]) -> None:
+    model, ref = yolo_outputs
+    noisy = ref["output0"].copy()
+    noisy[:, 4:] *= 1.0 + 0.3 * np.sin(np.arange(noisy[:, 4:].size)).reshape(noisy[:, 4:].shape)
+    kinds = fidelity.decide_kinds(model, ref)
+    strict = fidelity.compare(ref, {"output0": noisy}, kinds=kinds)
+    loose = parse_min_fidelity(["99%", "output0[4:22]:cosine=0.9,iou=0.8"])
+    assert not strict.passed
+    assert fidelity.compare(ref, {"output0": noisy}, loose, kinds).passed
+    bad = parse_min_fidelity(["output0[4:9]:cosine=0.9"])
+    with pytest.raises(Exception, match=r"output0\[4:9\]"):
+        fidelity.compare(ref, {"output0": noisy}, bad, kinds)
