@@ -96,7 +96,14 @@ def verify_fp16(
     from trtbuild.core import ort as ort_core
 
     s32 = ort_core.cpu_session(Path(fp32_path))
-    s16 = ort_core.cpu_session(Path(fp16_path_))
+    try:
+        s16 = ort_core.cpu_session(Path(fp16_path_))
+    except Exception as exc:  # ORT's Fail/InvalidGraph: the conversion wrote a graph it cannot load
+        first = (str(exc).strip().splitlines() or [type(exc).__name__])[0][:300]
+        raise TrtbuildError(
+            f"ONNX Runtime cannot load the FP16 graph converted from {Path(fp32_path).name} ({first})",
+            "plan --precision fp32, or give --fp16-onnx an FP16 graph that loads",
+        ) from exc
     n = len(next(iter(inputs.values())))
     out32: list[list[np.ndarray]] = []
     out16: list[list[np.ndarray]] = []

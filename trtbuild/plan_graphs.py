@@ -56,7 +56,11 @@ def write_plan_graph(plan: BuildPlan, base: Path | None = None, seed: int = 0) -
 
     convert_fp16(source, graph)
     feeds, batch = seeded_feeds(plan.inputs, seed)
-    check = verify_fp16(source, graph, feeds, min_cosine=MIN_COSINE, batch=batch)
+    try:
+        check = verify_fp16(source, graph, feeds, min_cosine=MIN_COSINE, batch=batch)
+    except BaseException:  # an unverified graph must not stay: the next plan would take it as written
+        graph.unlink(missing_ok=True)
+        raise
     if not check.passed:
         graph.unlink(missing_ok=True)
         fix = (

@@ -14,6 +14,7 @@ import onnx
 from onnxconverter_common import float16
 
 from trtbuild.core.errors import TrtbuildError
+from trtbuild.core.onnx_file import dedupe_value_info
 
 # Kept in FP32 on top of the converter's defaults (which already block index/coordinate ops such as
 # Resize, Range, TopK, NonMaxSuppression, RoiAlign, CumSum: FP16 represents integers exactly only up to
@@ -40,6 +41,11 @@ def to_fp16(
     integer tensors and gets FP16 everywhere else, scales included: Q/DQ on FP16 tensors needs opset 19, so
     older graphs are converted first."""
     model = _opset_for_fp16_qdq(model)
+    if len({v.name for v in model.graph.value_info}) < len(model.graph.value_info):
+        deduped = onnx.ModelProto()
+        deduped.CopyFrom(model)  # the caller's graph stays as given
+        dedupe_value_info(deduped.graph)  # the converter retypes one entry per tensor, not its repeats
+        model = deduped
     with warnings.catch_warnings():  # one warning per tiny weight clamped to FP16's range: noise
         warnings.simplefilter("ignore", UserWarning)
         converted: onnx.ModelProto = float16.convert_float_to_float16(
