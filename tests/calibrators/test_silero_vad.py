@@ -1,0 +1,81 @@
+"""Silero VAD (silero-vad wheel): LSTM and convs inside an `If` on a scalar int64 `sr`, and a recurrent
+`state` [2, batch, 128]. Nothing of it is quantizable as trtbuild works (samples along axis 0, Q/DQ in the
+main graph); every command must say so in one `error:` line, exit 2 and write nothing.
+
+The audio is synthetic (no real 16 kHz recording is available offline): voiced bursts (a 100-220 Hz pulse
+train through two formant resonators) between quiet pauses, enough to exercise the code paths; the
+model's own speech probability rises on the bursts.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+from cli_helpers import run_cli
+from cls_wheels import fetch_silero_onnx
+
+from calibrators.data import model_inputs, open_data
+from trtbuild.core.errors import TrtbuildError
+
+SR = 16000
+
+
+def speech_like(seconds: float = 1.0, seed: int = 0) -> np.ndarray:
+    """Synthetic voiced bursts and pauses at 16 kHz (see the module docstring), float32 in [-1, 1]."""
+    from scipy.signal import lfilter
+
+    rng = np.random.default_rng(seed)
+    parts: list[np.ndarray] = []
+    while sum(len(p) for p in parts) < seconds * SR:
+        n = int(SR * rng.uniform(0.15, 0.4))
+        t = np.arange(n) / SR
+        voiced = (np.sin(2 * np.pi * rng.uniform(100, 220) * t) > 0.95).astype(np.float64)
+        for centre, width in ((rng.uniform(500, 900), 80), (rng.uniform(1100, 2200), 120)):
+            r, theta = np.exp(-np.pi * width / SR), 2 * np.pi * centre / SR
+            voiced = lfilter([1 - r], [1, -2 * r * np.cos(theta), r * r], voiced)
+        parts.append(voiced * np.hanning(n) * 0.5 / (np.abs(voiced).max() + 1e-9))
+        parts.append(0.003 * rng.standard_normal(int(SR * rng.uniform(0.1, 0.3))))
+    return np.concatenate(parts)[: int(seconds * SR)].astype(np.float32)
+
+
+def write_chunks(folder: Path, with_sr: bool) -> Path:
+    """One .npz per 576-sample window (64 context + 512 new, as silero-vad's wrapper feeds), zero state."""
+    folder.mkdir()
+    audio = speech_like()
+    for k in range(8):
+        arrays = {"input": audio[k * 512 : k * 512 + 576][None], "state": np.zeros((2, 1, 128), np.float32)}
+        if with_sr:
+            arrays["sr"] = np.array(SR, np.int64)
+        np.savez(folder / f"{k:02d}.npz", **arrays)
+    return folder
+
+
+@pytest.mark.parametrize("variant", ["silero_vad.onnx", "silero_vad_op18_ifless.onnx"])
+def test_scalar_sr_input_is_refused_before_reading_data(tmp_path: Path, variant: str) -> None:
+    """The scalar `sr` ended calibration in an IndexError (tuple index out of range)."""
+    model = fetch_silero_onnx(variant)
+    with pytest.raises(TrtbuildError, match="'sr' is a scalar"):
+        open_data(write_chunks(tmp_path / "chunks", with_sr=True), model_inputs(model))
+
+
+def test_state_with_batch_on_axis_1_is_refused(tmp_path: Path) -> None:
+    """`state` [2, batch, 128] read as 2 samples against 1 of `input`: "different numbers of samples" for
+    data that had batch 1 everywhere."""
+    model = fetch_silero_onnx("silero_vad_half.onnx")
+    with pytest.raises(TrtbuildError, match="batch as their leading axis"):
+        open_data(write_chunks(tmp_path / "chunks", with_sr=False), model_inputs(model))
+
+
+def test_quantize_names_control_flow_and_writes_nothing(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    model = fetch_silero_onnx("silero_vad.onnx")
+    data = write_chunks(tmp_path / "chunks", with_sr=True)
+    out = tmp_path / "out"
+    code, _, err = run_cli(["quantize", str(model), "--data", str(data), "--out-dir", str(out)], capsys)
+    lines = [line for line in err.splitlines() if line.startswith("error:")]
+    assert code == 2 and len(lines) == 1 and "Traceback" not in err
+    assert "inside If/Loop/Scan subgraphs (control flow)" in lines[0] and "--precision fp16" in lines[0]
+    assert not out.exists() or not any(out.iterdir())
