@@ -607,7 +607,8 @@ def _nothing_to_quantize(model_path: str | Path, model: onnx.ModelProto) -> Trtb
             "at fp16 (`trtbuild plan --precision fp16`)",
         )
     return TrtbuildError(
-        f"{model_path} has no quantizable ops (Conv/ConvTranspose/Gemm/MatMul with float inputs) left to quantize",
+        f"{model_path} has no quantizable ops (Conv/ConvTranspose/Gemm/MatMul with float inputs) "
+        "left to quantize",
         "check the model and the --exclude/--exclude-op-type options",
     )
 
