@@ -79,3 +79,19 @@ def test_quantize_names_control_flow_and_writes_nothing(
     assert code == 2 and len(lines) == 1 and "Traceback" not in err
     assert "inside If/Loop/Scan subgraphs (control flow)" in lines[0] and "--precision fp16" in lines[0]
     assert not out.exists() or not any(out.iterdir())
+
+
+def test_prepare_comparison_run_failing_in_ort_is_one_line(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """prepare's seeded comparison run (unnamed dims at 1, a random `sr`) fails inside the If in ORT: that
+    was ORT's InvalidArgument traceback; --no-verify then prepares it."""
+    model = fetch_silero_onnx("silero_vad.onnx")
+    out = tmp_path / "prepared.onnx"
+    code, _, err = run_cli(["prepare", str(model), "--out", str(out)], capsys)
+    lines = [line for line in err.splitlines() if line.startswith("error:")]
+    assert code == 2 and len(lines) == 1 and "Traceback" not in err
+    assert "ONNX Runtime cannot run" in lines[0] and "--no-verify" in lines[0]
+    assert not out.exists()
+    code, _, err = run_cli(["prepare", str(model), "--out", str(out), "--no-verify"], capsys)
+    assert code == 0 and out.is_file()
