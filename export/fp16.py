@@ -58,8 +58,25 @@ def convert_fp16(
     out = Path(out_path) if out_path is not None else fp16_path(src)
     with atomic_path(out, suffix=".onnx") as tmp:
         onnx.save(converted, str(tmp))
-        onnx.checker.check_model(str(tmp))
+        try:
+            onnx.checker.check_model(str(tmp))
+        except onnx.checker.ValidationError as exc:  # e.g. Silero VAD: the converter breaks If branches
+            first = (str(exc).strip().splitlines() or ["invalid graph"])[0][:200]
+            subgraphs = " (it has If/Loop/Scan subgraphs)" if _has_subgraphs(model.graph) else ""
+            raise TrtbuildError(
+                f"the FP16 converter wrote an invalid graph for {src.name}{subgraphs}: {first}",
+                "plan --precision fp32, give --fp16-onnx an FP16 graph you converted, or plan for "
+                "TensorRT 10.x, where FP16 is a builder flag on the FP32 graph",
+            ) from exc
     return out
+
+
+def _has_subgraphs(graph: onnx.GraphProto) -> bool:
+    return any(
+        a.type in (onnx.AttributeProto.GRAPH, onnx.AttributeProto.GRAPHS)
+        for n in graph.node
+        for a in n.attribute
+    )
 
 
 @dataclass(frozen=True)

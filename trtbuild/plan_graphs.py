@@ -85,6 +85,11 @@ def seeded_feeds(inputs: Sequence[InputSpec], seed: int, runs: int = 4) -> tuple
     feeds: dict[str, np.ndarray] = {}
     batch = max(1, inputs[0].opt_shape[0]) if inputs and inputs[0].opt_shape else 1
     for spec in inputs:
+        if not spec.opt_shape:  # a scalar (Silero VAD's `sr`) has no batch to stack runs along
+            feeds[spec.name] = np.asarray(
+                rng.integers(0, 8) if np.issubdtype(spec.np_dtype, np.integer) else 0.5, spec.np_dtype
+            )
+            continue
         shape = (batch * runs, *spec.opt_shape[1:])
         if np.issubdtype(spec.np_dtype, np.integer):
             feeds[spec.name] = rng.integers(0, 8, shape).astype(spec.np_dtype)

@@ -95,3 +95,23 @@ def test_prepare_comparison_run_failing_in_ort_is_one_line(
     assert not out.exists()
     code, _, err = run_cli(["prepare", str(model), "--out", str(out), "--no-verify"], capsys)
     assert code == 0 and out.is_file()
+
+
+def test_plan_fills_the_scalar_input_and_refuses_a_broken_fp16_graph(tmp_path: Path) -> None:
+    """`sr` could not be planned at all (every input needed a --shape, and a scalar cannot be written as
+    one); on TensorRT 11 the FP16 converter's broken If branches ended in onnx's ValidationError."""
+    from trtbuild.core.inputs import InputSpec
+    from trtbuild.plan import PlanSettings
+    from trtbuild.plan_graphs import plan_model
+    from trtbuild.trtexec import render
+
+    model = fetch_silero_onnx("silero_vad.onnx")
+    shapes = (InputSpec("input", (1, 576)), InputSpec("state", (2, 1, 128)))
+    settings = PlanSettings(target="h100", precision="fp16", shapes=shapes, out_root=str(tmp_path / "e"))
+    plan = plan_model(model, settings)
+    assert {s.name: s.opt_shape for s in plan.inputs}["sr"] == ()
+    argv = render(plan)
+    assert "--minShapes=input:1x576,state:2x1x128" in argv
+    with pytest.raises(TrtbuildError, match="FP16 converter wrote an invalid graph .*If/Loop/Scan"):
+        plan_model(model, PlanSettings(**{**settings.__dict__, "trt_version": "11.4"}))
+    assert not list((tmp_path / "e").rglob("*.fp16.onnx"))
