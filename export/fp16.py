@@ -125,7 +125,8 @@ def verify_fp16(
     out32: list[list[np.ndarray]] = []
     out16: list[list[np.ndarray]] = []
     for start in range(0, n, batch):
-        feed = {k: v[start : start + batch] for k, v in inputs.items()}
+        # inputs without the runs on axis 0 (a scalar, Silero VAD's `state`) are fed whole each run
+        feed = {k: v[start : start + batch] if v.ndim and len(v) == n else v for k, v in inputs.items()}
         out32.append([np.asarray(o, dtype=np.float32) for o in s32.run(None, feed)])
         out16.append([np.asarray(o, dtype=np.float32) for o in s16.run(None, feed)])
     cos: list[float] = []

@@ -165,9 +165,8 @@ def specs_from_graph(
                 hi.append(max_batch)
             else:
                 raise TrtbuildError(
-                    f"input '{value.name}' has dynamic axis {axis} ('{dim or '?'}') with no known range",
-                    f"give its range with --shape {value.name}:MIN,OPT,MAX (plan, export-jetson), or fix it "
-                    f"with `trtbuild prepare --dim {dim}=VALUE`, or export with --min/--max-shape",
+                    f"input '{value.name}' has dynamic axis {axis} ('{dim}') with no known range",
+                    _range_fix(value.name, dim),
                 )
         lo = [
             1 if isinstance(d, str) and axis == 0 and d not in dim_values else o
@@ -175,6 +174,17 @@ def specs_from_graph(
         ]
         specs.append(InputSpec(value.name, tuple(opt), value_dtype(value), tuple(lo), tuple(hi)))
     return specs
+
+
+def _range_fix(name: str, dim: str) -> str:
+    """How to give an open axis its range; `prepare --dim` only reaches named axes (Silero VAD's are
+    unnamed, '?', and `--dim ?=576` matched nothing)."""
+    shape = (
+        f"give its range with --shape {name}:MIN,OPT,MAX (plan, export-jetson/-triton/-deepstream, bundle)"
+    )
+    if dim == "?":
+        return f"{shape}, or export with --min/--max-shape"
+    return f"{shape}, or fix it with `trtbuild prepare --dim {dim}=VALUE`, or export with --min/--max-shape"
 
 
 def model_input_specs(

@@ -115,3 +115,36 @@ def test_plan_fills_the_scalar_input_and_refuses_a_broken_fp16_graph(tmp_path: P
     with pytest.raises(TrtbuildError, match="FP16 converter wrote an invalid graph .*If/Loop/Scan"):
         plan_model(model, PlanSettings(**{**settings.__dict__, "trt_version": "11.4"}))
     assert not list((tmp_path / "e").rglob("*.fp16.onnx"))
+
+
+def test_bundle_smoke_record_of_a_recurrent_state(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """The bundle's seeded smoke input stacked runs on axis 0 of every input, so `state` [2, 1, 128] was fed
+    as 1x1x128 and ORT's InvalidArgument ended `bundle create` in a traceback. The half variant now
+    bundles; silero_vad.onnx, whose If needs sr 8000 or 16000, is refused in one line."""
+    key = tmp_path / "k.pem"
+    assert run_cli(["bundle", "keygen", str(key)], capsys)[0] == 0
+    shapes = ["--shape", "input:1x576", "--shape", "state:2x1x128"]
+    common = ["--target", "orin-jp6.2", "--precision", "fp16", *shapes, "--key", str(key)]
+    half = fetch_silero_onnx("silero_vad_half.onnx")
+    code, _, err = run_cli(
+        ["bundle", "create", "--model", str(half), *common, "--out", str(tmp_path / "b")], capsys
+    )
+    assert code == 0, err
+    (bundle,) = (tmp_path / "b").glob("*.tar.gz")
+    verify = [
+        "bundle",
+        "verify",
+        str(bundle),
+        "--pub",
+        str(key.with_suffix(".pub")),
+        "--device",
+        "orin-jp6.2",
+    ]
+    assert run_cli(verify, capsys)[0] == 0
+    full = fetch_silero_onnx("silero_vad.onnx")
+    code, _, err = run_cli(
+        ["bundle", "create", "--model", str(full), *common, "--out", str(tmp_path / "c")], capsys
+    )
+    lines = [line for line in err.splitlines() if line.startswith("error:")]
+    assert code == 2 and len(lines) == 1 and "Traceback" not in err and "smoke test" in lines[0]
+    assert not list((tmp_path / "c").glob("*.tar.gz"))
