@@ -571,13 +571,13 @@ def _input_specs(
 ) -> tuple[list[InputSpec], bool]:
     """The profile's inputs (explicit shapes win; else the export sidecar; else the graph), and whether the
     graph leaves any input dim open (named, unset or -1)."""
-    from export.meta import graph_inputs, model_input_specs
+    from export.meta import fixed_inputs_not_given, graph_inputs, model_input_specs
     from trtbuild.core.onnx_file import load_model_file
 
     model = load_model_file(onnx_path, external_data=False)  # one line for empty/truncated/invalid files
     specs = list(shapes) if shapes is not None else model_input_specs(onnx_path)
     graph = {v.name: v for v in graph_inputs(model)}
-    specs += _static_inputs_not_given(graph, specs)
+    specs += fixed_inputs_not_given(list(graph.values()), specs)
     names = [s.name for s in specs]
     if sorted(names) != sorted(graph):
         raise TrtbuildError(
@@ -603,20 +603,6 @@ def _input_specs(
     ]
     declared = (d for v in graph.values() for d in v.type.tensor_type.shape.dim)
     return specs, any(fixed_size(d) is None for d in declared)
-
-
-def _static_inputs_not_given(graph: dict[str, Any], specs: Sequence[InputSpec]) -> list[InputSpec]:
-    """The graph's fully fixed inputs that ``specs`` leave out, at their declared shape: a scalar such as
-    Silero VAD's int64 `sr` cannot be written as a --shape at all, and a fixed shape needs no choice."""
-    given = {s.name for s in specs}
-    extra = []
-    for name, value in graph.items():
-        dims = [fixed_size(d) for d in value.type.tensor_type.shape.dim]
-        if name not in given and value.type.tensor_type.HasField("shape") and None not in dims:
-            extra.append(
-                InputSpec(name, tuple(d for d in dims if d is not None), _graph_dtype(value, "float32"))
-            )
-    return extra
 
 
 def _graph_dtype(value: Any, fallback: str) -> str:

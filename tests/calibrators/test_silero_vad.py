@@ -148,3 +148,17 @@ def test_bundle_smoke_record_of_a_recurrent_state(tmp_path: Path, capsys: pytest
     lines = [line for line in err.splitlines() if line.startswith("error:")]
     assert code == 2 and len(lines) == 1 and "Traceback" not in err and "smoke test" in lines[0]
     assert not list((tmp_path / "c").glob("*.tar.gz"))
+
+
+def test_triton_ort_cpu_serves_the_scalar_sr(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """export-triton asked for a --shape of every input, which `sr` (a scalar) cannot have; the config now
+    declares it the way Triton takes scalars (dims [1] reshaped to [])."""
+    model = fetch_silero_onnx("silero_vad.onnx")
+    shapes = ["--shape", "input:1x576", "--shape", "state:2x1x128"]
+    args = ["export-triton", str(model), "--target", "ort-cpu", "--precision", "fp32", *shapes]
+    code, _, err = run_cli([*args, "--out", str(tmp_path / "repo")], capsys)
+    assert code == 0, err
+    config = (tmp_path / "repo" / "silero_vad" / "config.pbtxt").read_text()
+    sr = config[config.index('name: "sr"') :].split("\n  }", 1)[0]
+    assert "dims: [ 1 ]" in sr and "reshape: { shape: [  ] }" in sr
+    assert "max_batch_size: 0" in config
