@@ -162,3 +162,17 @@ def test_triton_ort_cpu_serves_the_scalar_sr(tmp_path: Path, capsys: pytest.Capt
     sr = config[config.index('name: "sr"') :].split("\n  }", 1)[0]
     assert "dims: [ 1 ]" in sr and "reshape: { shape: [  ] }" in sr
     assert "max_batch_size: 0" in config
+
+
+def test_profile_feeds_the_scalar_and_the_state_as_given(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """profile cycled every array along axis 0 to fill the batch: `sr` (0-d) was "empty", and `state`
+    [2, 1, 128] became 1x1x128 (ORT's InvalidArgument traceback). Real chunk, real state, real sr."""
+    model = fetch_silero_onnx("silero_vad.onnx")
+    data = write_chunks(tmp_path / "chunks", with_sr=True) / "03.npz"
+    report = tmp_path / "profile.json"
+    args = ["profile", str(model), "--data", str(data), "--iterations", "20", "--report", str(report)]
+    code, _, err = run_cli(args, capsys)
+    assert code == 0, err
+    assert report.is_file()
