@@ -248,11 +248,14 @@ class ArrayFiles(IndexedSource):
                 check_tensor_size(
                     f"one sample of array '{i.name}' in {path}:", per_sample, dtypes.get(i.name, i.dtype)
                 )
-            counts = {_rows(shapes[i.name], i, f"array '{i.name}' in {path}") for i in self.inputs}
+            rows = {i.name: _rows(shapes[i.name], i, f"array '{i.name}' in {path}") for i in self.inputs}
+            counts = set(rows.values())
             if len(counts) != 1:
+                shown = ", ".join(f"{name}: {n}" for name, n in rows.items())
                 raise TrtbuildError(
-                    f"arrays in {path} hold different numbers of samples",
-                    "give every input the same batch size",
+                    f"arrays in {path} hold different numbers of samples along axis 0 ({shown})",
+                    "give every input the same number of rows; an input that holds one value for the whole "
+                    "batch (Silero VAD's sequence h/c state) cannot be split into samples",
                 )
             self.rows.extend((path, row) for row in range(counts.pop()))
 

@@ -176,3 +176,15 @@ def test_profile_feeds_the_scalar_and_the_state_as_given(
     code, _, err = run_cli(args, capsys)
     assert code == 0, err
     assert report.is_file()
+
+
+def test_sequence_variant_names_the_rows_of_each_input(tmp_path: Path) -> None:
+    """silero_vad_16k_sequence: 16 windows of `input` share one h/c state [1, 1, 128]; the error said only
+    "give every input the same batch size", which this model cannot take."""
+    model = fetch_silero_onnx("silero_vad_16k_sequence.onnx")
+    audio = speech_like()
+    windows = np.stack([audio[k * 512 : k * 512 + 576] for k in range(16)])
+    state = np.zeros((1, 1, 128), np.float32)
+    np.savez(tmp_path / "seq.npz", input=windows, h=state, c=state)
+    with pytest.raises(TrtbuildError, match=r"along axis 0 \(input: 16, h: 1, c: 1\).*cannot be split"):
+        open_data(tmp_path / "seq.npz", model_inputs(model))
