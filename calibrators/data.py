@@ -248,11 +248,14 @@ class ArrayFiles(IndexedSource):
                 check_tensor_size(
                     f"one sample of array '{i.name}' in {path}:", per_sample, dtypes.get(i.name, i.dtype)
                 )
-            counts = {_rows(shapes[i.name], i, f"array '{i.name}' in {path}") for i in self.inputs}
+            rows = {i.name: _rows(shapes[i.name], i, f"array '{i.name}' in {path}") for i in self.inputs}
+            counts = set(rows.values())
             if len(counts) != 1:
+                shown = ", ".join(f"{name}: {n}" for name, n in rows.items())
                 raise TrtbuildError(
-                    f"arrays in {path} hold different numbers of samples",
-                    "give every input the same batch size",
+                    f"arrays in {path} hold different numbers of samples along axis 0 ({shown})",
+                    "give every input the same number of rows; an input that holds one value for the whole "
+                    "batch (Silero VAD's sequence h/c state) cannot be split into samples",
                 )
             self.rows.extend((path, row) for row in range(counts.pop()))
 
@@ -544,6 +547,7 @@ def open_data(
     """Any supported data description -> :class:`CalibrationData` for a model with these inputs."""
     if isinstance(data, CalibrationData):
         return data
+    check_sample_axes(inputs)
     if isinstance(data, (str, Path)):
         return CalibrationData(_path_source(Path(data), inputs, preprocess), inputs)
     if isinstance(data, (np.ndarray, Mapping)):
@@ -558,6 +562,31 @@ def open_data(
         f"unsupported calibration data of type {type(data).__name__}",
         "pass a folder, .npy/.npz file, list, iterable or callable",
     )
+
+
+def check_sample_axes(inputs: Sequence[ModelInput]) -> None:
+    """Refuse, before any data is read, a model whose inputs do not all hold samples along axis 0: calibration
+    stacks and splits samples there. Silero VAD has a scalar int64 ``sr`` and a recurrent ``state``
+    [2, batch, 128]; reading its data ended in an IndexError, or in "different numbers of samples" for data
+    that had the same batch everywhere."""
+    for i in inputs:
+        if not i.shape:
+            raise TrtbuildError(
+                f"model input '{i.name}' is a scalar ({i.dtype}, rank 0): calibration takes samples along "
+                "each input's leading (batch) axis, which a scalar has not",
+                "fold the scalar into the graph as a constant, or use a model variant without it",
+            )
+    dynamic_lead = any(i.shape[0] is None for i in inputs)
+    fixed_lead = {i.shape[0] for i in inputs if i.shape[0] is not None}
+    # a fixed leading dim > 1 with an open dim behind it is a batch elsewhere (``state`` [2, batch, 128])
+    moved = any(i.shape[0] not in (None, 1) and None in i.shape[1:] for i in inputs) and dynamic_lead
+    if moved or len(fixed_lead) > 1:
+        shown = ", ".join(f"'{i.describe()}'" for i in inputs)
+        raise TrtbuildError(
+            f"the model's inputs ({shown}) do not all have the batch as their leading axis: calibration "
+            "takes samples along axis 0 of every input",
+            "export the model with the batch axis first in every input",
+        )
 
 
 def _path_source(path: Path, inputs: Sequence[ModelInput], preprocess: Preprocess | None) -> IndexedSource:

@@ -233,11 +233,7 @@ def quantize(
         # The quantized activations plus the network inputs (TensorRT's own caches list them).
         tensors = tensors_to_collect(model, s.exclude, s.exclude_op_types)
         if not tensors:
-            raise TrtbuildError(
-                f"{model_path} has no quantizable ops (Conv/ConvTranspose/Gemm/MatMul with float inputs) "
-                "left to quantize",
-                "check the model and the --exclude/--exclude-op-type options",
-            )
+            raise _nothing_to_quantize(model_path, model)
         all_data = open_data(data, model_inputs(model), s.preprocess)
         holdout = s.holdout
         if holdout is None:
@@ -595,3 +591,35 @@ def write_variant(
     variant = apply_qdq(model, plan_qdq(model, result.ranges, options))
     ort_core.set_metadata(variant, target.metadata())
     return atomic.write_bytes(out_path, variant.SerializeToString()), target
+
+
+def _nothing_to_quantize(model_path: str | Path, model: onnx.ModelProto) -> TrtbuildError:
+    """The error for a graph without quantizable ops; names control flow when the layers sit inside
+    If/Loop/Scan subgraphs (Silero VAD's convs and LSTM are all in an If's branches), which Q/DQ
+    placement does not enter."""
+    inside = _ops_in_subgraphs(model.graph)
+    if inside:
+        return TrtbuildError(
+            f"{model_path} has no quantizable ops in its main graph: its {inside} Conv/ConvTranspose/Gemm/"
+            "MatMul layers are inside If/Loop/Scan subgraphs (control flow), which trtbuild does not "
+            "quantize",
+            "export a graph without control flow (e.g. one branch: trace with the flag fixed), or deploy it "
+            "at fp16 (`trtbuild plan --precision fp16`)",
+        )
+    return TrtbuildError(
+        f"{model_path} has no quantizable ops (Conv/ConvTranspose/Gemm/MatMul with float inputs) "
+        "left to quantize",
+        "check the model and the --exclude/--exclude-op-type options",
+    )
+
+
+def _ops_in_subgraphs(graph: onnx.GraphProto, nested: bool = False) -> int:
+    """How many Conv/ConvTranspose/Gemm/MatMul nodes live in subgraphs of ``graph`` (any depth)."""
+    count = 0
+    for node in graph.node:
+        if nested and node.op_type in ("Conv", "ConvTranspose", "Gemm", "MatMul"):
+            count += 1
+        for attr in node.attribute:
+            for sub in [attr.g] if attr.type == onnx.AttributeProto.GRAPH else list(attr.graphs):
+                count += _ops_in_subgraphs(sub, nested=True)
+    return count

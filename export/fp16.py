@@ -58,8 +58,25 @@ def convert_fp16(
     out = Path(out_path) if out_path is not None else fp16_path(src)
     with atomic_path(out, suffix=".onnx") as tmp:
         onnx.save(converted, str(tmp))
-        onnx.checker.check_model(str(tmp))
+        try:
+            onnx.checker.check_model(str(tmp))
+        except onnx.checker.ValidationError as exc:  # e.g. Silero VAD: the converter breaks If branches
+            first = (str(exc).strip().splitlines() or ["invalid graph"])[0][:200]
+            subgraphs = " (it has If/Loop/Scan subgraphs)" if _has_subgraphs(model.graph) else ""
+            raise TrtbuildError(
+                f"the FP16 converter wrote an invalid graph for {src.name}{subgraphs}: {first}",
+                "plan --precision fp32, give --fp16-onnx an FP16 graph you converted, or plan for "
+                "TensorRT 10.x, where FP16 is a builder flag on the FP32 graph",
+            ) from exc
     return out
+
+
+def _has_subgraphs(graph: onnx.GraphProto) -> bool:
+    return any(
+        a.type in (onnx.AttributeProto.GRAPH, onnx.AttributeProto.GRAPHS)
+        for n in graph.node
+        for a in n.attribute
+    )
 
 
 @dataclass(frozen=True)
@@ -96,12 +113,20 @@ def verify_fp16(
     from trtbuild.core import ort as ort_core
 
     s32 = ort_core.cpu_session(Path(fp32_path))
-    s16 = ort_core.cpu_session(Path(fp16_path_))
+    try:
+        s16 = ort_core.cpu_session(Path(fp16_path_))
+    except Exception as exc:  # ORT's Fail/InvalidGraph: the conversion wrote a graph it cannot load
+        first = (str(exc).strip().splitlines() or [type(exc).__name__])[0][:300]
+        raise TrtbuildError(
+            f"ONNX Runtime cannot load the FP16 graph converted from {Path(fp32_path).name} ({first})",
+            "plan --precision fp32, or give --fp16-onnx an FP16 graph that loads",
+        ) from exc
     n = len(next(iter(inputs.values())))
     out32: list[list[np.ndarray]] = []
     out16: list[list[np.ndarray]] = []
     for start in range(0, n, batch):
-        feed = {k: v[start : start + batch] for k, v in inputs.items()}
+        # inputs without the runs on axis 0 (a scalar, Silero VAD's `state`) are fed whole each run
+        feed = {k: v[start : start + batch] if v.ndim and len(v) == n else v for k, v in inputs.items()}
         out32.append([np.asarray(o, dtype=np.float32) for o in s32.run(None, feed)])
         out16.append([np.asarray(o, dtype=np.float32) for o in s16.run(None, feed)])
     cos: list[float] = []

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import json
 import os
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
@@ -165,9 +165,8 @@ def specs_from_graph(
                 hi.append(max_batch)
             else:
                 raise TrtbuildError(
-                    f"input '{value.name}' has dynamic axis {axis} ('{dim or '?'}') with no known range",
-                    f"give its range with --shape {value.name}:MIN,OPT,MAX (plan, export-jetson), or fix it "
-                    f"with `trtbuild prepare --dim {dim}=VALUE`, or export with --min/--max-shape",
+                    f"input '{value.name}' has dynamic axis {axis} ('{dim}') with no known range",
+                    _range_fix(value.name, dim),
                 )
         lo = [
             1 if isinstance(d, str) and axis == 0 and d not in dim_values else o
@@ -175,6 +174,32 @@ def specs_from_graph(
         ]
         specs.append(InputSpec(value.name, tuple(opt), value_dtype(value), tuple(lo), tuple(hi)))
     return specs
+
+
+def fixed_inputs_not_given(
+    inputs: Sequence[onnx.ValueInfoProto], specs: Sequence[InputSpec]
+) -> list[InputSpec]:
+    """The fully fixed graph ``inputs`` that ``specs`` leave out, at their declared shape: a scalar such as
+    Silero VAD's int64 `sr` cannot be written as a --shape at all, and a fixed shape needs no choice."""
+    given = {s.name for s in specs}
+    extra = []
+    for value in inputs:
+        dims = [fixed_size(d) for d in value.type.tensor_type.shape.dim]
+        if value.name in given or not value.type.tensor_type.HasField("shape") or None in dims:
+            continue
+        extra.append(InputSpec(value.name, tuple(d for d in dims if d is not None), value_dtype(value)))
+    return extra
+
+
+def _range_fix(name: str, dim: str) -> str:
+    """How to give an open axis its range; `prepare --dim` only reaches named axes (Silero VAD's are
+    unnamed, '?', and `--dim ?=576` matched nothing)."""
+    shape = (
+        f"give its range with --shape {name}:MIN,OPT,MAX (plan, export-jetson/-triton/-deepstream, bundle)"
+    )
+    if dim == "?":
+        return f"{shape}, or export with --min/--max-shape"
+    return f"{shape}, or fix it with `trtbuild prepare --dim {dim}=VALUE`, or export with --min/--max-shape"
 
 
 def model_input_specs(

@@ -19,7 +19,7 @@ from typing import Any
 import onnx
 
 from trtbuild.core.errors import TrtbuildError
-from trtbuild.core.onnx_file import constants_to_initializers
+from trtbuild.core.onnx_file import constants_to_initializers, dedupe_value_info
 
 MIN_OPSET = 13
 UPGRADE_OPSET = 17  # what an older third-party graph is upgraded to unless asked otherwise
@@ -108,6 +108,8 @@ def prepare_model(
             report.steps.append(f"{after_slim} more Constant nodes -> initializers")
     model = _infer_shapes(model)
     report.steps.append("shape inference")
+    if dedupe_value_info(model.graph):
+        report.steps.append("dropped repeated value_info entries")
     renamed = name_nodes(model.graph)
     if renamed:
         report.steps.append(f"named {renamed} nodes")

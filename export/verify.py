@@ -271,7 +271,16 @@ def ort_runner(onnx_path: str | os.PathLike[str]) -> tuple[Runner, list[str]]:
     names = [o.name for o in session.get_outputs()]
 
     def run(feeds: Feeds) -> list[np.ndarray]:
-        return [np.asarray(x) for x in session.run(names, feeds)]
+        try:
+            return [np.asarray(x) for x in session.run(names, feeds)]
+        except Exception as exc:  # ORT's InvalidArgument/Fail: e.g. Silero VAD's If on a random `sr`
+            shown = ", ".join(f"{k} {fmt_shape(v.shape) or 'scalar'} {v.dtype}" for k, v in feeds.items())
+            raise TrtbuildError(
+                f"ONNX Runtime cannot run '{Path(onnx_path).name}' on the comparison inputs ({shown}): "
+                f"{str(exc).strip().splitlines()[0][:240]}",
+                "the model takes other sizes or values: give its dims with --dim NAME=VALUE (prepare) or "
+                "real inputs, or skip the comparison with --no-verify",
+            ) from exc
 
     return run, names
 

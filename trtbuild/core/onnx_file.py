@@ -143,3 +143,21 @@ def fixed_size(dim: onnx.TensorShapeProto.Dimension) -> int | None:
     """An axis's declared size, or None when it is dynamic: a symbol, unset, or -1 (Paddle2ONNX writes its
     dynamic axes so). Any other negative size is returned, for the input checks to refuse."""
     return dim.dim_value if dim.HasField("dim_value") and dim.dim_value != -1 else None
+
+
+def dedupe_value_info(graph: onnx.GraphProto) -> int:
+    """Drop repeated ``value_info`` entries of one tensor (onnxslim 0.1.98 writes each twice, e.g. for
+    Magika); keep the first. Tools that retype a tensor update one entry and leave the other, so the FP16
+    converter's output declared a tensor both FP32 and FP16 and ONNX Runtime refused to load it. Returns
+    how many entries were dropped."""
+    seen: set[str] = set()
+    keep = []
+    for info in graph.value_info:
+        if info.name not in seen:
+            seen.add(info.name)
+            keep.append(info)
+    dropped = len(graph.value_info) - len(keep)
+    if dropped:
+        del graph.value_info[:]
+        graph.value_info.extend(keep)
+    return dropped

@@ -39,8 +39,20 @@ def _session(model: Path) -> Any:
 def write_smoke_record(onnx_path: Path, folder: Path, inputs: Mapping[str, np.ndarray]) -> Path:
     """Run ``inputs`` through the model with onnxruntime and record both under ``folder/smoke/`` (bundle
     the folder afterwards: the record is then covered by the bundle's signature)."""
-    outputs = _session(onnx_path).run(None, dict(inputs))
-    names = [o.name for o in _session(onnx_path).get_outputs()]
+    session = _session(onnx_path)
+    try:
+        outputs = session.run(None, dict(inputs))
+    except Exception as exc:  # ORT's InvalidArgument/Fail, e.g. Silero VAD's If on a seeded scalar `sr`
+        shown = ", ".join(
+            f"{k} {'x'.join(map(str, v.shape)) or 'scalar'} {v.dtype}" for k, v in inputs.items()
+        )
+        raise TrtbuildError(
+            f"the bundle's smoke test cannot run {onnx_path.name} in ONNX Runtime on its seeded input "
+            f"({shown}; integers 0..7): {(str(exc).strip().splitlines() or [''])[0][:200]}",
+            "bundle a graph that runs on any input of its shapes (fold inputs that must hold particular "
+            "values, such as a sample rate, into constants)",
+        ) from exc
+    names = [o.name for o in session.get_outputs()]
     smoke = folder / SMOKE_DIR
     smoke.mkdir(parents=True, exist_ok=True)
     # resolved: a handoff names its files by absolute path, the bundle's folder can be relative (--out)

@@ -57,6 +57,29 @@ def _take_batch(array: np.ndarray, name: str, batch: int, dtype: np.dtype[Any]) 
     return np.ascontiguousarray(np.concatenate([array] * reps)[:batch].astype(dtype, copy=False))
 
 
+def _batched(array: np.ndarray, info: RunnerTensor) -> bool:
+    """Whether ``array``'s axis 0 holds samples: not for a scalar input, nor for an array whose axis 0 is the
+    input's fixed leading dim (Silero VAD's `sr`, and its `state` [2, ?, 128])."""
+    lead = info.shape[0] if info.shape else None
+    fixed_lead = (
+        isinstance(lead, int) and lead > 0 and array.ndim == len(info.shape) and array.shape[0] == lead
+    )
+    return bool(info.shape) and not fixed_lead
+
+
+def _from_data(array: np.ndarray, info: RunnerTensor, batch: int) -> np.ndarray:
+    """A batch from real data; an input whose axis 0 holds no samples is fed as it is (its `sr` read as
+    "empty", its `state` was cut to 1x1x128)."""
+    if _batched(array, info):
+        return _take_batch(array, info.name, batch, info.dtype)
+    if array.ndim != len(info.shape):
+        raise TrtbuildError(
+            f"data for input '{info.name}' has shape {array.shape}, the model takes a scalar",
+            "save that input as a 0-d array (numpy.array(value))",
+        )
+    return np.ascontiguousarray(array.astype(info.dtype, copy=False))
+
+
 def _is_image(info: RunnerTensor, shape: tuple[int, ...]) -> bool:
     return (
         len(shape) == 4
@@ -109,7 +132,7 @@ def make_feed(
                     f"data has no array named '{info.name}' (has: {', '.join(loaded)})",
                     "name the .npz arrays after the model inputs",
                 )
-            feed[info.name] = _take_batch(loaded[info.name], info.name, batch, info.dtype)
+            feed[info.name] = _from_data(loaded[info.name], info, batch)
             continue
         shape = _concrete_shape(info, batch)
         photos = _photos(shape, batch, seed) if _is_image(info, shape) else None
@@ -136,10 +159,11 @@ def accuracy_feeds(
             feeds.append(make_feed(inputs, n, None, seed=seed + start))
             continue
         arrays = {inputs[0].name: loaded} if isinstance(loaded, np.ndarray) else loaded
-        rows = min(len(a) for a in arrays.values())
+        info = {i.name: i for i in inputs}
+        batched = {k for k, a in arrays.items() if k not in info or _batched(a, info[k])}
+        rows = min((len(arrays[k]) for k in batched), default=1)
         if start >= rows:
             break  # fewer real samples than asked for: use what there is
-        feeds.append(
-            make_feed(inputs, min(n, rows - start), {k: a[start : start + n] for k, a in arrays.items()})
-        )
+        rows_now = {k: a[start : start + n] if k in batched else a for k, a in arrays.items()}
+        feeds.append(make_feed(inputs, min(n, rows - start), rows_now))
     return feeds

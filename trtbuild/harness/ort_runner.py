@@ -78,12 +78,25 @@ class OrtRunner(Runner):
 
     def infer(self, feed: Feed) -> dict[str, np.ndarray]:
         names = [o.name for o in self.session.get_outputs()]
-        return dict(zip(names, self.session.run(names, feed), strict=True))
+        return dict(zip(names, self._run(names, feed), strict=True))
 
     def timed_iteration(self, feed: Feed) -> IterationTiming:
         start = time.perf_counter_ns()
-        self.session.run(None, feed)
+        self._run(None, feed)
         return IterationTiming(total_ms=(time.perf_counter_ns() - start) / 1e6)
+
+    def _run(self, names: list[str] | None, feed: Feed) -> Any:
+        try:
+            return self.session.run(names, feed)
+        except Exception as exc:  # ORT's InvalidArgument/Fail: the feed does not fit the model
+            shown = ", ".join(
+                f"{k} {'x'.join(map(str, v.shape)) or 'scalar'} {v.dtype}" for k, v in feed.items()
+            )
+            raise TrtbuildError(
+                f"ONNX Runtime cannot run the model on the profiling input ({shown}): "
+                f"{(str(exc).strip().splitlines() or [''])[0][:200]}",
+                "pass real inputs with --data (an .npz named by input, shaped as the model takes them)",
+            ) from exc
 
     def deactivate(self) -> None:
         self.session = None

@@ -253,7 +253,9 @@ def profile_script(plan: BuildPlan) -> str:
         "--exportProfile=layers.json",
     ]
     if plan.dynamic:
-        args.append("--shapes=" + ",".join(f"{s.name}:{fmt_shape(s.opt_shape)}" for s in plan.inputs))
+        args.append(
+            "--shapes=" + ",".join(f"{s.name}:{fmt_shape(s.opt_shape)}" for s in plan.inputs if s.opt_shape)
+        )
     if plan.dla_core is not None:
         args.append(f"--useDLACore={plan.dla_core}")
     return (

@@ -26,7 +26,7 @@ import onnx
 from calibrators import cache as calib_cache
 from calibrators.preprocess import Preprocess
 from calibrators.ranges import RangeSet
-from export.meta import graph_inputs, graph_outputs, model_input_specs
+from export.meta import fixed_inputs_not_given, graph_inputs, graph_outputs, model_input_specs
 from trtbuild import trtexec
 from trtbuild.core.atomic import atomic_dir
 from trtbuild.core.errors import TrtbuildError
@@ -279,6 +279,7 @@ def _ort_model(
         raise TrtbuildError(f"ONNX file '{graph}' does not exist", "check the path")
     specs = list(shapes) if shapes is not None else model_input_specs(src)
     proto = onnx.load(str(graph), load_external_data=False)
+    specs += fixed_inputs_not_given(graph_inputs(proto), specs)
     names = sorted(i.name for i in graph_inputs(proto))
     if sorted(s.name for s in specs) != names:
         raise TrtbuildError(

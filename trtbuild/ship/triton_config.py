@@ -188,8 +188,10 @@ def batching(
                 f"the model has no batch axis (fixed input shapes: {shown}), so Triton cannot batch it",
                 "export with --dynamic-batch, or drop --max-batch/--dynamic-batching",
             )
-        ins = tuple(
-            TritonTensor(s.name, triton_dtype(input_dtypes[s.name], f"input '{s.name}'"), _dims(s, 0))
+        ins = tuple(  # a scalar (Silero VAD's `sr`) is dims [1] reshaped to []: Triton refuses no dims
+            _batch_only(
+                TritonTensor(s.name, triton_dtype(input_dtypes[s.name], f"input '{s.name}'"), _dims(s, 0))
+            )
             for s in inputs
         )
         outs = tuple(_output(o, 0) for o in outputs)

