@@ -136,7 +136,7 @@ def fold_batchnorm(graph: onnx.GraphProto) -> int:
     """Fold each inference BatchNormalization into the Conv before it, in FP32, as TensorRT's parser and
     builder do (the scale and shift become the conv's weights and bias before anything is FP16). Left in
     the graph, the FP16 converter runs BN as (x - mean) / sqrt(var + eps) in half precision, which TensorRT
-    never does: the PP-LCNet orientation classifier's emulated FP16 graph read 10x noisier than the folded
+    never does: the PP-LCNet orientation classifier's emulated FP16 graph was about 4x noisier than folded
     one (max probability error 0.019 vs 0.005), inflating the near-tie floor. Only a float Conv with
     constant weights whose output feeds the BN alone is folded (a Q/DQ conv's weights are integers).
     Returns how many were folded."""
@@ -148,6 +148,7 @@ def fold_batchnorm(graph: onnx.GraphProto) -> int:
             readers[i] = readers.get(i, 0) + 1
     outputs = {o.name for o in graph.output}
     drop: list[onnx.NodeProto] = []
+    replaced: set[str] = set()
     for bn in graph.node:
         conv = producer.get(bn.input[0]) if bn.op_type == "BatchNormalization" else None
         if conv is None or conv.op_type != "Conv" or len(bn.output) != 1 or conv.output[0] in outputs:
@@ -158,11 +159,29 @@ def fold_batchnorm(graph: onnx.GraphProto) -> int:
             continue
         if len(conv.input) > 2 and weights[1] is None:
             continue
+        replaced.update([*conv.input[1:], *bn.input[1:5]])
         _fold_one(graph, conv, bn, [numpy_helper.to_array(t) for t in params if t is not None], weights)
         drop.append(bn)
     for bn in drop:
         graph.node.remove(bn)
+    if drop:  # the replaced weights and BN parameters, unless something else still reads them
+        read = _names_read(graph)
+        read |= {i.name for i in graph.input}  # an initializer listed as an input stays one
+        kept = [t for t in graph.initializer if t.name not in replaced or t.name in read]
+        del graph.initializer[:]
+        graph.initializer.extend(kept)
     return len(drop)
+
+
+def _names_read(graph: onnx.GraphProto) -> set[str]:
+    """Every tensor name a node of ``graph`` or of its If/Loop/Scan bodies reads, and the graph outputs."""
+    read = {o.name for o in graph.output}
+    for node in graph.node:
+        read.update(node.input)
+        for attr in node.attribute:
+            for body in [attr.g] if attr.type == onnx.AttributeProto.GRAPH else list(attr.graphs):
+                read |= _names_read(body)
+    return read
 
 
 def _fold_one(
