@@ -136,7 +136,7 @@ def fold_batchnorm(graph: onnx.GraphProto) -> int:
     """Fold each inference BatchNormalization into the Conv before it, in FP32, as TensorRT's parser and
     builder do (the scale and shift become the conv's weights and bias before anything is FP16). Left in
     the graph, the FP16 converter runs BN as (x - mean) / sqrt(var + eps) in half precision, which TensorRT
-    never does: the PP-LCNet orientation classifier's emulated FP16 graph was about 4x noisier than folded
+    never does: the PP-LCNet orientation classifier's emulated FP16 graph was ~4x noisier than the folded
     one (max probability error 0.019 vs 0.005), inflating the near-tie floor. Only a float Conv with
     constant weights whose output feeds the BN alone is folded (a Q/DQ conv's weights are integers).
     Returns how many were folded."""
