@@ -40,7 +40,9 @@ if TYPE_CHECKING:
 KINDS = ("classification", "probability", "regression", "embedding", "prob_map")
 MIN_CLASSES = 10
 
-_PASS_THROUGH = {"Identity", "Reshape", "Flatten", "Squeeze", "Unsqueeze", "Cast", "Add"}
+_PASS_THROUGH = frozenset({"Identity", "Reshape", "Flatten", "Squeeze", "Unsqueeze", "Cast", "Add"})
+# A per-element op (Sigmoid) keeps its meaning through a permutation too; Softmax's axis does not.
+_ELEMENTWISE_THROUGH = _PASS_THROUGH | {"Transpose"}
 _PROBABILITY_OPS = {"Softmax", "LogSoftmax", "Sigmoid"}
 _HEAD_OPS = {"Gemm", "MatMul"}
 _EMBEDDING_OPS = {"ReduceMean", "LpNormalization", "GlobalAveragePool", "ReduceL2"}
@@ -76,12 +78,12 @@ class OutputPart:
         return np.take(values, np.arange(self.start, self.stop), axis=self.axis)
 
 
-def _producer_op(model: onnx.ModelProto, name: str) -> str | None:
+def _producer_op(model: onnx.ModelProto, name: str, through: frozenset[str] = _PASS_THROUGH) -> str | None:
     """The op type of the node that really computes ``name``, skipping reshapes, casts and bias adds."""
     producer = {o: n for n in model.graph.node for o in n.output}
     node = producer.get(name)
     for _ in range(6):
-        if node is None or node.op_type not in _PASS_THROUGH:
+        if node is None or node.op_type not in through:
             break
         node = producer.get(node.input[0])
     return node.op_type if node is not None else None
@@ -109,8 +111,12 @@ def decide(
     if override is not None:
         return OutputKind(override, "set by --output-kind")
     op = None if model is None else _producer_op(model, name)
-    if op == "Sigmoid" and reference is not None and np.ndim(reference) >= 4:
+    sigmoid = model is not None and _producer_op(model, name, _ELEMENTWISE_THROUGH) == "Sigmoid"
+    if sigmoid and reference is not None and np.ndim(reference) >= 4:
         return OutputKind("prob_map", "Sigmoid map over spatial axes")
+    if sigmoid and reference is not None and np.ndim(reference) == 3:
+        # [N, anchors, classes] (PicoDet, YOLO heads): independent scores, not one distribution per row
+        return OutputKind("prob_map", "Sigmoid scores per position and class")
     if op in _PROBABILITY_OPS:
         return OutputKind("probability", f"{op} output", log_probabilities=op == "LogSoftmax")
     ref = None if reference is None else np.asarray(reference, np.float64)

