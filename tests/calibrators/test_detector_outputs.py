@@ -108,3 +108,24 @@ def test_sigmoid_scores_behind_a_transpose_are_judged_as_scores() -> None:
     scores = {n for n, v in reference.items() if v.shape[-1] == 10}
     assert len(scores) == 4 and {kinds[n] for n in scores} == {"prob_map"}, kinds
     assert {kinds[n] for n in set(reference) - scores} == {"regression"}, kinds
+
+
+def test_profile_accuracy_sees_scores_wiped_out(yolo_onnx: Path, tmp_path: Path) -> None:
+    """`trtbuild profile`'s accuracy columns take the same parts: its min cosine over outputs read 0.998 for
+    a YOLOv8n graph whose scores were all zero, because the pixel boxes dominated output0."""
+    from onnx import helper, numpy_helper
+
+    from trtbuild.harness.accuracy import compare_onnx
+
+    model = onnx.load(str(yolo_onnx))
+    final = next(n for n in model.graph.node if "output0" in n.output)
+    final.output[0] = "output0_scores_kept"
+    mask = np.zeros((1, 22, 1), np.float32)
+    mask[:, :4] = 1.0  # boxes pass, scores become 0
+    model.graph.initializer.append(numpy_helper.from_array(mask, "score_mask"))
+    model.graph.node.append(helper.make_node("Mul", ["output0_scores_kept", "score_mask"], ["output0"]))
+    wiped = tmp_path / "wiped.onnx"
+    onnx.save(model, str(wiped))
+    feeds = [{"images": letterboxed_photos(("astronaut", "coffee"))}]
+    assert compare_onnx(yolo_onnx, wiped, feeds).cosine < 0.1
+    assert compare_onnx(yolo_onnx, yolo_onnx, feeds).cosine > 0.9999

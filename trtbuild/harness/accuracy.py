@@ -41,6 +41,19 @@ def _cosines(a: np.ndarray, b: np.ndarray) -> np.ndarray:
     return metrics.cosine_per_sample(a, b)
 
 
+def _output_parts(reference: Path, first: Any) -> dict[str, tuple[Any, ...]]:
+    """Outputs that join box coordinates with scores in one Concat (YOLOv8's ``output0``) and their parts
+    (calibrators/output_kinds.py): the min cosine also covers each part, else pixel coordinates hide the
+    scores, as in the quantize gate."""
+    import onnx
+
+    from calibrators.output_kinds import split_parts
+
+    model = onnx.load(str(reference), load_external_data=False)
+    found = {name: split_parts(model, name, np.asarray(value)) for name, value in dict(first).items()}
+    return {name: parts for name, parts in found.items() if parts}
+
+
 def polygraphy_adapter(runner: Runner, output_names: Sequence[str] | None = None) -> Any:
     """Wrap one of our runners (TensorRT engine, PyTorch) as a Polygraphy runner for the Comparator.
 
@@ -122,11 +135,14 @@ def compare_onnx(
     cosines: list[float] = []
     agree, total = 0, 0
     ref_iters, cand_iters = run_results["reference"], run_results["candidate"]
+    parts = _output_parts(Path(reference), ref_iters[0] if ref_iters else {})
     for ref_out, cand_out in zip(ref_iters, cand_iters, strict=True):
         for name in ref_out:
             a, b = np.asarray(ref_out[name]), np.asarray(cand_out[name])
             ref_peak = max(ref_peak, float(np.abs(a).max(initial=0.0)))
             cosines.extend(_cosines(a, b).tolist())
+            for part in parts.get(name, ()):  # scores joined to pixel boxes count on their own
+                cosines.extend(_cosines(part.take(a), part.take(b)).tolist())
             if a.ndim == 2 and a.shape[1] > 1:
                 agree += int((a.argmax(axis=1) == b.argmax(axis=1)).sum())
                 total += a.shape[0]
