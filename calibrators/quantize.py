@@ -20,6 +20,7 @@ import onnx
 
 from calibrators import (
     adaround,
+    bias_correction as bc,
     dw_equalize,
     fidelity,
     fp8,
@@ -305,6 +306,12 @@ def quantize(
             log.warning(small)
         reference = fidelity.run_reference(fidelity.session(model, s.threads), held_batches)
         plan = plan_qdq(model, ranges, options)
+        if options.bias_correction:
+            # The mean shift of rounding each layer's input, at the scales just planned (bias_correction.py)
+            shifts = bc.activation_shifts(model, plan, calib.batches(s.batch_size), s.threads)
+            if shifts:
+                ranges.meta[bc.INPUT_SHIFTS_KEY] = shifts
+                plan = plan_qdq(model, ranges, options)
         learned: adaround.LearnedRounding | None = None
         if s.rounding == "learned" and options.weight_format in rounding_grid.GRIDS:
             config = adaround.AdaRoundConfig(budget_s=s.rounding_budget_s, seed=s.seed)
