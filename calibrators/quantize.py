@@ -20,7 +20,6 @@ import onnx
 
 from calibrators import (
     adaround,
-    bias_correction as bc,
     dw_equalize,
     fidelity,
     fp8,
@@ -38,6 +37,7 @@ from calibrators import (
     rounding_grid,
     smoothquant,
 )
+from calibrators import bias_correction as bc
 from calibrators import fallback as fallback_search
 from calibrators.cache import write_cache
 from calibrators.calibrate import compute_ranges
