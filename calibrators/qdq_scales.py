@@ -108,6 +108,7 @@ def plan_qdq(
         correction = None
         if options.bias_correction and rounded is None:  # learned rounding already targets W x_fp
             correction = _bias_correction(g, w_name, live, axis, scales, means, fmt, rounded)
+            correction = _with_input_shift(g, correction, live, axis, scales, fmt, plan, ranges)
         plan.weights[w_name] = WeightQdq(
             w_name,
             live,
@@ -140,6 +141,36 @@ def _conv_output_for_ort(g: GraphIndex, tensor: str, options: QdqOptions) -> boo
     ORT-CPU graph quantizes it anyway, since without that Q ORT runs the conv in float."""
     node = g.producer.get(tensor)
     return options.activation_type == "uint8" and node is not None and node.op_type == "Conv"
+
+
+def _with_input_shift(
+    g: GraphIndex,
+    correction: tuple[str, tuple[float, ...]] | None,
+    consumers: Sequence[tuple[str, int]],
+    axis: int,
+    scales: np.ndarray,
+    weight_format: str,
+    plan: QdqPlan,
+    ranges: Mapping[str, TensorRange],
+) -> tuple[str, tuple[float, ...]] | None:
+    """``correction`` plus W_q (E[Q(x)] - E[x]): the mean shift rounding the layer's input causes, where
+    it was measured at the plan's scale (calibrators/bias_correction.py ``activation_shifts``)."""
+    if correction is None:
+        return None
+    node = g.by_name[consumers[0][0]]
+    act = plan.activations.get(node.input[0])
+    if act is None or (node.name, 0) not in act.consumers:
+        return correction
+    d = bc.input_shift_for(ranges, act.tensor, act.scale, act.zero_point)
+    if d is None:
+        return correction
+    w = g.constant(node.input[1]).astype(np.float32)
+    w_q = wq.dequantize_weight(wq.quantize_weight(w, scales, axis, weight_format), scales, axis)
+    attrs = {a.name: helper.get_attribute_value(a) for a in node.attribute}
+    extra = bc.output_shift(w_q, d, node.op_type, attrs)
+    if extra is None or extra.size != len(correction[1]) or not np.all(np.isfinite(extra)):
+        return correction
+    return correction[0], tuple(float(v) for v in np.asarray(correction[1]) + extra)
 
 
 def _bias_correction(
