@@ -17,8 +17,11 @@ discrete GPUs keep a fixed reserve for the CUDA context and runtime.
 
 from __future__ import annotations
 
+import contextlib
 import math
-from collections.abc import Mapping, Sequence
+import os
+import tempfile
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -122,12 +125,28 @@ def _concrete(model: onnx.ModelProto, shapes: Mapping[str, Sequence[int]]) -> on
     try:  # ONNX Runtime's symbolic inference follows shape arithmetic (BERT's Slice/Expand/Where) ...
         from onnxruntime.tools.symbolic_shape_infer import SymbolicShapeInference
 
-        inferred = SymbolicShapeInference.infer_shapes(copy, auto_merge=True)
+        with _scratch_directory():
+            inferred = SymbolicShapeInference.infer_shapes(copy, auto_merge=True)
         if inferred is not None:
             return inferred
     except Exception:  # ... but refuses some graphs (unknown ops): then ONNX's own, best effort
         pass
     return onnx.shape_inference.infer_shapes(copy, data_prop=True)
+
+
+@contextlib.contextmanager
+def _scratch_directory() -> Iterator[None]:
+    """Run in a temporary working directory: when ORT's symbolic inference cannot infer every shape it
+    saves the whole model, weights as external data, as ``sym_shape_infer_temp.onnx`` (and a data file)
+    into the *current* directory before raising, so `trtbuild plan` / `targets --model` on an INT4 graph
+    left a copy of the model in the user's folder."""
+    here = os.getcwd()
+    with tempfile.TemporaryDirectory(prefix="trtbuild-shapes-") as scratch:
+        os.chdir(scratch)
+        try:
+            yield
+        finally:
+            os.chdir(here)
 
 
 def _ort_order(nodes: Sequence[onnx.NodeProto]) -> list[onnx.NodeProto]:

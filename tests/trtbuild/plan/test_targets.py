@@ -175,9 +175,15 @@ def _tiny_onnx(path: Path) -> None:
     onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]), str(path))
 
 
-def test_targets_model_warns_when_activation_shapes_are_unknown(tmp_path: Path) -> None:
+def test_targets_model_warns_when_activation_shapes_are_unknown(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     # Shape inference cannot follow every graph (ORT's symbolic inference fails on the opset-21 INT4
     # graphs, here: an op it does not know): the activation column silently left those tensors out.
+    # ORT's inference then also saved the model into the current directory (sym_shape_infer_temp.onnx).
+    here = tmp_path / "cwd"
+    here.mkdir()
+    monkeypatch.chdir(here)
     x = helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 64])
     y = helper.make_tensor_value_info("y", TensorProto.FLOAT, None)
     nodes = [
@@ -195,3 +201,4 @@ def test_targets_model_warns_when_activation_shapes_are_unknown(tmp_path: Path) 
     assert "activation tensors" in result.stderr and "lower bound" in result.stderr
     rows = json.loads(result.stdout)
     assert rows and all(r["unknown_shapes"] >= 1 for r in rows)
+    assert list(here.iterdir()) == []  # nothing left in the user's folder
