@@ -429,6 +429,26 @@ def quantize(
         return result
 
 
+def _judged_like(
+    like: FidelityReport,
+    model: onnx.ModelProto,
+    plan: QdqPlan,
+    held_batches: Sequence[Mapping[str, np.ndarray]],
+    reference: Mapping[str, np.ndarray],
+    kinds: Mapping[str, Any],
+    threads: int | None,
+) -> tuple[onnx.ModelProto, FidelityReport]:
+    """``plan``'s graph, judged on the held-out samples the way ``like`` was (threshold, semantics)."""
+    qmodel = apply_qdq(model, plan)
+    test = fidelity.run_batches(fidelity.session(qmodel, threads, like.semantics), held_batches)
+    return qmodel, fidelity.compare(reference, test, like.threshold, kinds, like.semantics)
+
+
+def _closer(candidate: FidelityReport, current: FidelityReport) -> bool:
+    """The candidate graph is closer to FP32 and passes the gate wherever the current one does."""
+    return candidate.score() < current.score() and (candidate.passed or not current.passed)
+
+
 def _without_input_shifts_if_better(
     model: onnx.ModelProto,
     ranges: RangeSet,
@@ -449,10 +469,8 @@ def _without_input_shifts_if_better(
     without = RangeSet(method=ranges.method, ranges=ranges.ranges, meta=dict(ranges.meta))
     del without.meta[bc.INPUT_SHIFTS_KEY]
     plan = plan_qdq(model, without, options)
-    qmodel = apply_qdq(model, plan)
-    test = fidelity.run_batches(fidelity.session(qmodel, threads, report.semantics), held_batches)
-    plain = fidelity.compare(reference, test, report.threshold, kinds, report.semantics)
-    if plain.score() < report.score() and (plain.passed or not report.passed):
+    qmodel, plain = _judged_like(report, model, plan, held_batches, reference, kinds, threads)
+    if _closer(plain, report):
         del ranges.meta[bc.INPUT_SHIFTS_KEY]
         log.info(
             "bias correction without the input-rounding term measured closer to FP32 on %d held-out samples "
@@ -481,12 +499,9 @@ def _nearest_if_better(
     whole graph can end worse: on MiniLM-L6 (64 calibration sentences) learned measured cosine 0.9912
     against nearest's 0.9976. So the final choice is made end to end, on the gate's own data and metric."""
     plan = plan_qdq(model, ranges, replace(options, learned_rounding=None))
-    qmodel = apply_qdq(model, plan)
-    semantics = learned_report.semantics
-    test = fidelity.run_batches(fidelity.session(qmodel, threads, semantics), held_batches)
-    report = fidelity.compare(reference, test, learned_report.threshold, kinds, semantics)
+    qmodel, report = _judged_like(learned_report, model, plan, held_batches, reference, kinds, threads)
     learned.end_to_end = {"learned": learned_report.score(), "nearest": report.score()}
-    if report.score() < learned_report.score() and (report.passed or not learned_report.passed):
+    if _closer(report, learned_report):
         learned.end_to_end_kept = False
         log.warning(
             "learned rounding measured worse than round-to-nearest on %d held-out samples (error %.4g vs "
