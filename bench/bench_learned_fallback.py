@@ -68,7 +68,9 @@ def demo_setup(folder: Path, holdout: int) -> tuple[Path, Path]:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--roundings", default="nearest,learned")
+    parser.add_argument(
+        "--roundings", default="nearest,learned", help="rows; a '+eq' suffix adds --equalize-depthwise"
+    )
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--holdout", type=int, default=demo.HOLDOUT_PHOTOS, help="held-out photos")
     parser.add_argument("--json", type=Path, default=None)
@@ -87,15 +89,17 @@ def main() -> None:
     held, margin = held_out_margins(model_path, photos, base)
     reference = fidelity.run_batches(fidelity.session(load_model(model_path), args.threads), held)["logits"]
     rows: list[dict[str, Any]] = []
-    for rounding in args.roundings.split(","):
+    for row in args.roundings.split(","):
+        rounding, _, extra = row.partition("+")
         settings = QuantizeSettings.from_overrides(
-            base, {"rounding": rounding, "rounding_budget_s": args.budget}
+            base,
+            {"rounding": rounding, "rounding_budget_s": args.budget, "equalize_depthwise": extra == "eq"},
         )
         wall, cpu = time.perf_counter(), time.process_time()
         try:
-            res = quantize(model_path, photos, tmp / rounding, settings, show_progress=False)
+            res = quantize(model_path, photos, tmp / row.replace("+", "_"), settings, show_progress=False)
         except FidelityGateError as exc:
-            rows.append({"rounding": rounding, "passed": False, "error": str(exc)})
+            rows.append({"rounding": row, "passed": False, "error": str(exc)})
             continue
         wall, cpu = time.perf_counter() - wall, time.process_time() - cpu
         out = fidelity.run_batches(fidelity.session(onnx.load(str(res.onnx_path)), args.threads), held)
@@ -103,7 +107,7 @@ def main() -> None:
         fb = res.fallback
         rows.append(
             {
-                "rounding": rounding,
+                "rounding": row,
                 "learned_used": res.rounding is not None,
                 "passed": res.passed,
                 "float_layers": [] if fb is None else list(fb.kept_float),
@@ -137,7 +141,8 @@ def main() -> None:
             table.add_row(r["rounding"], "no", "", "", r["error"][:60], "", "", "", "")
             continue
         table.add_row(
-            r["rounding"] + ("" if r["learned_used"] or r["rounding"] == "nearest" else " (nearest kept)"),
+            r["rounding"]
+            + ("" if r["learned_used"] or r["rounding"].startswith("nearest") else " (nearest kept)"),
             str(r["passed"]),
             str(len(r["float_layers"])),
             f"{r['float_compute']:.1%}",
