@@ -15,6 +15,10 @@ IMAGENET_STD = (0.229, 0.224, 0.225)
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".webp", ".ppm", ".gif")
 LAYOUTS = ("NCHW", "NHWC")
 DTYPES = ("float32", "float16", "uint8")
+# Where a Q/DQ ONNX written by `quantize` records its calibration images' preprocessing (JSON of the fields)
+META_KEY = "trtbuild.preprocess"
+# The fields that decide the pixels a model sees (resize/crop only frame them)
+PIXEL_FIELDS = ("mean", "std", "scale", "layout", "dtype")
 
 
 @dataclass(frozen=True)
@@ -73,6 +77,30 @@ class Preprocess:
             self.resize, crop, self.mean, self.std, self.scale, self.layout, self.dtype, channels
         )
 
+    @classmethod
+    def from_record(cls, record: dict[str, Any]) -> Preprocess:
+        """The preprocessing a calibration recorded (``dataclasses.asdict`` of one, from JSON)."""
+        known = {k: v for k, v in record.items() if k in cls.__dataclass_fields__}
+        for key in ("mean", "std"):
+            if key in known:
+                known[key] = tuple(float(v) for v in known[key])
+        return cls(**known)
+
+    def pixel_differences(self, other: Preprocess) -> list[str]:
+        """The pixel-math fields (PIXEL_FIELDS) in which ``other`` feeds the model other values; a 1-value
+        mean/std equals the same value given per channel."""
+        out = []
+        for field in PIXEL_FIELDS:
+            mine, theirs = getattr(self, field), getattr(other, field)
+            if field in ("mean", "std", "scale"):
+                a, b = np.atleast_1d(np.asarray(mine, float)), np.atleast_1d(np.asarray(theirs, float))
+                same = bool(np.allclose(a, b, rtol=1e-6, atol=0.0))  # broadcasts a 1-value mean
+            else:
+                same = mine == theirs
+            if not same:
+                out.append(field)
+        return out
+
     def apply(self, path: Path) -> np.ndarray:
         """Read one image file and return it with a leading batch dim of 1."""
         from PIL import Image, UnidentifiedImageError
@@ -102,6 +130,13 @@ class Preprocess:
         if self.layout == "NCHW":
             x = x.transpose(2, 0, 1)
         return np.ascontiguousarray(x[None])
+
+
+def pixel_text(value: object) -> str:
+    """A preprocessing field as the command line writes it (0.485,0.456,0.406)."""
+    if isinstance(value, tuple):
+        return ",".join(f"{v:g}" for v in value)
+    return f"{value:g}" if isinstance(value, float) else str(value)
 
 
 def parse_floats(text: str, what: str) -> tuple[float, ...]:

@@ -46,6 +46,7 @@ from calibrators.data import model_inputs, open_data
 from calibrators.fallback import FallbackResult
 from calibrators.fidelity import FidelityReport, FidelityThreshold
 from calibrators.fidelity_spec import check_outputs
+from calibrators.preprocess import META_KEY
 from calibrators.qdq import QdqOptions, QdqPlan, apply_qdq, plan_qdq
 from calibrators.quantize_settings import QuantizeSettings
 from calibrators.ranges import RangeSet
@@ -425,6 +426,7 @@ def quantize(
             float_model=model if smoothing.smoothed else None,
         )
         ort_core.set_metadata(qmodel, target.metadata() if target else ort_cpu.tensorrt_metadata())
+        ort_core.set_metadata(qmodel, preprocess_metadata(ranges))
         _write(result, qmodel, s.trt_version)
         return result
 
@@ -652,8 +654,15 @@ def write_variant(
     if learned is not None:
         options = replace(options, learned_rounding=learned.decided)
     variant = apply_qdq(model, plan_qdq(model, result.ranges, options))
-    ort_core.set_metadata(variant, target.metadata())
+    ort_core.set_metadata(variant, {**target.metadata(), **preprocess_metadata(result.ranges)})
     return atomic.write_bytes(out_path, variant.SerializeToString()), target
+
+
+def preprocess_metadata(ranges: RangeSet) -> dict[str, str]:
+    """The calibration images' preprocessing as ONNX metadata (empty for array data): the deployment configs
+    that feed the engine pixels take it from the graph (trtbuild/ship/calibration_preprocess.py)."""
+    record = ranges.meta.get("preprocess")
+    return {} if record is None else {META_KEY: json.dumps(record, sort_keys=True)}
 
 
 def _nothing_to_quantize(model_path: str | Path, model: onnx.ModelProto) -> TrtbuildError:

@@ -58,7 +58,17 @@ _OPTIONS = (
 
 def preprocess_options(command: Callable[..., Any]) -> Callable[..., Any]:
     """Add the image options to ``command`` and hand it one ``preprocess: Preprocess`` argument instead."""
+    return _with_preprocess(command, recorded_default=False)
 
+
+def recorded_preprocess_options(command: Callable[..., Any]) -> Callable[..., Any]:
+    """As :func:`preprocess_options` for a handoff that feeds a calibrated model: ``preprocess`` is None
+    when no image option was given, so the calibration's record decides
+    (trtbuild/ship/calibration_preprocess.py)."""
+    return _with_preprocess(command, recorded_default=True)
+
+
+def _with_preprocess(command: Callable[..., Any], recorded_default: bool) -> Callable[..., Any]:
     @functools.wraps(command)
     def wrapper(
         *args: Any,
@@ -80,9 +90,20 @@ def preprocess_options(command: Callable[..., Any]) -> Callable[..., Any]:
             layout=layout,
             dtype=image_dtype,
         )
+        if recorded_default and not _any_given(_IMAGE_PARAMETERS):
+            kwargs["preprocess"] = None
         return command(*args, **kwargs)
 
     decorated: Callable[..., Any] = wrapper
     for option in reversed(_OPTIONS):
         decorated = option(decorated)
     return decorated
+
+
+_IMAGE_PARAMETERS = ("resize", "crop", "mean", "std", "scale", "layout", "image_dtype")
+
+
+def _any_given(names: tuple[str, ...]) -> bool:
+    """Whether the command line (or the environment) set any of the parameters ``names``."""
+    ctx = click.get_current_context()
+    return any(ctx.get_parameter_source(n) not in (None, click.core.ParameterSource.DEFAULT) for n in names)

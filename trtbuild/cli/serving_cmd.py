@@ -8,7 +8,7 @@ from typing import Any
 import click
 
 from calibrators.preprocess import Preprocess
-from trtbuild.cli.data_options import preprocess_options
+from trtbuild.cli.data_options import recorded_preprocess_options
 from trtbuild.core.console import emit_json, out
 from trtbuild.core.errors import TrtbuildError
 
@@ -98,7 +98,7 @@ def _with(options: list[Any]) -> Any:
 @click.option("--gpus", help="GPU ids for the instance group, e.g. 0,1 [all].")
 @click.option("--warmup-data", type=click.Path(exists=True), help="Real input(s) to warm up with.")
 @_with(_graph_options)
-@preprocess_options
+@recorded_preprocess_options
 def export_triton_cmd(
     onnx_path: str,
     target: str,
@@ -122,7 +122,7 @@ def export_triton_cmd(
     sign_key: str | None,
     bundle_out: str,
     as_json: bool,
-    preprocess: Preprocess,
+    preprocess: Preprocess | None,
 ) -> None:
     """Write a Triton model repository folder (config.pbtxt, version folder, build script, warmup)."""
     from trtbuild.ship.serving_bundle import sign_folder
@@ -204,7 +204,7 @@ def export_triton_cmd(
 @click.option("--parse-bbox-func", help="Detectors: the custom parser function (parse-bbox-func-name).")
 @click.option("--custom-lib", help="Detectors: the parser's library path on the device (custom-lib-path).")
 @_with(_graph_options)
-@preprocess_options
+@recorded_preprocess_options
 def export_deepstream_cmd(
     onnx_path: str,
     target: str,
@@ -226,12 +226,13 @@ def export_deepstream_cmd(
     sign_key: str | None,
     bundle_out: str,
     as_json: bool,
-    preprocess: Preprocess,
+    preprocess: Preprocess | None,
 ) -> None:
     """Write a Jetson folder with the nvinfer config, labels and a deepstream-app pipeline.
 
-    Pass the image options (--mean/--std/--scale/--layout) you calibrated with: net-scale-factor and
-    offsets are derived from them.
+    net-scale-factor and offsets come from the image options the model was calibrated with (recorded by
+    `trtbuild quantize` in the ranges and the Q/DQ graph); pass --mean/--std/--scale/--layout only for
+    a model calibrated elsewhere.
     """
     from trtbuild.ship.deepstream import BboxParser, export_deepstream
     from trtbuild.ship.serving_bundle import sign_folder

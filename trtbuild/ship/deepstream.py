@@ -25,6 +25,7 @@ from export.meta import OutputInfo, graph_outputs, model_input_specs
 from trtbuild.core.atomic import atomic_dir
 from trtbuild.core.errors import TrtbuildError
 from trtbuild.core.inputs import InputSpec, fmt_shape
+from trtbuild.ship import calibration_preprocess
 from trtbuild.ship.deepstream_keys import (
     COLOR_FORMAT,
     INPUT_ORDER,
@@ -83,7 +84,9 @@ def export_deepstream(
 ) -> DeepStreamBundle:
     """Write the Jetson + DeepStream folder for ``target`` (a Jetson id) atomically.
 
-    ``preprocess``: the preprocessing used at calibration (default: calibration's ImageNet default).
+    ``preprocess``: the preprocessing used at calibration; None takes the one ``ranges`` or the Q/DQ graph
+    recorded (trtbuild/ship/calibration_preprocess.py), else ImageNet's default; one that contradicts the
+    record is refused.
     ``network_type``: classifier | detector | segmentation | other (default: classifier for one
     [batch, classes] output, else other with tensor output). ``video``: a file copied into the folder
     for the pipeline (default: DeepStream's sample stream). ``bbox_parser``: a detector's custom nvinfer
@@ -112,7 +115,9 @@ def export_deepstream(
         raise TrtbuildError(f"ONNX file '{src}' does not exist", "check the path")
     specs = list(shapes) if shapes is not None else model_input_specs(src)
     spec = _image_input(specs)
-    pre = nvinfer_preprocess((preprocess or Preprocess()).for_input_shape(spec.opt_shape))
+    notes = [f"DeepStream {ds} (JetPack {tgt.jetpack}); nvinfer scales the whole frame (no center crop)"]
+    chosen = calibration_preprocess.resolve(preprocess, ranges, (qdq_onnx, src), notes)
+    pre = nvinfer_preprocess(chosen.for_input_shape(spec.opt_shape))
     if not spec.min[0] <= batch_size <= spec.max[0]:
         raise TrtbuildError(
             f"--batch-size {batch_size} is outside the model's batch range {spec.min[0]}..{spec.max[0]}",
@@ -127,7 +132,6 @@ def export_deepstream(
     _check_bbox_parser(kind, outputs, bbox_parser)
     if video is not None and not Path(video).is_file():
         raise TrtbuildError(f"video '{video}' does not exist", "pass a video file, or leave --video out")
-    notes = [f"DeepStream {ds} (JetPack {tgt.jetpack}); nvinfer scales the whole frame (no center crop)"]
     final = Path(out_dir).resolve()
     final.parent.mkdir(parents=True, exist_ok=True)
     with atomic_dir(final) as tmp, tempfile.TemporaryDirectory(prefix=".ds-", dir=final.parent) as work:

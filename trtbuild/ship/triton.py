@@ -35,6 +35,7 @@ from trtbuild.core.onnx_file import model_name
 from trtbuild.core.trt_versions import V
 from trtbuild.plan import BuildPlan, make_plan
 from trtbuild.plan_graphs import write_plan_graph
+from trtbuild.ship import calibration_preprocess
 from trtbuild.ship.jetson import _copy_onnx
 from trtbuild.ship.triton_config import (
     DEFAULT_QUEUE_DELAY_US,
@@ -108,7 +109,8 @@ def export_triton(
     (explicit) or ``ranges`` (implicit, TensorRT <= 10.x); INT8 on ``ort-cpu`` takes the ORT-CPU Q/DQ
     graph as ``qdq_onnx``. ``dynamic_batching``: None = on when the model has a batch axis.
     ``warmup_data``: anything calibration reads (images with ``preprocess``, .npy/.npz); its first sample
-    becomes the warmup request.
+    becomes the warmup request. Images take the preprocessing the calibration recorded when ``preprocess``
+    is None (trtbuild/ship/calibration_preprocess.py).
     """
     src = Path(onnx_path)
     if not src.is_file():
@@ -186,7 +188,14 @@ def export_triton(
             if batched
             else (),
             max_queue_delay_us=max_queue_delay_us,
-            warmup=_warmup(warmup_data, preprocess, graph, specs, batch, tmp)
+            warmup=_warmup(
+                warmup_data,
+                calibration_preprocess.resolve(preprocess, ranges, (qdq_onnx, src), notes),
+                graph,
+                specs,
+                batch,
+                tmp,
+            )
             if warmup_data is not None
             else None,
         )
