@@ -423,7 +423,8 @@ def quantize(
             rounding=learned,
             settings=s,
             smooth=smoothing,
-            float_model=model if smoothing.smoothed else None,
+            # the graph the ranges belong to when SmoothQuant or equalization rewrote it
+            float_model=model if smoothing.smoothed or s.equalize_depthwise else None,
         )
         ort_core.set_metadata(qmodel, target.metadata() if target else ort_cpu.tensorrt_metadata())
         ort_core.set_metadata(qmodel, preprocess_metadata(ranges))

@@ -8,11 +8,12 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import onnx
 import pytest
 from test_quantize_models import fetch_det_onnx, make_page_crops
 
 from calibrators import dw_equalize
-from calibrators.quantize import QuantizeResult, quantize
+from calibrators.quantize import QuantizeResult, quantize, write_variant
 from trtbuild.core.errors import TrtbuildError
 from trtbuild.ship.jetson import export_jetson
 from trtbuild.ship.qualcomm import export_qualcomm
@@ -49,3 +50,16 @@ def test_equalized_ranges_are_refused_for_the_original_graph(
     with pytest.raises(TrtbuildError, match="--equalize-depthwise"):
         export_qualcomm(det, equalized.ranges, list(crops[:, None]), tmp_path / "snpe")
     assert not any(tmp_path.iterdir())  # nothing half-written
+
+
+def test_the_ort_cpu_variant_of_an_equalized_run_is_equalized_too(
+    equalized: QuantizeResult, tmp_path: Path
+) -> None:
+    """The variant is quantized from the same ranges, so it must be built on the graph they belong to: it
+    was built on the user's model (the equalization dropped and its depthwise inputs at their unequalized
+    ranges) while the TensorRT graph kept it."""
+    path, _ = write_variant(fetch_det_onnx(), equalized, tmp_path / "det.ortcpu.onnx", "x86-avx2", "auto")
+    variant = onnx.load(str(path))
+    produced = {o for n in variant.graph.node for o in n.output}
+    renamed = {n for n in equalized.ranges if dw_equalize.SUFFIX in n}
+    assert renamed <= produced  # the equalization Muls are in the graph, as in the TensorRT one
