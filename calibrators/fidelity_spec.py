@@ -161,18 +161,33 @@ def _number(metric: str, text: str) -> float:
 
 
 def check_outputs(
-    threshold: FidelityThreshold, outputs: Mapping[str, object] | Sequence[str], parts_known: bool = False
+    threshold: FidelityThreshold,
+    outputs: Mapping[str, object] | Sequence[str],
+    parts_known: bool = False,
+    possible_parts: Mapping[str, Sequence[str] | None] | None = None,
 ) -> None:
     """Every output a bound names exists (one error line listing the real ones). Before the graph runs
-    (``parts_known`` False) a part name (``output0[4:22]``) of a real output is taken on trust."""
+    (``parts_known`` False) a part name (``output0[4:22]``) of a real output must be one of
+    ``possible_parts[output]`` (the graph's Concat spans), and is taken on trust where the graph does
+    not say (None, or no mapping given)."""
     known = list(outputs)
-    unknown = [
-        n for n in threshold.named_outputs() if n not in known and (parts_known or not _is_part_of(n, known))
-    ]
+    possible = possible_parts or {}
+
+    def exists(name: str) -> bool:
+        if name in known:
+            return True
+        if parts_known or not _is_part_of(name, known):
+            return False
+        allowed = possible.get(name.partition("[")[0])
+        return allowed is None or name in allowed
+
+    unknown = [n for n in threshold.named_outputs() if not exists(n)]
     if unknown:
+        parts = [p for n in unknown if _is_part_of(n, known) for p in possible.get(n.partition("[")[0]) or ()]
         raise TrtbuildError(
             f"--min-fidelity names output(s) {', '.join(repr(n) for n in unknown)} the model does not have",
-            f"the outputs are {', '.join(repr(n) for n in known)}",
+            f"the outputs are {', '.join(repr(n) for n in known)}"
+            + (f"; the parts it can judge apart are {', '.join(repr(p) for p in parts)}" if parts else ""),
         )
 
 

@@ -167,15 +167,10 @@ def split_parts(
     """The inputs of the Concat that makes output ``name``, as parts, when it joins scores with other
     values or values whose ranges differ by more than BOX_SCORE_RANGE_RATIO (the rule that keeps such a
     Concat float in Q/DQ placement); () for any other output."""
-    producer = {o: n for n in model.graph.node for o in n.output}
-    node = producer.get(name)
-    if node is None or node.op_type != "Concat" or len(node.input) < 2 or reference.ndim < 2:
-        return ()
-    axis = next((a.i for a in node.attribute if a.name == "axis"), 0) % reference.ndim
-    sizes = (shapes or _Shapes(model)).sizes(node.input, axis)
-    if axis == 0 or sizes is None or sum(sizes) != reference.shape[axis]:
-        return ()  # not along a per-sample axis, or the sizes are not static
-    spans = [(int(a), int(b)) for a, b in zip(np.cumsum([0, *sizes[:-1]]), np.cumsum(sizes), strict=True)]
+    found = _concat_spans(model, name, reference.ndim, shapes)
+    if found is None or found[2][-1][1] != reference.shape[found[1]]:
+        return ()  # not a Concat along a per-sample axis with static sizes
+    node, axis, spans = found
     ops = [_producer_op(model, t) for t in node.input]
     scores = [op in SCORE_OPS for op in ops]
     amax = [float(np.abs(np.take(reference, range(a, b), axis=axis)).max(initial=0)) for a, b in spans]
@@ -186,6 +181,42 @@ def split_parts(
         OutputPart(f"{name}[{a}:{b}]", axis, a, b, _part_kind(name, op, score))
         for (a, b), op, score in zip(spans, ops, scores, strict=True)
     )
+
+
+def possible_part_names(model: onnx.ModelProto, name: str) -> tuple[str, ...] | None:
+    """The part names :func:`split_parts` can give output ``name``, from the graph alone (before any data
+    runs, so a misspelt bound fails first): () when it can have none, None when the graph does not say
+    (its rank or the Concat's sizes are not static)."""
+    declared = {o.name: o for o in model.graph.output}.get(name)
+    producer = next((n for n in model.graph.node if name in n.output), None)
+    if producer is None or producer.op_type != "Concat":
+        return ()
+    if declared is None or not declared.type.tensor_type.HasField("shape"):
+        return None
+    found = _concat_spans(model, name, len(declared.type.tensor_type.shape.dim), None)
+    return None if found is None else tuple(f"{name}[{a}:{b}]" for a, b in found[2])
+
+
+def possible_parts(model: onnx.ModelProto, names: Sequence[str]) -> dict[str, tuple[str, ...] | None]:
+    """:func:`possible_part_names` of each output a part name in ``names`` (``output0[4:22]``) refers to."""
+    bases = {n.partition("[")[0] for n in names if "[" in n}
+    return {b: possible_part_names(model, b) for b in sorted(bases)}
+
+
+def _concat_spans(
+    model: onnx.ModelProto, name: str, ndim: int, shapes: _Shapes | None
+) -> tuple[onnx.NodeProto, int, list[tuple[int, int]]] | None:
+    """The Concat that makes ``name``, its axis and each input's [start, end) on it, when it joins along a
+    per-sample axis (not the batch) with static sizes; None otherwise."""
+    node = next((n for n in model.graph.node if name in n.output), None)
+    if node is None or node.op_type != "Concat" or len(node.input) < 2 or ndim < 2:
+        return None
+    axis = next((a.i for a in node.attribute if a.name == "axis"), 0) % ndim
+    sizes = (shapes or _Shapes(model)).sizes(node.input, axis)
+    if axis == 0 or sizes is None:
+        return None
+    ends = np.cumsum(sizes)
+    return node, axis, [(int(e - n), int(e)) for e, n in zip(ends, sizes, strict=True)]
 
 
 def _part_kind(output: str, op: str | None, score: bool) -> OutputKind:

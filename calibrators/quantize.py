@@ -230,7 +230,9 @@ def quantize(
         opset = fp8.FP8_OPSET if s.activation_type == FP8 or mixed else 13
         model = upgrade_opset(load_model(model_path), opset)
         graph_outputs = [o.name for o in model.graph.output]
-        check_outputs(threshold, graph_outputs)  # bad names fail before the data pass
+        # bad names (and part names no Concat span makes) fail before the data pass
+        parts = output_kinds.possible_parts(model, threshold.named_outputs())
+        check_outputs(threshold, graph_outputs, possible_parts=parts)
         output_kinds.check_overrides(kind_overrides, graph_outputs)
         # The quantized activations plus the network inputs (TensorRT's own caches list them).
         tensors = tensors_to_collect(model, s.exclude, s.exclude_op_types)

@@ -15,6 +15,7 @@ from test_quantize_models import fetch_wheel_onnx
 from calibrators import fidelity
 from calibrators.fidelity_spec import parse_min_fidelity
 from trtbuild import examples
+from trtbuild.core.errors import TrtbuildError
 
 NUDENET = "nudenet==3.4.2"
 YOLO_MEMBER = "nudenet/320n.onnx"
@@ -85,6 +86,24 @@ def test_a_part_can_have_its_own_bound(yolo_outputs: tuple[onnx.ModelProto, dict
     bad = parse_min_fidelity(["output0[4:9]:cosine=0.9"])
     with pytest.raises(Exception, match=r"output0\[4:9\]"):
         fidelity.compare(ref, {"output0": noisy}, bad, kinds)
+
+
+def test_a_part_name_no_concat_makes_fails_before_any_data_is_read(yolo_onnx: Path, tmp_path: Path) -> None:
+    """The parts are the spans of the Concat that makes the output, known from the graph: a misspelt
+    bound fails first (it used to fail after calibration), naming the parts that exist."""
+    from calibrators.output_kinds import possible_part_names
+    from calibrators.quantize import quantize
+
+    model = onnx.load(str(yolo_onnx))
+    assert possible_part_names(model, "output0") == ("output0[0:4]", "output0[4:22]")
+    missing = tmp_path / "no-such-data"  # never read: the bound is refused before
+    with pytest.raises(
+        TrtbuildError, match=r"'output0\[4:9\]'.*parts it can judge apart are 'output0\[0:4\]'"
+    ):
+        quantize(yolo_onnx, missing, tmp_path / "out", min_fidelity=["output0[4:9]:cosine=0.9"])
+    with pytest.raises(TrtbuildError, match="no-such-data"):  # a real part passes the check, then data fails
+        quantize(yolo_onnx, missing, tmp_path / "out", min_fidelity=["output0[4:22]:cosine=0.9"])
+    assert not any(tmp_path.iterdir())
 
 
 def test_sigmoid_scores_behind_a_transpose_are_judged_as_scores() -> None:
