@@ -6,20 +6,16 @@ from __future__ import annotations
 
 import json
 import math
-import sys
 from pathlib import Path
 
 import numpy as np
 import pytest
+from cli_helpers import run_cli
+from cls_wheels import fetch_orientation_onnx, orientation_batch
 
 from calibrators import ort_speed
 from calibrators.quantize import quantize
 from trtbuild.core import cpu
-
-sys.path.insert(0, str(Path(__file__).parent))
-sys.path.insert(0, str(Path(__file__).parents[1]))
-from cli_helpers import run_cli  # noqa: E402
-from cls_wheels import fetch_orientation_onnx, orientation_batch  # noqa: E402
 
 # The speed record is what is tested: a gate this model passes without fallback (it needs 43%+ of its
 # compute float for 99% top-1; docs/ort-cpu-int8.md).
