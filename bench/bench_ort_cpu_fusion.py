@@ -23,7 +23,6 @@ import os
 import statistics
 import sys
 import tempfile
-import time
 from collections import Counter
 from collections.abc import Callable
 from pathlib import Path
@@ -36,7 +35,7 @@ import onnxruntime as ort  # noqa: E402
 from bench_quantize import Sample, console, detector, effnet, minilm, ours, stack  # noqa: E402
 from rich.table import Table  # noqa: E402
 
-from calibrators import fidelity, ort_cpu  # noqa: E402
+from calibrators import fidelity, ort_cpu, ort_speed  # noqa: E402
 from calibrators.methods import DEFAULT_METHOD  # noqa: E402
 from trtbuild.core import ort as ort_core  # noqa: E402
 
@@ -160,19 +159,14 @@ def kernel_split(models: dict[str, Model], feed: Sample, tmp: Path, runs: int = 
 def interleaved(models: dict[str, Model], feed: Sample, threads: int, repeats: int, iters: int) -> dict:
     """Per round, each session runs ``iters`` times back to back; ratios are taken within a round. Wall
     time and this process's CPU time (all its threads: ORT's pool too) per run: on a machine shared with
-    other jobs the CPU time is what the kernels cost, the wall time also counts waiting for a core."""
+    other jobs the CPU time is what the kernels cost, the wall time also counts waiting for a core. The
+    loop is quantize's speed check's (calibrators/ort_speed.py)."""
     sessions = {k: session(m, threads) for k, m in models.items()}
     for s in sessions.values():
         s.run(None, feed)
-    rounds: dict[str, list[float]] = {k: [] for k in sessions}
-    cpu: dict[str, list[float]] = {k: [] for k in sessions}
-    for _ in range(repeats):
-        for k, s in sessions.items():
-            start, start_cpu = time.perf_counter(), time.process_time()
-            for _ in range(iters):
-                s.run(None, feed)
-            rounds[k].append((time.perf_counter() - start) / iters * 1000)
-            cpu[k].append((time.process_time() - start_cpu) / iters * 1000)
+    timed = ort_speed.time_rounds(
+        {k: (lambda s=s: s.run(None, feed)) for k, s in sessions.items()}, repeats, iters
+    )
 
     def ratios(per: dict[str, list[float]]) -> dict[str, float]:
         return {
@@ -180,10 +174,10 @@ def interleaved(models: dict[str, Model], feed: Sample, threads: int, repeats: i
         }
 
     return {
-        "ms": {k: statistics.median(v) for k, v in rounds.items()},
-        "vs_fp32": ratios(rounds),
-        "cpu_ms": {k: statistics.median(v) for k, v in cpu.items()},
-        "cpu_vs_fp32": ratios(cpu),
+        "ms": timed.median_ms(),
+        "vs_fp32": ratios(timed.wall_ms),
+        "cpu_ms": {k: statistics.median(v) for k, v in timed.cpu_ms.items()},
+        "cpu_vs_fp32": ratios(timed.cpu_ms),
     }
 
 

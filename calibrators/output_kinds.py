@@ -5,8 +5,10 @@
 - ``classification``: [N, C] logits of a Gemm/MatMul head with at least ``MIN_CLASSES`` columns (or named
   like logits/classes): top-1 agreement and KL of the softmax. [N, T, C] logits named like classes (or set
   by ``--output-kind``) and [N, T, C] probabilities are judged per position (a text reader's characters).
-  The argmax of 4 box offsets or 10 landmark coordinates means nothing, so fewer columns, and heads named
-  like boxes/landmarks/keypoints, are never judged by top-1 unless they are probabilities.
+  The argmax of 4 box offsets or 10 landmark coordinates means nothing, so fewer columns, heads named
+  like boxes/landmarks/keypoints, and raw heads beside a Softmax/Sigmoid head on the same features (a
+  multi-task net that scores its classes itself: MTCNN's O-Net) are never judged by top-1 unless they are
+  probabilities.
 - ``embedding``: a pooled or L2-normalised [N, D] vector (ReduceMean/LpNormalization/Div by a norm, or
   rows of unit length): cosine, SQNR, error over range.
 - ``prob_map``: a Sigmoid output with spatial axes ([N, C, H, W]: a segmentation or text-detector
@@ -78,15 +80,42 @@ class OutputPart:
         return np.take(values, np.arange(self.start, self.stop), axis=self.axis)
 
 
-def _producer_op(model: onnx.ModelProto, name: str, through: frozenset[str] = _PASS_THROUGH) -> str | None:
-    """The op type of the node that really computes ``name``, skipping reshapes, casts and bias adds."""
+def _producer(
+    model: onnx.ModelProto, name: str, through: frozenset[str] = _PASS_THROUGH
+) -> onnx.NodeProto | None:
+    """The node that really computes ``name``, skipping reshapes, casts and bias adds."""
     producer = {o: n for n in model.graph.node for o in n.output}
     node = producer.get(name)
     for _ in range(6):
         if node is None or node.op_type not in through:
             break
         node = producer.get(node.input[0])
+    return node
+
+
+def _producer_op(model: onnx.ModelProto, name: str, through: frozenset[str] = _PASS_THROUGH) -> str | None:
+    node = _producer(model, name, through)
     return node.op_type if node is not None else None
+
+
+def _scored_sibling(model: onnx.ModelProto, name: str) -> str | None:
+    """The graph output of a Softmax/Sigmoid head reading the same features as the Gemm/MatMul head of
+    ``name`` (MTCNN's O-Net: box offsets, 10 landmark coordinates and a face Softmax on one feature vector).
+    A multi-task network that scores its classes itself leaves the raw heads beside it to regression."""
+    head = _producer(model, name)
+    if head is None or head.op_type not in _HEAD_OPS:
+        return None
+    outputs = {o.name for o in model.graph.output}
+    for output in outputs - {name}:
+        scored = _producer(model, output)
+        if scored is None or scored.op_type not in _PROBABILITY_OPS or not scored.input:
+            continue
+        sibling = _producer(model, scored.input[0])
+        if sibling is None or sibling is head or sibling.op_type not in _HEAD_OPS or not sibling.input:
+            continue
+        if sibling.input[0] == head.input[0]:
+            return output
+    return None
 
 
 def _is_division_by_norm(model: onnx.ModelProto, name: str) -> bool:
@@ -136,6 +165,9 @@ def decide(
         if op in _HEAD_OPS and _CLASS_NAMES.search(name):
             return OutputKind("classification", f"{op} head named like class logits, {columns} classes")
         if op in _HEAD_OPS and columns >= MIN_CLASSES:
+            sibling = None if model is None else _scored_sibling(model, name)
+            if sibling is not None:
+                return OutputKind("regression", f"{op} head beside the model's own {sibling} scores")
             return OutputKind("classification", f"{op} head, {columns} classes")
         if op is None and columns >= MIN_CLASSES:  # values without a graph: [N, C] with many columns
             return OutputKind("classification", f"{columns} columns")

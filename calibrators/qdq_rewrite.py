@@ -11,6 +11,7 @@ from calibrators import fp8
 from calibrators import weights as wq
 from calibrators.graph_index import GraphIndex, check_qdq_opset, copy_model, ensure_node_names
 from calibrators.ort_float_guard import guard_float_layers
+from calibrators.ort_matmul_bias import fuse_matmul_bias
 from calibrators.qdq_fold_pads import fold_pads
 from calibrators.qdq_scales import GraphCache
 from calibrators.qdq_types import QdqPlan, WeightQdq
@@ -136,6 +137,7 @@ def apply_qdq(model: onnx.ModelProto | GraphCache, plan: QdqPlan, check: bool = 
     graph.initializer.extend(keep + added)
     if plan.activation_type == "uint8":
         fold_pads(model)  # ORT has no integer Pad: a zero Pad before a conv becomes the conv's own pads
+        fuse_matmul_bias(model)  # else ORT fuses MatMul + Add into a float Gemm that dequantizes per run
         guard_float_layers(model)  # else ORT quantizes a float layer's weight per tensor behind our back
     if check:
         onnx.checker.check_model(model)

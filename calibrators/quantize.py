@@ -29,6 +29,7 @@ from calibrators import (
     learned_fallback,
     near_ties,
     ort_cpu,
+    ort_speed,
     ort_variant,
     output_aware,
     output_kinds,
@@ -114,6 +115,7 @@ class QuantizeResult:
     settings: QuantizeSettings | None = None  # the choices of the run, recorded in the report
     smooth: smoothquant.SmoothReport | None = None  # --smooth-quant: the decision and smoothed groups
     float_model: onnx.ModelProto | None = None  # the (smoothed) float graph the ranges belong to
+    ort_cpu_speed: ort_speed.SpeedResult | None = None  # uint8 graphs: FP32 vs INT8 latency here
 
     @property
     def passed(self) -> bool:
@@ -129,6 +131,7 @@ class QuantizeResult:
             "activation_type": self.plan.activation_type,
             "target": "tensorrt" if self.ort_cpu_target is None else ort_core.ORT_CPU,
             "ort_cpu": None if self.ort_cpu_target is None else self.ort_cpu_target.to_json(),
+            "ort_cpu_speed": None if self.ort_cpu_speed is None else self.ort_cpu_speed.to_json(),
             "calibration_samples": self.calibration_samples,
             "holdout_samples": self.holdout_samples,
             "float_compute": self.float_compute,
@@ -229,6 +232,7 @@ def quantize(
         mixed = s.fallback_precision == FP8  # INT8 with FP8 layers where the gate needs them
         opset = fp8.FP8_OPSET if s.activation_type == FP8 or mixed else 13
         model = upgrade_opset(load_model(model_path), opset)
+        fp32_model = model  # what the user runs today: the speed check's baseline (before smoothing)
         graph_outputs = [o.name for o in model.graph.output]
         # bad names (and part names no Concat span makes) fail before the data pass
         parts = output_kinds.possible_parts(model, threshold.named_outputs())
@@ -427,11 +431,34 @@ def quantize(
             smooth=smoothing,
             # the graph the ranges belong to when SmoothQuant or equalization rewrote it
             float_model=model if smoothing.smoothed or s.equalize_depthwise else None,
+            ort_cpu_speed=_speed_check(fp32_model, qmodel, held, target, s),
         )
         ort_core.set_metadata(qmodel, target.metadata() if target else ort_cpu.tensorrt_metadata())
         ort_core.set_metadata(qmodel, preprocess_metadata(ranges))
         _write(result, qmodel, s.trt_version)
         return result
+
+
+def _speed_check(
+    fp32: onnx.ModelProto,
+    qmodel: onnx.ModelProto,
+    held: Any,
+    target: ort_cpu.OrtCpuTarget | None,
+    s: QuantizeSettings,
+) -> ort_speed.SpeedResult | None:
+    """FP32 vs the ORT-CPU graph at batch 1 on the first held-out sample (None for TensorRT graphs, which
+    are not meant to run fast on a CPU); the one-line verdict when INT8 is not faster here."""
+    if target is None:
+        return None
+    if not s.speed_check:
+        return ort_speed.SpeedSkipped("--no-speed-check")
+    result = ort_speed.check(fp32, qmodel, next(iter(held.batches(1))), target.cpu, s.threads)
+    verdict = result.verdict() if isinstance(result, ort_speed.SpeedCheck) else None
+    if verdict:
+        log.warning(verdict)
+    else:
+        log.info(result.summary())
+    return result
 
 
 def _judged_like(

