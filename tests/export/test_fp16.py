@@ -175,3 +175,46 @@ def test_batchnorm_folds_into_its_conv_in_fp32_as_tensorrt_does() -> None:
     want = ort_core.cpu_session(source).run(None, {"x": pixels})[0]
     got = ort_core.cpu_session(converted).run(None, {"x": pixels})[0]
     assert np.abs(want - got).max() < 0.01  # 0.0050 folded; 0.019 with BN in half precision
+
+
+def test_batchnorm_after_a_quantized_conv_folds_into_its_weight_scales(tmp_path: Path) -> None:
+    """The same PP-LCNet quantized: each Q/DQ conv reads DequantizeLinear(int8 weights) and feeds a BN,
+    which the FP16 graph (the INT8 plan's FP16-drift check, the strongly typed FP16 file) ran in half
+    precision. Folded, the BN scale goes into the per-channel weight scales (integers unchanged, negated
+    where the BN scale is negative) and its shift into the bias: exact in FP32 arithmetic, so the folded
+    Q/DQ graph computes what the unfolded one does."""
+    from cls_wheels import fetch_orientation_onnx, orientation_batch
+
+    from calibrators.quantize import quantize
+    from trtbuild.core import ort as ort_core
+    from trtbuild.core.fp16_graph import fold_batchnorm, to_fp16
+
+    pixels, _ = orientation_batch()
+    res = quantize(
+        fetch_orientation_onnx(),
+        list(pixels[:, None][:24]),
+        tmp_path,
+        samples=16,
+        holdout=8,
+        min_fidelity="0",
+        bias_correction=False,
+        show_progress=False,
+    )
+    qdq = onnx.load(str(res.onnx_path))
+    bns = sum(n.op_type == "BatchNormalization" for n in qdq.graph.node)
+    assert bns >= 20  # the quantized convs' BNs are still there
+    folded = onnx.ModelProto()
+    folded.CopyFrom(qdq)
+    assert fold_batchnorm(folded.graph) == bns
+    assert not [n for n in folded.graph.node if n.op_type == "BatchNormalization"]
+    read = {i for n in folded.graph.node for i in n.input}
+    assert all(i.name in read for i in folded.graph.initializer)  # the replaced ones are gone
+    feed = {"x": pixels[-8:]}
+    want = ort_core.cpu_session(qdq).run(None, feed)[0]
+    got = ort_core.cpu_session(folded).run(None, feed)[0]
+    # Exact up to FP32 summation order; a value that lands on a later Q's rounding boundary can flip one
+    # code, so most rows agree to the last bit and none moves its top-1.
+    diff = np.abs(want - got).max(axis=1)
+    assert np.median(diff) < 1e-5 and diff.max() < 0.05
+    assert (want.argmax(1) == got.argmax(1)).all()
+    assert not [n for n in to_fp16(qdq).graph.node if n.op_type == "BatchNormalization"]
