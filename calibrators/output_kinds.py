@@ -4,7 +4,9 @@
   and KL on the probabilities themselves.
 - ``classification``: [N, C] logits of a Gemm/MatMul head with at least ``MIN_CLASSES`` columns (or named
   like logits/classes): top-1 agreement and KL of the softmax. [N, T, C] logits named like classes (or set
-  by ``--output-kind``) and [N, T, C] probabilities are judged per position (a text reader's characters).
+  by ``--output-kind``, or a Gemm/MatMul head widening its features to C >= MIN_CLASSES columns: a
+  vocabulary, as CTC readers and LM heads end) and [N, T, C] probabilities are judged per position (a
+  text reader's characters).
   The argmax of 4 box offsets or 10 landmark coordinates means nothing, so fewer columns, heads named
   like boxes/landmarks/keypoints, and raw heads beside a Softmax/Sigmoid head on the same features (a
   multi-task net that scores its classes itself: MTCNN's O-Net) are never judged by top-1 unless they are
@@ -118,6 +120,29 @@ def _scored_sibling(model: onnx.ModelProto, name: str) -> str | None:
     return None
 
 
+def _widening_head(model: onnx.ModelProto, name: str) -> int | None:
+    """The input width K of the Gemm/MatMul head making ``name`` when its constant weight maps K features
+    to more than K columns; None otherwise."""
+    head = _producer(model, name)
+    if head is None or head.op_type not in _HEAD_OPS or len(head.input) < 2:
+        return None
+    dims = _constant_dims(model, head.input[1])
+    if dims is None or len(dims) != 2:
+        return None
+    trans_b = head.op_type == "Gemm" and any(a.name == "transB" and a.i for a in head.attribute)
+    k, c = (dims[1], dims[0]) if trans_b else (dims[0], dims[1])
+    return k if c > k else None
+
+
+def _constant_dims(model: onnx.ModelProto, name: str) -> list[int] | None:
+    """The shape of constant ``name``: an initializer or a Constant node's value (Paddle2ONNX, tf2onnx)."""
+    found = next((t for t in model.graph.initializer if t.name == name), None)
+    if found is None:
+        node = next((n for n in model.graph.node if n.op_type == "Constant" and name in n.output), None)
+        found = next((a.t for a in node.attribute if a.name == "value"), None) if node is not None else None
+    return None if found is None else [int(d) for d in found.dims]
+
+
 def _is_division_by_norm(model: onnx.ModelProto, name: str) -> bool:
     producer = {o: n for n in model.graph.node for o in n.output}
     node = producer.get(name)
@@ -175,8 +200,14 @@ def decide(
             return OutputKind("regression", f"{op} head with {columns} columns: too few for top-1")
     per_position = ref is not None and ref.ndim == 3 and ref.shape[-1] >= 2
     if per_position and op in _HEAD_OPS and _CLASS_NAMES.search(name):
-        # A hidden state is also a 3-D MatMul output, so only the name (or --output-kind) says "classes".
+        # A hidden state is also a 3-D MatMul output, so the name (or --output-kind) says "classes", or:
         return OutputKind("classification", f"{op} head named like class logits, per position")
+    widening = None if model is None or not per_position else _widening_head(model, name)
+    if widening is not None and ref is not None and ref.shape[-1] >= MIN_CLASSES:
+        # a projection *up* to C columns is a vocabulary (CTC readers, LM heads), not a hidden state,
+        # which stays as wide as the features it came from: ddddocr's reader, 1024 -> 8210 per position
+        classes = ref.shape[-1]
+        return OutputKind("classification", f"{op} head widening {widening} features to {classes} classes")
     shape = "scalar" if ref is None or ref.ndim == 0 else "x".join(str(d) for d in ref.shape[1:])
     return OutputKind("regression", f"{op or 'graph'} output ({shape} per sample)")
 

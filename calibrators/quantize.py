@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import logging
 import shutil
+from collections import Counter
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -231,7 +232,10 @@ def quantize(
         # FP8 Q/DQ needs opset 19 (float8 zero points); integer Q/DQ per channel needs 13.
         mixed = s.fallback_precision == FP8  # INT8 with FP8 layers where the gate needs them
         opset = fp8.FP8_OPSET if s.activation_type == FP8 or mixed else 13
-        model = upgrade_opset(load_model(model_path), opset)
+        loaded = load_model(model_path)
+        if _integer_ops(loaded.graph) and not tensors_to_collect(loaded, s.exclude, s.exclude_op_types):
+            raise _nothing_to_quantize(model_path, loaded)  # before converting what will not be used
+        model = upgrade_opset(loaded, opset)
         fp32_model = model  # what the user runs today: the speed check's baseline (before smoothing)
         graph_outputs = [o.name for o in model.graph.output]
         # bad names (and part names no Concat span makes) fail before the data pass
@@ -708,11 +712,36 @@ def _nothing_to_quantize(model_path: str | Path, model: onnx.ModelProto) -> Trtb
             "export a graph without control flow (e.g. one branch: trace with the flag fixed), or deploy it "
             "at fp16 (`trtbuild plan --precision fp16`)",
         )
+    quantized = _integer_ops(model.graph)
+    if quantized:
+        return TrtbuildError(
+            f"{model_path} is already quantized ({quantized}): no float Conv/ConvTranspose/Gemm/MatMul is "
+            "left to quantize",
+            "quantize the float model it was made from (or deploy this one as it is)",
+        )
     return TrtbuildError(
         f"{model_path} has no quantizable ops (Conv/ConvTranspose/Gemm/MatMul with float inputs) "
         "left to quantize",
         "check the model and the --exclude/--exclude-op-type options",
     )
+
+
+# Ops only a quantized graph has: Q/DQ pairs, ORT's dynamic quantization, integer and QLinear kernels
+_INTEGER_OPS = (
+    "QuantizeLinear",
+    "DequantizeLinear",
+    "DynamicQuantizeLinear",
+    "ConvInteger",
+    "MatMulInteger",
+    "QLinearConv",
+    "QLinearMatMul",
+)
+
+
+def _integer_ops(graph: onnx.GraphProto) -> str:
+    """``22 DynamicQuantizeLinear, 21 ConvInteger``: the quantized ops of ``graph``, most first."""
+    counts = Counter(n.op_type for n in graph.node if n.op_type in _INTEGER_OPS)
+    return ", ".join(f"{c} {op}" for op, c in counts.most_common())
 
 
 def _ops_in_subgraphs(graph: onnx.GraphProto, nested: bool = False) -> int:
