@@ -227,23 +227,24 @@ def decide_all(
 def split_parts(
     model: onnx.ModelProto, name: str, reference: np.ndarray, shapes: _Shapes | None = None
 ) -> tuple[OutputPart, ...]:
-    """The inputs of the Concat that makes output ``name``, as parts, when it joins scores with other
-    values or values whose ranges differ by more than BOX_SCORE_RANGE_RATIO (the rule that keeps such a
-    Concat float in Q/DQ placement); () for any other output."""
-    found = _concat_spans(model, name, reference.ndim, shapes)
-    if found is None or found[2][-1][1] != reference.shape[found[1]]:
-        return ()  # not a Concat along a per-sample axis with static sizes
-    node, axis, spans = found
-    ops = [_producer_op(model, t) for t in node.input]
-    scores = [op in SCORE_OPS for op in ops]
-    amax = [float(np.abs(np.take(reference, range(a, b), axis=axis)).max(initial=0)) for a, b in spans]
-    spread = max(amax) / max(min(amax), 1e-12)
-    if not (any(scores) and not all(scores)) and spread <= BOX_SCORE_RANGE_RATIO:
-        return ()
-    return tuple(
-        OutputPart(f"{name}[{a}:{b}]", axis, a, b, _part_kind(name, op, score))
-        for (a, b), op, score in zip(spans, ops, scores, strict=True)
-    )
+    """The inputs of the Concat whose inputs become spans of output ``name`` (directly, or through
+    Transpose/Reshape and Concats along other axes: :func:`_traced_concats`), as parts, when it joins
+    scores with other values or values whose ranges differ by more than BOX_SCORE_RANGE_RATIO (the rule
+    that keeps such a Concat float in Q/DQ placement); () for any other output."""
+    for node, axis, spans in _traced_concats(model, name, reference.ndim, shapes or _Shapes(model)):
+        if spans[-1][1] != reference.shape[axis]:
+            continue
+        ops = [_producer_op(model, t) for t in node.input]
+        scores = [op in SCORE_OPS for op in ops]
+        amax = [float(np.abs(np.take(reference, range(a, b), axis=axis)).max(initial=0)) for a, b in spans]
+        spread = max(amax) / max(min(amax), 1e-12)
+        if not (any(scores) and not all(scores)) and spread <= BOX_SCORE_RANGE_RATIO:
+            continue
+        return tuple(
+            OutputPart(f"{name}[{a}:{b}]", axis, a, b, _part_kind(name, op, score))
+            for (a, b), op, score in zip(spans, ops, scores, strict=True)
+        )
+    return ()
 
 
 def possible_part_names(model: onnx.ModelProto, name: str) -> tuple[str, ...] | None:
@@ -252,12 +253,12 @@ def possible_part_names(model: onnx.ModelProto, name: str) -> tuple[str, ...] | 
     (its rank or the Concat's sizes are not static)."""
     declared = {o.name: o for o in model.graph.output}.get(name)
     producer = next((n for n in model.graph.node if name in n.output), None)
-    if producer is None or producer.op_type != "Concat":
+    if producer is None or producer.op_type not in ("Concat", *_AXIS_MAPS):
         return ()
     if declared is None or not declared.type.tensor_type.HasField("shape"):
         return None
-    found = _concat_spans(model, name, len(declared.type.tensor_type.shape.dim), None)
-    return None if found is None else tuple(f"{name}[{a}:{b}]" for a, b in found[2])
+    found = _traced_concats(model, name, len(declared.type.tensor_type.shape.dim), _Shapes(model))
+    return tuple(f"{name}[{a}:{b}]" for _, _, spans in found for a, b in spans) or None
 
 
 def possible_parts(model: onnx.ModelProto, names: Sequence[str]) -> dict[str, tuple[str, ...] | None]:
@@ -266,20 +267,70 @@ def possible_parts(model: onnx.ModelProto, names: Sequence[str]) -> dict[str, tu
     return {b: possible_part_names(model, b) for b in sorted(bases)}
 
 
-def _concat_spans(
-    model: onnx.ModelProto, name: str, ndim: int, shapes: _Shapes | None
-) -> tuple[onnx.NodeProto, int, list[tuple[int, int]]] | None:
-    """The Concat that makes ``name``, its axis and each input's [start, end) on it, when it joins along a
-    per-sample axis (not the batch) with static sizes; None otherwise."""
-    node = next((n for n in model.graph.node if name in n.output), None)
-    if node is None or node.op_type != "Concat" or len(node.input) < 2 or ndim < 2:
+# Ops whose output axes map to input axes, followed when looking for the Concat behind an output
+_AXIS_MAPS = ("Transpose", "Reshape", "Identity", "Cast")
+
+
+def _traced_concats(
+    model: onnx.ModelProto, name: str, ndim: int, shapes: _Shapes
+) -> list[tuple[onnx.NodeProto, int, list[tuple[int, int]]]]:
+    """For each per-sample axis of output ``name`` (not the batch), the Concat whose inputs lie side by
+    side on it, with static sizes: found directly, or through Transpose, Reshape (where it keeps the axis)
+    and Concats along other axes. YOLOX writes [N, anchors, 4 + 1 + C] as Concat(boxes, objectness,
+    classes) per scale on the channel axis, Reshape, Concat of the scales, Transpose. Each as (that Concat,
+    the output axis, each input's [start, end) on it)."""
+    producer = {o: n for n in model.graph.node for o in n.output}
+    found = []
+    for axis in range(1, ndim) if ndim >= 2 else ():
+        traced = _trace_axis(producer, shapes, name, axis, ndim)
+        if traced is not None:
+            found.append((traced[0], axis, traced[1]))
+    return found
+
+
+def _trace_axis(
+    producer: Mapping[str, onnx.NodeProto], shapes: _Shapes, tensor: str, axis: int, rank: int
+) -> tuple[onnx.NodeProto, list[tuple[int, int]]] | None:
+    for _ in range(12):
+        node = producer.get(tensor)
+        if node is None:
+            return None
+        if node.op_type == "Concat" and len(node.input) >= 2:
+            joined = next((a.i for a in node.attribute if a.name == "axis"), 0) % rank
+            sizes = shapes.sizes(node.input, axis)
+            if sizes is None:
+                return None
+            if joined == axis:
+                ends = np.cumsum(sizes)
+                return node, [(int(e - n), int(e)) for e, n in zip(ends, sizes, strict=True)]
+            if len(set(sizes)) != 1:  # joined along another axis: every input must have the same layout
+                return None
+        elif node.op_type == "Transpose":
+            perm = next((list(a.ints) for a in node.attribute if a.name == "perm"), None)
+            if perm is None or len(perm) != rank:
+                return None
+            axis = perm[axis]
+        elif node.op_type == "Reshape":
+            mapped = _reshaped_axis(shapes.shape(node.input[0]), shapes.shape(tensor), axis)
+            if mapped is None:
+                return None
+            axis, rank = mapped
+        elif node.op_type not in ("Identity", "Cast"):
+            return None
+        tensor = node.input[0]
+    return None
+
+
+def _reshaped_axis(before: list[int] | None, after: list[int] | None, axis: int) -> tuple[int, int] | None:
+    """The axis of ``before`` that Reshape keeps as ``after[axis]`` (same size, same product of the axes
+    in front), and ``before``'s rank; None when the reshape splits or merges it (or shapes are unknown)."""
+    if before is None or after is None or axis >= len(after):
         return None
-    axis = next((a.i for a in node.attribute if a.name == "axis"), 0) % ndim
-    sizes = (shapes or _Shapes(model)).sizes(node.input, axis)
-    if axis == 0 or sizes is None:
-        return None
-    ends = np.cumsum(sizes)
-    return node, axis, [(int(e - n), int(e)) for e, n in zip(ends, sizes, strict=True)]
+    front = int(np.prod(after[:axis], dtype=np.int64))
+    for k, size in enumerate(before):
+        if size == after[axis] and int(np.prod(before[:k], dtype=np.int64)) == front:
+            return k, len(before)
+    return None
 
 
 def _part_kind(output: str, op: str | None, score: bool) -> OutputKind:
@@ -298,15 +349,29 @@ class _Shapes:
         self.known = {v.name: v for v in (*model.graph.value_info, *model.graph.input, *model.graph.output)}
         self.inferred = False
 
-    def sizes(self, tensors: Sequence[str], axis: int) -> list[int] | None:
-        """Each tensor's static size on ``axis``, None when one is unknown."""
+    def shape(self, tensor: str) -> list[int] | None:
+        """``tensor``'s static shape, None when it or one of its axes is unknown."""
+        value = self.known.get(tensor) if self._infer([tensor]) else None
+        if value is None or not value.type.tensor_type.HasField("shape"):
+            return None
+        dims = value.type.tensor_type.shape.dim
+        return [int(d.dim_value) for d in dims] if all(d.HasField("dim_value") for d in dims) else None
+
+    def _infer(self, tensors: Sequence[str]) -> bool:
+        """Run shape inference once when a tensor is not declared; False when it cannot run."""
         if not self.inferred and not all(t in self.known for t in tensors):
             self.inferred = True
             try:
                 inferred = onnx.shape_inference.infer_shapes(self.model)
             except Exception:  # noqa: BLE001 - a model shape inference cannot take is simply not split
-                return None
+                return False
             self.known.update({v.name: v for v in inferred.graph.value_info})
+        return True
+
+    def sizes(self, tensors: Sequence[str], axis: int) -> list[int] | None:
+        """Each tensor's static size on ``axis``, None when one is unknown."""
+        if not self._infer(tensors):
+            return None
         sizes = []
         for t in tensors:
             dims = self.known[t].type.tensor_type.shape.dim if t in self.known else []

@@ -60,3 +60,29 @@ def test_an_already_quantized_model_is_named_as_such(
     assert code == 2 and err.startswith("error: ") and err.count("\n") == 1, err
     assert "is already quantized (22 DynamicQuantizeLinear, 21 ConvInteger, 1 MatMulInteger)" in err
     assert not out.exists()
+
+
+def test_yolox_boxes_and_scores_are_judged_apart_through_reshape_concat_transpose(tmp_path: Path) -> None:
+    """ddddocr's detector (`common_det.onnx`, YOLOX, fixed [1, 3, 416, 416], raw 0-255 pixels) writes
+    [1, 3549, 4 + 1 + 1]: Concat(boxes, objectness Sigmoid, class Sigmoid) per scale on the channel axis,
+    Reshape, Concat of the three scales, Transpose. Only a Concat making the output itself was split, so
+    the whole output was one regression: cosine 0.9987 passed while the objectness alone read 0.972. The
+    Concat is now found through Transpose, Reshape and the scales' Concat."""
+    from test_detector_outputs import letterboxed_photos
+
+    path = fetch_wheel_member(DDDDOCR, "ddddocr/common_det.onnx", "ddddocr_common_det.onnx")
+    model = onnx.load(str(path))
+    names = ("astronaut", "chelsea", "coffee", "rocket", "camera", "coins", "page", "immunohistochemistry")
+    photos = letterboxed_photos(names, 416)[:, ::-1] * 255.0  # BGR pixels, as ddddocr feeds cv2 images
+    photos = np.ascontiguousarray(photos, np.float32)
+    reference = fidelity.run_batches(fidelity.session(model), [{"images": p[None]} for p in photos[:2]])
+    parts = fidelity.decide_kinds(model, reference)["output"].parts
+    assert [(p.name, p.axis, p.kind.kind) for p in parts] == [
+        ("output[0:4]", 2, "regression"),
+        ("output[4:5]", 2, "prob_map"),
+        ("output[5:6]", 2, "prob_map"),
+    ]
+    res = quantize(path, photos, tmp_path, samples=4, holdout=4, min_fidelity="0", show_progress=False)
+    judged = {o.name: o for o in res.fidelity.outputs}
+    assert judged["output[4:5]"].iou is not None and judged["output[5:6]"].iou is not None
+    assert judged["output[4:5]"].cosine < judged["output"].cosine  # what the whole output's cosine hid
